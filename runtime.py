@@ -1,0 +1,166 @@
+"""Where a run executes: torchrun ranks, device, precision, peak FLOPs for MFU, and the run log.
+Shared by train.py, lwlr.py and the benchmarks."""
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, matched by substring of the device name,
+# most specific first.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 125e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+)
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # longer than any eval or checkpoint save
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def print0(self, *args, **kwargs) -> None:
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Single process, or one rank of a torchrun launch (RANK/WORLD_SIZE/LOCAL_RANK in the environment):
+    NCCL across GPUs, gloo across CPU processes."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return Runtime(0, 0, 1, torch.device(device))
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        run_device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        run_device, backend = torch.device("cpu"), "gloo"
+        # Ranks on one host share its cores; oversubscribed threads slow every rank down.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT, device_id=run_device if backend == "nccl" else None)
+    return Runtime(rank, local_rank, world_size, run_device)
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast on CUDA (the default there), plain fp32 elsewhere."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if dtype != "bfloat16":
+        raise ValueError(f"dtype={dtype!r}: choose auto, bfloat16 or float32")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of one device, None when unknown (CPUs): MFU is then not reported."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    """What a result depends on, recorded with every run and benchmark."""
+    import triton  # noqa: F401  (its version matters for the fused optimizers)
+
+    return {
+        "device": device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+        "python": sys.version.split()[0], "commit": git_commit(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class RunLog:
+    """Console lines plus the same records as JSON lines in out_dir/log.jsonl (rank 0 only), and
+    wandb or tensorboard when asked for."""
+
+    def __init__(self, runtime: Runtime, out_dir: str, logger: str = "none", config: dict | None = None, project: str = "lwlr"):
+        self.runtime, self.file, self.backend = runtime, None, None
+        if not runtime.is_main:
+            return
+        self.file = open(os.path.join(out_dir, "log.jsonl"), "a")
+        if logger == "wandb":
+            import wandb
+
+            self.backend = wandb.init(project=project, config=config, dir=out_dir)
+        elif logger == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.backend = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        elif logger != "none":
+            raise ValueError(f"logger={logger!r}: choose none, wandb or tensorboard")
+
+    def record(self, kind: str, values: dict, line: str | None = None) -> None:
+        if not self.runtime.is_main:
+            return
+        if line:
+            print(line, flush=True)
+        self.file.write(json.dumps({"kind": kind, **values}) + "\n")
+        self.file.flush()
+        step = values.get("step")
+        if self.backend is not None and step is not None:
+            numbers = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
+            if hasattr(self.backend, "add_scalar"):
+                for key, value in numbers.items():
+                    self.backend.add_scalar(key, value, step)
+            else:
+                self.backend.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.backend is not None:
+            getattr(self.backend, "finish", getattr(self.backend, "close", lambda: None))()

@@ -1,0 +1,65 @@
+"""Sample text from a trained checkpoint or a local Hugging Face GPT-2 directory.
+
+    python sample.py --out_dir=out                    # newest complete checkpoint in out
+    python sample.py --checkpoint=out/step-00000250   # a specific one
+    python sample.py --pretrained=path/to/gpt2        # config.json + model.safetensors
+    python sample.py --prompt="ROMEO:" --num_samples=3 --max_new_tokens=200 --temperature=0.8 --top_k=200
+"""
+
+import argparse
+import sys
+
+import torch
+
+import checkpoint
+from data.tokenizer import gpt2_encoding
+from model import GPT, GPTConfig
+
+
+def load_model(args) -> GPT:
+    if args.pretrained:
+        return GPT.from_pretrained(args.pretrained)
+    if args.checkpoint:
+        path, meta = args.checkpoint, checkpoint.verify(args.checkpoint)
+    else:
+        found = checkpoint.latest(args.out_dir)
+        if found is None:
+            raise checkpoint.CheckpointError(f"{args.out_dir} holds no complete checkpoint; train first or pass --pretrained")
+        path, meta = found
+    config = meta["config"]
+    model_config = GPTConfig.from_preset(config["model"], residual_scale=config["residual_scale"])
+    model_config.block_size = config["block_size"] or model_config.block_size
+    model = GPT(model_config)
+    model.load_state_dict(checkpoint.load_tensors(path, "model"))
+    print(f"loaded {path} (step {meta['step']})", file=sys.stderr)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="out")
+    parser.add_argument("--checkpoint", default="", help="a step-XXXXXXXX folder")
+    parser.add_argument("--pretrained", default="", help="a local Hugging Face GPT-2 directory")
+    parser.add_argument("--prompt", default="\n")
+    parser.add_argument("--num_samples", type=int, default=2)
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    model = load_model(args).to(args.device).eval()
+    enc = gpt2_encoding()
+    idx = torch.tensor([enc.encode_ordinary(args.prompt)], device=args.device)
+    for _ in range(args.num_samples):
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+        print(enc.decode(out[0].tolist()))
+        print("---------------")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

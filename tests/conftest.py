@@ -1,0 +1,32 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data.tokenfile import write_tokens  # noqa: E402
+
+
+@pytest.fixture
+def token_dir(tmp_path):
+    """train.bin and val.bin of random GPT-2 ids: enough for gpt2-tiny runs, no prepare step."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tokens(str(data / "train.bin"), rng.integers(0, 50257, 20_000), 50257)
+    write_tokens(str(data / "val.bin"), rng.integers(0, 50257, 4_000), 50257)
+    return data
+
+
+def tiny_run_args(out_dir, data_dir, **overrides) -> list[str]:
+    """A few-second train.py run of gpt2-tiny on CPU."""
+    values = dict(
+        out_dir=out_dir, data_dir=data_dir, model="gpt2-tiny", block_size=32, micro_batch_size=4,
+        tokens_per_step=256, max_steps=6, warmup_steps=2, eval_interval=3, eval_steps=2, log_interval=1,
+        device="cpu", compile="false", lr=1e-3,
+    )
+    values.update(overrides)
+    return [f"--{k}={v}" for k, v in values.items()]

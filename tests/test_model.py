@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+from model import GPT, GPTConfig, init_weights
+
+GPT2_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+
+
+@pytest.mark.parametrize("preset", GPT2_COUNTS)
+def test_parameter_counts_match_gpt2(preset):
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset(preset))
+    assert model.num_params() == GPT2_COUNTS[preset]
+
+
+def test_unknown_preset_and_override_are_rejected():
+    with pytest.raises(ValueError, match="unknown model preset 'gpt3'"):
+        GPTConfig.from_preset("gpt3")
+    with pytest.raises(ValueError, match="n_layers"):
+        GPTConfig.from_preset("gpt2", n_layers=3)
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset("gpt2-tiny", **overrides)).eval()
+
+
+def test_q_k_v_are_separate_parameters_and_head_is_tied():
+    model = tiny()
+    names = dict(model.named_parameters())
+    for part in ("q_proj", "k_proj", "v_proj"):
+        assert f"transformer.h.0.attn.{part}.weight" in names
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    model = tiny()
+    idx = torch.randint(0, 50257, (2, 20))
+    changed = idx.clone()
+    changed[:, 12:] = torch.randint(0, 50257, (2, 8))
+    logits, _ = model(idx)
+    logits_changed, _ = model(changed)
+    torch.testing.assert_close(logits[:, :12], logits_changed[:, :12], rtol=0, atol=0)
+    assert not torch.allclose(logits[:, 12:], logits_changed[:, 12:])
+
+
+def test_loss_at_init_is_near_uniform():
+    model = tiny()
+    idx, targets = torch.randint(0, 50257, (2, 4, 64))  # targets independent of the inputs
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(50257)) < 0.1
+
+
+def test_residual_scale_multiplies_both_branches():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2-tiny", n_layer=4, residual_scale=True)).eval()
+    block = model.transformer.h[0]
+    assert block.residual_beta == 0.5  # 1 / sqrt(4)
+    x = torch.randn(2, 8, 32)
+    h = x + 0.5 * block.attn(block.ln_1(x))
+    torch.testing.assert_close(block(x), h + 0.5 * block.mlp(block.ln_2(h)))
+
+
+@pytest.mark.parametrize("scheme", ["gpt2", "fan_out", "fan_in"])
+def test_init_schemes(scheme):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2-tiny", n_embd=64, n_head=2))
+    init_weights(model, scheme)
+    params = dict(model.named_parameters())
+    q = params["transformer.h.0.attn.q_proj.weight"]  # (64, 64)
+    fc = params["transformer.h.0.mlp.c_fc.weight"]  # (256, 64): fan_out 256, fan_in 64
+    o = params["transformer.h.0.attn.o_proj.weight"]
+    expected_fc = {"gpt2": 0.02, "fan_out": 256**-0.5, "fan_in": 64**-0.5}[scheme]
+    assert fc.std().item() == pytest.approx(expected_fc, rel=0.05)
+    if scheme == "gpt2":
+        assert o.std().item() == pytest.approx(0.02 / math.sqrt(2 * 2), rel=0.05)
+        assert q.std().item() == pytest.approx(0.02, rel=0.05)
+    else:
+        assert torch.count_nonzero(params["transformer.wpe.weight"]) == 0  # position embedding as a bias
+    assert torch.count_nonzero(params["transformer.h.0.attn.q_proj.bias"]) == 0
+    assert torch.all(params["transformer.ln_f.weight"] == 1)
+    with pytest.raises(ValueError, match="unknown init scheme"):
+        init_weights(model, "xavier")
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_logits_match_transformers_gpt2(tmp_path, safe_serialization):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=safe_serialization)
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 50257, (2, 40))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+def test_from_pretrained_names_a_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_generate_extends_and_greedy_is_deterministic():
+    model = tiny()
+    idx = torch.randint(0, 50257, (2, 5))
+    out = model.generate(idx, 7, temperature=0)
+    assert out.shape == (2, 12) and torch.equal(out[:, :5], idx)
+    torch.testing.assert_close(model.generate(idx, 7, temperature=0), out)
+    assert model.generate(idx, 3, top_k=5).shape == (2, 8)
+
+
+def test_a_tiny_batch_overfits():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2-tiny", vocab_size=512))  # a small vocab keeps it fast
+    idx = torch.randint(0, 512, (2, 32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(250):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.05

@@ -1,0 +1,114 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from conftest import ROOT, tiny_run_args
+from train_config import ConfigError, TrainConfig, parse_config
+
+
+def read_log(out_dir, kind):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def test_tiny_run_writes_config_log_and_checkpoints(tmp_path, token_dir):
+    out = tmp_path / "out"
+    assert train.main(tiny_run_args(out, token_dir)) == 0
+    assert json.loads((out / "config.json").read_text())["model"] == "gpt2-tiny"
+    losses = [r["loss"] for r in read_log(out, "train")]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert [r["step"] for r in read_log(out, "eval")] == [3, 6]
+    assert checkpoint.complete_steps(str(out)) == [6, 3]
+    record = read_log(out, "train")[-1]
+    for key in ("lr", "grad_norm", "ms_per_step", "tokens_per_s", "peak_mem_gib", "mfu"):
+        assert key in record
+
+
+def test_schedule_warmup_cosine_and_constant():
+    c = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert train.lr_at(0, c) == pytest.approx(0.1)
+    assert train.lr_at(9, c) == pytest.approx(1.0)
+    assert train.lr_at(60, c) == pytest.approx(0.1 + 0.5 * 0.9)  # halfway through the cosine
+    assert train.lr_at(110, c) == pytest.approx(0.1)
+    constant = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, schedule="constant")
+    assert train.lr_at(100, constant) == 1.0
+
+
+def test_set_lr_folds_lr_scale_only_for_torch_optimizers():
+    p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [p], "lr_scale": 2.0}, {"params": [q]}], lr=1.0)
+    train.set_lr(optimizer, 0.5)
+    assert [g["lr"] for g in optimizer.param_groups] == [1.0, 0.5]
+    optimizer.applies_lr_scale = True
+    train.set_lr(optimizer, 0.5)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.5]
+
+
+def test_config_files_and_overrides(tmp_path):
+    config_file = tmp_path / "conf.py"
+    config_file.write_text("lr = 3e-4\nmax_steps = 7\nimport math\n_private = 1\n")
+    c = parse_config([str(config_file), "--max_steps=9", "--residual_scale=true"])
+    assert (c.lr, c.max_steps, c.residual_scale) == (3e-4, 9, True)
+    config_file.write_text("learning_rate = 3e-4\n")
+    with pytest.raises(ConfigError, match="conf.py: unknown config key 'learning_rate'"):
+        parse_config([str(config_file)])
+    config_file.write_text("max_steps = 1.5\n")
+    with pytest.raises(ConfigError, match="conf.py: max_steps must be int, got float"):
+        parse_config([str(config_file)])
+    with pytest.raises(ConfigError, match="config file .*nothere.py not found"):
+        parse_config(["nothere.py"])
+
+
+def test_every_shipped_config_loads():
+    configs = [f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py")]
+    assert configs
+    for name in configs:
+        parse_config([os.path.join(ROOT, "config", name)])
+
+
+def test_inconsistent_values_fail_clearly(tmp_path, token_dir):
+    with pytest.raises(ConfigError, match="tokens_per_step=100 is not a multiple of .* = 4 \\* 32 \\* 1 = 128"):
+        train.main(tiny_run_args(tmp_path / "a", token_dir, tokens_per_step=100))
+    with pytest.raises(ConfigError, match="block_size=128 exceeds the gpt2-tiny preset's 64"):
+        train.main(tiny_run_args(tmp_path / "b", token_dir, block_size=128))
+    from data.tokenfile import TokenFileError
+
+    with pytest.raises(TokenFileError, match="nowhere/train.bin: no such token file"):
+        train.main(tiny_run_args(tmp_path / "c", tmp_path / "nowhere"))
+
+
+def test_command_line_errors_exit_2_with_a_message(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--no_such_key=1"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "unknown config key 'no_such_key'" in result.stderr
+    help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "--tokens_per_step=2048" in help_text and "sets grad_accum" in help_text
+
+
+def torchrun(nproc, args, timeout=300):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, token_dir):
+    # 256 tokens per step: one process runs 2 micro-batches of 4 x 32, two processes 1 each.
+    one, two = tmp_path / "one", tmp_path / "two"
+    torchrun(1, tiny_run_args(one, token_dir, max_steps=4, eval_interval=4))
+    torchrun(2, tiny_run_args(two, token_dir, max_steps=4, eval_interval=4))
+    assert read_log(one, "start")[0]["grad_accum"] == 2 and read_log(two, "start")[0]["grad_accum"] == 1
+    losses_one = [r["loss"] for r in read_log(one, "train")]
+    losses_two = [r["loss"] for r in read_log(two, "train")]
+    assert losses_one == pytest.approx(losses_two, rel=1e-5)
+    weights_one = checkpoint.load_tensors(checkpoint.step_dir(str(one), 4), "model")
+    weights_two = checkpoint.load_tensors(checkpoint.step_dir(str(two), 4), "model")
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(weights_two[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

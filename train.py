@@ -1,0 +1,284 @@
+"""Pretrain GPT-2 from scratch: one CPU or GPU, or many GPUs through torchrun (DDP).
+
+    python train.py                                   # small GPT on Shakespeare, CPU or GPU, ~5 min on 2 cores
+    python train.py config/train_gpt2.py              # GPT-2 124M on OpenWebText, one GPU
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+    # two nodes (run on each, NODE_RANK 0 and 1; MASTER the first node's address):
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=$MASTER:29500 train.py config/train_gpt2.py
+    python train.py --help                            # every config key with its meaning
+
+A run writes out_dir/config.json, out_dir/log.jsonl (one JSON record per log line) and checkpoints in
+out_dir/step-XXXXXXXX/. Started again with the same out_dir it resumes from the newest complete
+checkpoint (init_from=auto), so a torchrun restart continues where it stopped. SIGTERM or SIGINT
+saves a checkpoint at the next log step and exits with code 75 (EX_TEMPFAIL: try again).
+"""
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import checkpoint
+import lwlr
+from data.loader import TokenBatches
+from model import GPT, GPTConfig
+from runtime import RunLog, autocast, environment, init_runtime, peak_flops, peak_memory_gib
+from train_config import ConfigError, TrainConfig, parse_config
+
+EXIT_PREEMPTED = 75
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Keys that change the optimization itself: a resume with other values would not continue the run.
+RESUME_MUST_MATCH = ("model", "block_size", "residual_scale", "optimizer", "lr_rule", "tokens_per_step", "dataset")
+
+
+def lr_at(step: int, c: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine to min_lr at lr_decay_steps (or constant: the overfit runs)."""
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    if c.schedule == "constant":
+        return c.lr
+    decay_steps = c.lr_decay_steps or c.max_steps
+    if step >= decay_steps:
+        return c.min_lr
+    progress = (step - c.warmup_steps) / max(1, decay_steps - c.warmup_steps)
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.lr - c.min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Our optimizers (optim.py) multiply by each group's lr_scale inside the step; for torch.optim
+    ones the schedule folds it into the group's lr (the timm convention)."""
+    applies_scale = getattr(optimizer, "applies_lr_scale", False)
+    for group in optimizer.param_groups:
+        group["lr"] = lr if applies_scale else lr * group.get("lr_scale", 1.0)
+
+
+def build_optimizer(c: TrainConfig, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    if c.optimizer == "adamw":
+        # fused=True on CPU and CUDA alike: one kernel per step, and it honours found_inf (skipped steps).
+        return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, fused=True)
+    raise ConfigError(f"optimizer={c.optimizer!r}: choose adamw")
+
+
+def lr_multipliers(c: TrainConfig, model: GPT) -> dict[str, float] | None:
+    if c.lr_rule == "single":
+        return None
+    raise ConfigError(f"lr_rule={c.lr_rule!r}: choose single")
+
+
+def check_resume(c: TrainConfig, meta: dict, world_size: int, path: str) -> None:
+    saved = {**meta["config"], "world_size": meta["world_size"]}
+    ours = {**dataclasses.asdict(c), "world_size": world_size}
+    for key in (*RESUME_MUST_MATCH, "world_size"):
+        if saved[key] != ours[key]:
+            raise ConfigError(f"cannot resume from {path}: checkpoint has {key}={saved[key]!r}, config has {key}={ours[key]!r}")
+
+
+def prepare_out_dir(c: TrainConfig) -> None:
+    """Fail before any work if out_dir cannot be written; never touch what is already there."""
+    try:
+        os.makedirs(c.out_dir, exist_ok=True)
+        probe = os.path.join(c.out_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"out_dir={c.out_dir!r} is not writable: {e}") from None
+
+
+@torch.no_grad()
+def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx) -> float:
+    """Mean loss over the same eval_steps val batches every time, split across ranks."""
+    model.eval()
+    total = torch.zeros((), device=rt.device)
+    for i in range(c.eval_steps):
+        x, y = batches.get(i, c.micro_batch_size * rt.world_size, rt.rank * c.micro_batch_size, c.micro_batch_size, rt.device)
+        with ctx:
+            _, loss = model(x, y)
+        total += loss.float()
+    if rt.distributed:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    model.train()
+    return total.item() / c.eval_steps
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop acts on it at the next log step, on all ranks together."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    c = parse_config(argv)
+    rt = init_runtime(c.device)
+    stop = StopRequest()
+    model_config = GPTConfig.from_preset(c.model, dropout=c.dropout, residual_scale=c.residual_scale)
+    model_config.block_size = c.resolved_block_size(model_config.block_size)
+    rows_per_micro_step = c.micro_batch_size * model_config.block_size * rt.world_size
+    if c.tokens_per_step % rows_per_micro_step:
+        raise ConfigError(
+            f"tokens_per_step={c.tokens_per_step} is not a multiple of micro_batch_size * block_size * world_size"
+            f" = {c.micro_batch_size} * {model_config.block_size} * {rt.world_size} = {rows_per_micro_step}"
+        )
+    grad_accum = c.tokens_per_step // rows_per_micro_step
+    global_rows = c.micro_batch_size * grad_accum * rt.world_size
+    data_dir = c.data_dir or os.path.join(HERE, "data", c.dataset)
+    train_batches = TokenBatches(os.path.join(data_dir, "train.bin"), "train", model_config.block_size, model_config.vocab_size, c.seed, c.data_subset_batches)
+    val_batches = TokenBatches(os.path.join(data_dir, "val.bin"), "val", model_config.block_size, model_config.vocab_size, c.seed)
+
+    prepare_out_dir(c)
+    found = checkpoint.latest(c.out_dir, report=rt.print0)
+    if c.init_from == "resume" and found is None:
+        raise ConfigError(f"init_from=resume, but {c.out_dir} holds no complete checkpoint")
+    if c.init_from == "scratch" and found is not None:
+        raise ConfigError(f"init_from=scratch, but {c.out_dir} already holds {found[0]}: resume it or choose another out_dir")
+    if c.init_from not in ("auto", "resume", "scratch"):
+        raise ConfigError(f"init_from={c.init_from!r}: choose auto, resume or scratch")
+
+    torch.manual_seed(c.seed)
+    model = GPT(model_config).to(rt.device)
+    step = 0
+    if found is not None:
+        path, meta = found
+        check_resume(c, meta, rt.world_size, path)
+        model.load_state_dict(checkpoint.load_tensors(path, "model"))
+        step = meta["step"]
+    groups = lwlr.param_groups(model, None if found else lr_multipliers(c, model), c.weight_decay)
+    optimizer = build_optimizer(c, groups, rt.device)
+    if found is not None:  # lr_scale comes back with the param groups: multipliers are not re-measured
+        optimizer.load_state_dict(checkpoint.load_tensors(path, "optimizer"))
+        rt.print0(f"resumed from {path} at step {step}")
+    if rt.is_main:
+        checkpoint.remove_stale_temporaries(c.out_dir)
+        with open(os.path.join(c.out_dir, "config.json"), "w") as f:
+            f.write(c.to_json())
+
+    raw_model = model  # the uncompiled, unwrapped module: what checkpoints hold
+    use_compile = c.compile == "true" or (c.compile == "auto" and rt.device.type == "cuda")
+    if use_compile:
+        model = torch.compile(model)
+    if rt.distributed:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    ctx = autocast(rt.device, c.dtype)
+    if rt.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+
+    log = RunLog(rt, c.out_dir, c.logger, dataclasses.asdict(c), c.wandb_project)
+    flops_per_step = raw_model.flops_per_token() * c.tokens_per_step
+    peak = peak_flops(rt.device)
+    rt.print0(
+        f"{c.model}: {raw_model.num_params():,} parameters | {c.tokens_per_step:,} tokens per step = "
+        f"{c.micro_batch_size} batch * {model_config.block_size} block * {grad_accum} accum * {rt.world_size} ranks"
+        f" | {len(optimizer.param_groups)} param groups | {rt.device}"
+    )
+    log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device), "grad_accum": grad_accum})
+
+    def save(reason: str) -> None:
+        if rt.is_main:
+            meta = {"config": dataclasses.asdict(c), "world_size": rt.world_size, "data": {"seed": c.seed, "next_step": step}}
+            path = checkpoint.save(c.out_dir, step, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict()}, meta, c.keep_last)
+            rt.print0(f"saved {path} ({reason})")
+        if rt.distributed:
+            dist.barrier()
+
+    # Per-interval accumulators stay on the device: no host sync except on log steps.
+    loss_sum = torch.zeros((), device=rt.device)
+    skipped = torch.zeros((), device=rt.device)
+    bad_run = torch.zeros((), device=rt.device)  # consecutive non-finite steps so far, and the longest run
+    longest_bad_run = torch.zeros((), device=rt.device)
+    found_inf = torch.zeros((), device=rt.device)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    steps_since_log, timer = 0, time.perf_counter()
+    while step < c.max_steps:
+        lr = lr_at(step, c)
+        set_lr(optimizer, lr)
+        # Dropout and sampled labels draw from an RNG seeded by (seed, step, rank): a resume needs no RNG state.
+        torch.manual_seed(c.seed + 1_000_003 * step + rt.rank)
+        step_loss = torch.zeros((), device=rt.device)
+        for micro in range(grad_accum):
+            first_row = (rt.rank * grad_accum + micro) * c.micro_batch_size
+            x, y = train_batches.get(step, global_rows, first_row, c.micro_batch_size, rt.device)
+            sync = micro == grad_accum - 1 or not rt.distributed
+            with ctx, (nullcontext() if sync else model.no_sync()):
+                _, loss = model(x, y)
+                (loss / grad_accum).backward()
+            step_loss += loss.detach().float() / grad_accum
+        if rt.distributed:  # the guard below must agree on every rank
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"), foreach=True)
+        # A non-finite loss or gradient skips this update everywhere: the fused step reads found_inf on the device.
+        torch.logical_not(torch.isfinite(step_loss + grad_norm), out=found_inf)
+        optimizer.found_inf = found_inf
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += torch.where(found_inf.bool(), 0.0, step_loss)
+        skipped += found_inf
+        bad_run.add_(1).mul_(found_inf)
+        torch.maximum(longest_bad_run, bad_run, out=longest_bad_run)
+        step += 1
+        steps_since_log += 1
+
+        last = step == c.max_steps
+        if step % c.log_interval == 0 or last:
+            stop_flag = torch.tensor(float(stop.requested), device=rt.device)
+            if rt.distributed:
+                dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
+            n_skipped = int(skipped.item())
+            good = steps_since_log - n_skipped
+            dt = (time.perf_counter() - timer) / steps_since_log
+            record = {
+                "step": step, "loss": loss_sum.item() / good if good else float("nan"), "lr": lr,
+                "grad_norm": grad_norm.item(), "ms_per_step": 1000 * dt, "tokens_per_s": c.tokens_per_step / dt,
+                "mfu": flops_per_step / dt / (peak * rt.world_size) if peak else None,
+                "peak_mem_gib": peak_memory_gib(rt.device), "skipped_steps": n_skipped,
+            }
+            mfu = f" | MFU {100 * record['mfu']:.1f}%" if peak else ""
+            log.record("train", record, f"step {step:>6}/{c.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | grad_norm "
+                       f"{record['grad_norm']:.3f} | {record['ms_per_step']:.0f} ms/step | {record['tokens_per_s']:,.0f} tok/s"
+                       f"{mfu} | mem {record['peak_mem_gib']:.2f} GiB" + (f" | skipped {n_skipped} non-finite" if n_skipped else ""))
+            if longest_bad_run.item() >= c.max_bad_steps:
+                raise FloatingPointError(
+                    f"{int(longest_bad_run.item())} consecutive steps up to step {step} had a non-finite loss or "
+                    f"gradient norm (max_bad_steps={c.max_bad_steps}); stopping, the last checkpoint is intact. "
+                    "Lower lr or check the data."
+                )
+            loss_sum.zero_(), skipped.zero_()
+            steps_since_log = 0
+            if stop_flag.item():
+                save("stop requested")
+                log.close()
+                return EXIT_PREEMPTED
+            timer = time.perf_counter()
+        if step % c.eval_interval == 0 or last:
+            val_loss = evaluate(model, val_batches, c, rt, ctx)
+            log.record("eval", {"step": step, "val_loss": val_loss}, f"step {step:>6} | val loss {val_loss:.4f}")
+            save("eval")
+            timer = time.perf_counter()
+    log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        code = main()
+    except (ConfigError, checkpoint.CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)

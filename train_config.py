@@ -1,0 +1,149 @@
+"""The one typed training config, shared by train.py, lwlr.py and the benchmarks.
+
+Values come from the dataclass defaults, then config files (plain Python assigning config keys, e.g.
+config/train_gpt2.py), then `--key=value` overrides, in command-line order. Unknown keys and values of
+the wrong type fail with a message naming the file or flag. `--help` lists every key with its comment.
+"""
+
+import dataclasses
+import inspect
+import json
+import re
+import runpy
+import sys
+import types
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A config file or flag that names an unknown key, has a wrong type or an inconsistent value."""
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"  # checkpoints (step-XXXXXXXX/), log.jsonl, config.json
+    init_from: str = "auto"  # scratch | resume | auto (resume when out_dir holds a checkpoint)
+    # data
+    dataset: str = "shakespeare"  # reads data/<dataset>/{train,val}.bin (run its prepare.py first)
+    data_dir: str = ""  # a folder holding train.bin and val.bin instead ("" = data/<dataset>)
+    data_subset_batches: int = 0  # 0 = sample the whole training set; K > 0 cycles through K fixed batches
+    # model
+    model: str = "gpt2-mini"  # a preset of model.py: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny
+    block_size: int = 128  # sequence length; at most the preset's block_size (0 = the preset's)
+    dropout: float = 0.0  # 0 for pretraining
+    residual_scale: bool = False  # scale both residual branches of every block by 1/sqrt(n_layer)
+    # batch: tokens_per_step = micro_batch_size * block_size * grad_accum * world_size
+    micro_batch_size: int = 16  # sequences per forward/backward on one device
+    tokens_per_step: int = 2048  # tokens per optimizer step over all ranks; sets grad_accum
+    # optimizer
+    optimizer: str = "adamw"  # adamw (torch.optim.AdamW, fused on CUDA)
+    lr: float = 2e-3  # peak learning rate of the global schedule (the small default model takes a large one)
+    min_lr: float = 2e-4  # end of the cosine decay (nanoGPT: lr / 10)
+    weight_decay: float = 0.1  # decoupled; applied to matrices and embeddings, not to biases and LayerNorms
+    beta1: float = 0.9
+    beta2: float = 0.95  # nanoGPT's GPT-2 value (0.999 is unstable at this scale)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+    max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)
+    # schedule
+    schedule: str = "cosine"  # cosine (linear warmup, cosine to min_lr) | constant (warmup, then lr)
+    warmup_steps: int = 30  # linear warmup from lr / warmup_steps
+    max_steps: int = 250  # optimizer steps in the run
+    lr_decay_steps: int = 0  # the cosine reaches min_lr here; 0 = max_steps
+    # layer-wise learning rates
+    lr_rule: str = "single"  # single: one global rate
+    # evaluation, logging, checkpoints
+    eval_interval: int = 50  # evaluate on val (and checkpoint) every this many steps, and at the end
+    eval_steps: int = 20  # batches per evaluation, the same fixed batches every time
+    log_interval: int = 10  # one log line every this many steps
+    keep_last: int = 2  # complete checkpoints kept (>= 2, so one survives a crash during a save)
+    logger: str = "none"  # none | wandb | tensorboard (if installed)
+    wandb_project: str = "lwlr"
+    # system
+    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32
+    compile: str = "auto"  # auto (on for CUDA) | true | false: torch.compile the model
+    seed: int = 1337  # model init and batch order
+
+    def resolved_block_size(self, preset_block_size: int) -> int:
+        block_size = self.block_size or preset_block_size
+        if block_size > preset_block_size:
+            raise ConfigError(f"block_size={block_size} exceeds the {self.model} preset's {preset_block_size}")
+        return block_size
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def field_comments() -> dict[str, str]:
+    """Each field's trailing comment in the source above, for --help."""
+    comments = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def help_text() -> str:
+    comments = field_comments()
+    rows = [f"  --{name}={f.default!r}  {comments.get(name, '')}".rstrip() for name, f in FIELDS.items()]
+    return "usage: [config/FILE.py ...] [--key=value ...]\n\nkeys:\n" + "\n".join(rows)
+
+
+def coerce(key: str, value, source: str):
+    """value (a string from the command line, or a Python value from a file) as the field's type."""
+    if key not in FIELDS:
+        raise ConfigError(f"{source}: unknown config key {key!r}; see --help for the keys")
+    kind = FIELDS[key].type
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+            return text.lower() in ("true", "1")
+        try:
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_config_file(path: str) -> dict:
+    """Run a config file in its own namespace and return its config assignments."""
+    try:
+        namespace = runpy.run_path(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    return {
+        key: coerce(key, value, path)
+        for key, value in namespace.items()
+        if not key.startswith("_") and not isinstance(value, (types.ModuleType, types.FunctionType, type))
+    }
+
+
+def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        sys.exit(0)
+    values = dataclasses.asdict(base or TrainConfig())
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, value = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"flag {arg!r} must be written --key=value")
+            values[key] = coerce(key, value, f"flag {arg}")
+        elif arg.endswith(".py"):
+            values.update(load_config_file(arg))
+        else:
+            raise ConfigError(f"argument {arg!r} is neither a config file (*.py) nor a --key=value flag")
+    return TrainConfig(**values)
