@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import lwlr
+import optim
 from data.loader import TokenBatches
 from model import GPT, GPTConfig
 from runtime import RunLog, autocast, environment, init_runtime, peak_flops, peak_memory_gib
@@ -60,11 +61,31 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr if applies_scale else lr * group.get("lr_scale", 1.0)
 
 
-def build_optimizer(c: TrainConfig, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    if c.optimizer == "adamw":
+def build_optimizer(c: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    betas = (c.beta1, c.beta2)
+    if c.optimizer == "adamw_torch":
         # fused=True on CPU and CUDA alike: one kernel per step, and it honours found_inf (skipped steps).
-        return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, fused=True)
-    raise ConfigError(f"optimizer={c.optimizer!r}: choose adamw")
+        return torch.optim.AdamW(groups, lr=c.lr, betas=betas, eps=c.eps, fused=True)
+    if c.optimizer == "adamw":
+        return optim.AdamW(groups, lr=c.lr, betas=betas, eps=c.eps, backend=c.optimizer_backend)
+    if c.optimizer == "lion":
+        return optim.Lion(groups, lr=c.lr, betas=betas, backend=c.optimizer_backend)
+    if c.optimizer == "sophiag":
+        return optim.SophiaG(groups, lr=c.lr, betas=betas, rho=c.rho, bs=c.tokens_per_step, backend=c.optimizer_backend)
+    raise ConfigError(f"optimizer={c.optimizer!r}: choose adamw, lion, sophiag or adamw_torch")
+
+
+def refresh_sophia_hessian(model, optimizer, batches, ctx, sync_context) -> None:
+    """Sophia's Gauss-Newton-Bartlett estimator: labels sampled from the model's own predictions;
+    the gradient of that loss, squared, estimates the diagonal Gauss-Newton matrix (Liu et al. 2023)."""
+    for i, (x, _) in enumerate(batches):
+        with ctx, sync_context(i == len(batches) - 1):
+            logits, _ = model(x)
+            sampled = torch.distributions.Categorical(logits=logits.float()).sample()
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), sampled.view(-1))
+            (loss / len(batches)).backward()
+    optimizer.update_hessian()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def lr_multipliers(c: TrainConfig, model: GPT) -> dict[str, float] | None:
@@ -157,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(checkpoint.load_tensors(path, "model"))
         step = meta["step"]
     groups = lwlr.param_groups(model, None if found else lr_multipliers(c, model), c.weight_decay)
-    optimizer = build_optimizer(c, groups, rt.device)
+    optimizer = build_optimizer(c, groups)
     if found is not None:  # lr_scale comes back with the param groups: multipliers are not re-measured
         optimizer.load_state_dict(checkpoint.load_tensors(path, "optimizer"))
         rt.print0(f"resumed from {path} at step {step}")
@@ -202,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     longest_bad_run = torch.zeros((), device=rt.device)
     found_inf = torch.zeros((), device=rt.device)
     params = [p for p in raw_model.parameters() if p.requires_grad]
+
+    def sync_context(sync: bool):
+        """DDP all-reduces gradients only on the last accumulation micro-step."""
+        return nullcontext() if sync or not rt.distributed else model.no_sync()
     steps_since_log, timer = 0, time.perf_counter()
     while step < c.max_steps:
         lr = lr_at(step, c)
@@ -209,11 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         # Dropout and sampled labels draw from an RNG seeded by (seed, step, rank): a resume needs no RNG state.
         torch.manual_seed(c.seed + 1_000_003 * step + rt.rank)
         step_loss = torch.zeros((), device=rt.device)
-        for micro in range(grad_accum):
-            first_row = (rt.rank * grad_accum + micro) * c.micro_batch_size
-            x, y = train_batches.get(step, global_rows, first_row, c.micro_batch_size, rt.device)
-            sync = micro == grad_accum - 1 or not rt.distributed
-            with ctx, (nullcontext() if sync else model.no_sync()):
+        micro_batches = [
+            train_batches.get(step, global_rows, (rt.rank * grad_accum + micro) * c.micro_batch_size, c.micro_batch_size, rt.device)
+            for micro in range(grad_accum)
+        ]
+        for micro, (x, y) in enumerate(micro_batches):
+            with ctx, sync_context(micro == grad_accum - 1):
                 _, loss = model(x, y)
                 (loss / grad_accum).backward()
             step_loss += loss.detach().float() / grad_accum
@@ -225,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.found_inf = found_inf
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if c.optimizer == "sophiag" and step % c.hess_interval == c.hess_interval - 1:  # Sophia's schedule
+            refresh_sophia_hessian(model, optimizer, micro_batches, ctx, sync_context)
         loss_sum += torch.where(found_inf.bool(), 0.0, step_loss)
         skipped += found_inf
         bad_run.add_(1).mul_(found_inf)

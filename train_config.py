@@ -37,13 +37,16 @@ class TrainConfig:
     micro_batch_size: int = 16  # sequences per forward/backward on one device
     tokens_per_step: int = 2048  # tokens per optimizer step over all ranks; sets grad_accum
     # optimizer
-    optimizer: str = "adamw"  # adamw (torch.optim.AdamW, fused on CUDA)
+    optimizer: str = "adamw"  # adamw | lion | sophiag (optim.py, fused) | adamw_torch (torch.optim.AdamW fused, the baseline)
+    optimizer_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | triton | torch
     lr: float = 2e-3  # peak learning rate of the global schedule (the small default model takes a large one)
     min_lr: float = 2e-4  # end of the cosine decay (nanoGPT: lr / 10)
     weight_decay: float = 0.1  # decoupled; applied to matrices and embeddings, not to biases and LayerNorms
     beta1: float = 0.9
     beta2: float = 0.95  # nanoGPT's GPT-2 value (0.999 is unstable at this scale)
-    eps: float = 1e-8
+    eps: float = 1e-8  # AdamW
+    rho: float = 0.05  # SophiaG's clipping scale (Sophia's GPT-2 small value)
+    hess_interval: int = 10  # SophiaG: refresh the Hessian estimate every this many steps (Sophia's k)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)
     # schedule

@@ -1,6 +1,9 @@
 import os
 import sys
 
+# Triton kernels run on CPU tensors through the interpreter; it must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
 

@@ -1,0 +1,428 @@
+"""Fused AdamW, Lion and SophiaG that apply each param group's `lr_scale` inside one kernel launch.
+
+A group's step is exactly its reference's step with lr * lr_scale, weight decay included:
+    AdamW   torch.optim.AdamW (bias correction; decoupled decay p *= 1 - lr * wd)
+    Lion    Chen et al. 2023, as lion-pytorch: p *= 1 - lr*wd; p -= lr * sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g
+    SophiaG Liu et al. 2023, as the official code (sophia-opt): p *= 1 - lr*wd; m = b1*m + (1-b1)*g;
+            p -= lr * sign(m) * min(|m| / (rho*bs*h + 1e-15), 1); update_hessian(): h = b2*h + (1-b2)*g*g
+
+Backends:
+    "triton"  every parameter of every group in one launch: device tables hold each tensor's pointers,
+              size, lr_scale and weight decay, and a chunk table maps each program to (tensor, offset).
+              The scalars that change every step (lr, bias corrections) are kernel arguments, so a new lr
+              each step neither recompiles nor allocates. Groups whose scalar hyperparameters differ
+              (e.g. their own betas) get one launch each. fp32 parameters and states.
+    "torch"   foreach ops per group: the readable reference, and the CPU path.
+    "auto"    triton for CUDA parameters, torch otherwise.
+
+The step count lives in each param group ("step"), not per parameter: every parameter of a group
+with a gradient is updated together. A non-finite step is skipped when `optimizer.found_inf` (a
+device tensor, the torch.optim convention) is nonzero: the triton kernels read it on the device (no
+host sync) and the step count still advances, which moves the bias correction by one step (a relative
+change below 1e-6 once AdamW's correction has converged); the torch path reads it on the host and
+does not count the step. Both backends keep the same state layout, so state dicts are interchangeable.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096  # elements per program: 16 per thread at 8 warps. Untuned on a GPU yet.
+NUM_WARPS = 8
+
+
+def _launch(kernel, grid, *args, **meta):
+    """Every kernel launch goes through here (tests count launches by patching it)."""
+    kernel[grid](*args, **meta)
+
+
+@triton.jit
+def _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK: tl.constexpr):
+    """This program's tensor index, element offsets within it, and the mask (bounds and found_inf)."""
+    chunk = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + chunk)
+    offs = tl.load(chunk_start_ptr + chunk) + tl.arange(0, BLOCK)
+    # A set found_inf shrinks every tensor to 0 elements: the step stores nothing.
+    limit = tl.where(tl.load(found_inf_ptr) == 0, tl.load(numel_ptr + t), 0)
+    return t, offs, offs < limit
+
+
+@triton.jit
+def _ptr(table_ptr, t):
+    return tl.load(table_ptr + t).to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
+def _sign(x):
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _adamw_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, lr_scale_ptr, weight_decay_ptr, numel_ptr,
+                  chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr,
+                  lr, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt, BLOCK: tl.constexpr):
+    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
+    lr_t = lr * tl.load(lr_scale_ptr + t)
+    param, exp_avg, exp_avg_sq = _ptr(param_ptrs, t), _ptr(exp_avg_ptrs, t), _ptr(exp_avg_sq_ptrs, t)
+    p = tl.load(param + offs, mask=mask)
+    g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
+    m = tl.load(exp_avg + offs, mask=mask)
+    v = tl.load(exp_avg_sq + offs, mask=mask)
+    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
+    m = m + (1.0 - beta1) * (g - m)  # torch's lerp_(g, 1 - beta1)
+    v = v * beta2 + (1.0 - beta2) * (g * g)
+    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    p = p - (lr_t / bias_correction1) * (m / denom)
+    tl.store(param + offs, p, mask=mask)
+    tl.store(exp_avg + offs, m, mask=mask)
+    tl.store(exp_avg_sq + offs, v, mask=mask)
+
+
+@triton.jit
+def _lion_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, lr_scale_ptr, weight_decay_ptr, numel_ptr,
+                 chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr, beta1, beta2, BLOCK: tl.constexpr):
+    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
+    lr_t = lr * tl.load(lr_scale_ptr + t)
+    param, exp_avg = _ptr(param_ptrs, t), _ptr(exp_avg_ptrs, t)
+    p = tl.load(param + offs, mask=mask)
+    g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
+    m = tl.load(exp_avg + offs, mask=mask)
+    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
+    p = p - lr_t * _sign(m * beta1 + (1.0 - beta1) * g)
+    m = m * beta2 + (1.0 - beta2) * g
+    tl.store(param + offs, p, mask=mask)
+    tl.store(exp_avg + offs, m, mask=mask)
+
+
+@triton.jit
+def _sophiag_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, hessian_ptrs, lr_scale_ptr, weight_decay_ptr, numel_ptr,
+                    chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr, beta1, rho_bs, BLOCK: tl.constexpr):
+    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
+    lr_t = lr * tl.load(lr_scale_ptr + t)
+    param, exp_avg = _ptr(param_ptrs, t), _ptr(exp_avg_ptrs, t)
+    p = tl.load(param + offs, mask=mask)
+    g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
+    m = tl.load(exp_avg + offs, mask=mask)
+    h = tl.load(_ptr(hessian_ptrs, t) + offs, mask=mask)
+    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
+    m = m * beta1 + (1.0 - beta1) * g
+    ratio = tl.minimum(tl.abs(m) / (rho_bs * h + 1e-15), 1.0)
+    p = p - lr_t * (_sign(m) * ratio)
+    tl.store(param + offs, p, mask=mask)
+    tl.store(exp_avg + offs, m, mask=mask)
+
+
+@triton.jit
+def _ema_of_square_kernel(target_ptrs, grad_ptrs, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr,
+                          beta, BLOCK: tl.constexpr):
+    """target = beta * target + (1 - beta) * g * g: SophiaG's Hessian estimate update."""
+    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
+    target = _ptr(target_ptrs, t)
+    g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
+    h = tl.load(target + offs, mask=mask)
+    tl.store(target + offs, h * beta + (1.0 - beta) * (g * g), mask=mask)
+
+
+class _LaunchPlan:
+    """Device tables for one launch over a fixed list of tensors. Pointers of parameters and states
+    are fixed for the plan's life; gradient pointers are re-read each step and the table is rebuilt
+    only when the caching allocator handed out different addresses."""
+
+    def __init__(self, params, states: dict[str, list[torch.Tensor]], lr_scales, weight_decays):
+        device = params[0].device
+        numels = [p.numel() for p in params]
+        chunks = [triton.cdiv(n, BLOCK) for n in numels]
+        self.grid = (sum(chunks),)
+        self.chunk_tensor = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32), torch.tensor(chunks)).to(device)
+        self.chunk_start = torch.cat([torch.arange(c, dtype=torch.int32) * BLOCK for c in chunks]).to(device)
+        self.numel = torch.tensor(numels, dtype=torch.int32, device=device)
+        self.pointers = {name: self._pointer_table(tensors, device) for name, tensors in {"param": params, **states}.items()}
+        self.lr_scale = torch.tensor(lr_scales, dtype=torch.float32, device=device)
+        self.weight_decay = torch.tensor(weight_decays, dtype=torch.float32, device=device)
+        self._grad_key = None
+
+    @staticmethod
+    def _pointer_table(tensors, device):
+        return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+    def grad_pointers(self, grads):
+        key = tuple(g.data_ptr() for g in grads)
+        if key != self._grad_key:
+            for g in grads:
+                if not g.is_contiguous() or g.dtype != torch.float32:
+                    raise ValueError("backend='triton' needs contiguous fp32 gradients")
+            self.pointers["grad"], self._grad_key = self._pointer_table(grads, self.numel.device), key
+        return self.pointers["grad"]
+
+    def tables(self, *names):
+        return [self.pointers[name] for name in names]
+
+    def chunk_tables(self):
+        return self.numel, self.chunk_tensor, self.chunk_start
+
+
+def _check_nonnegative_finite(name, value):
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Shared machinery: validation, state, backends, launch plans. Subclasses name their state
+    buffers, their scalar hyperparameters, and give a torch update and a kernel launch."""
+
+    applies_lr_scale = True  # train.set_lr passes the global lr; lr_scale is applied here
+    state_names: tuple[str, ...] = ()
+    scalar_keys: tuple[str, ...] = ()  # group entries passed to the kernel as scalars
+
+    def __init__(self, params, defaults: dict, backend: str):
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend={backend!r}: choose auto, triton or torch")
+        super().__init__(params, {**defaults, "lr_scale": 1.0})
+        self.backend = backend
+        self.found_inf = None  # set by the training loop to skip a non-finite step
+        self._plans: dict = {}
+        for group in self.param_groups:
+            self._validate_group(group)
+            group.setdefault("step", 0)
+            for p in group["params"]:
+                if p.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse parameters")
+                if not p.is_floating_point():
+                    raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
+
+    def _validate_group(self, group):
+        _check_nonnegative_finite("lr", group["lr"])
+        _check_nonnegative_finite("weight_decay", group["weight_decay"])
+        _check_nonnegative_finite("lr_scale", group["lr_scale"])
+        for beta in group["betas"]:
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas must lie in [0, 1), got {group['betas']}")
+
+    def _use_triton(self, device: torch.device) -> bool:
+        if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda"):
+            return False
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' needs CUDA parameters, or TRITON_INTERPRET=1 for CPU ones")
+        return True
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._plans.clear()  # state tensors were replaced: their pointers changed
+
+    def _state(self, p):
+        state = self.state[p]
+        if not state:
+            for name in self.state_names:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self._plans.clear()
+        return state
+
+    def _with_grads(self, group):
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p.grad.is_sparse:
+                raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+        return params
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = []
+        for index, group in enumerate(self.param_groups):
+            params = self._with_grads(group)
+            if params:
+                self._validate_group(group)
+                for p in params:
+                    self._state(p)
+                group["step"] += 1
+                active.append((index, group, params))
+        if not active:
+            return loss
+        if self._use_triton(active[0][2][0].device):
+            self._step_triton(active)
+        elif self.found_inf is None or not self.found_inf.item():
+            for _, group, params in active:
+                self._update_torch(group, params, [p.grad for p in params], [[self.state[p][n] for p in params] for n in self.state_names])
+        else:
+            for _, group, _ in active:
+                group["step"] -= 1
+        return loss
+
+    def _plan(self, key, groups_params, state_names):
+        plan = self._plans.get(key)
+        if plan is None:
+            params = [p for _, ps in groups_params for p in ps]
+            for p in params:
+                if p.dtype != torch.float32 or not p.is_contiguous():
+                    raise ValueError("backend='triton' needs contiguous fp32 parameters; use backend='torch' for others")
+            plan = _LaunchPlan(
+                params, {n: [self.state[p][n] for p in params] for n in state_names},
+                [g["lr_scale"] for g, ps in groups_params for _ in ps], [g["weight_decay"] for g, ps in groups_params for _ in ps],
+            )
+            self._plans[key] = plan
+        return plan
+
+    def _buckets(self, active):
+        """Groups sharing every scalar hyperparameter (and step) run in one launch."""
+        buckets: dict[tuple, list] = {}
+        for index, group, params in active:
+            scalars = tuple(group[k] for k in (*self.scalar_keys, "step"))
+            buckets.setdefault(scalars, []).append((index, group, params))
+        return buckets.values()
+
+    def _step_triton(self, active):
+        for bucket in self._buckets(active):
+            groups_params = [(group, params) for _, group, params in bucket]
+            key = ("step", tuple((index, tuple(map(id, params)), group["lr_scale"], group["weight_decay"]) for index, group, params in bucket))
+            plan = self._plan(key, groups_params, self.state_names)
+            grads = plan.grad_pointers([p.grad for _, ps in groups_params for p in ps])
+            found_inf = self._found_inf_flag(plan.numel.device)
+            self._launch_step(plan, grads, found_inf, bucket[0][1])
+
+    def _found_inf_flag(self, device, honour_found_inf=True):
+        """The device flag a kernel masks its stores with: found_inf, or a cached zero."""
+        if honour_found_inf and self.found_inf is not None:
+            return self.found_inf
+        if getattr(self, "_zero_flag", None) is None or self._zero_flag.device != device:
+            self._zero_flag = torch.zeros((), dtype=torch.float32, device=device)
+        return self._zero_flag
+
+    def _update_torch(self, group, params, grads, states):
+        raise NotImplementedError
+
+    def _launch_step(self, plan, grads, found_inf, group):
+        raise NotImplementedError
+
+
+class AdamW(FusedOptimizer):
+    state_names = ("exp_avg", "exp_avg_sq")
+    scalar_keys = ("lr", "betas", "eps")
+
+    def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, backend="auto"):
+        _check_nonnegative_finite("eps", eps)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), backend)
+
+    def _update_torch(self, group, params, grads, states):
+        exp_avgs, exp_avg_sqs = states
+        beta1, beta2 = group["betas"]
+        lr = group["lr"] * group["lr_scale"]
+        step = group["step"]
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / (1 - beta1**step))
+
+    def _launch_step(self, plan, grads, found_inf, group):
+        beta1, beta2 = group["betas"]
+        step = group["step"]
+        params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
+        _launch(_adamw_kernel, plan.grid, params, grads, exp_avgs, exp_avg_sqs, plan.lr_scale, plan.weight_decay,
+                *plan.chunk_tables(), found_inf, group["lr"], beta1, beta2, group["eps"],
+                1 - beta1**step, math.sqrt(1 - beta2**step), BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+class Lion(FusedOptimizer):
+    state_names = ("exp_avg",)
+    scalar_keys = ("lr", "betas")
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, backend="auto"):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), backend)
+
+    def _update_torch(self, group, params, grads, states):
+        (exp_avgs,) = states
+        beta1, beta2 = group["betas"]
+        lr = group["lr"] * group["lr_scale"]
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        updates = torch._foreach_mul(exp_avgs, beta1)
+        torch._foreach_add_(updates, grads, alpha=1 - beta1)
+        torch._foreach_sign_(updates)
+        torch._foreach_add_(params, updates, alpha=-lr)
+        torch._foreach_mul_(exp_avgs, beta2)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+
+    def _launch_step(self, plan, grads, found_inf, group):
+        beta1, beta2 = group["betas"]
+        params, exp_avgs = plan.tables("param", "exp_avg")
+        _launch(_lion_kernel, plan.grid, params, grads, exp_avgs, plan.lr_scale, plan.weight_decay,
+                *plan.chunk_tables(), found_inf, group["lr"], beta1, beta2, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+class SophiaG(FusedOptimizer):
+    """bs: tokens per optimizer step (the official code's `bs` argument of step()); it scales the
+    Hessian estimate, which update_hessian() accumulates from a gradient of sampled-label loss."""
+
+    state_names = ("exp_avg", "hessian")
+    scalar_keys = ("lr", "betas", "rho", "bs")
+
+    def __init__(self, params, lr=6e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, bs=5120, backend="auto"):
+        _check_nonnegative_finite("rho", rho)
+        if not (math.isfinite(bs) and bs > 0):
+            raise ValueError(f"bs must be a positive number of tokens, got {bs}")
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs), backend)
+
+    def _validate_group(self, group):
+        super()._validate_group(group)
+        _check_nonnegative_finite("rho", group["rho"])
+
+    def _update_torch(self, group, params, grads, states):
+        exp_avgs, hessians = states
+        beta1, _ = group["betas"]
+        lr = group["lr"] * group["lr_scale"]
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        for p, m, h in zip(params, exp_avgs, hessians):
+            ratio = (m.abs() / (group["rho"] * group["bs"] * h + 1e-15)).clamp(None, 1)
+            p.addcmul_(m.sign(), ratio, value=-lr)
+
+    def _launch_step(self, plan, grads, found_inf, group):
+        beta1, _ = group["betas"]
+        params, exp_avgs, hessians = plan.tables("param", "exp_avg", "hessian")
+        _launch(_sophiag_kernel, plan.grid, params, grads, exp_avgs, hessians, plan.lr_scale, plan.weight_decay,
+                *plan.chunk_tables(), found_inf, group["lr"], beta1, group["rho"] * group["bs"], BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+    @torch.no_grad()
+    def update_hessian(self):
+        """h = beta2 * h + (1 - beta2) * g * g for every parameter with a gradient (call it after a
+        backward of the sampled-label loss)."""
+        active = [(i, g, self._with_grads(g)) for i, g in enumerate(self.param_groups)]
+        active = [(i, g, ps) for i, g, ps in active if ps]
+        if not active:
+            return
+        for _, _, params in active:
+            for p in params:
+                self._state(p)
+        if not self._use_triton(active[0][2][0].device):
+            for _, group, params in active:
+                hessians = [self.state[p]["hessian"] for p in params]
+                grads = [p.grad for p in params]
+                torch._foreach_mul_(hessians, group["betas"][1])
+                torch._foreach_addcmul_(hessians, grads, grads, 1 - group["betas"][1])
+            return
+        by_beta: dict[float, list] = {}
+        for index, group, params in active:
+            by_beta.setdefault(group["betas"][1], []).append((index, group, params))
+        for beta2, bucket in by_beta.items():
+            groups_params = [(group, params) for _, group, params in bucket]
+            key = ("hessian", tuple((index, tuple(map(id, params))) for index, _, params in bucket))
+            plan = self._plan(key, groups_params, ("hessian",))
+            grads = plan.grad_pointers([p.grad for _, ps in groups_params for p in ps])
+            no_skip = self._found_inf_flag(plan.numel.device, honour_found_inf=False)
+            _launch(_ema_of_square_kernel, plan.grid, plan.pointers["hessian"], grads, *plan.chunk_tables(), no_skip,
+                    beta2, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+OPTIMIZERS = {"adamw": AdamW, "lion": Lion, "sophiag": SophiaG}
