@@ -30,12 +30,11 @@ import checkpoint
 import lwlr
 import optim
 from data.loader import TokenBatches
-from model import GPT, GPTConfig
+from model import GPT
 from runtime import RunLog, autocast, environment, init_runtime, peak_flops, peak_memory_gib
 from train_config import ConfigError, TrainConfig, parse_config
 
 EXIT_PREEMPTED = 75
-HERE = os.path.dirname(os.path.abspath(__file__))
 # Keys that change the optimization itself: a resume with other values would not continue the run.
 RESUME_MUST_MATCH = ("model", "block_size", "residual_scale", "optimizer", "lr_rule", "tokens_per_step", "dataset")
 
@@ -86,12 +85,6 @@ def refresh_sophia_hessian(model, optimizer, batches, ctx, sync_context) -> None
             (loss / len(batches)).backward()
     optimizer.update_hessian()
     optimizer.zero_grad(set_to_none=True)
-
-
-def lr_multipliers(c: TrainConfig, model: GPT) -> dict[str, float] | None:
-    if c.lr_rule == "single":
-        return None
-    raise ConfigError(f"lr_rule={c.lr_rule!r}: choose single")
 
 
 def check_resume(c: TrainConfig, meta: dict, world_size: int, path: str) -> None:
@@ -146,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     c = parse_config(argv)
     rt = init_runtime(c.device)
     stop = StopRequest()
-    model_config = GPTConfig.from_preset(c.model, dropout=c.dropout, residual_scale=c.residual_scale)
-    model_config.block_size = c.resolved_block_size(model_config.block_size)
+    model_config = c.gpt_config()
     rows_per_micro_step = c.micro_batch_size * model_config.block_size * rt.world_size
     if c.tokens_per_step % rows_per_micro_step:
         raise ConfigError(
@@ -156,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     grad_accum = c.tokens_per_step // rows_per_micro_step
     global_rows = c.micro_batch_size * grad_accum * rt.world_size
-    data_dir = c.data_dir or os.path.join(HERE, "data", c.dataset)
-    train_batches = TokenBatches(os.path.join(data_dir, "train.bin"), "train", model_config.block_size, model_config.vocab_size, c.seed, c.data_subset_batches)
-    val_batches = TokenBatches(os.path.join(data_dir, "val.bin"), "val", model_config.block_size, model_config.vocab_size, c.seed)
+    train_batches = c.token_batches("train", "train", model_config, c.data_subset_batches)
+    val_batches = c.token_batches("val", "val", model_config)
 
     prepare_out_dir(c)
     found = checkpoint.latest(c.out_dir, report=rt.print0)
@@ -171,13 +162,18 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(c.seed)
     model = GPT(model_config).to(rt.device)
+    ctx = autocast(rt.device, c.dtype)
     step = 0
-    if found is not None:
+    if found is not None:  # multipliers come from the checkpoint: never re-measured on a resume
         path, meta = found
         check_resume(c, meta, rt.world_size, path)
         model.load_state_dict(checkpoint.load_tensors(path, "model"))
-        step = meta["step"]
-    groups = lwlr.param_groups(model, None if found else lr_multipliers(c, model), c.weight_decay)
+        step, multipliers = meta["step"], meta["lr_multipliers"]
+    else:
+        multipliers, lwlr_report = lwlr.multipliers_for_config(c, model, ctx, log=rt.print0)
+        if rt.is_main and lwlr_report is not None:
+            lwlr.save_report(lwlr_report, c.out_dir)
+    groups = lwlr.param_groups(model, multipliers, c.weight_decay, c.lwlr_scale_decay)
     optimizer = build_optimizer(c, groups)
     if found is not None:  # lr_scale comes back with the param groups: multipliers are not re-measured
         optimizer.load_state_dict(checkpoint.load_tensors(path, "optimizer"))
@@ -193,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         model = torch.compile(model)
     if rt.distributed:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-    ctx = autocast(rt.device, c.dtype)
     if rt.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
         torch.backends.cudnn.allow_tf32 = True
@@ -208,20 +203,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device), "grad_accum": grad_accum})
 
-    def save(reason: str) -> None:
-        if rt.is_main:
-            meta = {"config": dataclasses.asdict(c), "world_size": rt.world_size, "data": {"seed": c.seed, "next_step": step}}
-            path = checkpoint.save(c.out_dir, step, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict()}, meta, c.keep_last)
-            rt.print0(f"saved {path} ({reason})")
-        if rt.distributed:
-            dist.barrier()
-
     # Per-interval accumulators stay on the device: no host sync except on log steps.
     loss_sum = torch.zeros((), device=rt.device)
     skipped = torch.zeros((), device=rt.device)
     bad_run = torch.zeros((), device=rt.device)  # consecutive non-finite steps so far, and the longest run
     longest_bad_run = torch.zeros((), device=rt.device)
     found_inf = torch.zeros((), device=rt.device)
+
+    def save(reason: str) -> None:
+        if bad_run.item() > 0:  # the same on every rank: the guard's flag was all-reduced
+            rt.print0(f"not saving at step {step} ({reason}): the last step was non-finite; the previous checkpoint stands")
+            return
+        if rt.is_main:
+            meta = {"config": dataclasses.asdict(c), "world_size": rt.world_size, "lr_multipliers": multipliers,
+                    "data": {"seed": c.seed, "next_step": step}}
+            path = checkpoint.save(c.out_dir, step, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict()}, meta, c.keep_last)
+            rt.print0(f"saved {path} ({reason})")
+        if rt.distributed:
+            dist.barrier()
+
     params = [p for p in raw_model.parameters() if p.requires_grad]
 
     def sync_context(sync: bool):

@@ -8,6 +8,7 @@ the wrong type fail with a message naming the file or flag. `--help` lists every
 import dataclasses
 import inspect
 import json
+import os
 import re
 import runpy
 import sys
@@ -52,10 +53,15 @@ class TrainConfig:
     # schedule
     schedule: str = "cosine"  # cosine (linear warmup, cosine to min_lr) | constant (warmup, then lr)
     warmup_steps: int = 30  # linear warmup from lr / warmup_steps
-    max_steps: int = 250  # optimizer steps in the run
+    max_steps: int = 200  # optimizer steps in the run
     lr_decay_steps: int = 0  # the cosine reaches min_lr here; 0 = max_steps
-    # layer-wise learning rates
-    lr_rule: str = "single"  # single: one global rate
+    # layer-wise learning rates (lwlr.py)
+    lr_rule: str = "lwlr"  # lwlr | single | depth_increasing | depth_decreasing | fan_in
+    lwlr_T: int = 100  # batches the gradient magnitude is averaged over (the paper's T)
+    lwlr_init: str = "fan_out"  # measurement init: fan_out (the paper's) | fan_in | model (the training init)
+    lwlr_power: float = 0.5  # multiplier = (mean |g|)^-power, the paper's 1/2
+    lwlr_file: str = ""  # read multipliers from this lwlr.json instead of measuring
+    lwlr_scale_decay: bool = True  # the multiplier scales the weight decay too (as a per-layer lr would)
     # evaluation, logging, checkpoints
     eval_interval: int = 50  # evaluate on val (and checkpoint) every this many steps, and at the end
     eval_steps: int = 20  # batches per evaluation, the same fixed batches every time
@@ -69,11 +75,24 @@ class TrainConfig:
     compile: str = "auto"  # auto (on for CUDA) | true | false: torch.compile the model
     seed: int = 1337  # model init and batch order
 
-    def resolved_block_size(self, preset_block_size: int) -> int:
-        block_size = self.block_size or preset_block_size
-        if block_size > preset_block_size:
-            raise ConfigError(f"block_size={block_size} exceeds the {self.model} preset's {preset_block_size}")
-        return block_size
+    def gpt_config(self):
+        """The model this config trains: its preset with block_size, dropout and residual scaling applied."""
+        from model import GPTConfig
+
+        config = GPTConfig.from_preset(self.model, dropout=self.dropout, residual_scale=self.residual_scale)
+        block_size = self.block_size or config.block_size
+        if block_size > config.block_size:
+            raise ConfigError(f"block_size={block_size} exceeds the {self.model} preset's {config.block_size}")
+        config.block_size = block_size
+        return config
+
+    def token_batches(self, split: str, stream: str, gpt_config, subset_batches: int = 0):
+        """Batches over data_dir (or data/<dataset>)/<split>.bin, from the named random stream."""
+        from data.loader import TokenBatches
+
+        data_dir = self.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", self.dataset)
+        path = os.path.join(data_dir, f"{split}.bin")
+        return TokenBatches(path, stream, gpt_config.block_size, gpt_config.vocab_size, self.seed, subset_batches)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -11,16 +11,18 @@ import torch
 
 from data.tokenfile import read_tokens
 
-SPLIT_STREAMS = {"train": 0, "val": 1}
+# Independent random streams over the token files: training batches, eval batches, and the batches
+# lwlr.py measures gradients on (so measuring does not change which batches training sees).
+STREAMS = {"train": 0, "val": 1, "lwlr": 2}
 
 
 class TokenBatches:
-    def __init__(self, path: str, split: str, block_size: int, vocab_size: int, seed: int, subset_batches: int = 0):
+    def __init__(self, path: str, stream: str, block_size: int, vocab_size: int, seed: int, subset_batches: int = 0):
         """subset_batches > 0 cycles through that many distinct batches (the overfit experiments)."""
         self.path = path
         self.tokens = read_tokens(path, vocab_size, min_tokens=block_size + 1)
         self.block_size, self.seed, self.subset_batches = block_size, seed, subset_batches
-        self.stream = SPLIT_STREAMS[split]
+        self.stream = STREAMS[stream]
 
     def window_starts(self, step: int, global_rows: int) -> np.ndarray:
         if self.subset_batches:

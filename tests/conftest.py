@@ -29,7 +29,7 @@ def tiny_run_args(out_dir, data_dir, **overrides) -> list[str]:
     values = dict(
         out_dir=out_dir, data_dir=data_dir, model="gpt2-tiny", block_size=32, micro_batch_size=4,
         tokens_per_step=256, max_steps=6, warmup_steps=2, eval_interval=3, eval_steps=2, log_interval=1,
-        device="cpu", compile="false", lr=1e-3,
+        device="cpu", compile="false", lr=1e-3, lwlr_T=2,
     )
     values.update(overrides)
     return [f"--{k}={v}" for k, v in values.items()]

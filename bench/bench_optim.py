@@ -1,0 +1,174 @@
+"""Optimizer step time and effective bandwidth on GPT-2 parameter shapes, ours against the peers.
+
+    python bench/bench_optim.py                          # gpt2 and gpt2-large on CUDA; gpt2 on CPU
+    python bench/bench_optim.py --models gpt2 --repeats 20
+
+Each contender steps a fresh copy of the model's parameter shapes (fp32, random gradients) after
+warm-up; the median of `repeats` timed steps is reported. Effective GB/s counts the fp32 bytes a step
+must move per parameter: AdamW 28 (param r/w, grad r, two moments r/w), Lion 20, SophiaG 24; the
+device's copy bandwidth (read + write of a 1 GiB buffer) is the ceiling. "per-layer groups" gives every
+parameter tensor its own group with its own lr_scale: how a layer-wise rate looks to an optimizer.
+Writes bench/results/optim-<device>.json and .md (device, versions, commit).
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import optim  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from runtime import environment  # noqa: E402
+
+BYTES_PER_PARAM = {"adamw": 28, "lion": 20, "sophiag": 24}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parameter_shapes(preset: str) -> list[torch.Size]:
+    with torch.device("meta"):
+        return [p.shape for p in GPT(GPTConfig.from_preset(preset)).parameters()]
+
+
+def make_params(shapes, device):
+    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    return params
+
+
+def per_layer(params):
+    return [{"params": [p], "lr_scale": 0.5 + i / len(params)} for i, p in enumerate(params)]
+
+
+def per_layer_torch(params, lr):  # plain PyTorch gives a layer its own rate through its own group
+    return [{"params": [p], "lr": lr * (0.5 + i / len(params))} for i, p in enumerate(params)]
+
+
+def contenders(device):
+    """name -> (optimizer family, constructor from a parameter list)."""
+    cuda = device.type == "cuda"
+    entries = {
+        "ours AdamW, 1 group": ("adamw", lambda ps: optim.AdamW(ps, lr=6e-4)),
+        "ours AdamW, per-layer groups": ("adamw", lambda ps: optim.AdamW(per_layer(ps), lr=6e-4)),
+        "torch AdamW fused, 1 group": ("adamw", lambda ps: torch.optim.AdamW(ps, lr=6e-4, betas=(0.9, 0.95), fused=True)),
+        "torch AdamW fused, per-layer groups": ("adamw", lambda ps: torch.optim.AdamW(per_layer_torch(ps, 6e-4), lr=6e-4, betas=(0.9, 0.95), fused=True)),
+        "ours Lion, per-layer groups": ("lion", lambda ps: optim.Lion(per_layer(ps), lr=1e-4, weight_decay=1.0)),
+        "ours SophiaG, per-layer groups": ("sophiag", lambda ps: optim.SophiaG(per_layer(ps), lr=6e-4, rho=0.05, weight_decay=0.2, bs=491_520)),
+    }
+    try:
+        from lion_pytorch import Lion
+
+        label = "lion-pytorch (triton)" if cuda else "lion-pytorch"
+        entries[label] = ("lion", lambda ps: Lion(ps, lr=1e-4, weight_decay=1.0, use_triton=cuda))
+    except ImportError:
+        pass
+    try:
+        from sophia_opt import SophiaG
+
+        entries["sophia-opt"] = ("sophiag", lambda ps: _SophiaWithBs(SophiaG(ps, lr=6e-4, rho=0.05, weight_decay=0.2)))
+    except ImportError:
+        pass
+    return entries
+
+
+class _SophiaWithBs:
+    """sophia-opt takes the batch size in step(); ours in the constructor."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self):
+        self.optimizer.step(bs=491_520)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def copy_bandwidth(device, repeats: int) -> float:
+    """GB/s of dst.copy_(src) on 1 GiB (256 MiB on CPU), counting read + write."""
+    numel = (1 << 28) if device.type == "cuda" else (1 << 26)
+    src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
+    seconds = statistics.median(time_steps(lambda: dst.copy_(src), device, 3, repeats))
+    return 2 * 4 * numel / seconds / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", default=None, help="presets (default: gpt2 gpt2-large on CUDA, gpt2 on CPU)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    models = args.models or (["gpt2", "gpt2-large"] if device.type == "cuda" else ["gpt2"])
+    env = environment(device)
+    bandwidth = copy_bandwidth(device, args.repeats)
+    print(f"{env['device']}: copy bandwidth {bandwidth:.0f} GB/s (read + write)")
+    rows = []
+    for preset in models:
+        shapes = parameter_shapes(preset)
+        numel = sum(s.numel() for s in shapes)
+        baseline = {}
+        for name, (family, make) in contenders(device).items():
+            params = make_params(shapes, device)
+            optimizer = make(params)
+            seconds = statistics.median(time_steps(optimizer.step, device, args.warmup, args.repeats))
+            gbps = BYTES_PER_PARAM[family] * numel / seconds / 1e9
+            baseline.setdefault(family, seconds)  # the first contender of a family is the ratio's base
+            rows.append({"model": preset, "optimizer": name, "family": family, "params": numel, "tensors": len(shapes),
+                         "ms": 1000 * seconds, "GB/s": gbps, "fraction_of_copy_bandwidth": gbps / bandwidth})
+            print(f"{preset:10} {name:38} {1000 * seconds:9.2f} ms  {gbps:7.1f} GB/s  {100 * gbps / bandwidth:5.1f}% of copy")
+            del params, optimizer
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for row in rows:  # speed-up of ours over each peer of the same model and family
+        peers = [r for r in rows if r["model"] == row["model"] and r["family"] == row["family"] and not r["optimizer"].startswith("ours")]
+        if row["optimizer"].startswith("ours"):
+            row["speedup_vs"] = {peer["optimizer"]: peer["ms"] / row["ms"] for peer in peers}
+    write_results(args.out, env, bandwidth, rows)
+
+
+def write_results(out_dir, env, bandwidth, rows):
+    os.makedirs(out_dir, exist_ok=True)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-")
+    base = os.path.join(out_dir, f"optim-{slug}")
+    with open(base + ".json", "w") as f:
+        json.dump({"env": env, "copy_GBps": bandwidth, "rows": rows}, f, indent=2)
+    lines = [
+        f"Optimizer step on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}); "
+        f"copy bandwidth {bandwidth:.0f} GB/s. Median of timed steps.", "",
+        "| model | optimizer | ms/step | GB/s | % of copy | speed-up of ours |", "|---|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        speedups = ", ".join(f"{v:.2f}x vs {k}" for k, v in r.get("speedup_vs", {}).items())
+        lines.append(f"| {r['model']} | {r['optimizer']} | {r['ms']:.2f} | {r['GB/s']:.1f} | {100 * r['fraction_of_copy_bandwidth']:.1f} | {speedups} |")
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {base}.json and {base}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lwlr
+import train
+from conftest import ROOT, tiny_run_args
+from model import GPT, GPTConfig
+from train_config import parse_config
+
+
+class TwoLayers(torch.nn.Module):
+    """loss = sum(a * x) + c * sum(b * x): b's gradient is exactly c times a's."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.a = torch.nn.Parameter(torch.randn(4, 3))
+        self.b = torch.nn.Parameter(torch.randn(4, 3))
+        self.big = torch.nn.Parameter(torch.randn(10, 3))  # gradient x, weights the normalization
+
+    def forward(self, x, y=None):
+        return None, (self.a * x[:4]).sum() + self.c * (self.b * x[:4]).sum() + (self.big * x).sum()
+
+
+def toy_batches(T):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(10, 3, generator=generator), None) for _ in range(T)]
+
+
+# Powers of two scale fp32 gradients exactly, so the ratio is exact to float64 rounding; 37.5 rounds
+# each gradient element in fp32 (relative 6e-8).
+@pytest.mark.parametrize("c, tolerance", [(4.0, 1e-12), (2.0**-6, 1e-12), (32.0, 1e-12), (37.5, 1e-6)])
+def test_a_layer_with_c_times_the_gradient_gets_c_to_the_minus_half(c, tolerance):
+    multipliers = lwlr.compute_multipliers(TwoLayers(c), toy_batches(5), T=5, init="model")
+    assert multipliers["b"] / multipliers["a"] == pytest.approx(c**-0.5, rel=tolerance)
+    ratio_power_1 = lwlr.compute_multipliers(TwoLayers(c), toy_batches(5), T=5, init="model", power=1.0)
+    assert ratio_power_1["b"] / ratio_power_1["a"] == pytest.approx(1 / c, rel=tolerance)
+
+
+def tiny_gpt():
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset("gpt2-tiny"))
+
+
+def gpt_batches(T, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randint(0, 50257, (2, 2, 16), generator=generator)) for _ in range(T)]
+
+
+def test_gpt_multipliers_are_normalized_and_cover_q_k_v_separately():
+    model = tiny_gpt()
+    multipliers = lwlr.compute_multipliers(model, gpt_batches(3), T=3)
+    numels = lwlr.numels_of(model)
+    assert set(multipliers) == set(numels)
+    mean = sum(multipliers[n] * numels[n] for n in numels) / sum(numels.values())
+    assert mean == pytest.approx(1.0, abs=1e-6)
+    q, k, v = (multipliers[f"transformer.h.0.attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj"))
+    assert len({q, k, v}) == 3
+    assert multipliers["transformer.h.0.attn.k_proj.bias"] == 1.0  # its gradient is zero by construction
+
+
+def test_the_key_bias_gradient_is_rounding_noise():
+    grads = lwlr.measure_grad_mean_abs(tiny_gpt(), gpt_batches(2), T=2)
+    real = [g for name, g in grads.items() if not lwlr.unmeasurable(name)]
+    assert grads["transformer.h.0.attn.k_proj.bias"] < 1e-4 * min(real)
+
+
+class ScaledLoss(torch.nn.Module):
+    def __init__(self, model, scale):
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, x, y):
+        logits, loss = self.model(x, y)
+        return logits, loss * self.scale
+
+
+@pytest.mark.parametrize("scale, tolerance", [(8.0, 1e-12), (3.0, 1e-5)])  # 8 scales fp32 gradients exactly
+def test_invariant_to_scaling_the_loss(scale, tolerance):
+    from model import init_weights
+
+    model = tiny_gpt()
+    init_weights(model, "fan_out")
+    plain = lwlr.compute_multipliers(copy.deepcopy(model), gpt_batches(2), T=2, init="model")
+    scaled = lwlr.compute_multipliers(ScaledLoss(copy.deepcopy(model), scale), gpt_batches(2), T=2, init="model")
+    for name, value in plain.items():
+        assert scaled[f"model.{name}"] == pytest.approx(value, rel=tolerance)
+
+
+def test_baselines_follow_their_formulas():
+    model = GPT(GPTConfig.from_preset("gpt2-tiny", n_layer=3))
+    numels = lwlr.numels_of(model)
+    for rule in ("depth_increasing", "depth_decreasing", "fan_in"):
+        m = lwlr.baseline_multipliers(model, rule)
+        assert sum(m[n] * numels[n] for n in numels) / sum(numels.values()) == pytest.approx(1.0, abs=1e-9)
+    inc = lwlr.baseline_multipliers(model, "depth_increasing")
+    first, middle, last = (inc[f"transformer.h.{i}.mlp.c_fc.weight"] for i in range(3))
+    assert first / last == pytest.approx(0.1) and middle / last == pytest.approx(0.55)
+    assert inc["transformer.wte.weight"] == first and inc["transformer.ln_f.weight"] == last
+    dec = lwlr.baseline_multipliers(model, "depth_decreasing")
+    assert dec["transformer.h.0.attn.q_proj.weight"] / dec["transformer.h.2.attn.q_proj.weight"] == pytest.approx(2.0)
+    fan = lwlr.baseline_multipliers(model, "fan_in")
+    # c_fc sees n_embd = 32 inputs, c_proj 4 * 32: rates 1/sqrt(32) and 1/sqrt(128)
+    assert fan["transformer.h.0.mlp.c_fc.weight"] / fan["transformer.h.0.mlp.c_proj.weight"] == pytest.approx(2.0)
+    assert fan["transformer.wte.weight"] == fan["transformer.h.0.ln_1.weight"] == fan["transformer.h.0.mlp.c_fc.bias"]
+
+
+def test_param_groups_scale_or_keep_the_decay():
+    model = tiny_gpt()
+    multipliers = {name: 2.0 if "q_proj" in name else 0.5 for name in lwlr.numels_of(model)}
+    scaled = lwlr.param_groups(model, multipliers, weight_decay=0.1)
+    kept = lwlr.param_groups(model, multipliers, weight_decay=0.1, scale_decay=False)
+    assert {(g["lr_scale"], g["weight_decay"]) for g in scaled} == {(2.0, 0.1), (2.0, 0.0), (0.5, 0.1), (0.5, 0.0)}
+    for group in kept:  # lr * lr_scale * weight_decay stays lr * 0.1 for decayed tensors
+        assert group["lr_scale"] * group["weight_decay"] in (pytest.approx(0.1), 0.0)
+    assert len(lwlr.param_groups(model, None, 0.1)) == 2
+
+
+def test_bad_input_fails_clearly(tmp_path):
+    with pytest.raises(ValueError, match="T must be an integer >= 1"):
+        lwlr.compute_multipliers(tiny_gpt(), gpt_batches(1), T=0)
+    with pytest.raises(ValueError, match="needs 3 batches .* gave 1"):
+        lwlr.compute_multipliers(tiny_gpt(), gpt_batches(1), T=3)
+    unused = TwoLayers(1.0)
+    unused.register_parameter("unused", torch.nn.Parameter(torch.ones(2)))
+    with pytest.raises(ValueError, match="zero or not finite for unused"):
+        lwlr.compute_multipliers(unused, toy_batches(2), T=2, init="model")
+    nan_model = TwoLayers(float("nan"))
+    with pytest.raises(ValueError, match="zero or not finite for b"):
+        lwlr.compute_multipliers(nan_model, toy_batches(2), T=2, init="model")
+    model = tiny_gpt()
+    layers = [{"name": n, "multiplier": 1.0} for n in lwlr.numels_of(model)]
+    path = tmp_path / "lwlr.json"
+    path.write_text(json.dumps({"layers": layers + [{"name": "transformer.h.9.attn.q_proj.weight", "multiplier": 1.0}]}))
+    with pytest.raises(ValueError, match="lwlr.json: layer\\(s\\) transformer.h.9.attn.q_proj.weight are not in the model"):
+        lwlr.load_multipliers(str(path), model)
+    path.write_text(json.dumps({"layers": layers[1:]}))
+    with pytest.raises(ValueError, match="no multiplier for the model's layer\\(s\\) transformer.wte.weight"):
+        lwlr.load_multipliers(str(path), model)
+    with pytest.raises(ValueError, match="lr_rule='adaptive'"):
+        lwlr.multipliers_for_config(parse_config(["--lr_rule=adaptive"]), model)
+
+
+def test_compare_reports_percent_deviation(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"layers": [{"name": "x", "multiplier": 1.1}, {"name": "y", "multiplier": 2.0}]}))
+    b.write_text(json.dumps({"layers": [{"name": "x", "multiplier": 1.0}, {"name": "y", "multiplier": 2.0}]}))
+    worst, mean = lwlr.compare(str(a), str(b))
+    assert worst == pytest.approx(10.0) and mean == pytest.approx(5.0)
+
+
+def cli_args(out_dir, token_dir, T=4):
+    return [f"--out_dir={out_dir}", f"--data_dir={token_dir}", "--model=gpt2-tiny", "--block_size=32", "--micro_batch_size=2", f"--lwlr_T={T}", "--device=cpu"]
+
+
+def test_cli_writes_json_and_plot_and_is_reproducible(tmp_path, token_dir):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert lwlr.main(cli_args(first, token_dir)) == 0
+    assert lwlr.main(cli_args(second, token_dir)) == 0
+    assert (first / "lwlr.json").read_bytes() == (second / "lwlr.json").read_bytes()
+    data = json.loads((first / "lwlr.json").read_text())
+    assert (data["T"], data["init"], data["power"], data["model"], data["seed"]) == (4, "fan_out", 0.5, "gpt2-tiny", 1337)
+    layer = data["layers"][0]
+    assert set(layer) == {"name", "shape", "numel", "grad_mean_abs", "multiplier"}
+    assert (first / "lwlr.png").stat().st_size > 10_000
+
+
+def test_two_process_measurement_equals_one_process(tmp_path, token_dir):
+    outputs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "lwlr.py", *cli_args(out, token_dir, T=5)]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[nproc] = {layer["name"]: layer["multiplier"] for layer in json.loads((out / "lwlr.json").read_text())["layers"]}
+    # Equal up to fp32 rounding: one process runs its matmuls on 2 threads, each of two processes on 1,
+    # which changes the order of the sums inside them.
+    for name, value in outputs[1].items():
+        assert outputs[2][name] == pytest.approx(value, rel=1e-6)
+
+
+def test_training_with_lwlr_saves_the_multipliers_and_resume_reuses_them(tmp_path, token_dir):
+    out = tmp_path / "run"
+    args = tiny_run_args(out, token_dir, lr_rule="lwlr", lwlr_T=3, max_steps=4, eval_interval=2)
+    assert train.main(args) == 0
+    data = json.loads((out / "lwlr.json").read_text())
+    measured = {layer["name"]: layer["multiplier"] for layer in data["layers"]}
+    assert (out / "lwlr.png").exists()
+    (out / "lwlr.json").unlink()  # a resume must not measure again
+    assert train.main(tiny_run_args(out, token_dir, lr_rule="lwlr", lwlr_T=3, max_steps=6, eval_interval=2)) == 0
+    assert not (out / "lwlr.json").exists()
+    import checkpoint
+
+    meta = checkpoint.verify(checkpoint.step_dir(str(out), 6))
+    assert meta["lr_multipliers"] == measured
+    optimizer_state = checkpoint.load_tensors(checkpoint.step_dir(str(out), 6), "optimizer")
+    scales = {name: g["lr_scale"] for g in optimizer_state["param_groups"] for name in g["names"]}
+    assert scales == measured
+    assert not math.isclose(min(scales.values()), max(scales.values()))

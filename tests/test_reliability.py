@@ -1,0 +1,251 @@
+"""Issue 4's guarantees, each by fault injection: a failing or killed save, corrupted files, NaN
+losses, SIGTERM, mismatched resumes, bad input. Every run here is gpt2-tiny on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from conftest import ROOT, tiny_run_args
+from model import GPT
+from train_config import ConfigError
+
+
+def read_log(out_dir, kind):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def final_state(out_dir, step):
+    path = checkpoint.step_dir(str(out_dir), step)
+    return checkpoint.load_tensors(path, "model"), checkpoint.load_tensors(path, "optimizer")
+
+
+def assert_identical_states(a, b):
+    (model_a, opt_a), (model_b, opt_b) = a, b
+    for name in model_a:
+        assert torch.equal(model_a[name], model_b[name]), name
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    for index, state in opt_a["state"].items():
+        for key, value in state.items():
+            other = opt_b["state"][index][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (index, key)
+
+
+@pytest.mark.parametrize("optimizer, lr_rule", [("adamw", "lwlr"), ("lion", "single"), ("sophiag", "fan_in"), ("adamw_torch", "depth_decreasing")])
+def test_stop_and_resume_equals_a_straight_run(tmp_path, token_dir, optimizer, lr_rule):
+    common = dict(optimizer=optimizer, lr_rule=lr_rule, lwlr_T=2, hess_interval=3, eval_interval=4, log_interval=1)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train.main(tiny_run_args(straight, token_dir, max_steps=8, **common)) == 0
+    assert train.main(tiny_run_args(resumed, token_dir, max_steps=4, lr_decay_steps=8, **common)) == 0
+    if lr_rule != "single":
+        os.remove(resumed / "lwlr.json")  # the resume must take the multipliers from the checkpoint
+    assert train.main(tiny_run_args(resumed, token_dir, max_steps=8, **common, init_from="resume")) == 0
+    assert not (resumed / "lwlr.json").exists()
+    straight_losses = [r["loss"] for r in read_log(straight, "train")]
+    resumed_losses = [r["loss"] for r in read_log(resumed, "train")]
+    assert resumed_losses == straight_losses  # exactly: no batch replayed or skipped
+    assert_identical_states(final_state(straight, 8), final_state(resumed, 8))
+
+
+def torchrun(nproc, args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_stop_and_resume_equals_a_straight_run_under_ddp(tmp_path, token_dir):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for out, steps in ((straight, 6), (resumed, 3), (resumed, 6)):
+        result = torchrun(2, tiny_run_args(out, token_dir, max_steps=steps, lr_decay_steps=6, eval_interval=3))
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["loss"] for r in read_log(straight, "train")] == [r["loss"] for r in read_log(resumed, "train")]
+    assert_identical_states(final_state(straight, 6), final_state(resumed, 6))
+
+
+def test_a_save_that_fails_leaves_the_previous_checkpoint(tmp_path, token_dir, monkeypatch):
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)) == 0
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        if "state" in obj:  # the optimizer file: the model file was already written
+            raise OSError("disk full")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train.main(tiny_run_args(out, token_dir, max_steps=6, eval_interval=3))
+    assert checkpoint.complete_steps(str(out)) == [3]
+    assert checkpoint.verify(checkpoint.step_dir(str(out), 3))["step"] == 3
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp")]
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import checkpoint
+def save_then_die(obj, f, *a, **k):
+    f.write(b"partial bytes")
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_then_die
+checkpoint.save({out!r}, 6, {{"model": {{"w": torch.zeros(3)}}}}, {{}}, keep_last=2)
+"""
+
+
+def test_a_save_killed_midway_is_never_picked_up(tmp_path, token_dir):
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)) == 0
+    child = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE.format(root=ROOT, out=str(out))], capture_output=True)
+    assert child.returncode == -signal.SIGKILL
+    assert any(name.startswith(".tmp-step-00000006") for name in os.listdir(out))  # the partial folder is there
+    path, meta = checkpoint.latest(str(out))
+    assert meta["step"] == 3
+    assert train.main(tiny_run_args(out, token_dir, max_steps=4, lr_decay_steps=6, eval_interval=3)) == 0
+    assert not any(name.startswith(".tmp") for name in os.listdir(out))  # cleaned on the next start
+
+
+def test_retention_keeps_the_last_k_complete_checkpoints(tmp_path, token_dir):
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=8, eval_interval=2, keep_last=3)) == 0
+    assert checkpoint.complete_steps(str(out)) == [8, 6, 4]
+    with pytest.raises(ValueError, match="keep_last=1"):
+        checkpoint.save(str(out), 10, {"model": {}}, {}, keep_last=1)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "meta"])
+def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_used(tmp_path, token_dir, damage):
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=6, eval_interval=3)) == 0
+    newest = checkpoint.step_dir(str(out), 6)
+    target = os.path.join(newest, "meta.json" if damage == "meta" else "model.pt")
+    data = bytearray(open(target, "rb").read())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[:-5]
+    open(target, "wb").write(bytes(data))
+    path, meta = checkpoint.latest(str(out), report=lambda message: None)
+    assert meta["step"] == 3 and path == checkpoint.step_dir(str(out), 3)
+    messages = []
+    checkpoint.latest(str(out), report=messages.append)
+    assert len(messages) == 1 and "step-00000006" in messages[0]
+
+
+def test_resume_with_another_config_says_what_differs(tmp_path, token_dir):
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)) == 0
+    before = sorted(os.listdir(out))
+    for key, value, message in (
+        ("optimizer", "lion", "checkpoint has optimizer='adamw', config has optimizer='lion'"),
+        ("residual_scale", "true", "checkpoint has residual_scale=False, config has residual_scale=True"),
+        ("lr_rule", "single", "checkpoint has lr_rule='lwlr', config has lr_rule='single'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            train.main(tiny_run_args(out, token_dir, max_steps=6, **{key: value}))
+    with pytest.raises(ConfigError, match="already holds .*step-00000003"):
+        train.main(tiny_run_args(out, token_dir, max_steps=6, init_from="scratch"))
+    assert sorted(os.listdir(out)) == before  # a failed start changes nothing
+
+
+def test_world_size_mismatch_is_refused(tmp_path, token_dir):
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)) == 0
+    result = torchrun(2, tiny_run_args(out, token_dir, max_steps=6))
+    assert result.returncode != 0
+    assert "checkpoint has world_size=1, config has world_size=2" in result.stderr
+
+
+def test_explicit_resume_without_a_checkpoint_exits_nonzero(tmp_path, token_dir):
+    result = subprocess.run([sys.executable, "train.py", *tiny_run_args(tmp_path / "empty", token_dir, init_from="resume")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "holds no complete checkpoint" in result.stderr
+
+
+def nan_on_steps(monkeypatch, bad_calls):
+    """Make the training loss NaN on the given forward calls (counting training forwards only)."""
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_a_nan_step_is_skipped_and_logged(tmp_path, token_dir, monkeypatch):
+    nan_on_steps(monkeypatch, {5})  # 2 micro-steps per step: step 3's first
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=6, eval_interval=6, lr_rule="single")) == 0
+    records = read_log(out, "train")
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 0, 0, 0]
+    model, _ = final_state(out, 6)
+    assert all(torch.isfinite(t).all() for t in model.values())
+
+
+def test_consecutive_nan_steps_stop_the_run_without_a_checkpoint(tmp_path, token_dir, monkeypatch):
+    nan_on_steps(monkeypatch, set(range(5, 100)))
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="3 consecutive steps .*\\(max_bad_steps=3\\)"):
+        train.main(tiny_run_args(out, token_dir, max_steps=20, eval_interval=2, max_bad_steps=3, lr_rule="single"))
+    assert checkpoint.complete_steps(str(out)) == [2]  # the last good one; none after the NaNs began
+    model, _ = final_state(out, 2)
+    assert all(torch.isfinite(t).all() for t in model.values())
+
+
+def test_sigterm_saves_exits_75_and_the_run_resumes_exactly(tmp_path, token_dir):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    args = dict(max_steps=40, eval_interval=40)
+    assert train.main(tiny_run_args(straight, token_dir, **args)) == 0
+    child = subprocess.Popen([sys.executable, "train.py", *tiny_run_args(stopped, token_dir, **args)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in child.stdout:  # wait until training is under way
+        if line.startswith("step      3/"):
+            break
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == train.EXIT_PREEMPTED, stderr
+    saved = checkpoint.complete_steps(str(stopped))
+    assert len(saved) == 1 and 3 <= saved[0] < 40
+    assert train.main(tiny_run_args(stopped, token_dir, **args)) == 0
+    assert [r["loss"] for r in read_log(stopped, "train")] == [r["loss"] for r in read_log(straight, "train")]
+    assert_identical_states(final_state(straight, 40), final_state(stopped, 40))
+
+
+def test_unwritable_out_dir_and_missing_val_split_fail_fast(tmp_path, token_dir):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="out_dir=.*a_file/run.* is not writable"):
+        train.main(tiny_run_args(blocker / "run", token_dir))
+    os.remove(token_dir / "val.bin")
+    from data.tokenfile import TokenFileError
+
+    with pytest.raises(TokenFileError, match="val.bin: no such token file"):
+        train.main(tiny_run_args(tmp_path / "run", token_dir))
+
+
+def test_safetensors_export_keeps_the_tied_weights(tmp_path):
+    from safetensors.torch import load_model
+
+    from model import GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2-tiny"))
+    checkpoint.export_safetensors(model, str(tmp_path / "model.safetensors"))
+    restored = GPT(GPTConfig.from_preset("gpt2-tiny"))
+    load_model(restored, str(tmp_path / "model.safetensors"))
+    assert restored.lm_head.weight is restored.transformer.wte.weight
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+        assert torch.equal(a, b), name
