@@ -313,12 +313,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    sys.exit(code)
+    from runtime import run_main
+
+    run_main(main)

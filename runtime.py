@@ -123,12 +123,26 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def run_main(main, user_errors: tuple[type[BaseException], ...] = (ValueError,)) -> None:
+    """Run a script's main(): a user error prints one line and exits 2 (no traceback); the process
+    group is always torn down so torchrun ranks exit cleanly."""
+    try:
+        code = main()
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
+
+
 class RunLog:
     """Console lines plus the same records as JSON lines in out_dir/log.jsonl (rank 0 only), and
     wandb or tensorboard when asked for."""
 
-    def __init__(self, runtime: Runtime, out_dir: str, logger: str = "none", config: dict | None = None, project: str = "lwlr"):
-        self.runtime, self.file, self.backend = runtime, None, None
+    def __init__(self, runtime: Runtime, out_dir: str, logger: str = "none", config: dict | None = None, project: str = "lwlr", echo=print):
+        self.runtime, self.file, self.backend, self.echo = runtime, None, None, echo
         if not runtime.is_main:
             return
         self.file = open(os.path.join(out_dir, "log.jsonl"), "a")
@@ -147,7 +161,7 @@ class RunLog:
         if not self.runtime.is_main:
             return
         if line:
-            print(line, flush=True)
+            self.echo(line)
         self.file.write(json.dumps({"kind": kind, **values}) + "\n")
         self.file.flush()
         step = values.get("step")

@@ -25,13 +25,22 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import checkpoint
 import lwlr
 import optim
 from data.loader import TokenBatches
 from model import GPT
-from runtime import RunLog, autocast, environment, init_runtime, peak_flops, peak_memory_gib
+from runtime import (
+    RunLog,
+    autocast,
+    environment,
+    init_runtime,
+    peak_flops,
+    peak_memory_gib,
+    run_main,
+)
 from train_config import ConfigError, TrainConfig, parse_config
 
 EXIT_PREEMPTED = 75
@@ -135,80 +144,132 @@ class StopRequest:
         self.requested = True
 
 
-def main(argv: list[str] | None = None) -> int:
-    c = parse_config(argv)
-    rt = init_runtime(c.device)
-    stop = StopRequest()
-    model_config = c.gpt_config()
-    rows_per_micro_step = c.micro_batch_size * model_config.block_size * rt.world_size
+def grad_accumulation(c: TrainConfig, block_size: int, world_size: int) -> int:
+    """Micro-steps per optimizer step: tokens_per_step = micro_batch_size * block_size * grad_accum * world_size."""
+    rows_per_micro_step = c.micro_batch_size * block_size * world_size
     if c.tokens_per_step % rows_per_micro_step:
         raise ConfigError(
             f"tokens_per_step={c.tokens_per_step} is not a multiple of micro_batch_size * block_size * world_size"
-            f" = {c.micro_batch_size} * {model_config.block_size} * {rt.world_size} = {rows_per_micro_step}"
+            f" = {c.micro_batch_size} * {block_size} * {world_size} = {rows_per_micro_step}"
         )
-    grad_accum = c.tokens_per_step // rows_per_micro_step
-    global_rows = c.micro_batch_size * grad_accum * rt.world_size
-    train_batches = c.token_batches("train", "train", model_config, c.data_subset_batches)
-    val_batches = c.token_batches("val", "val", model_config)
+    return c.tokens_per_step // rows_per_micro_step
 
+
+class Trainer:
+    """The model, its optimizer, and one optimizer step: what the loop below and bench/bench_train.py run."""
+
+    def __init__(self, c: TrainConfig, rt, model: GPT, multipliers: dict[str, float] | None, optimizer_state: dict | None = None):
+        self.c, self.rt, self.raw_model = c, rt, model  # raw_model: uncompiled, unwrapped; what checkpoints hold
+        self.grad_accum = grad_accumulation(c, model.config.block_size, rt.world_size)
+        self.global_rows = c.micro_batch_size * self.grad_accum * rt.world_size
+        self.train_batches = c.token_batches("train", "train", model.config, c.data_subset_batches)
+        self.optimizer = build_optimizer(c, lwlr.param_groups(model, multipliers, c.weight_decay, c.lwlr_scale_decay))
+        if optimizer_state is not None:  # lr_scale comes back with the param groups
+            self.optimizer.load_state_dict(optimizer_state)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.ctx = autocast(rt.device, c.dtype)
+        self.found_inf = torch.zeros((), device=rt.device)
+        if rt.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
+            torch.backends.cudnn.allow_tf32 = True
+        self.model = model
+        if c.compile == "true" or (c.compile == "auto" and rt.device.type == "cuda"):
+            self.model = torch.compile(self.model)
+        if rt.distributed:
+            self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+
+    def sync_context(self, sync: bool):
+        """DDP all-reduces gradients only on the last accumulation micro-step."""
+        return nullcontext() if sync or not self.rt.distributed else self.model.no_sync()
+
+    def step(self, step: int):
+        """Optimizer step number `step` (0-based): (lr, mean loss, grad norm, found_inf), all on the device
+        but lr; a non-finite loss or gradient norm skips the update on every rank."""
+        c, rt = self.c, self.rt
+        lr = lr_at(step, c)
+        set_lr(self.optimizer, lr)
+        # Dropout and sampled labels draw from an RNG seeded by (seed, step, rank): a resume needs no RNG state.
+        torch.manual_seed(c.seed + 1_000_003 * step + rt.rank)
+        micro_batches = [
+            self.train_batches.get(step, self.global_rows, (rt.rank * self.grad_accum + micro) * c.micro_batch_size, c.micro_batch_size, rt.device)
+            for micro in range(self.grad_accum)
+        ]
+        step_loss = torch.zeros((), device=rt.device)
+        for micro, (x, y) in enumerate(micro_batches):
+            with self.ctx, self.sync_context(micro == self.grad_accum - 1):
+                _, loss = self.model(x, y)
+                (loss / self.grad_accum).backward()
+            step_loss += loss.detach().float() / self.grad_accum
+        if rt.distributed:  # the guard below must agree on every rank
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf"), foreach=True)
+        # The fused steps read found_inf on the device: no host sync.
+        torch.logical_not(torch.isfinite(step_loss + grad_norm), out=self.found_inf)
+        self.optimizer.found_inf = self.found_inf
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if c.optimizer == "sophiag" and step % c.hess_interval == c.hess_interval - 1:  # Sophia's schedule
+            refresh_sophia_hessian(self.model, self.optimizer, micro_batches, self.ctx, self.sync_context)
+        return lr, step_loss, grad_norm, self.found_inf
+
+
+def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
+    """The model, lr multipliers, optimizer state and first step: from the newest checkpoint in out_dir,
+    or fresh (measuring the multipliers). Checks everything before writing anything."""
     prepare_out_dir(c)
+    if c.init_from not in ("auto", "resume", "scratch"):
+        raise ConfigError(f"init_from={c.init_from!r}: choose auto, resume or scratch")
     found = checkpoint.latest(c.out_dir, report=rt.print0)
     if c.init_from == "resume" and found is None:
         raise ConfigError(f"init_from=resume, but {c.out_dir} holds no complete checkpoint")
     if c.init_from == "scratch" and found is not None:
         raise ConfigError(f"init_from=scratch, but {c.out_dir} already holds {found[0]}: resume it or choose another out_dir")
-    if c.init_from not in ("auto", "resume", "scratch"):
-        raise ConfigError(f"init_from={c.init_from!r}: choose auto, resume or scratch")
-
     torch.manual_seed(c.seed)
-    model = GPT(model_config).to(rt.device)
-    ctx = autocast(rt.device, c.dtype)
-    step = 0
-    if found is not None:  # multipliers come from the checkpoint: never re-measured on a resume
-        path, meta = found
-        check_resume(c, meta, rt.world_size, path)
-        model.load_state_dict(checkpoint.load_tensors(path, "model"))
-        step, multipliers = meta["step"], meta["lr_multipliers"]
-    else:
-        multipliers, lwlr_report = lwlr.multipliers_for_config(c, model, ctx, log=rt.print0)
+    model = GPT(c.gpt_config()).to(rt.device)
+    if found is None:
+        multipliers, lwlr_report = lwlr.multipliers_for_config(c, model, autocast(rt.device, c.dtype), log=rt.print0)
         if rt.is_main and lwlr_report is not None:
             lwlr.save_report(lwlr_report, c.out_dir)
-    groups = lwlr.param_groups(model, multipliers, c.weight_decay, c.lwlr_scale_decay)
-    optimizer = build_optimizer(c, groups)
-    if found is not None:  # lr_scale comes back with the param groups: multipliers are not re-measured
-        optimizer.load_state_dict(checkpoint.load_tensors(path, "optimizer"))
-        rt.print0(f"resumed from {path} at step {step}")
+        return model, multipliers, None, 0
+    path, meta = found  # multipliers come from the checkpoint: never re-measured on a resume
+    check_resume(c, meta, rt.world_size, path)
+    model.load_state_dict(checkpoint.load_tensors(path, "model"))
+    rt.print0(f"resuming from {path} at step {meta['step']}")
+    return model, meta["lr_multipliers"], checkpoint.load_tensors(path, "optimizer"), meta["step"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    c = parse_config(argv)
+    rt = init_runtime(c.device)
+    stop = StopRequest()
+    gpt_config = c.gpt_config()  # every check that can fail runs before out_dir is touched
+    grad_accumulation(c, gpt_config.block_size, rt.world_size)
+    c.token_batches("train", "train", gpt_config)
+    val_batches = c.token_batches("val", "val", gpt_config)
+    model, multipliers, optimizer_state, step = start(c, rt)
+    trainer = Trainer(c, rt, model, multipliers, optimizer_state)
     if rt.is_main:
         checkpoint.remove_stale_temporaries(c.out_dir)
         with open(os.path.join(c.out_dir, "config.json"), "w") as f:
             f.write(c.to_json())
 
-    raw_model = model  # the uncompiled, unwrapped module: what checkpoints hold
-    use_compile = c.compile == "true" or (c.compile == "auto" and rt.device.type == "cuda")
-    if use_compile:
-        model = torch.compile(model)
-    if rt.distributed:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-    if rt.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-
-    log = RunLog(rt, c.out_dir, c.logger, dataclasses.asdict(c), c.wandb_project)
-    flops_per_step = raw_model.flops_per_token() * c.tokens_per_step
+    # A progress bar on a terminal (rank 0); log lines are written above it.
+    bar = tqdm(total=c.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not (rt.is_main and sys.stdout.isatty()))
+    log = RunLog(rt, c.out_dir, c.logger, dataclasses.asdict(c), c.wandb_project, echo=bar.write if not bar.disable else print)
+    flops_per_step = model.flops_per_token() * c.tokens_per_step
     peak = peak_flops(rt.device)
     rt.print0(
-        f"{c.model}: {raw_model.num_params():,} parameters | {c.tokens_per_step:,} tokens per step = "
-        f"{c.micro_batch_size} batch * {model_config.block_size} block * {grad_accum} accum * {rt.world_size} ranks"
-        f" | {len(optimizer.param_groups)} param groups | {rt.device}"
+        f"{c.model}: {model.num_params():,} parameters | {c.tokens_per_step:,} tokens per step = {c.micro_batch_size} batch"
+        f" * {model.config.block_size} block * {trainer.grad_accum} accum * {rt.world_size} ranks"
+        f" | {len(trainer.optimizer.param_groups)} param groups | {rt.device}"
     )
-    log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device), "grad_accum": grad_accum})
+    log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device), "grad_accum": trainer.grad_accum})
 
     # Per-interval accumulators stay on the device: no host sync except on log steps.
     loss_sum = torch.zeros((), device=rt.device)
     skipped = torch.zeros((), device=rt.device)
     bad_run = torch.zeros((), device=rt.device)  # consecutive non-finite steps so far, and the longest run
     longest_bad_run = torch.zeros((), device=rt.device)
-    found_inf = torch.zeros((), device=rt.device)
 
     def save(reason: str) -> None:
         if bad_run.item() > 0:  # the same on every rank: the guard's flag was all-reduced
@@ -217,48 +278,21 @@ def main(argv: list[str] | None = None) -> int:
         if rt.is_main:
             meta = {"config": dataclasses.asdict(c), "world_size": rt.world_size, "lr_multipliers": multipliers,
                     "data": {"seed": c.seed, "next_step": step}}
-            path = checkpoint.save(c.out_dir, step, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict()}, meta, c.keep_last)
-            rt.print0(f"saved {path} ({reason})")
+            tensors = {"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict()}
+            rt.print0(f"saved {checkpoint.save(c.out_dir, step, tensors, meta, c.keep_last)} ({reason})")
         if rt.distributed:
             dist.barrier()
 
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-
-    def sync_context(sync: bool):
-        """DDP all-reduces gradients only on the last accumulation micro-step."""
-        return nullcontext() if sync or not rt.distributed else model.no_sync()
     steps_since_log, timer = 0, time.perf_counter()
     while step < c.max_steps:
-        lr = lr_at(step, c)
-        set_lr(optimizer, lr)
-        # Dropout and sampled labels draw from an RNG seeded by (seed, step, rank): a resume needs no RNG state.
-        torch.manual_seed(c.seed + 1_000_003 * step + rt.rank)
-        step_loss = torch.zeros((), device=rt.device)
-        micro_batches = [
-            train_batches.get(step, global_rows, (rt.rank * grad_accum + micro) * c.micro_batch_size, c.micro_batch_size, rt.device)
-            for micro in range(grad_accum)
-        ]
-        for micro, (x, y) in enumerate(micro_batches):
-            with ctx, sync_context(micro == grad_accum - 1):
-                _, loss = model(x, y)
-                (loss / grad_accum).backward()
-            step_loss += loss.detach().float() / grad_accum
-        if rt.distributed:  # the guard below must agree on every rank
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"), foreach=True)
-        # A non-finite loss or gradient skips this update everywhere: the fused step reads found_inf on the device.
-        torch.logical_not(torch.isfinite(step_loss + grad_norm), out=found_inf)
-        optimizer.found_inf = found_inf
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if c.optimizer == "sophiag" and step % c.hess_interval == c.hess_interval - 1:  # Sophia's schedule
-            refresh_sophia_hessian(model, optimizer, micro_batches, ctx, sync_context)
+        lr, step_loss, grad_norm, found_inf = trainer.step(step)
         loss_sum += torch.where(found_inf.bool(), 0.0, step_loss)
         skipped += found_inf
         bad_run.add_(1).mul_(found_inf)
         torch.maximum(longest_bad_run, bad_run, out=longest_bad_run)
         step += 1
         steps_since_log += 1
+        bar.update(1)
 
         last = step == c.max_steps
         if step % c.log_interval == 0 or last:
@@ -288,25 +322,21 @@ def main(argv: list[str] | None = None) -> int:
             steps_since_log = 0
             if stop_flag.item():
                 save("stop requested")
+                bar.close()
                 log.close()
                 return EXIT_PREEMPTED
             timer = time.perf_counter()
         if step % c.eval_interval == 0 or last:
-            val_loss = evaluate(model, val_batches, c, rt, ctx)
+            val_loss = evaluate(trainer.model, val_batches, c, rt, trainer.ctx)
             log.record("eval", {"step": step, "val_loss": val_loss}, f"step {step:>6} | val loss {val_loss:.4f}")
             save("eval")
             timer = time.perf_counter()
+    bar.close()
     log.close()
+    if rt.is_main:  # the weights alone, tied wte / lm_head stored once: for sharing and for other tools
+        checkpoint.export_safetensors(model, os.path.join(c.out_dir, "model.safetensors"))
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except (ConfigError, checkpoint.CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    sys.exit(code)
+    run_main(main, (ConfigError, checkpoint.CheckpointError, FileNotFoundError, ValueError, FloatingPointError))

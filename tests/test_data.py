@@ -36,6 +36,7 @@ def test_shakespeare_prepare_round_trips(tmp_path):
 
 def test_openwebtext_pipeline_on_a_local_datasets_dataset(tmp_path):
     import datasets
+
     from data.openwebtext import prepare as owt
 
     docs = [f"Document number {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(400)]
@@ -52,6 +53,7 @@ def test_openwebtext_pipeline_on_a_local_datasets_dataset(tmp_path):
 
 def test_openwebtext_prepare_rejects_a_dataset_without_text(tmp_path):
     import datasets
+
     from data.openwebtext import prepare as owt
 
     with pytest.raises(ValueError, match="no 'text' column"):

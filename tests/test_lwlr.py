@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, tiny_run_args
 
 import lwlr
 import train
-from conftest import ROOT, tiny_run_args
 from model import GPT, GPTConfig
 from train_config import parse_config
 

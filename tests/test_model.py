@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from model import GPT, GPTConfig, init_weights
 
 GPT2_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, tiny_run_args
 
 import checkpoint
 import train
-from conftest import ROOT, tiny_run_args
 from model import GPT
 from train_config import ConfigError
 

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, tiny_run_args
 
 import checkpoint
 import train
-from conftest import ROOT, tiny_run_args
 from train_config import ConfigError, TrainConfig, parse_config
 
 
@@ -26,6 +26,7 @@ def test_tiny_run_writes_config_log_and_checkpoints(tmp_path, token_dir):
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert [r["step"] for r in read_log(out, "eval")] == [3, 6]
     assert checkpoint.complete_steps(str(out)) == [6, 3]
+    assert (out / "model.safetensors").stat().st_size > 0
     record = read_log(out, "train")[-1]
     for key in ("lr", "grad_norm", "ms_per_step", "tokens_per_s", "peak_mem_gib", "mfu"):
         assert key in record

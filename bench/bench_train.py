@@ -1,0 +1,178 @@
+"""Full training steps (forward, backward, optimizer) as train.py runs them, timed after warm-up
+(compile excluded), for several optimizers and learning-rate rules in one run.
+
+    python bench/bench_train.py                                  # CUDA: gpt2 and gpt2-large, 1024 tokens, bf16, compiled
+    python bench/bench_train.py --models gpt2-mini --steps 5     # CPU
+    python bench/bench_train.py --models gpt2 --micro_batch_size 16 --steps 30
+
+Each row runs train.Trainer.step, the loop's own step, on random token ids (speed does not depend on
+the data): our AdamW with lr_rule=single and with lr_rule=lwlr (the multipliers' only cost is inside
+the fused step), Lion, SophiaG (its Hessian refresh every hess_interval steps amortized: timed steps
+are a multiple of it), and torch.optim.AdamW(fused=True). MFU counts 6N + 12 L C T FLOPs per token
+(PaLM, appendix B) against the device's dense bf16 peak (runtime.PEAK_BF16_FLOPS). The optimizer's
+share is optimizer.step() timed alone on the same gradients. Writes bench/results/train-<device>.json
+and .md (device, versions, commit).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lwlr  # noqa: E402
+import train  # noqa: E402
+from data.tokenfile import write_tokens  # noqa: E402
+from model import GPT  # noqa: E402
+from runtime import Runtime, environment, peak_flops, peak_memory_gib  # noqa: E402
+from train_config import parse_config  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROWS = (("adamw", "single"), ("adamw", "lwlr"), ("lion", "lwlr"), ("sophiag", "lwlr"), ("adamw_torch", "single"))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_token_dir(vocab_size: int) -> str:
+    path = tempfile.mkdtemp(prefix="bench-train-")
+    ids = np.random.default_rng(0).integers(0, vocab_size, 1 << 21)
+    write_tokens(os.path.join(path, "train.bin"), ids, vocab_size)
+    return path
+
+
+def bench_row(preset, optimizer, rule, args, device, data_dir) -> dict:
+    overrides = dict(
+        model=preset, block_size=args.block_size, micro_batch_size=args.micro_batch_size,
+        tokens_per_step=args.micro_batch_size * args.block_size * args.grad_accum, optimizer=optimizer, lr_rule=rule,
+        lwlr_T=1, data_dir=data_dir, device=str(device), compile=args.compile, hess_interval=10, warmup_steps=1, max_steps=10**6,
+    )
+    c = parse_config([f"--{k}={v}" for k, v in overrides.items()])
+    rt = Runtime(0, 0, 1, device)
+    torch.manual_seed(0)
+    model = GPT(c.gpt_config()).to(device)
+    multipliers, _ = lwlr.multipliers_for_config(c, model, log=lambda *_: None)  # not timed: it happens once per run
+    trainer = train.Trainer(c, rt, model, multipliers)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(args.warmup):
+        trainer.step(step)
+    sync(device)
+    steps = -(-args.steps // c.hess_interval) * c.hess_interval if optimizer == "sophiag" else args.steps
+    start = time.perf_counter()
+    for step in range(args.warmup, args.warmup + steps):
+        trainer.step(step)
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    optimizer_seconds = time_optimizer_alone(trainer, device, args.warmup + steps)
+    peak = peak_flops(device)
+    tokens_per_s = c.tokens_per_step / seconds
+    return {
+        "model": preset, "optimizer": optimizer, "lr_rule": rule, "param_groups": len(trainer.optimizer.param_groups),
+        "tokens_per_step": c.tokens_per_step, "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_s,
+        "mfu": model.flops_per_token() * tokens_per_s / peak if peak else None, "peak_mem_gib": peak_memory_gib(device),
+        "optimizer_ms": 1000 * optimizer_seconds, "optimizer_fraction": optimizer_seconds / seconds, "steps_timed": steps,
+    }
+
+
+def time_optimizer_alone(trainer, device, step, repeats=10) -> float:
+    """optimizer.step() on one step's gradients, repeated (the parameters move; the cost does not)."""
+    c, rt = trainer.c, trainer.rt
+    x, y = trainer.train_batches.get(step, trainer.global_rows, 0, c.micro_batch_size, rt.device)
+    with trainer.ctx:
+        _, loss = trainer.model(x, y)
+    loss.backward()
+    trainer.optimizer.found_inf = None
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        trainer.optimizer.step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", default=None, help="presets (default: gpt2 gpt2-large on CUDA, gpt2-mini on CPU)")
+    parser.add_argument("--block_size", type=int, default=None, help="default 1024 on CUDA, 128 on CPU")
+    parser.add_argument("--micro_batch_size", type=int, default=None, help="default 16 on CUDA, 8 on CPU")
+    parser.add_argument("--grad_accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (rounded up to a multiple of hess_interval for SophiaG)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--compile", default="auto", help="auto (on for CUDA) | true | false")
+    parser.add_argument("--rows", nargs="+", default=None, help="optimizer:rule pairs, e.g. adamw:single adamw:lwlr")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.block_size = args.block_size or (1024 if cuda else 128)
+    args.micro_batch_size = args.micro_batch_size or (16 if cuda else 8)
+    models = args.models or (["gpt2", "gpt2-large"] if cuda else ["gpt2-mini"])
+    rows_wanted = [tuple(r.split(":")) for r in args.rows] if args.rows else ROWS
+    env = environment(device)
+    data_dir = random_token_dir(50257)
+    rows = []
+    for preset in models:
+        for optimizer, rule in rows_wanted:
+            row = bench_row(preset, optimizer, rule, args, device, data_dir)
+            rows.append(row)
+            mfu = f"{100 * row['mfu']:5.1f}% MFU" if row["mfu"] else "MFU n/a"
+            print(f"{preset:10} {optimizer:12} {rule:7} {row['ms_per_step']:9.1f} ms/step {row['tokens_per_s']:12,.0f} tok/s  {mfu}"
+                  f"  optimizer {row['optimizer_ms']:.2f} ms ({100 * row['optimizer_fraction']:.1f}%)  mem {row['peak_mem_gib']:.2f} GiB")
+            if cuda:
+                torch.cuda.empty_cache()
+    ratios = compute_ratios(rows)
+    for line in ratios:
+        print(line)
+    write_results(args.out, env, vars(args), rows, ratios)
+    return rows
+
+
+def compute_ratios(rows) -> list[str]:
+    lines = []
+    for preset in dict.fromkeys(r["model"] for r in rows):
+        by = {(r["optimizer"], r["lr_rule"]): r for r in rows if r["model"] == preset}
+        if ("adamw", "single") in by and ("adamw", "lwlr") in by:
+            extra = by[("adamw", "lwlr")]["ms_per_step"] / by[("adamw", "single")]["ms_per_step"] - 1
+            lines.append(f"{preset}: lr_rule=lwlr costs {100 * extra:+.2f}% step time against single (AdamW)")
+        if ("adamw", "single") in by and ("adamw_torch", "single") in by:
+            speedup = by[("adamw_torch", "single")]["ms_per_step"] / by[("adamw", "single")]["ms_per_step"]
+            lines.append(f"{preset}: our AdamW step is {speedup:.3f}x torch.optim.AdamW(fused=True)")
+    return lines
+
+
+def write_results(out_dir, env, args, rows, ratios):
+    os.makedirs(out_dir, exist_ok=True)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-")
+    base = os.path.join(out_dir, f"train-{slug}")
+    with open(base + ".json", "w") as f:
+        json.dump({"env": env, "args": args, "rows": rows, "ratios": ratios}, f, indent=2)
+    lines = [
+        f"Training step on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}); "
+        f"micro-batch {args['micro_batch_size']} x {args['block_size']} tokens, {args['steps']} timed steps after {args['warmup']} warm-up.", "",
+        "| model | optimizer | lr_rule | ms/step | tokens/s | MFU | optimizer ms (share) | peak GiB |", "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+        lines.append(f"| {r['model']} | {r['optimizer']} | {r['lr_rule']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                     f"{r['optimizer_ms']:.2f} ({100 * r['optimizer_fraction']:.1f}%) | {r['peak_mem_gib']:.2f} |")
+    lines += [""] + [f"- {line}" for line in ratios]
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {base}.json and {base}.md")
+
+
+if __name__ == "__main__":
+    main()

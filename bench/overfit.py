@@ -1,0 +1,306 @@
+"""The small-scale overfit experiment: train on a small fixed subset of the training data, over and
+over, at a constant learning rate, for a sweep of learning rates, and compare the final train loss of
+one global rate against layer-wise rates, for each optimizer. It measures how well each setting fits
+the training objective, apart from generalization.
+
+    python bench/overfit.py --preset tiny-cpu                  # ~15 min on 2 CPU cores
+    python bench/overfit.py --preset gpt2 --out_dir bench/results/overfit-gpt2
+    python bench/overfit.py --preset depth                     # gpt2-large, Lion, with and without residual scaling
+    python bench/overfit.py --preset tiny-cpu --optimizers adamw --lrs 1e-3 3e-3 --steps 50   # any setting overridden
+
+Every run of a sweep starts from the same init (the seed) and sees the same K batches in the same
+order; only the optimizer, the rule and the learning rate differ. The final train loss is the mean
+loss over the K subset batches at the final weights (eval mode, no dropout). A run whose loss turns
+non-finite, or exceeds its starting loss by DIVERGED_MARGIN, stops there and is recorded as diverged.
+The folder gets results.json (every run: its settings, loss curve, final loss, diverged flag, after
+each run, so an interrupted sweep resumes and finished points are skipped), table.md (rows optimizer x
+rule, columns lr, the best of each row in bold) and two plots: final loss against lr, and the loss
+curves of each row's best run.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lwlr  # noqa: E402
+import train  # noqa: E402
+from model import GPT  # noqa: E402
+from runtime import Runtime, environment  # noqa: E402
+from train_config import parse_config  # noqa: E402
+
+DIVERGED_MARGIN = 1.0  # nats above the starting loss
+
+LR_GRIDS = {  # 5 points a factor 3.16 apart; Lion's steps are sign-sized, so its grid sits ~10x lower
+    "adamw": [1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2],
+    "sophiag": [1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2],
+    "lion": [1e-5, 3.16e-5, 1e-4, 3.16e-4, 1e-3],
+}
+
+
+@dataclasses.dataclass
+class Sweep:
+    model: str
+    optimizers: list[str]
+    rules: list[str]
+    lrs: dict[str, list[float]]  # per optimizer
+    residual_scales: list[bool]
+    seeds: list[int]
+    steps: int
+    subset_batches: int  # K distinct batches, repeated in order
+    micro_batch_size: int
+    block_size: int
+    warmup_steps: int  # a short linear warmup, then constant
+    lwlr_T: int
+    dataset: str = "shakespeare"
+    data_dir: str = ""  # a folder with train.bin instead of data/<dataset>
+    device: str = "auto"
+    log_every: int = 5  # loss-curve resolution (a host sync each time)
+
+
+PRESETS = {
+    # 3 optimizers x 2 rules x 5 lrs = 30 runs of 150 steps on gpt2-tiny, about 15 minutes on 2 CPU cores.
+    "tiny-cpu": Sweep(model="gpt2-tiny", optimizers=["adamw", "lion", "sophiag"], rules=["single", "lwlr"], lrs=LR_GRIDS,
+                      residual_scales=[False], seeds=[0], steps=150, subset_batches=4, micro_batch_size=8, block_size=64,
+                      warmup_steps=10, lwlr_T=20),
+    # GPT-2 124M. The published subset size, batch and steps are unknown; ours: 16 distinct batches of
+    # 8 x 1024 tokens (131k tokens) for 2000 steps (125 passes), 100 warmup steps, lwlr T=100.
+    "gpt2": Sweep(model="gpt2", optimizers=["adamw", "lion", "sophiag"], rules=["single", "lwlr"],
+                  lrs={"adamw": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3], "sophiag": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3],
+                       "lion": [1.5e-5, 3e-5, 6e-5, 1.2e-4, 2.4e-4]},
+                  residual_scales=[False], seeds=[0], steps=2000, subset_batches=16, micro_batch_size=8, block_size=1024,
+                  warmup_steps=100, lwlr_T=100, dataset="openwebtext"),
+    # The depth study: gpt2-large (36 blocks), Lion, lr 3.75e-5 to 2.4e-4 (5 points a factor 1.59 apart),
+    # single vs layer-wise, each without and with 1/sqrt(depth) residual scaling.
+    "depth": Sweep(model="gpt2-large", optimizers=["lion"], rules=["single", "lwlr"],
+                   lrs={"lion": [3.75e-5 * 6.4 ** (i / 4) for i in range(5)]}, residual_scales=[False, True], seeds=[0],
+                   steps=2000, subset_batches=16, micro_batch_size=4, block_size=1024, warmup_steps=100, lwlr_T=100,
+                   dataset="openwebtext"),
+}
+
+
+# Settings every run of a results file must share; the grid itself (optimizers, rules, lrs, seeds,
+# residual scales) may grow between invocations.
+RESULT_DEFINING = ("model", "steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps", "lwlr_T", "dataset", "data_dir")
+
+
+def run_key(optimizer, rule, lr, residual_scale, seed) -> str:
+    return f"{optimizer}|{rule}|{lr:.6g}|{'rs' if residual_scale else 'plain'}|{seed}"
+
+
+def run_one(sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: bool, seed: int, device: torch.device) -> dict:
+    overrides = dict(
+        model=sweep.model, block_size=sweep.block_size, micro_batch_size=sweep.micro_batch_size,
+        tokens_per_step=sweep.micro_batch_size * sweep.block_size, data_subset_batches=sweep.subset_batches,
+        dataset=sweep.dataset, data_dir=sweep.data_dir, optimizer=optimizer, lr_rule=rule, lr=lr, schedule="constant", warmup_steps=sweep.warmup_steps,
+        max_steps=sweep.steps, residual_scale=residual_scale, seed=seed, lwlr_T=sweep.lwlr_T, device=str(device),
+        compile="false", max_bad_steps=1,
+    )
+    c = parse_config([f"--{k}={v}" for k, v in overrides.items()])
+    rt = Runtime(0, 0, 1, device)
+    torch.manual_seed(seed)  # the same init for every run of this seed
+    model = GPT(c.gpt_config()).to(device)
+    multipliers, _ = lwlr.multipliers_for_config(c, model, log=lambda *_: None)
+    trainer = train.Trainer(c, rt, model, multipliers)
+    curve, start_loss, diverged = [], None, False
+    for step in range(sweep.steps):
+        _, loss, _, found_inf = trainer.step(step)
+        if step % sweep.log_every == 0 or step == sweep.steps - 1:
+            value = loss.item()
+            start_loss = value if start_loss is None else start_loss
+            curve.append([step, value])
+            if not math.isfinite(value) or found_inf.item() or value > start_loss + DIVERGED_MARGIN:
+                diverged = True
+                break
+    final = None if diverged else subset_loss(trainer, device)
+    if final is not None and not math.isfinite(final):
+        diverged, final = True, None
+    return {"optimizer": optimizer, "rule": rule, "lr": lr, "residual_scale": residual_scale, "seed": seed,
+            "final_loss": final, "diverged": diverged, "curve": curve, "steps_run": curve[-1][0] + 1 if curve else 0}
+
+
+@torch.no_grad()
+def subset_loss(trainer, device) -> float:
+    """Mean loss over the K subset batches at the final weights."""
+    c = trainer.c
+    model = trainer.raw_model.eval()
+    total = 0.0
+    for k in range(c.data_subset_batches):
+        x, y = trainer.train_batches.get(k, trainer.global_rows, 0, c.micro_batch_size, device)
+        with trainer.ctx:
+            _, loss = model(x, y)
+        total += loss.item()
+    model.train()
+    return total / c.data_subset_batches
+
+
+def load_results(path: str, sweep: Sweep) -> dict:
+    if not os.path.isfile(path):
+        return {"sweep": dataclasses.asdict(sweep), "runs": {}}
+    with open(path) as f:
+        results = json.load(f)
+    saved = results["sweep"]
+    changed = [key for key in RESULT_DEFINING if saved.get(key) != getattr(sweep, key)]
+    if changed:
+        raise ValueError(f"{path} holds a sweep with other {', '.join(changed)}; its runs would not compare: use another --out_dir")
+    results["sweep"] = dataclasses.asdict(sweep)
+    return results
+
+
+def save_results(path: str, results: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def rows_of(results: dict) -> dict[tuple, list[dict]]:
+    """(optimizer, rule, residual_scale) -> runs sorted by lr, mean over seeds where several."""
+    rows: dict[tuple, list[dict]] = {}
+    for run in results["runs"].values():
+        rows.setdefault((run["optimizer"], run["rule"], run["residual_scale"]), []).append(run)
+    return {key: sorted(runs, key=lambda r: (r["lr"], r["seed"])) for key, runs in sorted(rows.items())}
+
+
+def row_label(optimizer, rule, residual_scale) -> str:
+    return f"{optimizer} {rule}" + (" + residual 1/sqrt(L)" if residual_scale else "")
+
+
+def best_run(runs):
+    finished = [r for r in runs if not r["diverged"]]
+    return min(finished, key=lambda r: r["final_loss"]) if finished else None
+
+
+def write_table(results: dict, path: str) -> None:
+    sweep = results["sweep"]
+    lines = [f"Final train loss on {sweep['subset_batches']} fixed batches of {sweep['micro_batch_size']} x {sweep['block_size']} "
+             f"tokens after {sweep['steps']} steps at a constant lr ({sweep['model']}); best of each row in bold, "
+             "`div` = diverged.", ""]
+    for optimizer in dict.fromkeys(r["optimizer"] for r in results["runs"].values()):
+        lrs = sorted({r["lr"] for r in results["runs"].values() if r["optimizer"] == optimizer})
+        lines += [f"| {optimizer} | " + " | ".join(f"lr {lr:.3g}" for lr in lrs) + " | best |", "|---" * (len(lrs) + 2) + "|"]
+        for (opt, rule, rs), runs in rows_of(results).items():
+            if opt != optimizer:
+                continue
+            best = best_run(runs)
+            cells = []
+            for lr in lrs:
+                at_lr = [r for r in runs if r["lr"] == lr]
+                if not at_lr:
+                    cells.append("")
+                elif any(r["diverged"] for r in at_lr):
+                    cells.append("div")
+                else:
+                    value = sum(r["final_loss"] for r in at_lr) / len(at_lr)
+                    cells.append(f"**{value:.3f}**" if best is not None and best["lr"] == lr else f"{value:.3f}")
+            best_cell = f"{best['final_loss']:.3f}" if best else "all diverged"
+            lines.append(f"| {row_label(opt, rule, rs)} | " + " | ".join(cells) + f" | {best_cell} |")
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot(results: dict, out_dir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rows_of(results)
+    optimizers = list(dict.fromkeys(key[0] for key in rows))
+    fig, axes = plt.subplots(1, len(optimizers), figsize=(5 * len(optimizers), 4), squeeze=False)
+    for ax, optimizer in zip(axes[0], optimizers):
+        for (opt, rule, rs), runs in rows.items():
+            if opt != optimizer:
+                continue
+            points = [(r["lr"], r["final_loss"]) for r in runs if not r["diverged"]]
+            line = ax.plot(*zip(*points), marker="o", label=row_label(opt, rule, rs))[0] if points else None
+            for r in runs:
+                if r["diverged"]:
+                    ax.scatter([r["lr"]], [ax.get_ylim()[1] if points else 1.0], marker="x", color=line.get_color() if line else "red")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final train loss")
+        ax.set_title(f"{optimizer} ({results['sweep']['model']}); x = diverged")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "final_loss_vs_lr.png"), dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, runs in rows.items():
+        best = best_run(runs)
+        if best:
+            ax.plot(*zip(*best["curve"]), label=f"{row_label(*key)}, lr {best['lr']:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title("best run of each row")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "best_curves.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="tiny-cpu")
+    parser.add_argument("--out_dir", default=None, help="default bench/results/overfit-<preset>")
+    parser.add_argument("--optimizers", nargs="+")
+    parser.add_argument("--rules", nargs="+", help=f"from {', '.join(lwlr.RULES)}")
+    parser.add_argument("--lrs", nargs="+", type=float, help="one grid for every optimizer")
+    parser.add_argument("--residual_scales", nargs="+", choices=["false", "true"])
+    parser.add_argument("--seeds", nargs="+", type=int)
+    for name in ("steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps", "lwlr_T", "log_every"):
+        parser.add_argument(f"--{name}", type=int)
+    parser.add_argument("--model")
+    parser.add_argument("--dataset")
+    parser.add_argument("--data_dir")
+    parser.add_argument("--device")
+    args = parser.parse_args(argv)
+    sweep = dataclasses.replace(PRESETS[args.preset])
+    for name in ("optimizers", "rules", "seeds", "steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps",
+                 "lwlr_T", "log_every", "model", "dataset", "data_dir", "device"):
+        if getattr(args, name) is not None:
+            setattr(sweep, name, getattr(args, name))
+    if args.lrs:
+        sweep.lrs = {optimizer: args.lrs for optimizer in sweep.optimizers}
+    if args.residual_scales:
+        sweep.residual_scales = [value == "true" for value in args.residual_scales]
+    missing = [o for o in sweep.optimizers if o not in sweep.lrs]
+    if missing:
+        raise ValueError(f"no lr grid for {missing}: pass --lrs")
+    device = torch.device(sweep.device if sweep.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"overfit-{args.preset}")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+    results = load_results(path, sweep)
+    results["env"] = environment(device)
+    points = [(o, r, lr, rs, s) for o in sweep.optimizers for r in sweep.rules for lr in sweep.lrs[o]
+              for rs in sweep.residual_scales for s in sweep.seeds]
+    for i, point in enumerate(points):
+        key = run_key(*point)
+        if key in results["runs"]:
+            print(f"[{i + 1}/{len(points)}] {key}: done before, skipped")
+            continue
+        start = time.perf_counter()
+        run = run_one(sweep, *point, device)
+        run["seconds"] = time.perf_counter() - start
+        results["runs"][key] = run
+        save_results(path, results)
+        outcome = "diverged" if run["diverged"] else f"final loss {run['final_loss']:.4f}"
+        print(f"[{i + 1}/{len(points)}] {key}: {outcome} ({run['seconds']:.0f} s)", flush=True)
+    write_table(results, os.path.join(out_dir, "table.md"))
+    plot(results, out_dir)
+    print(open(os.path.join(out_dir, "table.md")).read())
+    print(f"wrote {out_dir}/results.json, table.md, final_loss_vs_lr.png, best_curves.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()

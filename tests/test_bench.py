@@ -1,0 +1,54 @@
+"""The benchmark scripts run end to end on CPU (tiny, few steps) and write complete reports. Speed is
+never asserted here: figures come from running the scripts themselves."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+def only_file(directory, prefix, suffix):
+    files = [p for p in directory.iterdir() if p.name.startswith(prefix) and p.name.endswith(suffix)]
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_bench_train_reports_every_row(tmp_path):
+    import bench_train
+
+    rows = bench_train.main(["--device=cpu", "--models", "gpt2-tiny", "--steps=2", "--warmup=1", "--block_size=32",
+                             "--micro_batch_size=2", "--compile=false", f"--out={tmp_path}"])
+    assert [(r["optimizer"], r["lr_rule"]) for r in rows] == list(bench_train.ROWS)
+    for row in rows:
+        for key in ("ms_per_step", "tokens_per_s", "peak_mem_gib", "optimizer_ms", "optimizer_fraction"):
+            assert row[key] > 0, key
+        assert row["mfu"] is None  # no peak FLOPs are known for a CPU
+    sophia = next(r for r in rows if r["optimizer"] == "sophiag")
+    assert sophia["steps_timed"] == 10  # rounded up to a whole Hessian interval
+    report = json.loads(only_file(tmp_path, "train-", ".json").read_text())
+    assert report["env"]["torch"] and report["env"]["commit"] and len(report["ratios"]) == 2
+    assert "| gpt2-tiny | adamw | lwlr |" in only_file(tmp_path, "train-", ".md").read_text()
+
+
+def test_bench_optim_reports_ours_against_the_peers(tmp_path):
+    result = subprocess.run([sys.executable, "bench/bench_optim.py", "--device=cpu", "--models", "gpt2-tiny", "--repeats=2",
+                             "--warmup=1", f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(only_file(tmp_path, "optim-", ".json").read_text())
+    names = {row["optimizer"] for row in report["rows"]}
+    assert {"torch AdamW fused, 1 group", "lion-pytorch", "sophia-opt", "ours SophiaG, per-layer groups"} <= names
+    assert report["copy_GBps"] > 0 and all(row["GB/s"] > 0 for row in report["rows"])
+    ours = next(row for row in report["rows"] if row["optimizer"] == "ours AdamW, per-layer groups")
+    assert set(ours["speedup_vs"]) == {"torch AdamW fused, 1 group", "torch AdamW fused, per-layer groups"}
+
+
+def test_bench_lwlr_extrapolates_the_measurement_cost(tmp_path):
+    timed = 2
+    result = subprocess.run([sys.executable, "bench/bench_lwlr.py", "--device=cpu", "--model=gpt2-tiny", f"--T={timed}",
+                             "--micro_batch_size=2", "--block_size=32", f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(only_file(tmp_path, "lwlr-gpt2-tiny", ".json").read_text())
+    assert report["T_timed"] == timed and report["seconds_for_T_reported"] == pytest.approx(report["seconds_per_batch"] * 100)
+    assert report["fraction_of_run_forward_backward"] == pytest.approx(100 / (40 * 600_000))
