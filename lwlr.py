@@ -40,14 +40,16 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-MEASUREMENT_INITS = ("fan_out", "fan_in", "model")
+from train_config import CHOICES
+
+MEASUREMENT_INITS = CHOICES["lwlr_init"]
 # Layers whose gradient is zero by construction, so measuring it yields rounding noise: softmax(q.(k + b))
 # does not depend on the key bias b, and its measured mean |g| is ~1e-10 against ~1e-4 for real layers
 # (gpt2-tiny). Algorithm 1 would turn that noise into an arbitrary, huge rate. They keep multiplier 1
 # (the global rate) and the measured layers are normalized among themselves, so the overall
 # parameter-weighted mean is still 1. (The paper's GPT-2 fuses q, k, v into one tensor, which hides this.)
 ZERO_GRADIENT_BY_CONSTRUCTION = ("attn.k_proj.bias",)
-RULES = ("single", "lwlr", "depth_increasing", "depth_decreasing", "fan_in")
+RULES = CHOICES["lr_rule"]
 BLOCK_INDEX = re.compile(r"\.h\.(\d+)\.")
 
 
@@ -252,8 +254,6 @@ def compare(path_a: str, path_b: str) -> tuple[float, float]:
 
 def multipliers_for_config(c, model, ctx=None, log=print) -> tuple[dict[str, float] | None, dict | None]:
     """The multipliers a TrainConfig asks for (None for lr_rule=single) and the report to save."""
-    if c.lr_rule not in RULES:
-        raise ValueError(f"lr_rule={c.lr_rule!r}: choose one of {', '.join(RULES)}")
     if c.lr_rule == "single":
         return None, None
     meta = {"rule": c.lr_rule, "model": c.model, "dataset": c.data_dir or c.dataset, "seed": c.seed}
@@ -299,12 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         worst, mean = compare(argv[1], argv[2])
         print(f"deviation of {argv[1]} from {argv[2]}: max {worst:.2f}%, mean {mean:.2f}%")
         return 0
-    c = parse_config([*argv, "--lr_rule=lwlr"] if not any(a.startswith("--lr_rule") for a in argv) else argv)
+    c = parse_config(argv)
+    if c.lr_rule == "single":
+        raise ValueError("lr_rule=single has no multipliers to measure; use lwlr (the default) or a baseline rule")
     rt = init_runtime(c.device)
     torch.manual_seed(c.seed)
     model = GPT(c.gpt_config()).to(rt.device)
-    multipliers, data = multipliers_for_config(c, model, autocast(rt.device, c.dtype), log=rt.print0)
-    if rt.is_main and data is not None:
+    _, data = multipliers_for_config(c, model, autocast(rt.device, c.dtype), log=rt.print0)
+    if rt.is_main:
         os.makedirs(c.out_dir, exist_ok=True)
         save_report(data, c.out_dir)
         print_table(data)

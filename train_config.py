@@ -8,6 +8,7 @@ the wrong type fail with a message naming the file or flag. `--help` lists every
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import runpy
@@ -18,6 +19,26 @@ from dataclasses import dataclass
 
 class ConfigError(ValueError):
     """A config file or flag that names an unknown key, has a wrong type or an inconsistent value."""
+
+
+# The allowed values of the string keys, checked when a config is built.
+CHOICES = {
+    "init_from": ("auto", "resume", "scratch"),
+    "optimizer": ("adamw", "lion", "sophiag", "adamw_torch"),
+    "optimizer_backend": ("auto", "triton", "torch"),
+    "schedule": ("cosine", "constant"),
+    "lr_rule": ("lwlr", "single", "depth_increasing", "depth_decreasing", "fan_in"),
+    "lwlr_init": ("fan_out", "fan_in", "model"),
+    "logger": ("none", "wandb", "tensorboard"),
+    "dtype": ("auto", "bfloat16", "float32"),
+    "compile": ("auto", "true", "false"),
+}
+# Integer keys and their smallest allowed value.
+MINIMUMS = {
+    "micro_batch_size": 1, "tokens_per_step": 1, "max_steps": 0, "warmup_steps": 0, "lr_decay_steps": 0, "block_size": 0,
+    "eval_interval": 1, "eval_steps": 1, "log_interval": 1, "keep_last": 2, "hess_interval": 1, "lwlr_T": 1,
+    "max_bad_steps": 1, "data_subset_batches": 0,
+}
 
 
 @dataclass
@@ -74,6 +95,18 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32
     compile: str = "auto"  # auto (on for CUDA) | true | false: torch.compile the model
     seed: int = 1337  # model init and batch order
+
+    def __post_init__(self):
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        for key, minimum in MINIMUMS.items():
+            if getattr(self, key) < minimum:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= {minimum}")
+        for key in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout", "rho", "lwlr_power"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key}={value} must be a finite number >= 0")
 
     def gpt_config(self):
         """The model this config trains: its preset with block_size, dropout and residual scaling applied."""

@@ -37,10 +37,12 @@ from train_config import parse_config  # noqa: E402
 
 DIVERGED_MARGIN = 1.0  # nats above the starting loss
 
-LR_GRIDS = {  # 5 points a factor 3.16 apart; Lion's steps are sign-sized, so its grid sits ~10x lower
-    "adamw": [1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2],
-    "sophiag": [1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2],
-    "lion": [1e-5, 3.16e-5, 1e-4, 3.16e-4, 1e-3],
+# 6 points a factor 3.16 apart; Lion's steps are sign-sized, so its grid sits 10x lower. On tiny-cpu
+# the grids first ended a point lower and the best AdamW and Lion points sat on the top edge.
+LR_GRIDS = {
+    "adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1],
+    "sophiag": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1],
+    "lion": [3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2],
 }
 
 
@@ -65,9 +67,9 @@ class Sweep:
 
 
 PRESETS = {
-    # 3 optimizers x 2 rules x 5 lrs = 30 runs of 150 steps on gpt2-tiny, about 15 minutes on 2 CPU cores.
+    # 3 optimizers x 2 rules x 6 lrs = 36 runs of 100 steps on gpt2-tiny: 4 fixed batches of 4 x 64 tokens.
     "tiny-cpu": Sweep(model="gpt2-tiny", optimizers=["adamw", "lion", "sophiag"], rules=["single", "lwlr"], lrs=LR_GRIDS,
-                      residual_scales=[False], seeds=[0], steps=150, subset_batches=4, micro_batch_size=8, block_size=64,
+                      residual_scales=[False], seeds=[0], steps=100, subset_batches=4, micro_batch_size=4, block_size=64,
                       warmup_steps=10, lwlr_T=20),
     # GPT-2 124M. The published subset size, batch and steps are unknown; ours: 16 distinct batches of
     # 8 x 1024 tokens (131k tokens) for 2000 steps (125 passes), 100 warmup steps, lwlr T=100.
@@ -149,7 +151,11 @@ def load_results(path: str, sweep: Sweep) -> dict:
     changed = [key for key in RESULT_DEFINING if saved.get(key) != getattr(sweep, key)]
     if changed:
         raise ValueError(f"{path} holds a sweep with other {', '.join(changed)}; its runs would not compare: use another --out_dir")
-    results["sweep"] = dataclasses.asdict(sweep)
+    merged = dataclasses.asdict(sweep)  # a rerun may extend the grid: keep the union, earlier entries first
+    for key in ("optimizers", "rules", "seeds", "residual_scales"):
+        merged[key] = list(dict.fromkeys(saved[key] + merged[key]))
+    merged["lrs"] = {o: sorted(set(saved["lrs"].get(o, [])) | set(merged["lrs"].get(o, []))) for o in merged["optimizers"]}
+    results["sweep"] = merged
     return results
 
 
@@ -165,7 +171,14 @@ def rows_of(results: dict) -> dict[tuple, list[dict]]:
     rows: dict[tuple, list[dict]] = {}
     for run in results["runs"].values():
         rows.setdefault((run["optimizer"], run["rule"], run["residual_scale"]), []).append(run)
-    return {key: sorted(runs, key=lambda r: (r["lr"], r["seed"])) for key, runs in sorted(rows.items())}
+    sweep = results["sweep"]
+
+    def order(key):  # the sweep's own order: optimizers, then rules (single first), then residual scaling
+        optimizer, rule, residual_scale = key
+        rank = lambda items, item: items.index(item) if item in items else len(items)  # noqa: E731
+        return rank(sweep["optimizers"], optimizer), optimizer, rank(sweep["rules"], rule), rule, residual_scale
+
+    return {key: sorted(rows[key], key=lambda r: (r["lr"], r["seed"])) for key in sorted(rows, key=order)}
 
 
 def row_label(optimizer, rule, residual_scale) -> str:
@@ -182,10 +195,11 @@ def write_table(results: dict, path: str) -> None:
     lines = [f"Final train loss on {sweep['subset_batches']} fixed batches of {sweep['micro_batch_size']} x {sweep['block_size']} "
              f"tokens after {sweep['steps']} steps at a constant lr ({sweep['model']}); best of each row in bold, "
              "`div` = diverged.", ""]
-    for optimizer in dict.fromkeys(r["optimizer"] for r in results["runs"].values()):
+    rows = rows_of(results)
+    for optimizer in dict.fromkeys(key[0] for key in rows):
         lrs = sorted({r["lr"] for r in results["runs"].values() if r["optimizer"] == optimizer})
         lines += [f"| {optimizer} | " + " | ".join(f"lr {lr:.3g}" for lr in lrs) + " | best |", "|---" * (len(lrs) + 2) + "|"]
-        for (opt, rule, rs), runs in rows_of(results).items():
+        for (opt, rule, rs), runs in rows.items():
             if opt != optimizer:
                 continue
             best = best_run(runs)

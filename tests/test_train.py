@@ -123,3 +123,14 @@ def test_every_optimizer_trains(tmp_path, token_dir, optimizer):
     assert train.main(args) == 0
     losses = [r["loss"] for r in read_log(out, "train")]
     assert losses[-1] < losses[0] - 0.5, losses  # one repeated batch: the loss must fall
+
+
+def test_sample_reads_the_newest_checkpoint(tmp_path, token_dir):
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)) == 0
+    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--prompt=ROMEO:", "--max_new_tokens=5",
+                             "--num_samples=1", "--device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ROMEO:") and "step-00000003" in result.stderr
+    missing = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'none'}"], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 1 and "holds no complete checkpoint" in missing.stderr
