@@ -19,11 +19,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import RESULTS, results_base, sync  # noqa: E402
 import lwlr  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import autocast, environment  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def main():
@@ -45,12 +45,10 @@ def main():
     batches = [(x, y) for x, y in ids]
     ctx = autocast(device, "auto")
     lwlr.compute_multipliers(model, batches[:1], T=1, ctx=ctx)  # warm-up: allocator, kernels
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     lwlr.compute_multipliers(model, batches, T=args.T, ctx=ctx)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     seconds = time.perf_counter() - start
     per_batch = seconds / args.T
     estimate = per_batch * args.T_reported
@@ -65,9 +63,7 @@ def main():
           f"{per_batch:.3f} s per measurement batch; T={args.T_reported}: {estimate:.1f} s "
           f"({'measured' if args.T == args.T_reported else f'extrapolated from {args.T} batches'}), "
           f"{100 * result['fraction_of_run_forward_backward']:.5f}% of a {args.max_steps:,}-step run's forward-backward work")
-    os.makedirs(args.out, exist_ok=True)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in result["env"]["device"].lower()).strip("-")
-    path = os.path.join(args.out, f"lwlr-{args.model}-{slug}.json")
+    path = results_base(args.out, f"lwlr-{args.model}", result["env"]["device"]) + ".json"
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {path}")

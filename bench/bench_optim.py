@@ -22,12 +22,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import RESULTS, results_base, sync  # noqa: E402
 import optim  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import environment  # noqa: E402
 
 BYTES_PER_PARAM = {"adamw": 28, "lion": 20, "sophiag": 24}
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def parameter_shapes(preset: str) -> list[torch.Size]:
@@ -85,11 +85,6 @@ class _SophiaWithBs:
 
     def step(self):
         self.optimizer.step(bs=491_520)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(step, device, warmup: int, repeats: int) -> list[float]:
@@ -152,9 +147,7 @@ def main():
 
 
 def write_results(out_dir, env, bandwidth, rows):
-    os.makedirs(out_dir, exist_ok=True)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-")
-    base = os.path.join(out_dir, f"optim-{slug}")
+    base = results_base(out_dir, "optim", env["device"])
     with open(base + ".json", "w") as f:
         json.dump({"env": env, "copy_GBps": bandwidth, "rows": rows}, f, indent=2)
     lines = [

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import RESULTS, results_base, sync  # noqa: E402
 import lwlr  # noqa: E402
 import train  # noqa: E402
 from data.tokenfile import write_tokens  # noqa: E402
@@ -33,13 +34,7 @@ from model import GPT  # noqa: E402
 from runtime import Runtime, environment, peak_flops, peak_memory_gib  # noqa: E402
 from train_config import parse_config  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ROWS = (("adamw", "single"), ("adamw", "lwlr"), ("lion", "lwlr"), ("sophiag", "lwlr"), ("adamw_torch", "single"))
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_token_dir(vocab_size: int) -> str:
@@ -154,9 +149,7 @@ def compute_ratios(rows) -> list[str]:
 
 
 def write_results(out_dir, env, args, rows, ratios):
-    os.makedirs(out_dir, exist_ok=True)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-")
-    base = os.path.join(out_dir, f"train-{slug}")
+    base = results_base(out_dir, "train", env["device"])
     with open(base + ".json", "w") as f:
         json.dump({"env": env, "args": args, "rows": rows, "ratios": ratios}, f, indent=2)
     lines = [
