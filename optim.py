@@ -126,6 +126,53 @@ def _ema_of_square_kernel(target_ptrs, grad_ptrs, numel_ptr, chunk_tensor_ptr, c
     tl.store(target + offs, h * beta + (1.0 - beta) * (g * g), mask=mask)
 
 
+@triton.jit
+def _block_mean_square_kernel(grad_ptrs, exp_avg_sq_ptrs, block_size_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr,
+                              beta2, BLOCK: tl.constexpr):
+    """Adam-mini's second moment: one program per block (a head, a row or a whole tensor) reduces
+    mean(g^2) over it in a loop, no atomics, so the result is deterministic; v = b2 * v + (1 - b2) * mean."""
+    block = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + block)
+    size = tl.load(block_size_ptr + t)
+    start = tl.load(block_index_ptr + block) * size
+    grad = _ptr(grad_ptrs, t)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    offset = 0
+    while offset < size:  # a while loop: its bound is data (Triton's interpreter needs a static range bound)
+        offs = start + offset + tl.arange(0, BLOCK)
+        g = tl.load(grad + offs, mask=offs < start + size, other=0.0)
+        total += g * g
+        offset += BLOCK
+    v_ptr = _ptr(exp_avg_sq_ptrs, t) + tl.load(block_index_ptr + block)
+    v = tl.load(v_ptr)
+    keep = tl.load(found_inf_ptr) == 0
+    tl.store(v_ptr, tl.where(keep, v * beta2 + (1.0 - beta2) * (tl.sum(total) / size), v))
+
+
+@triton.jit
+def _adam_mini_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, block_size_ptr, lr_scale_ptr, weight_decay_ptr,
+                      numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr,
+                      lr, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt, BLOCK: tl.constexpr):
+    """The update, with each element's v read from its block (block size 1: Adam, v per element)."""
+    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
+    lr_t = lr * tl.load(lr_scale_ptr + t)
+    size = tl.load(block_size_ptr + t)
+    param, exp_avg, exp_avg_sq = _ptr(param_ptrs, t), _ptr(exp_avg_ptrs, t), _ptr(exp_avg_sq_ptrs, t)
+    p = tl.load(param + offs, mask=mask)
+    g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
+    m = tl.load(exp_avg + offs, mask=mask)
+    v = tl.load(exp_avg_sq + offs // size, mask=mask)
+    if size == 1:  # a bias: plain Adam
+        v = v * beta2 + (1.0 - beta2) * (g * g)
+        tl.store(exp_avg_sq + offs, v, mask=mask)
+    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
+    m = m + (1.0 - beta1) * (g - m)
+    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    p = p - (lr_t / bias_correction1) * (m / denom)
+    tl.store(param + offs, p, mask=mask)
+    tl.store(exp_avg + offs, m, mask=mask)
+
+
 class _LaunchPlan:
     """Device tables for one launch over a fixed list of tensors. Pointers of parameters and states
     are fixed for the plan's life; gradient pointers are re-read each step and the table is rebuilt
@@ -142,6 +189,7 @@ class _LaunchPlan:
         self.pointers = {name: self._pointer_table(tensors, device) for name, tensors in {"param": params, **states}.items()}
         self.lr_scale = torch.tensor(lr_scales, dtype=torch.float32, device=device)
         self.weight_decay = torch.tensor(weight_decays, dtype=torch.float32, device=device)
+        self.params = params
         self._grad_key = None
 
     @staticmethod
@@ -425,4 +473,96 @@ class SophiaG(FusedOptimizer):
                     beta2, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
-OPTIMIZERS = {"adamw": AdamW, "lion": Lion, "sophiag": SophiaG}
+# Adam-mini's blocks for our parameter names, as the official code (adam-mini 1.1.1) assigns them by
+# substring: biases use Adam (a block per element); q and k one block per head; v, the attention
+# output, the MLP and the embedding one block per output row; LayerNorm scales and the position
+# embedding one block per tensor. First match wins; a name matching none is an error.
+ADAM_MINI_ROLES = (
+    (".bias", "element"),
+    ("attn.q_proj.weight", "head"), ("attn.k_proj.weight", "head"),
+    ("attn.v_proj.weight", "row"), ("attn.o_proj.weight", "row"), ("mlp.c_fc.weight", "row"), ("mlp.c_proj.weight", "row"),
+    ("transformer.wte.weight", "row"),
+    ("transformer.wpe.weight", "tensor"), ("ln_1.weight", "tensor"), ("ln_2.weight", "tensor"), ("ln_f.weight", "tensor"),
+)
+
+
+def adam_mini_block_size(name: str, p: torch.Tensor, n_head: int) -> int:
+    role = next((role for suffix, role in ADAM_MINI_ROLES if name.endswith(suffix)), None)
+    if role is None:
+        raise ValueError(f"AdamMini: no block role for parameter {name!r}; add it to optim.ADAM_MINI_ROLES")
+    if role == "element":
+        return 1
+    if role == "head":
+        if p.shape[0] % n_head:
+            raise ValueError(f"AdamMini: {name} has {p.shape[0]} rows, not divisible into n_head={n_head} heads")
+        return p.numel() // n_head
+    return p.shape[1] if role == "row" else p.numel()
+
+
+class AdamMini(FusedOptimizer):
+    """Adam-mini (Zhang et al. 2024; the official code, adam-mini 1.1.1): Adam with one second-moment
+    value per block instead of per parameter (ADAM_MINI_ROLES), bias correction and decoupled weight
+    decay as the official code. Param groups need "names" (lwlr.param_groups gives them). The triton
+    backend takes two launches: a per-block mean of g^2, then the update."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
+    scalar_keys = ("lr", "betas", "eps")
+
+    def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, n_head=12, backend="auto"):
+        _check_nonnegative_finite("eps", eps)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), backend)
+        self.block_size = {}
+        for group in self.param_groups:
+            names = group.get("names")
+            if names is None or len(names) != len(group["params"]):
+                raise ValueError("AdamMini needs each param group's parameter names: use lwlr.param_groups(model, ...)")
+            for name, p in zip(names, group["params"]):
+                self.block_size[p] = adam_mini_block_size(name, p, n_head)
+
+    def _state(self, p):
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros(p.numel() // self.block_size[p], dtype=p.dtype, device=p.device)
+            self._plans.clear()
+        return state
+
+    def _update_torch(self, group, params, grads, states):
+        beta1, beta2 = group["betas"]
+        lr = group["lr"] * group["lr_scale"]
+        step = group["step"]
+        bias_correction1, bias_correction2_sqrt = 1 - beta1**step, math.sqrt(1 - beta2**step)
+        for p, g, m, v in zip(params, grads, *states):
+            size = self.block_size[p]
+            mean_square = g * g if size == 1 else (g * g).view(-1, size).mean(dim=1)
+            v.mul_(beta2).add_(mean_square.view(-1), alpha=1 - beta2)
+            if group["weight_decay"]:
+                p.mul_(1 - lr * group["weight_decay"])
+            m.lerp_(g, 1 - beta1)
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+            if size == 1:
+                p.addcdiv_(m, denom.view_as(p), value=-lr / bias_correction1)
+            else:  # one denominator per block (row of the (blocks, size) view)
+                p.view(-1, size).addcdiv_(m.view(-1, size), denom.view(-1, 1), value=-lr / bias_correction1)
+
+    def _launch_step(self, plan, grads, found_inf, group):
+        beta1, beta2 = group["betas"]
+        step = group["step"]
+        if not hasattr(plan, "block_size"):  # tables of the reduction, built once per plan
+            params = plan.params
+            sizes = [self.block_size[p] for p in params]
+            counts = [p.numel() // s if s > 1 else 0 for p, s in zip(params, sizes)]
+            device = plan.numel.device
+            plan.block_size = torch.tensor(sizes, dtype=torch.int32, device=device)
+            plan.block_tensor = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32), torch.tensor(counts)).to(device)
+            plan.block_index = torch.cat([torch.arange(c, dtype=torch.int32) for c in counts]).to(device)
+        params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
+        if plan.block_tensor.numel():
+            _launch(_block_mean_square_kernel, (plan.block_tensor.numel(),), grads, exp_avg_sqs, plan.block_size,
+                    plan.block_tensor, plan.block_index, found_inf, beta2, BLOCK=1024, num_warps=4)
+        _launch(_adam_mini_kernel, plan.grid, params, grads, exp_avgs, exp_avg_sqs, plan.block_size, plan.lr_scale,
+                plan.weight_decay, *plan.chunk_tables(), found_inf, group["lr"], beta1, beta2, group["eps"],
+                1 - beta1**step, math.sqrt(1 - beta2**step), BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+OPTIMIZERS = {"adamw": AdamW, "lion": Lion, "sophiag": SophiaG, "adam_mini": AdamMini}

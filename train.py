@@ -80,6 +80,8 @@ def build_optimizer(c: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer
         return optim.Lion(groups, lr=c.lr, betas=betas, backend=c.optimizer_backend)
     if c.optimizer == "sophiag":
         return optim.SophiaG(groups, lr=c.lr, betas=betas, rho=c.rho, bs=c.tokens_per_step, backend=c.optimizer_backend)
+    if c.optimizer == "adam_mini":
+        return optim.AdamMini(groups, lr=c.lr, betas=betas, eps=c.eps, n_head=c.gpt_config().n_head, backend=c.optimizer_backend)
     raise AssertionError(f"TrainConfig admitted optimizer={c.optimizer!r}")  # CHOICES lists the names
 
 

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 # The allowed values of the string keys, checked when a config is built.
 CHOICES = {
     "init_from": ("auto", "resume", "scratch"),
-    "optimizer": ("adamw", "lion", "sophiag", "adamw_torch"),
+    "optimizer": ("adamw", "lion", "sophiag", "adam_mini", "adamw_torch"),
     "optimizer_backend": ("auto", "triton", "torch"),
     "schedule": ("cosine", "constant"),
     "lr_rule": ("lwlr", "single", "depth_increasing", "depth_decreasing", "fan_in"),
@@ -59,7 +59,7 @@ class TrainConfig:
     micro_batch_size: int = 16  # sequences per forward/backward on one device
     tokens_per_step: int = 2048  # tokens per optimizer step over all ranks; sets grad_accum
     # optimizer
-    optimizer: str = "adamw"  # adamw | lion | sophiag (optim.py, fused) | adamw_torch (torch.optim.AdamW fused, the baseline)
+    optimizer: str = "adamw"  # adamw | lion | sophiag | adam_mini (optim.py, fused) | adamw_torch (torch.optim.AdamW fused, the baseline)
     optimizer_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | triton | torch
     lr: float = 2e-3  # peak learning rate of the global schedule (the small default model takes a large one)
     min_lr: float = 2e-4  # end of the cosine decay (nanoGPT: lr / 10)

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import RESULTS, results_base, sync  # noqa: E402
+
 import lwlr  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import autocast, environment  # noqa: E402
-
 
 
 def main():

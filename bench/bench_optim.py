@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import RESULTS, results_base, sync  # noqa: E402
+
 import optim  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import environment  # noqa: E402

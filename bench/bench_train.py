@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import RESULTS, results_base, sync  # noqa: E402
+
 import lwlr  # noqa: E402
 import train  # noqa: E402
 from data.tokenfile import write_tokens  # noqa: E402

@@ -41,6 +41,7 @@ DIVERGED_MARGIN = 1.0  # nats above the starting loss
 # the grids first ended a point lower and the best AdamW and Lion points sat on the top edge.
 LR_GRIDS = {
     "adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1],
+    "adam_mini": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1],
     "sophiag": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1],
     "lion": [3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2],
 }
@@ -67,14 +68,15 @@ class Sweep:
 
 
 PRESETS = {
-    # 3 optimizers x 2 rules x 6 lrs = 36 runs of 100 steps on gpt2-tiny: 4 fixed batches of 4 x 64 tokens.
-    "tiny-cpu": Sweep(model="gpt2-tiny", optimizers=["adamw", "lion", "sophiag"], rules=["single", "lwlr"], lrs=LR_GRIDS,
+    # 4 optimizers x 2 rules x 6 lrs = 48 runs of 100 steps on gpt2-tiny: 4 fixed batches of 4 x 64 tokens.
+    "tiny-cpu": Sweep(model="gpt2-tiny", optimizers=["adamw", "adam_mini", "lion", "sophiag"], rules=["single", "lwlr"], lrs=LR_GRIDS,
                       residual_scales=[False], seeds=[0], steps=100, subset_batches=4, micro_batch_size=4, block_size=64,
                       warmup_steps=10, lwlr_T=20),
     # GPT-2 124M. The published subset size, batch and steps are unknown; ours: 16 distinct batches of
     # 8 x 1024 tokens (131k tokens) for 2000 steps (125 passes), 100 warmup steps, lwlr T=100.
-    "gpt2": Sweep(model="gpt2", optimizers=["adamw", "lion", "sophiag"], rules=["single", "lwlr"],
-                  lrs={"adamw": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3], "sophiag": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3],
+    "gpt2": Sweep(model="gpt2", optimizers=["adamw", "adam_mini", "lion", "sophiag"], rules=["single", "lwlr"],
+                  lrs={"adamw": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3], "adam_mini": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3],
+                       "sophiag": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3],
                        "lion": [1.5e-5, 3e-5, 6e-5, 1.2e-4, 2.4e-4]},
                   residual_scales=[False], seeds=[0], steps=2000, subset_batches=16, micro_batch_size=8, block_size=1024,
                   warmup_steps=100, lwlr_T=100, dataset="openwebtext"),

@@ -115,7 +115,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, token_dir):
         torch.testing.assert_close(weights_two[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lion", "sophiag", "adamw_torch"])
+@pytest.mark.parametrize("optimizer", ["adamw", "lion", "sophiag", "adam_mini", "adamw_torch"])
 def test_every_optimizer_trains(tmp_path, token_dir, optimizer):
     lr = {"lion": 2e-3}.get(optimizer, 3e-3)  # sign updates: each element moves by lr per step
     out = tmp_path / optimizer
