@@ -28,16 +28,16 @@ import optim  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import environment  # noqa: E402
 
-BYTES_PER_PARAM = {"adamw": 28, "lion": 20, "sophiag": 24}
+BYTES_PER_PARAM = {"adamw": 28, "lion": 20, "sophiag": 24, "adam_mini": 24}  # Adam-mini reads the gradient twice
 
 
-def parameter_shapes(preset: str) -> list[torch.Size]:
+def parameter_shapes(preset: str) -> list[tuple[str, torch.Size]]:
     with torch.device("meta"):
-        return [p.shape for p in GPT(GPTConfig.from_preset(preset)).parameters()]
+        return [(name, p.shape) for name, p in GPT(GPTConfig.from_preset(preset)).named_parameters()]
 
 
-def make_params(shapes, device):
-    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+def make_params(named_shapes, device):
+    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for _, s in named_shapes]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     return params
@@ -51,9 +51,14 @@ def per_layer_torch(params, lr):  # plain PyTorch gives a layer its own rate thr
     return [{"params": [p], "lr": lr * (0.5 + i / len(params))} for i, p in enumerate(params)]
 
 
-def contenders(device):
+def contenders(device, named_shapes, config):
     """name -> (optimizer family, constructor from a parameter list)."""
     cuda = device.type == "cuda"
+    names = [name for name, _ in named_shapes]
+
+    def named_per_layer(ps):  # Adam-mini assigns its blocks by parameter name
+        return [{**group, "names": [name]} for group, name in zip(per_layer(ps), names)]
+
     entries = {
         "ours AdamW, 1 group": ("adamw", lambda ps: optim.AdamW(ps, lr=6e-4)),
         "ours AdamW, per-layer groups": ("adamw", lambda ps: optim.AdamW(per_layer(ps), lr=6e-4)),
@@ -61,6 +66,7 @@ def contenders(device):
         "torch AdamW fused, per-layer groups": ("adamw", lambda ps: torch.optim.AdamW(per_layer_torch(ps, 6e-4), lr=6e-4, betas=(0.9, 0.95), fused=True)),
         "ours Lion, per-layer groups": ("lion", lambda ps: optim.Lion(per_layer(ps), lr=1e-4, weight_decay=1.0)),
         "ours SophiaG, per-layer groups": ("sophiag", lambda ps: optim.SophiaG(per_layer(ps), lr=6e-4, rho=0.05, weight_decay=0.2, bs=491_520)),
+        "ours Adam-mini, per-layer groups": ("adam_mini", lambda ps: optim.AdamMini(named_per_layer(ps), lr=6e-4, n_head=config.n_head)),
     }
     try:
         from lion_pytorch import Lion
@@ -73,6 +79,13 @@ def contenders(device):
         from sophia_opt import SophiaG
 
         entries["sophia-opt"] = ("sophiag", lambda ps: _SophiaWithBs(SophiaG(ps, lr=6e-4, rho=0.05, weight_decay=0.2)))
+    except ImportError:
+        pass
+    try:
+        from adam_mini import Adam_mini
+
+        entries["adam-mini (official)"] = ("adam_mini", lambda ps: Adam_mini(
+            list(zip(names, ps)), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, dim=config.n_embd, n_heads=config.n_head, verbose=False))
     except ImportError:
         pass
     return entries
@@ -125,14 +138,12 @@ def main():
     rows = []
     for preset in models:
         shapes = parameter_shapes(preset)
-        numel = sum(s.numel() for s in shapes)
-        baseline = {}
-        for name, (family, make) in contenders(device).items():
+        numel = sum(s.numel() for _, s in shapes)
+        for name, (family, make) in contenders(device, shapes, GPTConfig.from_preset(preset)).items():
             params = make_params(shapes, device)
             optimizer = make(params)
             seconds = statistics.median(time_steps(optimizer.step, device, args.warmup, args.repeats))
             gbps = BYTES_PER_PARAM[family] * numel / seconds / 1e9
-            baseline.setdefault(family, seconds)  # the first contender of a family is the ratio's base
             rows.append({"model": preset, "optimizer": name, "family": family, "params": numel, "tensors": len(shapes),
                          "ms": 1000 * seconds, "GB/s": gbps, "fraction_of_copy_bandwidth": gbps / bandwidth})
             print(f"{preset:10} {name:38} {1000 * seconds:9.2f} ms  {gbps:7.1f} GB/s  {100 * gbps / bandwidth:5.1f}% of copy")

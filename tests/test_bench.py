@@ -38,7 +38,8 @@ def test_bench_optim_reports_ours_against_the_peers(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(only_file(tmp_path, "optim-", ".json").read_text())
     names = {row["optimizer"] for row in report["rows"]}
-    assert {"torch AdamW fused, 1 group", "lion-pytorch", "sophia-opt", "ours SophiaG, per-layer groups"} <= names
+    assert {"torch AdamW fused, 1 group", "lion-pytorch", "sophia-opt", "adam-mini (official)", "ours SophiaG, per-layer groups",
+            "ours Adam-mini, per-layer groups"} <= names
     assert report["copy_GBps"] > 0 and all(row["GB/s"] > 0 for row in report["rows"])
     ours = next(row for row in report["rows"] if row["optimizer"] == "ours AdamW, per-layer groups")
     assert set(ours["speedup_vs"]) == {"torch AdamW fused, 1 group", "torch AdamW fused, per-layer groups"}
