@@ -173,6 +173,14 @@ def _adam_mini_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, bloc
     tl.store(exp_avg + offs, m, mask=mask)
 
 
+def _owner_and_index(counts: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For items counted per tensor (kernel chunks, Adam-mini blocks): each item's tensor and its index
+    within that tensor, as int32 device tables a kernel's program looks itself up in."""
+    owner = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), torch.tensor(counts, dtype=torch.int64))
+    index = torch.cat([torch.arange(n, dtype=torch.int32) for n in counts])
+    return owner.to(device), index.to(device)
+
+
 class _LaunchPlan:
     """Device tables for one launch over a fixed list of tensors. Pointers of parameters and states
     are fixed for the plan's life; gradient pointers are re-read each step and the table is rebuilt
@@ -183,8 +191,8 @@ class _LaunchPlan:
         numels = [p.numel() for p in params]
         chunks = [triton.cdiv(n, BLOCK) for n in numels]
         self.grid = (sum(chunks),)
-        self.chunk_tensor = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32), torch.tensor(chunks)).to(device)
-        self.chunk_start = torch.cat([torch.arange(c, dtype=torch.int32) * BLOCK for c in chunks]).to(device)
+        self.chunk_tensor, chunk_index = _owner_and_index(chunks, device)
+        self.chunk_start = chunk_index * BLOCK
         self.numel = torch.tensor(numels, dtype=torch.int32, device=device)
         self.pointers = {name: self._pointer_table(tensors, device) for name, tensors in {"param": params, **states}.items()}
         self.lr_scale = torch.tensor(lr_scales, dtype=torch.float32, device=device)
@@ -263,10 +271,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _state(self, p):
         state = self.state[p]
         if not state:
-            for name in self.state_names:
-                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            self._plans.clear()
+            state.update(self._new_state(p))
+            self._plans.clear()  # new state tensors: plans hold pointers to the old set
         return state
+
+    def _new_state(self, p) -> dict:
+        return {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.state_names}
 
     def _with_grads(self, group):
         params = [p for p in group["params"] if p.grad is not None]
@@ -313,6 +323,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 params, {n: [self.state[p][n] for p in params] for n in state_names},
                 [g["lr_scale"] for g, ps in groups_params for _ in ps], [g["weight_decay"] for g, ps in groups_params for _ in ps],
             )
+            self._extend_plan(plan)
             self._plans[key] = plan
         return plan
 
@@ -340,6 +351,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if getattr(self, "_zero_flag", None) is None or self._zero_flag.device != device:
             self._zero_flag = torch.zeros((), dtype=torch.float32, device=device)
         return self._zero_flag
+
+    def _extend_plan(self, plan) -> None:
+        """Extra device tables a subclass's kernels need, built once with the plan."""
 
     def _update_torch(self, group, params, grads, states):
         raise NotImplementedError
@@ -519,13 +533,9 @@ class AdamMini(FusedOptimizer):
             for name, p in zip(names, group["params"]):
                 self.block_size[p] = adam_mini_block_size(name, p, n_head)
 
-    def _state(self, p):
-        state = self.state[p]
-        if not state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros(p.numel() // self.block_size[p], dtype=p.dtype, device=p.device)
-            self._plans.clear()
-        return state
+    def _new_state(self, p) -> dict:  # one second-moment value per block
+        return {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros(p.numel() // self.block_size[p], dtype=p.dtype, device=p.device)}
 
     def _update_torch(self, group, params, grads, states):
         beta1, beta2 = group["betas"]
@@ -545,17 +555,17 @@ class AdamMini(FusedOptimizer):
             else:  # one denominator per block (row of the (blocks, size) view)
                 p.view(-1, size).addcdiv_(m.view(-1, size), denom.view(-1, 1), value=-lr / bias_correction1)
 
+    def _extend_plan(self, plan) -> None:
+        """Each tensor's block size, and each reduction program's (tensor, block). Biases (block size 1)
+        get no reduction program: the update kernel keeps their per-element second moment."""
+        sizes = [self.block_size[p] for p in plan.params]
+        counts = [p.numel() // size if size > 1 else 0 for p, size in zip(plan.params, sizes)]
+        plan.block_size = torch.tensor(sizes, dtype=torch.int32, device=plan.numel.device)
+        plan.block_tensor, plan.block_index = _owner_and_index(counts, plan.numel.device)
+
     def _launch_step(self, plan, grads, found_inf, group):
         beta1, beta2 = group["betas"]
         step = group["step"]
-        if not hasattr(plan, "block_size"):  # tables of the reduction, built once per plan
-            params = plan.params
-            sizes = [self.block_size[p] for p in params]
-            counts = [p.numel() // s if s > 1 else 0 for p, s in zip(params, sizes)]
-            device = plan.numel.device
-            plan.block_size = torch.tensor(sizes, dtype=torch.int32, device=device)
-            plan.block_tensor = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32), torch.tensor(counts)).to(device)
-            plan.block_index = torch.cat([torch.arange(c, dtype=torch.int32) for c in counts]).to(device)
         params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
         if plan.block_tensor.numel():
             _launch(_block_mean_square_kernel, (plan.block_tensor.numel(),), grads, exp_avg_sqs, plan.block_size,

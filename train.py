@@ -34,6 +34,7 @@ from data.loader import TokenBatches
 from model import GPT
 from runtime import (
     RunLog,
+    Runtime,
     autocast,
     environment,
     init_runtime,
@@ -69,7 +70,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr if applies_scale else lr * group.get("lr_scale", 1.0)
 
 
-def build_optimizer(c: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int) -> torch.optim.Optimizer:
     betas = (c.beta1, c.beta2)
     if c.optimizer == "adamw_torch":
         # fused=True on CPU and CUDA alike: one kernel per step, and it honours found_inf (skipped steps).
@@ -81,7 +82,7 @@ def build_optimizer(c: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer
     if c.optimizer == "sophiag":
         return optim.SophiaG(groups, lr=c.lr, betas=betas, rho=c.rho, bs=c.tokens_per_step, backend=c.optimizer_backend)
     if c.optimizer == "adam_mini":
-        return optim.AdamMini(groups, lr=c.lr, betas=betas, eps=c.eps, n_head=c.gpt_config().n_head, backend=c.optimizer_backend)
+        return optim.AdamMini(groups, lr=c.lr, betas=betas, eps=c.eps, n_head=n_head, backend=c.optimizer_backend)
     raise AssertionError(f"TrainConfig admitted optimizer={c.optimizer!r}")  # CHOICES lists the names
 
 
@@ -165,7 +166,7 @@ class Trainer:
         self.grad_accum = grad_accumulation(c, model.config.block_size, rt.world_size)
         self.global_rows = c.micro_batch_size * self.grad_accum * rt.world_size
         self.train_batches = c.token_batches("train", "train", model.config, c.data_subset_batches)
-        self.optimizer = build_optimizer(c, lwlr.param_groups(model, multipliers, c.weight_decay, c.lwlr_scale_decay))
+        self.optimizer = build_optimizer(c, lwlr.param_groups(model, multipliers, c.weight_decay, c.lwlr_scale_decay), model.config.n_head)
         if optimizer_state is not None:  # lr_scale comes back with the param groups
             self.optimizer.load_state_dict(optimizer_state)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -213,6 +214,16 @@ class Trainer:
         if c.optimizer == "sophiag" and step % c.hess_interval == c.hess_interval - 1:  # Sophia's schedule
             refresh_sophia_hessian(self.model, self.optimizer, micro_batches, self.ctx, self.sync_context)
         return lr, step_loss, grad_norm, self.found_inf
+
+
+def fresh_trainer(overrides: dict, device: torch.device) -> Trainer:
+    """A single-process Trainer from config overrides: the seed's init, multipliers measured (not logged
+    or saved). What the benchmarks and the overfit sweep run; a training run uses start() instead."""
+    c = parse_config([f"--{key}={value}" for key, value in overrides.items()])
+    torch.manual_seed(c.seed)
+    model = GPT(c.gpt_config()).to(device)
+    multipliers, _ = lwlr.multipliers_for_config(c, model, log=lambda *_: None)
+    return Trainer(c, Runtime(0, 0, 1, device), model, multipliers)
 
 
 def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:

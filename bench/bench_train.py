@@ -28,12 +28,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import RESULTS, results_base, sync  # noqa: E402
 
-import lwlr  # noqa: E402
 import train  # noqa: E402
 from data.tokenfile import write_tokens  # noqa: E402
-from model import GPT  # noqa: E402
-from runtime import Runtime, environment, peak_flops, peak_memory_gib  # noqa: E402
-from train_config import parse_config  # noqa: E402
+from runtime import environment, peak_flops, peak_memory_gib  # noqa: E402
 
 ROWS = (("adamw", "single"), ("adamw", "lwlr"), ("lion", "lwlr"), ("sophiag", "lwlr"), ("adamw_torch", "single"))
 
@@ -51,12 +48,8 @@ def bench_row(preset, optimizer, rule, args, device, data_dir) -> dict:
         tokens_per_step=args.micro_batch_size * args.block_size * args.grad_accum, optimizer=optimizer, lr_rule=rule,
         lwlr_T=1, data_dir=data_dir, device=str(device), compile=args.compile, hess_interval=10, warmup_steps=1, max_steps=10**6,
     )
-    c = parse_config([f"--{k}={v}" for k, v in overrides.items()])
-    rt = Runtime(0, 0, 1, device)
-    torch.manual_seed(0)
-    model = GPT(c.gpt_config()).to(device)
-    multipliers, _ = lwlr.multipliers_for_config(c, model, log=lambda *_: None)  # not timed: it happens once per run
-    trainer = train.Trainer(c, rt, model, multipliers)
+    trainer = train.fresh_trainer(overrides, device)  # the lwlr measurement is not timed: once per run
+    c, model = trainer.c, trainer.raw_model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(args.warmup):

@@ -31,9 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lwlr  # noqa: E402
 import train  # noqa: E402
-from model import GPT  # noqa: E402
-from runtime import Runtime, environment  # noqa: E402
-from train_config import parse_config  # noqa: E402
+from runtime import environment  # noqa: E402
 
 DIVERGED_MARGIN = 1.0  # nats above the starting loss
 
@@ -106,12 +104,7 @@ def run_one(sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: 
         max_steps=sweep.steps, residual_scale=residual_scale, seed=seed, lwlr_T=sweep.lwlr_T, device=str(device),
         compile="false", max_bad_steps=1,
     )
-    c = parse_config([f"--{k}={v}" for k, v in overrides.items()])
-    rt = Runtime(0, 0, 1, device)
-    torch.manual_seed(seed)  # the same init for every run of this seed
-    model = GPT(c.gpt_config()).to(device)
-    multipliers, _ = lwlr.multipliers_for_config(c, model, log=lambda *_: None)
-    trainer = train.Trainer(c, rt, model, multipliers)
+    trainer = train.fresh_trainer(overrides, device)  # the seed's init: the same for every run of this seed
     curve, start_loss, diverged = [], None, False
     for step in range(sweep.steps):
         _, loss, _, found_inf = trainer.step(step)
