@@ -1,4 +1,5 @@
-"""Fused AdamW, Lion and SophiaG that apply each param group's `lr_scale` inside one kernel launch.
+"""Fused AdamW, Lion, SophiaG and Adam-mini that apply each param group's `lr_scale` inside one kernel
+launch; the kernels of LW-AS's SGD-momentum and AdamW (lwas.py) also read a step size per tensor.
 
 A group's step is exactly its reference's step with lr * lr_scale, weight decay included:
     AdamW   torch.optim.AdamW (bias correction; decoupled decay p *= 1 - lr * wd)
@@ -61,11 +62,21 @@ def _sign(x):
 
 
 @triton.jit
-def _adamw_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, lr_scale_ptr, weight_decay_ptr, numel_ptr,
-                  chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr,
-                  lr, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt, BLOCK: tl.constexpr):
-    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
+def _tensor_lr(lr, lr_scale_ptr, step_size_ptrs, t, HAS_STEP_SIZE: tl.constexpr):
+    """The tensor's learning rate: lr * its group's lr_scale, times its own step size (a device scalar that
+    LW-AS, lwas.py, sets) where the optimizer has one."""
     lr_t = lr * tl.load(lr_scale_ptr + t)
+    if HAS_STEP_SIZE:
+        lr_t *= tl.load(_ptr(step_size_ptrs, t))
+    return lr_t
+
+
+@triton.jit
+def _adamw_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_size_ptrs, lr_scale_ptr, weight_decay_ptr, numel_ptr,
+                  chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr,
+                  lr, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt, BLOCK: tl.constexpr, HAS_STEP_SIZE: tl.constexpr):
+    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
+    lr_t = _tensor_lr(lr, lr_scale_ptr, step_size_ptrs, t, HAS_STEP_SIZE)
     param, exp_avg, exp_avg_sq = _ptr(param_ptrs, t), _ptr(exp_avg_ptrs, t), _ptr(exp_avg_sq_ptrs, t)
     p = tl.load(param + offs, mask=mask)
     g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
@@ -79,6 +90,23 @@ def _adamw_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, lr_scale
     tl.store(param + offs, p, mask=mask)
     tl.store(exp_avg + offs, m, mask=mask)
     tl.store(exp_avg_sq + offs, v, mask=mask)
+
+
+@triton.jit
+def _sgd_momentum_kernel(param_ptrs, grad_ptrs, momentum_buffer_ptrs, step_size_ptrs, lr_scale_ptr, weight_decay_ptr, numel_ptr,
+                         chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr, momentum, BLOCK: tl.constexpr,
+                         HAS_STEP_SIZE: tl.constexpr):
+    """torch.optim.SGD's momentum (dampening 0, not Nesterov) with decoupled weight decay:
+    p *= 1 - lr*wd; buf = momentum * buf + g; p -= lr * buf."""
+    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
+    lr_t = _tensor_lr(lr, lr_scale_ptr, step_size_ptrs, t, HAS_STEP_SIZE)
+    param, buffer = _ptr(param_ptrs, t), _ptr(momentum_buffer_ptrs, t)
+    p = tl.load(param + offs, mask=mask)
+    g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
+    m = tl.load(buffer + offs, mask=mask) * momentum + g
+    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t)) - lr_t * m
+    tl.store(param + offs, p, mask=mask)
+    tl.store(buffer + offs, m, mask=mask)
 
 
 @triton.jit
@@ -253,7 +281,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         _check_nonnegative_finite("lr", group["lr"])
         _check_nonnegative_finite("weight_decay", group["weight_decay"])
         _check_nonnegative_finite("lr_scale", group["lr_scale"])
-        for beta in group["betas"]:
+        for beta in group.get("betas", ()):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"betas must lie in [0, 1), got {group['betas']}")
 
@@ -389,9 +417,10 @@ class AdamW(FusedOptimizer):
         beta1, beta2 = group["betas"]
         step = group["step"]
         params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
-        _launch(_adamw_kernel, plan.grid, params, grads, exp_avgs, exp_avg_sqs, plan.lr_scale, plan.weight_decay,
+        no_step_sizes = plan.lr_scale  # never read: HAS_STEP_SIZE=False
+        _launch(_adamw_kernel, plan.grid, params, grads, exp_avgs, exp_avg_sqs, no_step_sizes, plan.lr_scale, plan.weight_decay,
                 *plan.chunk_tables(), found_inf, group["lr"], beta1, beta2, group["eps"],
-                1 - beta1**step, math.sqrt(1 - beta2**step), BLOCK=BLOCK, num_warps=NUM_WARPS)
+                1 - beta1**step, math.sqrt(1 - beta2**step), BLOCK=BLOCK, num_warps=NUM_WARPS, HAS_STEP_SIZE=False)
 
 
 class Lion(FusedOptimizer):

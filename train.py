@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
+import lwas
 import lwlr
 import optim
 from data.loader import TokenBatches
@@ -83,6 +84,13 @@ def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int) -> torch.op
         return optim.SophiaG(groups, lr=c.lr, betas=betas, rho=c.rho, bs=c.tokens_per_step, backend=c.optimizer_backend)
     if c.optimizer == "adam_mini":
         return optim.AdamMini(groups, lr=c.lr, betas=betas, eps=c.eps, n_head=n_head, backend=c.optimizer_backend)
+    if c.optimizer in lwas.OPTIMIZERS:
+        settings = dict(beta=c.lw_beta, damping=c.lw_damping, warmup_steps=c.lw_warmup_steps, joint_rescale=c.lw_joint_rescale,
+                        backend=c.optimizer_backend)
+        settings.update({key: value for key, value in (("warmup_lr", c.lw_warmup_lr), ("alpha_max", c.lw_alpha_max)) if value > 0})
+        if c.optimizer == "sgdm_lw":
+            return lwas.SGDMomentumLW(groups, lr=c.lr, momentum=c.beta1, **settings)
+        return lwas.AdamWLW(groups, lr=c.lr, betas=betas, eps=c.eps, **settings)
     raise AssertionError(f"TrainConfig admitted optimizer={c.optimizer!r}")  # CHOICES lists the names
 
 
@@ -209,11 +217,30 @@ class Trainer:
         # The fused steps read found_inf on the device: no host sync.
         torch.logical_not(torch.isfinite(step_loss + grad_norm), out=self.found_inf)
         self.optimizer.found_inf = self.found_inf
+        if c.optimizer in lwas.OPTIMIZERS and step % c.lw_interval == 0:
+            self.refresh_step_sizes(*micro_batches[0])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if c.optimizer == "sophiag" and step % c.hess_interval == c.hess_interval - 1:  # Sophia's schedule
             refresh_sophia_hessian(self.model, self.optimizer, micro_batches, self.ctx, self.sync_context)
         return lr, step_loss, grad_norm, self.found_inf
+
+
+    def refresh_step_sizes(self, x, y):
+        """LW-AS: new per-layer step sizes from a curvature pass on (part of) this rank's first micro-batch,
+        through the uncompiled model (double backward and forward-mode AD do not go through torch.compile)."""
+        rows = self.c.lw_micro_batch_size or self.c.micro_batch_size
+        reduce = lwas.all_reduce_mean if self.rt.distributed else None
+        self.optimizer.refresh(lwas.Curvature(self.c.lw_curvature, self.raw_model, x[:rows], y[:rows], self.ctx, reduce))
+
+
+def lw_step_sizes(optimizer) -> dict:
+    """LW-AS's latest per-layer step sizes (range) and joint rescale, for the log; {} for other optimizers."""
+    refresh = getattr(optimizer, "last_refresh", {})
+    if "step_size" not in refresh:
+        return {}
+    return {"lw_step_size_min": refresh["step_size"].min().item(), "lw_step_size_max": refresh["step_size"].max().item(),
+            "lw_joint_scale": refresh["joint_scale"].item()}
 
 
 def fresh_trainer(overrides: dict, device: torch.device) -> Trainer:
@@ -319,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mfu": flops_per_step / dt / (peak * rt.world_size) if peak else None,
                 "peak_mem_gib": peak_memory_gib(rt.device), "skipped_steps": n_skipped,
             }
+            record.update(lw_step_sizes(trainer.optimizer))
             mfu = f" | MFU {100 * record['mfu']:.1f}%" if peak else ""
             log.record("train", record, f"step {step:>6}/{c.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | grad_norm "
                        f"{record['grad_norm']:.3f} | {record['ms_per_step']:.0f} ms/step | {record['tokens_per_s']:,.0f} tok/s"

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 # The allowed values of the string keys, checked when a config is built.
 CHOICES = {
     "init_from": ("auto", "resume", "scratch"),
-    "optimizer": ("adamw", "lion", "sophiag", "adam_mini", "adamw_torch"),
+    "optimizer": ("adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch"),
     "optimizer_backend": ("auto", "triton", "torch"),
     "schedule": ("cosine", "constant"),
     "lr_rule": ("lwlr", "single", "depth_increasing", "depth_decreasing", "fan_in"),
@@ -32,12 +32,14 @@ CHOICES = {
     "logger": ("none", "wandb", "tensorboard"),
     "dtype": ("auto", "bfloat16", "float32"),
     "compile": ("auto", "true", "false"),
+    "lw_curvature": ("gauss_newton", "rademacher", "exact"),
 }
 # Integer keys and their smallest allowed value.
 MINIMUMS = {
     "micro_batch_size": 1, "tokens_per_step": 1, "max_steps": 0, "warmup_steps": 0, "lr_decay_steps": 0, "block_size": 0,
     "eval_interval": 1, "eval_steps": 1, "log_interval": 1, "keep_last": 2, "hess_interval": 1, "lwlr_T": 1,
     "max_bad_steps": 1, "data_subset_batches": 0,
+    "lw_interval": 1, "lw_warmup_steps": 0, "lw_micro_batch_size": 0,
 }
 
 
@@ -59,18 +61,28 @@ class TrainConfig:
     micro_batch_size: int = 16  # sequences per forward/backward on one device
     tokens_per_step: int = 2048  # tokens per optimizer step over all ranks; sets grad_accum
     # optimizer
-    optimizer: str = "adamw"  # adamw | lion | sophiag | adam_mini (optim.py, fused) | adamw_torch (torch.optim.AdamW fused, the baseline)
+    optimizer: str = "adamw"  # adamw | lion | sophiag | adam_mini (optim.py) | sgdm_lw | adamw_lw (LW-AS, lwas.py) | adamw_torch (torch.optim.AdamW fused, the baseline)
     optimizer_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | triton | torch
-    lr: float = 2e-3  # peak learning rate of the global schedule (the small default model takes a large one)
+    lr: float = 2e-3  # peak learning rate of the global schedule (the small default model takes a large one); sgdm_lw, adamw_lw: the multiplier eta on their step sizes (try 1.0)
     min_lr: float = 2e-4  # end of the cosine decay (nanoGPT: lr / 10)
     weight_decay: float = 0.1  # decoupled; applied to matrices and embeddings, not to biases and LayerNorms
-    beta1: float = 0.9
+    beta1: float = 0.9  # also sgdm_lw's momentum
     beta2: float = 0.95  # nanoGPT's GPT-2 value (0.999 is unstable at this scale)
     eps: float = 1e-8  # AdamW
     rho: float = 0.05  # SophiaG's clipping scale (Sophia's GPT-2 small value)
     hess_interval: int = 10  # SophiaG: refresh the Hessian estimate every this many steps (Sophia's k)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)
+    # LW-AS (lwas.py), optimizer=sgdm_lw | adamw_lw: per-layer step sizes from the curvature along each layer's direction
+    lw_curvature: str = "gauss_newton"  # gauss_newton (sampled labels, one backward) | rademacher (one Hessian-vector product) | exact (one per layer: small models)
+    lw_interval: int = 5  # refresh the step sizes every this many steps
+    lw_beta: float = 0.5  # EMA of the curvature, g.d and |d|^2 over refreshes
+    lw_warmup_steps: int = 10  # steps at the plain step size lw_warmup_lr before the curvature sets them
+    lw_warmup_lr: float = 0.0  # the plain step size; 0 = the optimizer's (sgdm_lw 0.1, adamw_lw 1e-3)
+    lw_alpha_max: float = 0.0  # cap on a layer's step size; 0 = the optimizer's (sgdm_lw 10, adamw_lw 0.1)
+    lw_damping: float = 1e-8  # delta^2 = max(d.C.d, 0) + lw_damping * |d|^2
+    lw_joint_rescale: bool = True  # shrink all step sizes when the joint step overshoots (one more curvature product per refresh)
+    lw_micro_batch_size: int = 0  # sequences in the curvature pass (a double backward needs more memory); 0 = micro_batch_size
     # schedule
     schedule: str = "cosine"  # cosine (linear warmup, cosine to min_lr) | constant (warmup, then lr)
     warmup_steps: int = 30  # linear warmup from lr / warmup_steps
@@ -103,10 +115,14 @@ class TrainConfig:
         for key, minimum in MINIMUMS.items():
             if getattr(self, key) < minimum:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= {minimum}")
-        for key in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout", "rho", "lwlr_power"):
+        for key in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout", "rho", "lwlr_power", "lw_warmup_lr", "lw_alpha_max", "lw_damping"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{key}={value} must be a finite number >= 0")
+        if not 0 <= self.lw_beta < 1:
+            raise ConfigError(f"lw_beta={self.lw_beta} must lie in [0, 1)")
+        if self.lw_micro_batch_size > self.micro_batch_size:
+            raise ConfigError(f"lw_micro_batch_size={self.lw_micro_batch_size} exceeds micro_batch_size={self.micro_batch_size}: the curvature pass uses part of a micro-batch")
 
     def gpt_config(self):
         """The model this config trains: its preset with block_size, dropout and residual scaling applied."""

@@ -38,9 +38,11 @@ def assert_identical_states(a, b):
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (index, key)
 
 
-@pytest.mark.parametrize("optimizer, lr_rule", [("adamw", "lwlr"), ("lion", "single"), ("sophiag", "fan_in"), ("adamw_torch", "depth_decreasing")])
+@pytest.mark.parametrize("optimizer, lr_rule", [("adamw", "lwlr"), ("lion", "single"), ("sophiag", "fan_in"), ("adamw_lw", "lwlr"),
+                                               ("adamw_torch", "depth_decreasing")])
 def test_stop_and_resume_equals_a_straight_run(tmp_path, token_dir, optimizer, lr_rule):
-    common = dict(optimizer=optimizer, lr_rule=lr_rule, lwlr_T=2, hess_interval=3, eval_interval=4, log_interval=1)
+    common = dict(optimizer=optimizer, lr_rule=lr_rule, lwlr_T=2, hess_interval=3, eval_interval=4, log_interval=1,
+                  lw_interval=3, lw_warmup_steps=2)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train.main(tiny_run_args(straight, token_dir, max_steps=8, **common)) == 0
     assert train.main(tiny_run_args(resumed, token_dir, max_steps=4, lr_decay_steps=8, **common)) == 0
@@ -59,10 +61,12 @@ def torchrun(nproc, args):
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_stop_and_resume_equals_a_straight_run_under_ddp(tmp_path, token_dir):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_lw"])  # adamw_lw: its curvature terms are all-reduced
+def test_stop_and_resume_equals_a_straight_run_under_ddp(tmp_path, token_dir, optimizer):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for out, steps in ((straight, 6), (resumed, 3), (resumed, 6)):
-        result = torchrun(2, tiny_run_args(out, token_dir, max_steps=steps, lr_decay_steps=6, eval_interval=3))
+        result = torchrun(2, tiny_run_args(out, token_dir, max_steps=steps, lr_decay_steps=6, eval_interval=3, optimizer=optimizer,
+                                           lw_interval=2, lw_warmup_steps=2))
         assert result.returncode == 0, result.stderr[-3000:]
     assert [r["loss"] for r in read_log(straight, "train")] == [r["loss"] for r in read_log(resumed, "train")]
     assert_identical_states(final_state(straight, 6), final_state(resumed, 6))

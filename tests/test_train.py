@@ -115,11 +115,13 @@ def test_two_process_ddp_matches_one_process(tmp_path, token_dir):
         torch.testing.assert_close(weights_two[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lion", "sophiag", "adam_mini", "adamw_torch"])
+@pytest.mark.parametrize("optimizer", ["adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch"])
 def test_every_optimizer_trains(tmp_path, token_dir, optimizer):
-    lr = {"lion": 2e-3}.get(optimizer, 3e-3)  # sign updates: each element moves by lr per step
+    # Lion: sign updates, each element moves by lr per step. LW-AS: lr is the multiplier eta on its step sizes.
+    lr = {"lion": 2e-3, "sgdm_lw": 1.0, "adamw_lw": 0.3}.get(optimizer, 3e-3)
     out = tmp_path / optimizer
-    args = tiny_run_args(out, token_dir, optimizer=optimizer, lr=lr, max_steps=12, eval_interval=12, hess_interval=2, data_subset_batches=1)
+    args = tiny_run_args(out, token_dir, optimizer=optimizer, lr=lr, max_steps=12, eval_interval=12, hess_interval=2, data_subset_batches=1,
+                         lw_interval=2, lw_warmup_steps=4)
     assert train.main(args) == 0
     losses = [r["loss"] for r in read_log(out, "train")]
     assert losses[-1] < losses[0] - 0.5, losses  # one repeated batch: the loss must fall

@@ -1,0 +1,328 @@
+"""Layer-wise adaptive step sizes (LW-AS): SGD with momentum and AdamW whose step size for each layer
+(parameter tensor) comes from the curvature along that layer's own update direction.
+
+    Bahamou and Goldfarb 2023, "Layer-wise Adaptive Step-Sizes for Stochastic First-Order Methods for
+    Deep Learning", arXiv 2305.13664.
+
+Only the paper's abstract is public (no full text, no code), so this is a reconstruction.
+
+The paper's: a base optimizer gives each layer l a direction d_l, and the layer's step size is the
+damped-Newton step for self-concordant functions along d_l, from the layer's diagonal Hessian block H_ll:
+    rho_l = g_l . d_l,   delta_l = sqrt(d_l . H_ll . d_l),   alpha_l = rho_l / (delta_l (delta_l + rho_l)),
+    theta_l -= eta * alpha_l * d_l,   with decoupled weight decay theta_l -= eta * alpha_l * wd * theta_l.
+
+Ours, where the abstract says nothing:
+  - the step sizes are refreshed every `lw_interval` steps (train.py calls refresh() before step()) and
+    held in between;
+  - rho_l, q_l = d_l . C_ll . d_l and |d_l|^2 are averaged over refreshes (an EMA with `beta`,
+    bias-corrected), since one batch's curvature estimate is noisy; alpha_l comes from the averages;
+  - damping: delta_l = sqrt(max(q_l, 0) + damping * |d_l|^2), so zero or negative curvature still gives a
+    finite step; alpha_l = 0 when rho_l <= 0 (d_l is no descent direction on average); alpha_l <= alpha_max;
+  - the first `warmup_steps` steps take the plain step size `warmup_lr` while the averages fill;
+  - eta is the training schedule's lr (1.0: the step sizes as computed) times the group's lr_scale, so
+    lr_rule=lwlr's multiplier eta_l multiplies alpha_l;
+  - the curvature C: `exact`, `rademacher` or `gauss_newton` (see Curvature);
+  - joint rescale (optional): every layer steps at once, and cross-layer curvature can make the joint
+    step overshoot when no layer's own step does. With u = (eta eta_l alpha_l d_l) over all layers,
+    c = min(1, g.u / u.C.u), the Newton step along u, scales every alpha_l until the next refresh;
+  - DDP: rho_l from the all-reduced gradient (the same on every rank); the curvature terms are measured
+    on each rank's own batch and averaged over the ranks.
+
+The step itself is the fused step of optim.py: the AdamW and SGD-momentum kernels read each tensor's step
+size from a device scalar (its "step_size" state), so a refresh costs no host sync and no recompile.
+"""
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import optim
+
+CURVATURES = ("gauss_newton", "rademacher", "exact")
+
+
+class Curvature:
+    """One refresh's curvature along the layers' directions d_l, on one batch (x, y) of `model`, whose
+    forward(x, y) returns (logits, mean loss).
+
+    exact         d_l . H_ll . d_l, one Hessian-vector product per layer (L double backwards): small
+                  models and tests.
+    rademacher    one HVP along u = (s_l d_l) with random signs s_l = +-1: q_l = s_l d_l . (H u)_l. Unbiased
+                  (E[s_l s_k] = 0 for k != l), noisy through the cross-layer terms, and it can be negative.
+    gauss_newton  the Gauss-Newton block d_l . G_ll . d_l, estimated as Sophia's GNB estimator estimates the
+                  diagonal: labels sampled from the model's own predictions, g_hat the gradient of their
+                  mean loss over N tokens; N (d_l . g_hat_l)^2 is unbiased for d_l . G_ll . d_l (the sampled
+                  residuals have covariance softmax's Hessian and are independent across tokens), is never
+                  negative, and costs one forward and backward: no double backward, no forward-mode AD.
+    joint_term(u) is u . C . u along a whole-model vector: one more HVP for exact and rademacher; for
+    gauss_newton (J u)^T H_out (J u) / N, exact, from one forward-mode JVP of the logits.
+
+    Double backward and forward-mode AD run under the math SDPA kernel (flash attention implements neither)
+    and need the uncompiled model. `reduce` averages a result over DDP ranks.
+    """
+
+    def __init__(self, kind: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx=None, reduce=None):
+        if kind not in CURVATURES:
+            raise ValueError(f"curvature={kind!r}: choose one of {', '.join(CURVATURES)}")
+        self.kind, self.model, self.x, self.y = kind, model, x, y
+        self.ctx = ctx if ctx is not None else nullcontext()
+        self.reduce = reduce or (lambda t: t)
+        self._grads = None  # the loss gradient with its graph (exact, rademacher)
+
+    def _loss_gradients(self, params):
+        if self._grads is None:
+            with self.ctx, sdpa_kernel(SDPBackend.MATH):
+                _, loss = self.model(self.x, self.y)
+            self._grads = torch.autograd.grad(loss, params, create_graph=True)
+        return self._grads
+
+    def _hessian_vector_product(self, params, outputs, inputs, vectors):
+        """H restricted to rows `inputs` times `vectors` (a gradient that does not depend on a tensor
+        gives zeros: that block's curvature is 0)."""
+        outputs = [(o, v) for o, v in zip(outputs, vectors) if o.requires_grad]
+        if not outputs:
+            return [torch.zeros_like(p) for p in inputs]
+        products = torch.autograd.grad([o for o, _ in outputs], inputs, grad_outputs=[v for _, v in outputs],
+                                       retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if h is None else h for p, h in zip(inputs, products)]
+
+    def block_terms(self, params: list[torch.Tensor], directions: list[torch.Tensor], signs: torch.Tensor | None = None) -> torch.Tensor:
+        """q_l, an estimate of d_l . C_ll . d_l for every layer: a float32 vector of len(params).
+        `signs` fixes rademacher's s_l (tests); by default they are drawn from torch's RNG."""
+        if self.kind == "gauss_newton":
+            return self.reduce(self._gauss_newton_blocks(params, directions))
+        grads = self._loss_gradients(params)
+        if self.kind == "exact":
+            terms = [_dot(d, self._hessian_vector_product(params, [g], [p], [d])[0]) for p, g, d in zip(params, grads, directions)]
+            return self.reduce(torch.stack(terms))
+        if signs is None:
+            signs = torch.randint(0, 2, (len(params),), device=directions[0].device).float() * 2 - 1
+        products = self._hessian_vector_product(params, grads, params, [s * d for s, d in zip(signs, directions)])
+        return self.reduce(torch.stack([s * _dot(d, h) for s, d, h in zip(signs, directions, products)]))
+
+    def _gauss_newton_blocks(self, params, directions):
+        with self.ctx:
+            logits, _ = self.model(self.x)
+        logits = logits.float().view(-1, logits.size(-1))  # (N, vocab)
+        with torch.no_grad():
+            sampled = torch.distributions.Categorical(logits=logits).sample()
+        loss = torch.nn.functional.cross_entropy(logits, sampled)
+        sampled_grads = torch.autograd.grad(loss, params, allow_unused=True)
+        tokens = logits.size(0)
+        return torch.stack([tokens * _dot(d, g).square() if g is not None else torch.zeros((), device=d.device)
+                            for d, g in zip(directions, sampled_grads)])
+
+    def joint_term(self, params: list[torch.Tensor], vectors: list[torch.Tensor]) -> torch.Tensor:
+        """u . C . u for the whole-model vector u = vectors (one tensor per parameter in params)."""
+        if self.kind != "gauss_newton":
+            products = self._hessian_vector_product(params, self._loss_gradients(params), params, vectors)
+            return self.reduce(sum(_dot(u, h) for u, h in zip(vectors, products)))
+        return self.reduce(gauss_newton_quadratic_form(self.model, self.x, params, vectors, self.ctx))
+
+
+def gauss_newton_quadratic_form(model, x, params, tangents, ctx) -> torch.Tensor:
+    """u . G . u = (J u)^T H_out (J u) / N for the mean cross-entropy over N tokens, where J u is the
+    logits' directional derivative (one forward-mode JVP) and H_out = diag(p) - p p^T per token."""
+    names = {p: name for name, p in model.named_parameters()}
+    missing = [i for i, p in enumerate(params) if p not in names]
+    if missing:
+        raise ValueError(f"gauss_newton: {len(missing)} parameter(s) are not the model's own")
+    keys = [names[p] for p in params]
+
+    def logits_of(*values):
+        return functional_call(model, dict(zip(keys, values)), (x,))[0]
+
+    with ctx, sdpa_kernel(SDPBackend.MATH):
+        logits, tangent = jvp(logits_of, tuple(p.detach() for p in params), tuple(tangents))
+    logits, tangent = logits.float().view(-1, logits.size(-1)), tangent.float().view(-1, logits.size(-1))
+    probs = torch.softmax(logits, dim=-1)
+    # z^T (diag(p) - p p^T) z = sum p z^2 - (p . z)^2, per token
+    per_token = (probs * tangent.square()).sum(-1) - (probs * tangent).sum(-1).square()
+    return per_token.mean()
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a . b in at least float32."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype))
+
+
+class LayerwiseAdaptive(optim.FusedOptimizer):
+    """Shared by SGDMomentumLW and AdamWLW: per-layer step-size state, refresh(), and the fused step with
+    each tensor's step size. Subclasses give the direction d_l, the torch update and the kernel launch.
+
+    State per parameter: the base optimizer's buffers, and 0-dim float32 tensors step_size (alpha_l),
+    rho_avg, curvature_avg, direction_sq_avg (EMAs, not bias-corrected) and refreshes (samples averaged).
+    """
+
+    scalar_state = ("rho_avg", "curvature_avg", "direction_sq_avg", "refreshes")
+
+    def __init__(self, params, defaults: dict, backend: str, warmup_lr: float, alpha_max: float, beta: float, damping: float,
+                 warmup_steps: int, joint_rescale: bool):
+        for name, value in (("warmup_lr", warmup_lr), ("alpha_max", alpha_max), ("damping", damping)):
+            optim._check_nonnegative_finite(name, value)
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must lie in [0, 1), got {beta}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        super().__init__(params, defaults, backend)
+        self.warmup_lr, self.alpha_max, self.beta, self.damping = warmup_lr, alpha_max, beta, damping
+        self.warmup_steps, self.joint_rescale = warmup_steps, joint_rescale
+        self.last_refresh: dict[str, torch.Tensor] = {}  # device tensors of the latest refresh, for logging
+
+    def _new_state(self, p) -> dict:
+        state = {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.state_names if name != "step_size"}
+        # The warmup's plain step size is absolute: the kernel multiplies by lr (eta), so it is stored over the peak eta.
+        state["step_size"] = torch.full((), self.warmup_lr / self.defaults["lr"] if self.defaults["lr"] > 0 else 0.0,
+                                        dtype=torch.float32, device=p.device)
+        state.update({name: torch.zeros((), dtype=torch.float32, device=p.device) for name in self.scalar_state})
+        return state
+
+    def _direction(self, group, p) -> torch.Tensor:
+        """d for this step's gradient, from the state before the step (which is left unchanged)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def refresh(self, curvature: Curvature) -> None:
+        """New step sizes from the current gradients (call after backward, before step())."""
+        active = [(group, p) for group in self.param_groups for p in self._with_grads(group)]
+        if not active:
+            return
+        params = [p for _, p in active]
+        states = [self._state(p) for p in params]
+        directions = [self._direction(group, p) for group, p in active]
+        rho = torch.stack([_dot(p.grad, d) for p, d in zip(params, directions)])
+        direction_sq = torch.stack(torch._foreach_norm(directions)).float().square()
+        with torch.enable_grad():
+            curvature_terms = curvature.block_terms(params, directions).float()
+
+        def stacked(name):
+            return torch.stack([s[name] for s in states])
+
+        # A non-finite sample (a skipped step's gradient) leaves that layer's averages as they were.
+        finite = torch.isfinite(rho) & torch.isfinite(curvature_terms) & torch.isfinite(direction_sq)
+        refreshes = stacked("refreshes") + finite.float()
+        bias_correction = torch.where(refreshes > 0, 1 - self.beta**refreshes, 1.0)
+        averages = {}
+        for name, sample in (("rho_avg", rho), ("curvature_avg", curvature_terms), ("direction_sq_avg", direction_sq)):
+            average = stacked(name)
+            average = torch.where(finite, self.beta * average + (1 - self.beta) * torch.where(finite, sample, 0.0), average)
+            torch._foreach_copy_([s[name] for s in states], list(average.unbind()))
+            averages[name] = average / bias_correction
+        torch._foreach_copy_([s["refreshes"] for s in states], list(refreshes.unbind()))
+
+        step = min(group["step"] for group, _ in active)
+        if step < self.warmup_steps:  # the averages fill; the plain step size stands
+            self.last_refresh = {"curvature": averages["curvature_avg"], "rho": averages["rho_avg"]}
+            return
+        step_size = damped_newton_step_size(averages["rho_avg"], averages["curvature_avg"], averages["direction_sq_avg"],
+                                            self.damping, self.alpha_max)
+        step_size = torch.where(refreshes > 0, step_size, stacked("step_size"))
+        joint_scale = torch.ones((), device=rho.device)
+        if self.joint_rescale:
+            layer_lrs = torch.tensor([group["lr"] * group["lr_scale"] for group, _ in active], device=rho.device)
+            scales = layer_lrs * step_size
+            with torch.enable_grad():
+                joint = curvature.joint_term(params, [s * d for s, d in zip(scales, directions)]).float()
+            decrease = (scales * torch.where(finite, rho, 0.0)).sum()  # g . u: the first-order decrease along u
+            joint_scale = torch.where(joint > 0, (decrease / joint).clamp(0.0, 1.0), 1.0)
+            joint_scale = torch.where(torch.isfinite(joint_scale), joint_scale, 1.0)
+            step_size = step_size * joint_scale
+        torch._foreach_copy_([s["step_size"] for s in states], list(step_size.unbind()))
+        self.last_refresh = {"step_size": step_size, "joint_scale": joint_scale,
+                             "curvature": averages["curvature_avg"], "rho": averages["rho_avg"]}
+
+
+def damped_newton_step_size(rho, curvature, direction_sq, damping: float, alpha_max: float) -> torch.Tensor:
+    """alpha = rho / (delta (delta + rho)) with delta = sqrt(max(q, 0) + damping |d|^2); 0 where rho <= 0,
+    at most alpha_max (zero curvature and no damping give rho / 0 = inf, capped)."""
+    delta = torch.sqrt(curvature.clamp(min=0.0) + damping * direction_sq)
+    step_size = rho / (delta * (delta + rho))
+    return torch.where(rho > 0, step_size.nan_to_num(nan=alpha_max, posinf=alpha_max).clamp(max=alpha_max), 0.0)
+
+
+class SGDMomentumLW(LayerwiseAdaptive):
+    """SGD-m-LW: d_l = the momentum buffer after this step's gradient (torch.optim.SGD's, dampening 0),
+    buf = momentum * buf + g. Before warmup_steps and with joint_rescale off it is SGD with momentum and
+    decoupled weight decay at lr * warmup_lr."""
+
+    state_names = ("momentum_buffer", "step_size")
+    scalar_keys = ("lr", "momentum")
+
+    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_lr=0.1, alpha_max=10.0, beta=0.5, damping=1e-8,
+                 warmup_steps=10, joint_rescale=True, backend="auto"):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), backend,
+                         warmup_lr, alpha_max, beta, damping, warmup_steps, joint_rescale)
+
+    def _direction(self, group, p):
+        return self.state[p]["momentum_buffer"] * group["momentum"] + p.grad
+
+    def _update_torch(self, group, params, grads, states):
+        lr = group["lr"] * group["lr_scale"]
+        for p, g, buffer, step_size in zip(params, grads, *states):
+            lr_t = lr * step_size
+            if group["weight_decay"]:
+                p.mul_(1 - lr_t * group["weight_decay"])
+            buffer.mul_(group["momentum"]).add_(g)
+            p.sub_(lr_t * buffer)
+
+    def _launch_step(self, plan, grads, found_inf, group):
+        params, buffers, step_sizes = plan.tables("param", "momentum_buffer", "step_size")
+        optim._launch(optim._sgd_momentum_kernel, plan.grid, params, grads, buffers, step_sizes, plan.lr_scale, plan.weight_decay,
+                      *plan.chunk_tables(), found_inf, group["lr"], group["momentum"], BLOCK=optim.BLOCK,
+                      num_warps=optim.NUM_WARPS, HAS_STEP_SIZE=True)
+
+
+class AdamWLW(LayerwiseAdaptive):
+    """AdamW-LW: d_l = AdamW's bias-corrected direction m_hat / (sqrt(v_hat) + eps) after this step's
+    gradient. Before warmup_steps it is torch.optim.AdamW at lr * warmup_lr."""
+
+    state_names = ("exp_avg", "exp_avg_sq", "step_size")
+    scalar_keys = ("lr", "betas", "eps")
+
+    def __init__(self, params, lr=1.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup_lr=1e-3, alpha_max=0.1, beta=0.5,
+                 damping=1e-8, warmup_steps=10, joint_rescale=True, backend="auto"):
+        optim._check_nonnegative_finite("eps", eps)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), backend,
+                         warmup_lr, alpha_max, beta, damping, warmup_steps, joint_rescale)
+
+    def _direction(self, group, p):
+        state, (beta1, beta2), step = self.state[p], group["betas"], group["step"] + 1
+        exp_avg = state["exp_avg"].lerp(p.grad, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * p.grad.square()
+        return (exp_avg / (1 - beta1**step)) / (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step) + group["eps"])
+
+    def _update_torch(self, group, params, grads, states):
+        beta1, beta2 = group["betas"]
+        lr, step = group["lr"] * group["lr_scale"], group["step"]
+        for p, g, exp_avg, exp_avg_sq, step_size in zip(params, grads, *states):
+            lr_t = lr * step_size
+            if group["weight_decay"]:
+                p.mul_(1 - lr_t * group["weight_decay"])
+            exp_avg.lerp_(g, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+            p.sub_((lr_t / (1 - beta1**step)) * (exp_avg / denom))
+
+    def _launch_step(self, plan, grads, found_inf, group):
+        beta1, beta2 = group["betas"]
+        step = group["step"]
+        params, exp_avgs, exp_avg_sqs, step_sizes = plan.tables("param", "exp_avg", "exp_avg_sq", "step_size")
+        optim._launch(optim._adamw_kernel, plan.grid, params, grads, exp_avgs, exp_avg_sqs, step_sizes, plan.lr_scale, plan.weight_decay,
+                      *plan.chunk_tables(), found_inf, group["lr"], beta1, beta2, group["eps"],
+                      1 - beta1**step, math.sqrt(1 - beta2**step), BLOCK=optim.BLOCK, num_warps=optim.NUM_WARPS, HAS_STEP_SIZE=True)
+
+
+OPTIMIZERS = {"sgdm_lw": SGDMomentumLW, "adamw_lw": AdamWLW}
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The curvature terms averaged over DDP ranks (each measured them on its own batch)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.AVG)
+    return tensor
