@@ -24,11 +24,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import RESULTS, results_base, sync  # noqa: E402
 
+import lwas  # noqa: E402
 import optim  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import environment  # noqa: E402
 
-BYTES_PER_PARAM = {"adamw": 28, "lion": 20, "sophiag": 24, "adam_mini": 24}  # Adam-mini reads the gradient twice
+# Adam-mini reads the gradient twice; LW-AS's step moves AdamW's bytes, or SGD-momentum's (param r/w, grad r, buffer r/w)
+BYTES_PER_PARAM = {"adamw": 28, "lion": 20, "sophiag": 24, "adam_mini": 24, "adamw_lw": 28, "sgdm_lw": 20}
 
 
 def parameter_shapes(preset: str) -> list[tuple[str, torch.Size]]:
@@ -67,6 +69,9 @@ def contenders(device, named_shapes, config):
         "ours Lion, per-layer groups": ("lion", lambda ps: optim.Lion(per_layer(ps), lr=1e-4, weight_decay=1.0)),
         "ours SophiaG, per-layer groups": ("sophiag", lambda ps: optim.SophiaG(per_layer(ps), lr=6e-4, rho=0.05, weight_decay=0.2, bs=491_520)),
         "ours Adam-mini, per-layer groups": ("adam_mini", lambda ps: optim.AdamMini(named_per_layer(ps), lr=6e-4, n_head=config.n_head)),
+        # LW-AS between refreshes (the refresh needs a model: bench_train.py times it): its step reads a step size per tensor
+        "ours AdamW-LW step, per-layer groups": ("adamw_lw", lambda ps: lwas.AdamWLW(per_layer(ps), lr=0.1)),
+        "ours SGD-m-LW step, per-layer groups": ("sgdm_lw", lambda ps: lwas.SGDMomentumLW(per_layer(ps), lr=1.0)),
     }
     try:
         from lion_pytorch import Lion

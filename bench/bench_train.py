@@ -8,7 +8,9 @@
 Each row runs train.Trainer.step, the loop's own step, on random token ids (speed does not depend on
 the data): our AdamW with lr_rule=single and with lr_rule=lwlr (the multipliers' only cost is inside
 the fused step), Lion, SophiaG (its Hessian refresh every hess_interval steps amortized: timed steps
-are a multiple of it), and torch.optim.AdamW(fused=True). MFU counts 6N + 12 L C T FLOPs per token
+are a multiple of it), AdamW-LW with its Gauss-Newton and Rademacher curvature passes (every lw_interval
+steps, likewise amortized; the exact estimator, an HVP per layer, is for small models), and
+torch.optim.AdamW(fused=True). MFU counts 6N + 12 L C T FLOPs per token
 (PaLM, appendix B) against the device's dense bf16 peak (runtime.PEAK_BF16_FLOPS). The optimizer's
 share is optimizer.step() timed alone on the same gradients. Writes bench/results/train-<device>.json
 and .md (device, versions, commit).
@@ -32,7 +34,9 @@ import train  # noqa: E402
 from data.tokenfile import write_tokens  # noqa: E402
 from runtime import environment, peak_flops, peak_memory_gib  # noqa: E402
 
-ROWS = (("adamw", "single"), ("adamw", "lwlr"), ("lion", "lwlr"), ("sophiag", "lwlr"), ("adamw_torch", "single"))
+# (optimizer, lr_rule, LW-AS curvature or "")
+ROWS = (("adamw", "single", ""), ("adamw", "lwlr", ""), ("lion", "lwlr", ""), ("sophiag", "lwlr", ""),
+        ("adamw_lw", "single", "gauss_newton"), ("adamw_lw", "single", "rademacher"), ("adamw_torch", "single", ""))
 
 
 def random_token_dir(vocab_size: int) -> str:
@@ -42,11 +46,12 @@ def random_token_dir(vocab_size: int) -> str:
     return path
 
 
-def bench_row(preset, optimizer, rule, args, device, data_dir) -> dict:
+def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> dict:
     overrides = dict(
         model=preset, block_size=args.block_size, micro_batch_size=args.micro_batch_size,
         tokens_per_step=args.micro_batch_size * args.block_size * args.grad_accum, optimizer=optimizer, lr_rule=rule,
         lwlr_T=1, data_dir=data_dir, device=str(device), compile=args.compile, hess_interval=10, warmup_steps=1, max_steps=10**6,
+        **({"lw_curvature": curvature} if curvature else {}),
     )
     trainer = train.fresh_trainer(overrides, device)  # the lwlr measurement is not timed: once per run
     c, model = trainer.c, trainer.raw_model
@@ -55,7 +60,8 @@ def bench_row(preset, optimizer, rule, args, device, data_dir) -> dict:
     for step in range(args.warmup):
         trainer.step(step)
     sync(device)
-    steps = -(-args.steps // c.hess_interval) * c.hess_interval if optimizer == "sophiag" else args.steps
+    interval = {"sophiag": c.hess_interval, "sgdm_lw": c.lw_interval, "adamw_lw": c.lw_interval}.get(optimizer, 1)
+    steps = -(-args.steps // interval) * interval  # whole refresh intervals: their cost amortized exactly
     start = time.perf_counter()
     for step in range(args.warmup, args.warmup + steps):
         trainer.step(step)
@@ -65,7 +71,7 @@ def bench_row(preset, optimizer, rule, args, device, data_dir) -> dict:
     peak = peak_flops(device)
     tokens_per_s = c.tokens_per_step / seconds
     return {
-        "model": preset, "optimizer": optimizer, "lr_rule": rule, "param_groups": len(trainer.optimizer.param_groups),
+        "model": preset, "optimizer": optimizer, "lr_rule": rule, "lw_curvature": curvature or None, "param_groups": len(trainer.optimizer.param_groups),
         "tokens_per_step": c.tokens_per_step, "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_s,
         "mfu": model.flops_per_token() * tokens_per_s / peak if peak else None, "peak_mem_gib": peak_memory_gib(device),
         "optimizer_ms": 1000 * optimizer_seconds, "optimizer_fraction": optimizer_seconds / seconds, "steps_timed": steps,
@@ -98,10 +104,10 @@ def main(argv=None):
     parser.add_argument("--block_size", type=int, default=None, help="default 1024 on CUDA, 128 on CPU")
     parser.add_argument("--micro_batch_size", type=int, default=None, help="default 16 on CUDA, 8 on CPU")
     parser.add_argument("--grad_accum", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (rounded up to a multiple of hess_interval for SophiaG)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (rounded up to whole refresh intervals for SophiaG and LW-AS)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--compile", default="auto", help="auto (on for CUDA) | true | false")
-    parser.add_argument("--rows", nargs="+", default=None, help="optimizer:rule pairs, e.g. adamw:single adamw:lwlr")
+    parser.add_argument("--rows", nargs="+", default=None, help="optimizer:rule[:curvature], e.g. adamw:single adamw_lw:lwlr:rademacher")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -109,16 +115,16 @@ def main(argv=None):
     args.block_size = args.block_size or (1024 if cuda else 128)
     args.micro_batch_size = args.micro_batch_size or (16 if cuda else 8)
     models = args.models or (["gpt2", "gpt2-large"] if cuda else ["gpt2-mini"])
-    rows_wanted = [tuple(r.split(":")) for r in args.rows] if args.rows else ROWS
+    rows_wanted = [(*r.split(":"), "")[:3] for r in args.rows] if args.rows else ROWS
     env = environment(device)
     data_dir = random_token_dir(50257)
     rows = []
     for preset in models:
-        for optimizer, rule in rows_wanted:
-            row = bench_row(preset, optimizer, rule, args, device, data_dir)
+        for optimizer, rule, curvature in rows_wanted:
+            row = bench_row(preset, optimizer, rule, curvature, args, device, data_dir)
             rows.append(row)
             mfu = f"{100 * row['mfu']:5.1f}% MFU" if row["mfu"] else "MFU n/a"
-            print(f"{preset:10} {optimizer:12} {rule:7} {row['ms_per_step']:9.1f} ms/step {row['tokens_per_s']:12,.0f} tok/s  {mfu}"
+            print(f"{preset:10} {label(row):25} {rule:7} {row['ms_per_step']:9.1f} ms/step {row['tokens_per_s']:12,.0f} tok/s  {mfu}"
                   f"  optimizer {row['optimizer_ms']:.2f} ms ({100 * row['optimizer_fraction']:.1f}%)  mem {row['peak_mem_gib']:.2f} GiB")
             if cuda:
                 torch.cuda.empty_cache()
@@ -129,16 +135,24 @@ def main(argv=None):
     return rows
 
 
+def label(row) -> str:
+    return f"{row['optimizer']} ({row['lw_curvature']})" if row["lw_curvature"] else row["optimizer"]
+
+
 def compute_ratios(rows) -> list[str]:
     lines = []
     for preset in dict.fromkeys(r["model"] for r in rows):
-        by = {(r["optimizer"], r["lr_rule"]): r for r in rows if r["model"] == preset}
+        by = {(label(r), r["lr_rule"]): r for r in rows if r["model"] == preset}
         if ("adamw", "single") in by and ("adamw", "lwlr") in by:
             extra = by[("adamw", "lwlr")]["ms_per_step"] / by[("adamw", "single")]["ms_per_step"] - 1
             lines.append(f"{preset}: lr_rule=lwlr costs {100 * extra:+.2f}% step time against single (AdamW)")
         if ("adamw", "single") in by and ("adamw_torch", "single") in by:
             speedup = by[("adamw_torch", "single")]["ms_per_step"] / by[("adamw", "single")]["ms_per_step"]
             lines.append(f"{preset}: our AdamW step is {speedup:.3f}x torch.optim.AdamW(fused=True)")
+        for (name, rule), row in by.items():
+            if row["lw_curvature"] and ("adamw", rule) in by:
+                extra = row["ms_per_step"] / by[("adamw", rule)]["ms_per_step"] - 1
+                lines.append(f"{preset}: {name} costs {100 * extra:+.1f}% step time against AdamW ({rule})")
     return lines
 
 
@@ -153,7 +167,7 @@ def write_results(out_dir, env, args, rows, ratios):
     ]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-        lines.append(f"| {r['model']} | {r['optimizer']} | {r['lr_rule']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+        lines.append(f"| {r['model']} | {label(r)} | {r['lr_rule']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
                      f"{r['optimizer_ms']:.2f} ({100 * r['optimizer_fraction']:.1f}%) | {r['peak_mem_gib']:.2f} |")
     lines += [""] + [f"- {line}" for line in ratios]
     with open(base + ".md", "w") as f:

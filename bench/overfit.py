@@ -42,6 +42,9 @@ LR_GRIDS = {
     "adam_mini": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1],
     "sophiag": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1],
     "lion": [3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2],
+    # LW-AS: lr is the multiplier eta on the curvature step sizes (1 = as computed)
+    "sgdm_lw": [0.03, 0.1, 0.3, 1.0, 3.16],  # 3.16 added after 1.0 came out best
+    "adamw_lw": [0.03, 0.1, 0.3, 1.0],
 }
 
 
@@ -66,8 +69,8 @@ class Sweep:
 
 
 PRESETS = {
-    # 4 optimizers x 2 rules x 6 lrs = 48 runs of 100 steps on gpt2-tiny: 4 fixed batches of 4 x 64 tokens.
-    "tiny-cpu": Sweep(model="gpt2-tiny", optimizers=["adamw", "adam_mini", "lion", "sophiag"], rules=["single", "lwlr"], lrs=LR_GRIDS,
+    # (4 optimizers x 6 lrs + 9 LW-AS etas) x 2 rules = 66 runs of 100 steps on gpt2-tiny: 4 fixed batches of 4 x 64 tokens.
+    "tiny-cpu": Sweep(model="gpt2-tiny", optimizers=["adamw", "adam_mini", "lion", "sophiag", "sgdm_lw", "adamw_lw"], rules=["single", "lwlr"], lrs=LR_GRIDS,
                       residual_scales=[False], seeds=[0], steps=100, subset_batches=4, micro_batch_size=4, block_size=64,
                       warmup_steps=10, lwlr_T=20),
     # GPT-2 124M. The published subset size, batch and steps are unknown; ours: 16 distinct batches of

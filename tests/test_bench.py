@@ -20,15 +20,16 @@ def test_bench_train_reports_every_row(tmp_path):
 
     rows = bench_train.main(["--device=cpu", "--models", "gpt2-tiny", "--steps=2", "--warmup=1", "--block_size=32",
                              "--micro_batch_size=2", "--compile=false", f"--out={tmp_path}"])
-    assert [(r["optimizer"], r["lr_rule"]) for r in rows] == list(bench_train.ROWS)
+    assert [(r["optimizer"], r["lr_rule"], r["lw_curvature"] or "") for r in rows] == list(bench_train.ROWS)
     for row in rows:
         for key in ("ms_per_step", "tokens_per_s", "peak_mem_gib", "optimizer_ms", "optimizer_fraction"):
             assert row[key] > 0, key
         assert row["mfu"] is None  # no peak FLOPs are known for a CPU
     sophia = next(r for r in rows if r["optimizer"] == "sophiag")
     assert sophia["steps_timed"] == 10  # rounded up to a whole Hessian interval
+    assert all(r["steps_timed"] == 5 for r in rows if r["lw_curvature"])  # and to a whole LW-AS refresh interval
     report = json.loads(only_file(tmp_path, "train-", ".json").read_text())
-    assert report["env"]["torch"] and report["env"]["commit"] and len(report["ratios"]) == 2
+    assert report["env"]["torch"] and report["env"]["commit"] and len(report["ratios"]) == 4
     assert "| gpt2-tiny | adamw | lwlr |" in only_file(tmp_path, "train-", ".md").read_text()
 
 
@@ -39,7 +40,7 @@ def test_bench_optim_reports_ours_against_the_peers(tmp_path):
     report = json.loads(only_file(tmp_path, "optim-", ".json").read_text())
     names = {row["optimizer"] for row in report["rows"]}
     assert {"torch AdamW fused, 1 group", "lion-pytorch", "sophia-opt", "adam-mini (official)", "ours SophiaG, per-layer groups",
-            "ours Adam-mini, per-layer groups"} <= names
+            "ours Adam-mini, per-layer groups", "ours AdamW-LW step, per-layer groups", "ours SGD-m-LW step, per-layer groups"} <= names
     assert report["copy_GBps"] > 0 and all(row["GB/s"] > 0 for row in report["rows"])
     ours = next(row for row in report["rows"] if row["optimizer"] == "ours AdamW, per-layer groups")
     assert set(ours["speedup_vs"]) == {"torch AdamW fused, 1 group", "torch AdamW fused, per-layer groups"}
