@@ -225,7 +225,6 @@ class Trainer:
             refresh_sophia_hessian(self.model, self.optimizer, micro_batches, self.ctx, self.sync_context)
         return lr, step_loss, grad_norm, self.found_inf
 
-
     def refresh_step_sizes(self, x, y):
         """LW-AS: new per-layer step sizes from a curvature pass on (part of) this rank's first micro-batch,
         through the uncompiled model (double backward and forward-mode AD do not go through torch.compile)."""
