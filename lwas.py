@@ -41,6 +41,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import optim
+from model import sampled_label_loss
 
 CURVATURES = ("gauss_newton", "rademacher", "exact")
 
@@ -80,16 +81,6 @@ class Curvature:
             self._grads = torch.autograd.grad(loss, params, create_graph=True)
         return self._grads
 
-    def _hessian_vector_product(self, params, outputs, inputs, vectors):
-        """H restricted to rows `inputs` times `vectors` (a gradient that does not depend on a tensor
-        gives zeros: that block's curvature is 0)."""
-        outputs = [(o, v) for o, v in zip(outputs, vectors) if o.requires_grad]
-        if not outputs:
-            return [torch.zeros_like(p) for p in inputs]
-        products = torch.autograd.grad([o for o, _ in outputs], inputs, grad_outputs=[v for _, v in outputs],
-                                       retain_graph=True, allow_unused=True)
-        return [torch.zeros_like(p) if h is None else h for p, h in zip(inputs, products)]
-
     def block_terms(self, params: list[torch.Tensor], directions: list[torch.Tensor], signs: torch.Tensor | None = None) -> torch.Tensor:
         """q_l, an estimate of d_l . C_ll . d_l for every layer: a float32 vector of len(params).
         `signs` fixes rademacher's s_l (tests); by default they are drawn from torch's RNG."""
@@ -97,31 +88,38 @@ class Curvature:
             return self.reduce(self._gauss_newton_blocks(params, directions))
         grads = self._loss_gradients(params)
         if self.kind == "exact":
-            terms = [_dot(d, self._hessian_vector_product(params, [g], [p], [d])[0]) for p, g, d in zip(params, grads, directions)]
+            terms = [_dot(d, _hessian_vector_product([g], [p], [d])[0]) for p, g, d in zip(params, grads, directions)]
             return self.reduce(torch.stack(terms))
         if signs is None:
             signs = torch.randint(0, 2, (len(params),), device=directions[0].device).float() * 2 - 1
-        products = self._hessian_vector_product(params, grads, params, [s * d for s, d in zip(signs, directions)])
+        products = _hessian_vector_product(grads, params, [s * d for s, d in zip(signs, directions)])
         return self.reduce(torch.stack([s * _dot(d, h) for s, d, h in zip(signs, directions, products)]))
 
     def _gauss_newton_blocks(self, params, directions):
         with self.ctx:
             logits, _ = self.model(self.x)
-        logits = logits.float().view(-1, logits.size(-1))  # (N, vocab)
-        with torch.no_grad():
-            sampled = torch.distributions.Categorical(logits=logits).sample()
-        loss = torch.nn.functional.cross_entropy(logits, sampled)
-        sampled_grads = torch.autograd.grad(loss, params, allow_unused=True)
-        tokens = logits.size(0)
+        sampled_grads = torch.autograd.grad(sampled_label_loss(logits), params, allow_unused=True)
+        tokens = logits.numel() // logits.size(-1)
         return torch.stack([tokens * _dot(d, g).square() if g is not None else torch.zeros((), device=d.device)
                             for d, g in zip(directions, sampled_grads)])
 
     def joint_term(self, params: list[torch.Tensor], vectors: list[torch.Tensor]) -> torch.Tensor:
         """u . C . u for the whole-model vector u = vectors (one tensor per parameter in params)."""
         if self.kind != "gauss_newton":
-            products = self._hessian_vector_product(params, self._loss_gradients(params), params, vectors)
+            products = _hessian_vector_product(self._loss_gradients(params), params, vectors)
             return self.reduce(sum(_dot(u, h) for u, h in zip(vectors, products)))
         return self.reduce(gauss_newton_quadratic_form(self.model, self.x, params, vectors, self.ctx))
+
+
+def _hessian_vector_product(gradients, inputs, vectors):
+    """The Hessian's rows `inputs` times `vectors`: the gradient of sum(gradients . vectors) w.r.t. inputs
+    (a gradient that does not depend on a tensor gives zeros: that block's curvature is 0)."""
+    outputs = [(o, v) for o, v in zip(gradients, vectors) if o.requires_grad]
+    if not outputs:
+        return [torch.zeros_like(p) for p in inputs]
+    products = torch.autograd.grad([o for o, _ in outputs], inputs, grad_outputs=[v for _, v in outputs],
+                                   retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h for p, h in zip(inputs, products)]
 
 
 def gauss_newton_quadratic_form(model, x, params, tangents, ctx) -> torch.Tensor:

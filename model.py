@@ -240,6 +240,16 @@ def _convert_hf_state_dict(hf_state: dict, n_layer: int) -> dict:
     return out
 
 
+def sampled_label_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (..., vocab) against labels sampled from their own softmax. Over N
+    tokens its gradient g_hat has E[N g_hat g_hat^T] = the Gauss-Newton matrix: Sophia's estimator of its
+    diagonal (train.refresh_sophia_hessian), and LW-AS's Gauss-Newton curvature (lwas.Curvature)."""
+    logits = logits.float().view(-1, logits.size(-1))  # (N, vocab)
+    with torch.no_grad():
+        sampled = torch.distributions.Categorical(logits=logits).sample()
+    return F.cross_entropy(logits, sampled)
+
+
 @torch.no_grad()
 def init_weights(model: GPT, scheme: str = "gpt2") -> None:
     """(Re-)initialize every parameter by a named scheme.

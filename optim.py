@@ -603,5 +603,3 @@ class AdamMini(FusedOptimizer):
                 plan.weight_decay, *plan.chunk_tables(), found_inf, group["lr"], beta1, beta2, group["eps"],
                 1 - beta1**step, math.sqrt(1 - beta2**step), BLOCK=BLOCK, num_warps=NUM_WARPS)
 
-
-OPTIMIZERS = {"adamw": AdamW, "lion": Lion, "sophiag": SophiaG, "adam_mini": AdamMini}

@@ -32,7 +32,7 @@ import lwas
 import lwlr
 import optim
 from data.loader import TokenBatches
-from model import GPT
+from model import GPT, sampled_label_loss
 from runtime import (
     RunLog,
     Runtime,
@@ -100,9 +100,7 @@ def refresh_sophia_hessian(model, optimizer, batches, ctx, sync_context) -> None
     for i, (x, _) in enumerate(batches):
         with ctx, sync_context(i == len(batches) - 1):
             logits, _ = model(x)
-            sampled = torch.distributions.Categorical(logits=logits.float()).sample()
-            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), sampled.view(-1))
-            (loss / len(batches)).backward()
+            (sampled_label_loss(logits) / len(batches)).backward()
     optimizer.update_hessian()
     optimizer.zero_grad(set_to_none=True)
 
