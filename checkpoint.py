@@ -48,6 +48,14 @@ def _write_file(path: str, write) -> dict:
     return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
 
 
+def _remove(path: str) -> None:
+    """Whatever stands at path, a folder or a plain file (a step-* name can be either after damage)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def step_dir(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, f"step-{step:08d}")
 
@@ -76,15 +84,18 @@ def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_las
         meta = {"format_version": FORMAT_VERSION, "step": step, **meta, "files": files}
         _write_file(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
         _fsync_dir(tmp)
-        if os.path.exists(final):  # a re-save of the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
+        # A re-save of the same step (after a resume), or a damaged entry that was skipped: replace it.
+        _remove(final)
         os.rename(tmp, final)
         _fsync_dir(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in complete_steps(out_dir)[keep_last:]:
-        shutil.rmtree(step_dir(out_dir, old), ignore_errors=True)
+        try:
+            _remove(step_dir(out_dir, old))
+        except OSError:  # retention is housekeeping: the new checkpoint is already in place
+            pass
     return final
 
 
@@ -100,19 +111,27 @@ def verify(path: str) -> dict:
     """meta.json of the checkpoint at path, after checking each file's size and SHA-256."""
     meta_path = os.path.join(path, "meta.json")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-    for name, expected in meta["files"].items():
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSON syntax and undecodable bytes (UnicodeDecodeError) alike
+        raise CheckpointError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{meta_path}: format version {version}, expected {FORMAT_VERSION}")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"bytes", "sha256"} <= e.keys() for e in files.values()):
+        raise CheckpointError(f"{meta_path}: no valid file list")
+    for name, expected in files.items():
         file_path = os.path.join(path, name)
         if not os.path.isfile(file_path):
             raise CheckpointError(f"{file_path}: missing")
         if os.path.getsize(file_path) != expected["bytes"]:
             raise CheckpointError(f"{file_path}: {os.path.getsize(file_path)} bytes, expected {expected['bytes']}")
-        if _sha256(file_path) != expected["sha256"]:
+        try:
+            digest = _sha256(file_path)
+        except OSError as e:
+            raise CheckpointError(f"{file_path}: unreadable ({e})") from None
+        if digest != expected["sha256"]:
             raise CheckpointError(f"{file_path}: checksum mismatch, the file was altered")
     return meta
 

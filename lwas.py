@@ -201,8 +201,10 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
         def stacked(name):
             return torch.stack([s[name] for s in states])
 
-        # A non-finite sample (a skipped step's gradient) leaves that layer's averages as they were.
-        finite = torch.isfinite(rho) & torch.isfinite(curvature_terms) & torch.isfinite(direction_sq)
+        # A non-finite sample leaves that layer's averages as they were; a skipped step (found_inf) leaves
+        # every layer's state as it was, step sizes included. On the device: no host sync.
+        skip = self.found_inf.bool() if self.found_inf is not None else torch.zeros((), dtype=torch.bool, device=rho.device)
+        finite = torch.isfinite(rho) & torch.isfinite(curvature_terms) & torch.isfinite(direction_sq) & ~skip
         refreshes = stacked("refreshes") + finite.float()
         bias_correction = torch.where(refreshes > 0, 1 - self.beta**refreshes, 1.0)
         averages = {}
@@ -230,6 +232,7 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
             joint_scale = torch.where(joint > 0, (decrease / joint).clamp(0.0, 1.0), 1.0)
             joint_scale = torch.where(torch.isfinite(joint_scale), joint_scale, 1.0)
             step_size = step_size * joint_scale
+        step_size = torch.where(skip, stacked("step_size"), step_size)
         torch._foreach_copy_([s["step_size"] for s in states], list(step_size.unbind()))
         self.last_refresh = {"step_size": step_size, "joint_scale": joint_scale,
                              "curvature": averages["curvature_avg"], "rho": averages["rho_avg"]}

@@ -169,17 +169,23 @@ def param_groups(model: torch.nn.Module, multipliers: dict[str, float] | None, w
 def load_multipliers(path: str, model: torch.nn.Module) -> dict[str, float]:
     """Multipliers from an lwlr.json, checked against the model's layers."""
     try:
-        with open(path) as f:
-            layers = json.load(f)["layers"]
+        with open(path, "rb") as f:
+            layers = json.loads(f.read().decode("utf-8"))["layers"]
         multipliers = {layer["name"]: float(layer["multiplier"]) for layer in layers}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"lwlr_file {path}: not a readable lwlr.json ({e})") from None
-    names = set(numels_of(model))
-    extra, missing = sorted(set(multipliers) - names), sorted(names - set(multipliers))
+        shapes = {layer["name"]: tuple(layer["shape"]) for layer in layers}
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: JSON syntax, undecodable bytes
+        raise ValueError(f"lwlr_file {path}: not a readable lwlr.json ({type(e).__name__}: {e})") from None
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    extra, missing = sorted(set(multipliers) - set(params)), sorted(set(params) - set(multipliers))
     if extra:
         raise ValueError(f"lwlr_file {path}: layer(s) {', '.join(extra)} are not in the model")
     if missing:
         raise ValueError(f"lwlr_file {path}: no multiplier for the model's layer(s) {', '.join(missing)}")
+    # Same names, other sizes (another n_embd or vocabulary): multipliers measured on a different model.
+    wrong = [f"{name} {list(shapes[name])} (model {list(p.shape)})" for name, p in params.items() if shapes[name] != tuple(p.shape)]
+    if wrong:
+        raise ValueError(f"lwlr_file {path} was measured on another model: shapes differ for {', '.join(wrong[:3])}"
+                         + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
     bad = [name for name, m in multipliers.items() if not (math.isfinite(m) and m > 0)]
     if bad:
         raise ValueError(f"lwlr_file {path}: multipliers of {', '.join(bad)} are not positive finite numbers")

@@ -243,10 +243,12 @@ def _convert_hf_state_dict(hf_state: dict, n_layer: int) -> dict:
 def sampled_label_loss(logits: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits (..., vocab) against labels sampled from their own softmax. Over N
     tokens its gradient g_hat has E[N g_hat g_hat^T] = the Gauss-Newton matrix: Sophia's estimator of its
-    diagonal (train.refresh_sophia_hessian), and LW-AS's Gauss-Newton curvature (lwas.Curvature)."""
+    diagonal (train.Trainer.refresh_hessian), and LW-AS's Gauss-Newton curvature (lwas.Curvature)."""
     logits = logits.float().view(-1, logits.size(-1))  # (N, vocab)
     with torch.no_grad():
-        sampled = torch.distributions.Categorical(logits=logits).sample()
+        # Non-finite logits (a diverged step) would make the sampler raise; sample from finite stand-ins
+        # instead, so the loss below comes out non-finite and the caller's guard skips the refresh.
+        sampled = torch.distributions.Categorical(logits=torch.where(torch.isfinite(logits), logits, 0.0)).sample()
     return F.cross_entropy(logits, sampled)
 
 

@@ -372,9 +372,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             found_inf = self._found_inf_flag(plan.numel.device)
             self._launch_step(plan, grads, found_inf, bucket[0][1])
 
-    def _found_inf_flag(self, device, honour_found_inf=True):
+    def _found_inf_flag(self, device):
         """The device flag a kernel masks its stores with: found_inf, or a cached zero."""
-        if honour_found_inf and self.found_inf is not None:
+        if self.found_inf is not None:
             return self.found_inf
         if getattr(self, "_zero_flag", None) is None or self._zero_flag.device != device:
             self._zero_flag = torch.zeros((), dtype=torch.float32, device=device)
@@ -488,7 +488,8 @@ class SophiaG(FusedOptimizer):
     @torch.no_grad()
     def update_hessian(self):
         """h = beta2 * h + (1 - beta2) * g * g for every parameter with a gradient (call it after a
-        backward of the sampled-label loss)."""
+        backward of the sampled-label loss). Skipped, like step(), while found_inf is set: one non-finite
+        gradient would otherwise stay in h for good."""
         active = [(i, g, self._with_grads(g)) for i, g in enumerate(self.param_groups)]
         active = [(i, g, ps) for i, g, ps in active if ps]
         if not active:
@@ -497,6 +498,8 @@ class SophiaG(FusedOptimizer):
             for p in params:
                 self._state(p)
         if not self._use_triton(active[0][2][0].device):
+            if self.found_inf is not None and self.found_inf.item():
+                return
             for _, group, params in active:
                 hessians = [self.state[p]["hessian"] for p in params]
                 grads = [p.grad for p in params]
@@ -511,8 +514,8 @@ class SophiaG(FusedOptimizer):
             key = ("hessian", tuple((index, tuple(map(id, params))) for index, _, params in bucket))
             plan = self._plan(key, groups_params, ("hessian",))
             grads = plan.grad_pointers([p.grad for _, ps in groups_params for p in ps])
-            no_skip = self._found_inf_flag(plan.numel.device, honour_found_inf=False)
-            _launch(_ema_of_square_kernel, plan.grid, plan.pointers["hessian"], grads, *plan.chunk_tables(), no_skip,
+            _launch(_ema_of_square_kernel, plan.grid, plan.pointers["hessian"], grads, *plan.chunk_tables(),
+                    self._found_inf_flag(plan.numel.device),
                     beta2, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 

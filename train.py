@@ -94,17 +94,6 @@ def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int) -> torch.op
     raise AssertionError(f"TrainConfig admitted optimizer={c.optimizer!r}")  # CHOICES lists the names
 
 
-def refresh_sophia_hessian(model, optimizer, batches, ctx, sync_context) -> None:
-    """Sophia's Gauss-Newton-Bartlett estimator: labels sampled from the model's own predictions;
-    the gradient of that loss, squared, estimates the diagonal Gauss-Newton matrix (Liu et al. 2023)."""
-    for i, (x, _) in enumerate(batches):
-        with ctx, sync_context(i == len(batches) - 1):
-            logits, _ = model(x)
-            (sampled_label_loss(logits) / len(batches)).backward()
-    optimizer.update_hessian()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def check_resume(c: TrainConfig, meta: dict, world_size: int, path: str) -> None:
     saved = {**meta["config"], "world_size": meta["world_size"]}
     ours = {**dataclasses.asdict(c), "world_size": world_size}
@@ -220,8 +209,23 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if c.optimizer == "sophiag" and step % c.hess_interval == c.hess_interval - 1:  # Sophia's schedule
-            refresh_sophia_hessian(self.model, self.optimizer, micro_batches, self.ctx, self.sync_context)
+            self.refresh_hessian(micro_batches)
         return lr, step_loss, grad_norm, self.found_inf
+
+    def refresh_hessian(self, micro_batches):
+        """SophiaG's Gauss-Newton-Bartlett estimator: labels sampled from the model's own predictions; the
+        gradient of that loss, squared, estimates the diagonal Gauss-Newton matrix (Liu et al. 2023).
+        After a non-finite step, or when this gradient is non-finite, the estimate stays as it was and the
+        step counts as bad (found_inf): all on the device, and the same on every rank (DDP averaged it)."""
+        for micro, (x, _) in enumerate(micro_batches):
+            with self.ctx, self.sync_context(micro == len(micro_batches) - 1):
+                logits, _ = self.model(x)
+                (sampled_label_loss(logits) / len(micro_batches)).backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        hessian_grad_finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        torch.logical_or(self.found_inf, hessian_grad_finite.logical_not(), out=self.found_inf)
+        self.optimizer.update_hessian()  # reads found_inf
+        self.optimizer.zero_grad(set_to_none=True)
 
     def refresh_step_sizes(self, x, y):
         """LW-AS: new per-layer step sizes from a curvature pass on (part of) this rank's first micro-batch,

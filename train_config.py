@@ -13,6 +13,7 @@ import os
 import re
 import runpy
 import sys
+import traceback
 import types
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ class ConfigError(ValueError):
     """A config file or flag that names an unknown key, has a wrong type or an inconsistent value."""
 
 
+FLOAT32_MAX = 3.4028234663852886e38
 # The allowed values of the string keys, checked when a config is built.
 CHOICES = {
     "init_from": ("auto", "resume", "scratch"),
@@ -117,8 +119,9 @@ class TrainConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= {minimum}")
         for key in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout", "rho", "lwlr_power", "lw_warmup_lr", "lw_alpha_max", "lw_damping"):
             value = getattr(self, key)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{key}={value} must be a finite number >= 0")
+            # The kernels and optimizer states hold these in float32: a larger value overflows at step 0.
+            if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
+                raise ConfigError(f"{key}={value} must be a finite number >= 0 and at most {FLOAT32_MAX:.3g} (float32)")
         if not 0 <= self.lw_beta < 1:
             raise ConfigError(f"lw_beta={self.lw_beta} must lie in [0, 1)")
         if self.lw_micro_batch_size > self.micro_batch_size:
@@ -194,6 +197,11 @@ def load_config_file(path: str) -> dict:
         namespace = runpy.run_path(path)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}, line {e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:  # a config file is plain assignments; anything it raises is the file's error
+        line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__)) if frame.filename == path), "?")
+        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
     return {
         key: coerce(key, value, path)
         for key, value in namespace.items()

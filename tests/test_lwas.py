@@ -99,6 +99,25 @@ def test_averages_are_bias_corrected_emas_over_refreshes():
     np.testing.assert_allclose(optimizer.last_refresh["step_size"].numpy(), expected, rtol=1e-6)
 
 
+def test_a_refresh_on_a_skipped_step_leaves_every_state_as_it_was():
+    hessian, linear = coupled_quadratic()
+    model = Quadratic(hessian, linear)
+    optimizer = lwas.SGDMomentumLW(model.parameters(), lr=1.0, warmup_steps=0, alpha_max=1e6, joint_rescale=True, backend="torch")
+    with torch.no_grad():
+        model.a.fill_(1.0), model.b.fill_(-1.0)
+    model()[1].backward()
+    optimizer.refresh(lwas.Curvature("exact", model, None, None))
+    optimizer.step()
+    before = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
+    optimizer.zero_grad()
+    model()[1].backward()  # a finite gradient, but the step was flagged non-finite (e.g. another rank's)
+    optimizer.found_inf = torch.ones(())
+    optimizer.refresh(lwas.Curvature("exact", model, None, None))
+    for p in model.parameters():
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(value, before[p][key]), key
+
+
 def test_step_sizes_stay_finite_when_curvature_is_zero_or_negative():
     rho = torch.tensor([1.0, 1.0, 1.0, -1.0, 0.0, 2.0])
     curvature = torch.tensor([0.0, -5.0, 4.0, 4.0, 0.0, 0.0])

@@ -136,9 +136,9 @@ def test_bad_input_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="zero or not finite for b"):
         lwlr.compute_multipliers(nan_model, toy_batches(2), T=2, init="model")
     model = tiny_gpt()
-    layers = [{"name": n, "multiplier": 1.0} for n in lwlr.numels_of(model)]
+    layers = [{"name": n, "shape": list(p.shape), "multiplier": 1.0} for n, p in model.named_parameters()]
     path = tmp_path / "lwlr.json"
-    path.write_text(json.dumps({"layers": layers + [{"name": "transformer.h.9.attn.q_proj.weight", "multiplier": 1.0}]}))
+    path.write_text(json.dumps({"layers": layers + [{"name": "transformer.h.9.attn.q_proj.weight", "shape": [64, 64], "multiplier": 1.0}]}))
     with pytest.raises(ValueError, match="lwlr.json: layer\\(s\\) transformer.h.9.attn.q_proj.weight are not in the model"):
         lwlr.load_multipliers(str(path), model)
     path.write_text(json.dumps({"layers": layers[1:]}))

@@ -129,6 +129,24 @@ def test_found_inf_skips_the_update(backend):
     assert not torch.equal(params[0].detach(), before[0])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_found_inf_skips_a_hessian_refresh(backend):
+    params = make_params()
+    optimizer = optim.SophiaG(params, lr=LR, backend=backend)
+    set_grads(params, [torch.randn(shape) for shape in SHAPES])
+    optimizer.update_hessian()
+    hessians = [optimizer.state[p]["hessian"].clone() for p in params]
+    set_grads(params, [torch.full(shape, float("nan")) for shape in SHAPES])
+    optimizer.found_inf = torch.ones(())
+    optimizer.update_hessian()
+    for p, h in zip(params, hessians):
+        assert torch.equal(optimizer.state[p]["hessian"], h)
+    set_grads(params, [torch.ones(shape) for shape in SHAPES])
+    optimizer.found_inf = torch.zeros(())
+    optimizer.update_hessian()  # h = 0.99 h + 0.01 * 1
+    torch.testing.assert_close(optimizer.state[params[0]]["hessian"], 0.99 * hessians[0] + 0.01, **TRITON_TOLERANCE)
+
+
 def test_bad_input_fails_clearly():
     params = make_params()
     with pytest.raises(ValueError, match="lr must be finite"):

@@ -253,3 +253,98 @@ def test_safetensors_export_keeps_the_tied_weights(tmp_path):
     assert restored.lm_head.weight is restored.transformer.wte.weight
     for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def run_train(args, timeout=300):
+    """train.py as a user runs it: a subprocess, its exit code and output."""
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in error[0], error[0]
+
+
+@pytest.mark.parametrize("damage", ["binary meta.json", "file in place of the folder"])
+def test_a_damaged_newest_checkpoint_is_named_skipped_and_then_replaced(tmp_path, token_dir, damage):
+    straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+    assert train.main(tiny_run_args(straight, token_dir, max_steps=6)) == 0
+    newest = checkpoint.step_dir(str(damaged), 6)
+    if damage == "binary meta.json":  # a finished run whose newest meta.json became garbage
+        assert run_train(tiny_run_args(damaged, token_dir, max_steps=6)).returncode == 0
+        with open(os.path.join(newest, "meta.json"), "wb") as f:
+            f.write(bytes([0xFF, 0xFE, 0x00, 0x81]) * 64)
+    else:  # a run stopped at step 3, and a plain file where the step-6 folder will be saved
+        assert run_train(tiny_run_args(damaged, token_dir, max_steps=3, lr_decay_steps=6)).returncode == 0
+        with open(newest, "wb") as f:
+            f.write(b"not a checkpoint")
+    restart = run_train(tiny_run_args(damaged, token_dir, max_steps=6))
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert f"skipping corrupt checkpoint {newest}" in restart.stdout
+    assert f"resuming from {checkpoint.step_dir(str(damaged), 3)} at step 3" in restart.stdout
+    assert os.path.isdir(newest) and checkpoint.verify(newest)["step"] == 6
+    assert_identical_states(final_state(straight, 6), final_state(damaged, 6))
+
+
+# Rates far past divergence: the first steps are finite and blow the weights up, then every loss is NaN.
+DIVERGING = {"sophiag": dict(lr=1e8), "adamw_lw": dict(lr=1e20, lw_alpha_max=1e10)}
+
+
+@pytest.mark.parametrize("optimizer", sorted(DIVERGING))
+def test_a_diverging_run_with_curvature_refreshes_stops_on_the_guard_and_restarts(tmp_path, token_dir, optimizer):
+    common = dict(optimizer=optimizer, hess_interval=2, lw_interval=2, lw_warmup_steps=2, eval_interval=4, lr_rule="single")
+    straight, diverged = tmp_path / "straight", tmp_path / "diverged"
+    assert train.main(tiny_run_args(straight, token_dir, max_steps=8, **common)) == 0
+    assert run_train(tiny_run_args(diverged, token_dir, max_steps=4, lr_decay_steps=8, **common)).returncode == 0
+    blowup = run_train(tiny_run_args(diverged, token_dir, max_steps=8, max_bad_steps=2, **common, **DIVERGING[optimizer]))
+    assert_one_line_error(blowup, "consecutive steps", "max_bad_steps=2")
+    assert checkpoint.complete_steps(str(diverged)) == [4]  # nothing saved after the blow-up
+    restart = run_train(tiny_run_args(diverged, token_dir, max_steps=8, **common))
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert_identical_states(final_state(straight, 8), final_state(diverged, 8))
+
+
+def test_a_transient_nan_at_a_hessian_refresh_is_a_skipped_step_not_a_poisoned_hessian(tmp_path, token_dir, monkeypatch):
+    real_loss, calls = train.sampled_label_loss, {"n": 0}
+
+    def nan_on_the_second_refresh(logits):
+        calls["n"] += 1
+        loss = real_loss(logits)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss  # 2 micro-batches per refresh
+
+    monkeypatch.setattr(train, "sampled_label_loss", nan_on_the_second_refresh)
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, optimizer="sophiag", hess_interval=2, max_steps=6, eval_interval=6,
+                                    lr_rule="single")) == 0
+    assert [r["skipped_steps"] for r in read_log(out, "train")] == [0, 0, 0, 1, 0, 0]  # the refresh after step 4
+    model, optimizer_state = final_state(out, 6)
+    assert all(torch.isfinite(t).all() for t in model.values())
+    hessians = [s["hessian"] for s in optimizer_state["state"].values()]
+    assert all(torch.isfinite(h).all() for h in hessians) and any(h.abs().sum() > 0 for h in hessians)
+
+
+def test_bad_command_line_input_is_one_line_naming_the_file_or_key(tmp_path, token_dir):
+    assert_one_line_error(run_train(["--lr=1e39"]), "lr=1e+39", "float32")
+    config_file = tmp_path / "broken.py"
+    config_file.write_text("lr = 3e-4\nmax_steps = (\n")
+    assert_one_line_error(run_train([str(config_file)]), f"config file {config_file}, line 2", "syntax error")
+    config_file.write_text("lr = 3e-4\nmax_steps = steps_per_epoch * 2\n")
+    assert_one_line_error(run_train([str(config_file)]), f"config file {config_file}, line 2", "NameError")
+
+
+def test_multipliers_measured_on_another_model_are_refused(tmp_path, token_dir):
+    measured = tmp_path / "measured"
+    assert train.main(tiny_run_args(measured, token_dir, max_steps=1)) == 0
+    data = json.loads((measured / "lwlr.json").read_text())
+    for layer in data["layers"]:  # the same layer names with n_embd 64 instead of 32
+        layer["shape"] = [2 * n if n == 32 else n for n in layer["shape"]]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    result = run_train(tiny_run_args(out, token_dir, lwlr_file=other))
+    assert_one_line_error(result, f"lwlr_file {other} was measured on another model", "transformer.wte.weight [50257, 64] (model [50257, 32])")
+    assert not checkpoint.complete_steps(str(out))
