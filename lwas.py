@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import kernels
 import optim
 from model import sampled_label_loss
 
@@ -275,9 +276,8 @@ class SGDMomentumLW(LayerwiseAdaptive):
 
     def _launch_step(self, plan, grads, found_inf, group):
         params, buffers, step_sizes = plan.tables("param", "momentum_buffer", "step_size")
-        optim._launch(optim._sgd_momentum_kernel, plan.grid, params, grads, buffers, step_sizes, plan.lr_scale, plan.weight_decay,
-                      *plan.chunk_tables(), found_inf, group["lr"], group["momentum"], BLOCK=optim.BLOCK,
-                      num_warps=optim.NUM_WARPS, HAS_STEP_SIZE=True)
+        plan.launch(kernels._sgd_momentum_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, buffers, step_sizes,
+                    group["lr"], group["momentum"])
 
 
 class AdamWLW(LayerwiseAdaptive):
@@ -315,9 +315,8 @@ class AdamWLW(LayerwiseAdaptive):
         beta1, beta2 = group["betas"]
         step = group["step"]
         params, exp_avgs, exp_avg_sqs, step_sizes = plan.tables("param", "exp_avg", "exp_avg_sq", "step_size")
-        optim._launch(optim._adamw_kernel, plan.grid, params, grads, exp_avgs, exp_avg_sqs, step_sizes, plan.lr_scale, plan.weight_decay,
-                      *plan.chunk_tables(), found_inf, group["lr"], beta1, beta2, group["eps"],
-                      1 - beta1**step, math.sqrt(1 - beta2**step), BLOCK=optim.BLOCK, num_warps=optim.NUM_WARPS, HAS_STEP_SIZE=True)
+        plan.launch(kernels._adamw_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, exp_avg_sqs, step_sizes,
+                    group["lr"], beta1, beta2, group["eps"], 1 - beta1**step, math.sqrt(1 - beta2**step))
 
 
 OPTIMIZERS = {"sgdm_lw": SGDMomentumLW, "adamw_lw": AdamWLW}

@@ -12,7 +12,8 @@ Backends:
               size, lr_scale and weight decay, and a chunk table maps each program to (tensor, offset).
               The scalars that change every step (lr, bias corrections) are kernel arguments, so a new lr
               each step neither recompiles nor allocates. Groups whose scalar hyperparameters differ
-              (e.g. their own betas) get one launch each. fp32 parameters and states.
+              (e.g. their own betas) get one launch each. fp32 parameters and states. The kernels are in
+              kernels.py, with the reasons for their block size and 128-bit accesses.
     "torch"   foreach ops per group: the readable reference, and the CPU path.
     "auto"    triton for CUDA parameters, torch otherwise.
 
@@ -29,176 +30,29 @@ import os
 
 import torch
 import triton
-import triton.language as tl
 
-BLOCK = 4096  # elements per program: 16 per thread at 8 warps. Untuned on a GPU yet.
-NUM_WARPS = 8
+from kernels import (
+    BLOCK,
+    NUM_WARPS,
+    VECTOR_BYTES,
+    VECTOR_ELEMENTS,
+    _adam_mini_kernel,
+    _adamw_kernel,
+    _block_mean_square_kernel,
+    _ema_of_square_kernel,
+    _lion_kernel,
+    _sophiag_kernel,
+)
 
 
 def _launch(kernel, grid, *args, **meta):
-    """Every kernel launch goes through here (tests count launches by patching it)."""
+    """Every kernel launch goes through here (tests and bench/kernel_report.py record launches by patching it)."""
     kernel[grid](*args, **meta)
 
 
-@triton.jit
-def _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK: tl.constexpr):
-    """This program's tensor index, element offsets within it, and the mask (bounds and found_inf)."""
-    chunk = tl.program_id(0)
-    t = tl.load(chunk_tensor_ptr + chunk)
-    offs = tl.load(chunk_start_ptr + chunk) + tl.arange(0, BLOCK)
-    # A set found_inf shrinks every tensor to 0 elements: the step stores nothing.
-    limit = tl.where(tl.load(found_inf_ptr) == 0, tl.load(numel_ptr + t), 0)
-    return t, offs, offs < limit
-
-
-@triton.jit
-def _ptr(table_ptr, t):
-    return tl.load(table_ptr + t).to(tl.pointer_type(tl.float32))
-
-
-@triton.jit
-def _sign(x):
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
-
-
-@triton.jit
-def _tensor_lr(lr, lr_scale_ptr, step_size_ptrs, t, HAS_STEP_SIZE: tl.constexpr):
-    """The tensor's learning rate: lr * its group's lr_scale, times its own step size (a device scalar that
-    LW-AS, lwas.py, sets) where the optimizer has one."""
-    lr_t = lr * tl.load(lr_scale_ptr + t)
-    if HAS_STEP_SIZE:
-        lr_t *= tl.load(_ptr(step_size_ptrs, t))
-    return lr_t
-
-
-@triton.jit
-def _adamw_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_size_ptrs, lr_scale_ptr, weight_decay_ptr, numel_ptr,
-                  chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr,
-                  lr, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt, BLOCK: tl.constexpr, HAS_STEP_SIZE: tl.constexpr):
-    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
-    lr_t = _tensor_lr(lr, lr_scale_ptr, step_size_ptrs, t, HAS_STEP_SIZE)
-    param, exp_avg, exp_avg_sq = _ptr(param_ptrs, t), _ptr(exp_avg_ptrs, t), _ptr(exp_avg_sq_ptrs, t)
-    p = tl.load(param + offs, mask=mask)
-    g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
-    m = tl.load(exp_avg + offs, mask=mask)
-    v = tl.load(exp_avg_sq + offs, mask=mask)
-    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
-    m = m + (1.0 - beta1) * (g - m)  # torch's lerp_(g, 1 - beta1)
-    v = v * beta2 + (1.0 - beta2) * (g * g)
-    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-    p = p - (lr_t / bias_correction1) * (m / denom)
-    tl.store(param + offs, p, mask=mask)
-    tl.store(exp_avg + offs, m, mask=mask)
-    tl.store(exp_avg_sq + offs, v, mask=mask)
-
-
-@triton.jit
-def _sgd_momentum_kernel(param_ptrs, grad_ptrs, momentum_buffer_ptrs, step_size_ptrs, lr_scale_ptr, weight_decay_ptr, numel_ptr,
-                         chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr, momentum, BLOCK: tl.constexpr,
-                         HAS_STEP_SIZE: tl.constexpr):
-    """torch.optim.SGD's momentum (dampening 0, not Nesterov) with decoupled weight decay:
-    p *= 1 - lr*wd; buf = momentum * buf + g; p -= lr * buf."""
-    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
-    lr_t = _tensor_lr(lr, lr_scale_ptr, step_size_ptrs, t, HAS_STEP_SIZE)
-    param, buffer = _ptr(param_ptrs, t), _ptr(momentum_buffer_ptrs, t)
-    p = tl.load(param + offs, mask=mask)
-    g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
-    m = tl.load(buffer + offs, mask=mask) * momentum + g
-    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t)) - lr_t * m
-    tl.store(param + offs, p, mask=mask)
-    tl.store(buffer + offs, m, mask=mask)
-
-
-@triton.jit
-def _lion_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, lr_scale_ptr, weight_decay_ptr, numel_ptr,
-                 chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr, beta1, beta2, BLOCK: tl.constexpr):
-    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
-    lr_t = lr * tl.load(lr_scale_ptr + t)
-    param, exp_avg = _ptr(param_ptrs, t), _ptr(exp_avg_ptrs, t)
-    p = tl.load(param + offs, mask=mask)
-    g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
-    m = tl.load(exp_avg + offs, mask=mask)
-    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
-    p = p - lr_t * _sign(m * beta1 + (1.0 - beta1) * g)
-    m = m * beta2 + (1.0 - beta2) * g
-    tl.store(param + offs, p, mask=mask)
-    tl.store(exp_avg + offs, m, mask=mask)
-
-
-@triton.jit
-def _sophiag_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, hessian_ptrs, lr_scale_ptr, weight_decay_ptr, numel_ptr,
-                    chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr, beta1, rho_bs, BLOCK: tl.constexpr):
-    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
-    lr_t = lr * tl.load(lr_scale_ptr + t)
-    param, exp_avg = _ptr(param_ptrs, t), _ptr(exp_avg_ptrs, t)
-    p = tl.load(param + offs, mask=mask)
-    g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
-    m = tl.load(exp_avg + offs, mask=mask)
-    h = tl.load(_ptr(hessian_ptrs, t) + offs, mask=mask)
-    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
-    m = m * beta1 + (1.0 - beta1) * g
-    ratio = tl.minimum(tl.abs(m) / (rho_bs * h + 1e-15), 1.0)
-    p = p - lr_t * (_sign(m) * ratio)
-    tl.store(param + offs, p, mask=mask)
-    tl.store(exp_avg + offs, m, mask=mask)
-
-
-@triton.jit
-def _ema_of_square_kernel(target_ptrs, grad_ptrs, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr,
-                          beta, BLOCK: tl.constexpr):
-    """target = beta * target + (1 - beta) * g * g: SophiaG's Hessian estimate update."""
-    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
-    target = _ptr(target_ptrs, t)
-    g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
-    h = tl.load(target + offs, mask=mask)
-    tl.store(target + offs, h * beta + (1.0 - beta) * (g * g), mask=mask)
-
-
-@triton.jit
-def _block_mean_square_kernel(grad_ptrs, exp_avg_sq_ptrs, block_size_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr,
-                              beta2, BLOCK: tl.constexpr):
-    """Adam-mini's second moment: one program per block (a head, a row or a whole tensor) reduces
-    mean(g^2) over it in a loop, no atomics, so the result is deterministic; v = b2 * v + (1 - b2) * mean."""
-    block = tl.program_id(0)
-    t = tl.load(block_tensor_ptr + block)
-    size = tl.load(block_size_ptr + t)
-    start = tl.load(block_index_ptr + block) * size
-    grad = _ptr(grad_ptrs, t)
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    offset = 0
-    while offset < size:  # a while loop: its bound is data (Triton's interpreter needs a static range bound)
-        offs = start + offset + tl.arange(0, BLOCK)
-        g = tl.load(grad + offs, mask=offs < start + size, other=0.0)
-        total += g * g
-        offset += BLOCK
-    v_ptr = _ptr(exp_avg_sq_ptrs, t) + tl.load(block_index_ptr + block)
-    v = tl.load(v_ptr)
-    keep = tl.load(found_inf_ptr) == 0
-    tl.store(v_ptr, tl.where(keep, v * beta2 + (1.0 - beta2) * (tl.sum(total) / size), v))
-
-
-@triton.jit
-def _adam_mini_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, block_size_ptr, lr_scale_ptr, weight_decay_ptr,
-                      numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr,
-                      lr, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt, BLOCK: tl.constexpr):
-    """The update, with each element's v read from its block (block size 1: Adam, v per element)."""
-    t, offs, mask = _tensor_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, found_inf_ptr, BLOCK)
-    lr_t = lr * tl.load(lr_scale_ptr + t)
-    size = tl.load(block_size_ptr + t)
-    param, exp_avg, exp_avg_sq = _ptr(param_ptrs, t), _ptr(exp_avg_ptrs, t), _ptr(exp_avg_sq_ptrs, t)
-    p = tl.load(param + offs, mask=mask)
-    g = tl.load(_ptr(grad_ptrs, t) + offs, mask=mask)
-    m = tl.load(exp_avg + offs, mask=mask)
-    v = tl.load(exp_avg_sq + offs // size, mask=mask)
-    if size == 1:  # a bias: plain Adam
-        v = v * beta2 + (1.0 - beta2) * (g * g)
-        tl.store(exp_avg_sq + offs, v, mask=mask)
-    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
-    m = m + (1.0 - beta1) * (g - m)
-    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-    p = p - (lr_t / bias_correction1) * (m / denom)
-    tl.store(param + offs, p, mask=mask)
-    tl.store(exp_avg + offs, m, mask=mask)
+def _aligned(tensors) -> bool:
+    """Whether the kernels' ALIGNED hints hold for these tensors: storage 16-byte aligned, size a multiple of 4."""
+    return all(t.data_ptr() % VECTOR_BYTES == 0 and t.numel() % VECTOR_ELEMENTS == 0 for t in tensors)
 
 
 def _owner_and_index(counts: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,6 +80,9 @@ class _LaunchPlan:
         self.lr_scale = torch.tensor(lr_scales, dtype=torch.float32, device=device)
         self.weight_decay = torch.tensor(weight_decays, dtype=torch.float32, device=device)
         self.params = params
+        # Parameters and states keep their storage for the plan's life; gradients are checked as they come.
+        self.storage_aligned = _aligned(params) and all(_aligned(tensors) for tensors in states.values())
+        self.aligned = False
         self._grad_key = None
 
     @staticmethod
@@ -239,13 +96,17 @@ class _LaunchPlan:
                 if not g.is_contiguous() or g.dtype != torch.float32:
                     raise ValueError("backend='triton' needs contiguous fp32 gradients")
             self.pointers["grad"], self._grad_key = self._pointer_table(grads, self.numel.device), key
+            self.aligned = self.storage_aligned and _aligned(grads)
         return self.pointers["grad"]
 
     def tables(self, *names):
         return [self.pointers[name] for name in names]
 
-    def chunk_tables(self):
-        return self.numel, self.chunk_tensor, self.chunk_start
+    def launch(self, kernel, found_inf, *args):
+        """One launch over every tensor of the plan: the chunk tables and found_inf lead every elementwise
+        kernel's arguments (kernels.py); the ALIGNED build is taken where the plan's tensors allow it."""
+        _launch(kernel, self.grid, self.numel, self.chunk_tensor, self.chunk_start, found_inf, *args,
+                BLOCK=BLOCK, ALIGNED=self.aligned, num_warps=NUM_WARPS)
 
 
 def _check_nonnegative_finite(name, value):
@@ -417,10 +278,8 @@ class AdamW(FusedOptimizer):
         beta1, beta2 = group["betas"]
         step = group["step"]
         params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
-        no_step_sizes = plan.lr_scale  # never read: HAS_STEP_SIZE=False
-        _launch(_adamw_kernel, plan.grid, params, grads, exp_avgs, exp_avg_sqs, no_step_sizes, plan.lr_scale, plan.weight_decay,
-                *plan.chunk_tables(), found_inf, group["lr"], beta1, beta2, group["eps"],
-                1 - beta1**step, math.sqrt(1 - beta2**step), BLOCK=BLOCK, num_warps=NUM_WARPS, HAS_STEP_SIZE=False)
+        plan.launch(_adamw_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, exp_avg_sqs, None,
+                    group["lr"], beta1, beta2, group["eps"], 1 - beta1**step, math.sqrt(1 - beta2**step))
 
 
 class Lion(FusedOptimizer):
@@ -446,8 +305,7 @@ class Lion(FusedOptimizer):
     def _launch_step(self, plan, grads, found_inf, group):
         beta1, beta2 = group["betas"]
         params, exp_avgs = plan.tables("param", "exp_avg")
-        _launch(_lion_kernel, plan.grid, params, grads, exp_avgs, plan.lr_scale, plan.weight_decay,
-                *plan.chunk_tables(), found_inf, group["lr"], beta1, beta2, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        plan.launch(_lion_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, group["lr"], beta1, beta2)
 
 
 class SophiaG(FusedOptimizer):
@@ -482,8 +340,8 @@ class SophiaG(FusedOptimizer):
     def _launch_step(self, plan, grads, found_inf, group):
         beta1, _ = group["betas"]
         params, exp_avgs, hessians = plan.tables("param", "exp_avg", "hessian")
-        _launch(_sophiag_kernel, plan.grid, params, grads, exp_avgs, hessians, plan.lr_scale, plan.weight_decay,
-                *plan.chunk_tables(), found_inf, group["lr"], beta1, group["rho"] * group["bs"], BLOCK=BLOCK, num_warps=NUM_WARPS)
+        plan.launch(_sophiag_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, hessians,
+                    group["lr"], beta1, group["rho"] * group["bs"])
 
     @torch.no_grad()
     def update_hessian(self):
@@ -514,9 +372,7 @@ class SophiaG(FusedOptimizer):
             key = ("hessian", tuple((index, tuple(map(id, params))) for index, _, params in bucket))
             plan = self._plan(key, groups_params, ("hessian",))
             grads = plan.grad_pointers([p.grad for _, ps in groups_params for p in ps])
-            _launch(_ema_of_square_kernel, plan.grid, plan.pointers["hessian"], grads, *plan.chunk_tables(),
-                    self._found_inf_flag(plan.numel.device),
-                    beta2, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            plan.launch(_ema_of_square_kernel, self._found_inf_flag(plan.numel.device), plan.pointers["hessian"], grads, beta2)
 
 
 # Adam-mini's blocks for our parameter names, as the official code (adam-mini 1.1.1) assigns them by
@@ -594,15 +450,15 @@ class AdamMini(FusedOptimizer):
         counts = [p.numel() // size if size > 1 else 0 for p, size in zip(plan.params, sizes)]
         plan.block_size = torch.tensor(sizes, dtype=torch.int32, device=plan.numel.device)
         plan.block_tensor, plan.block_index = _owner_and_index(counts, plan.numel.device)
+        plan.blocks_aligned = all(size % VECTOR_ELEMENTS == 0 for size, count in zip(sizes, counts) if count)  # each block starts 16-byte aligned
 
     def _launch_step(self, plan, grads, found_inf, group):
         beta1, beta2 = group["betas"]
         step = group["step"]
         params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
-        if plan.block_tensor.numel():
-            _launch(_block_mean_square_kernel, (plan.block_tensor.numel(),), grads, exp_avg_sqs, plan.block_size,
-                    plan.block_tensor, plan.block_index, found_inf, beta2, BLOCK=1024, num_warps=4)
-        _launch(_adam_mini_kernel, plan.grid, params, grads, exp_avgs, exp_avg_sqs, plan.block_size, plan.lr_scale,
-                plan.weight_decay, *plan.chunk_tables(), found_inf, group["lr"], beta1, beta2, group["eps"],
-                1 - beta1**step, math.sqrt(1 - beta2**step), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        if plan.block_tensor.numel():  # 1024 elements per loop trip at 4 warps: 8 per thread, two 128-bit loads
+            _launch(_block_mean_square_kernel, (plan.block_tensor.numel(),), plan.block_size, plan.block_tensor, plan.block_index,
+                    found_inf, grads, exp_avg_sqs, beta2, BLOCK=1024, ALIGNED=plan.aligned and plan.blocks_aligned, num_warps=4)
+        plan.launch(_adam_mini_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, exp_avg_sqs,
+                    plan.block_size, group["lr"], beta1, beta2, group["eps"], 1 - beta1**step, math.sqrt(1 - beta2**step))
 

@@ -1,8 +1,11 @@
 import os
 import sys
 
-# Triton kernels run on CPU tensors through the interpreter; it must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# The optimizer tests' device: cpu, where the Triton kernels run through the interpreter (set before
+# triton is imported), or cuda on a GPU machine (bench/gpu_check.sh), where they run compiled.
+TEST_DEVICE = os.environ.get("LWLR_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest

@@ -9,6 +9,7 @@ from lion_pytorch import Lion as ReferenceLion
 from sophia_opt import SophiaG as ReferenceSophiaG
 
 import optim
+from conftest import TEST_DEVICE
 
 # Odd shapes, 1-D tensors, a single element, and one tensor spanning two kernel chunks.
 SHAPES = [(7, 13), (33,), (5, 3, 2), (1,), (optim.BLOCK + 1,)]
@@ -29,7 +30,7 @@ REFERENCES = {
 
 def make_params():
     generator = torch.Generator().manual_seed(1)
-    return [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in SHAPES]
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(TEST_DEVICE)) for shape in SHAPES]
 
 
 def reference_groups(params):
@@ -42,7 +43,7 @@ def our_groups(params):
 
 def set_grads(params, grads):
     for p, g in zip(params, grads):
-        p.grad = g.clone()
+        p.grad = g.to(p.device, copy=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -99,7 +100,7 @@ def gpt2_shapes():
 def test_one_launch_for_a_gpt2_shaped_parameter_list(monkeypatch):
     shapes = gpt2_shapes()
     assert len(shapes) == 196 and sum(math.prod(s) for s in shapes) == 124_439_808  # separate q, k, v
-    params = [torch.nn.Parameter(torch.empty(shape)) for shape in shapes]
+    params = [torch.nn.Parameter(torch.empty(shape, device=TEST_DEVICE)) for shape in shapes]
     groups = [{"params": [p], "lr_scale": 1.0 + i / 100} for i, p in enumerate(params)]  # one group per layer
     optimizer = optim.AdamW(groups, lr=1e-3, backend="triton")
     for p in params:
@@ -113,18 +114,53 @@ def test_one_launch_for_a_gpt2_shaped_parameter_list(monkeypatch):
     assert len(optimizer._plans) == 1
 
 
+def odd_offset_view(tensor):
+    """The same values in storage that starts 4 bytes past a 16-byte boundary: a parameter that is a view."""
+    base = torch.empty(tensor.numel() + 1, device=tensor.device)
+    view = base[1:].view(tensor.shape)
+    view.copy_(tensor)
+    return view
+
+
+@pytest.mark.parametrize("layout, aligned", [("aligned", True), ("odd offset view", False), ("odd size", False)])
+def test_each_storage_layout_takes_a_correct_build(layout, aligned, monkeypatch):
+    """The ALIGNED build's hints (16-byte storage, size a multiple of 4) must hold wherever it is launched;
+    a view at an odd offset or a size like 4097 takes the fallback, and both builds match torch.optim.AdamW."""
+    shapes = [(64, 8), (4,), (optim.BLOCK + 4,)] + ([(optim.BLOCK + 1,)] if layout == "odd size" else [])
+    generator = torch.Generator().manual_seed(3)
+    values = [torch.randn(shape, generator=generator).to(TEST_DEVICE) for shape in shapes]
+    if layout == "odd offset view":
+        values[-1] = odd_offset_view(values[-1])
+        assert values[-1].data_ptr() % 16 == 4
+    reference_params = [torch.nn.Parameter(v.clone()) for v in values]
+    our_params = [torch.nn.Parameter(v) for v in values]
+    assert our_params[-1].data_ptr() == values[-1].data_ptr()  # the parameter keeps the view's storage
+    reference = torch.optim.AdamW(reference_params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+    ours = optim.AdamW(our_params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1, backend="triton")
+    builds = []
+    real_launch = optim._launch
+    monkeypatch.setattr(optim, "_launch", lambda kernel, grid, *args, **meta: (builds.append(meta["ALIGNED"]), real_launch(kernel, grid, *args, **meta)))
+    for _ in range(10):
+        grads = [torch.randn(shape, generator=generator) for shape in shapes]
+        set_grads(reference_params, grads), set_grads(our_params, grads)
+        reference.step(), ours.step()
+    assert builds == [aligned] * 10
+    for reference_param, our_param in zip(reference_params, our_params):
+        torch.testing.assert_close(our_param, reference_param, **TRITON_TOLERANCE)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_found_inf_skips_the_update(backend):
     params = make_params()
     before = [p.detach().clone() for p in params]
     optimizer = optim.AdamW(params, lr=LR, backend=backend)
     set_grads(params, [torch.randn(shape) for shape in SHAPES])
-    optimizer.found_inf = torch.ones(())
+    optimizer.found_inf = torch.ones((), device=TEST_DEVICE)
     optimizer.step()
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b)
     assert torch.count_nonzero(optimizer.state[params[0]]["exp_avg"]) == 0
-    optimizer.found_inf = torch.zeros(())
+    optimizer.found_inf = torch.zeros((), device=TEST_DEVICE)
     optimizer.step()
     assert not torch.equal(params[0].detach(), before[0])
 
@@ -137,12 +173,12 @@ def test_found_inf_skips_a_hessian_refresh(backend):
     optimizer.update_hessian()
     hessians = [optimizer.state[p]["hessian"].clone() for p in params]
     set_grads(params, [torch.full(shape, float("nan")) for shape in SHAPES])
-    optimizer.found_inf = torch.ones(())
+    optimizer.found_inf = torch.ones((), device=TEST_DEVICE)
     optimizer.update_hessian()
     for p, h in zip(params, hessians):
         assert torch.equal(optimizer.state[p]["hessian"], h)
     set_grads(params, [torch.ones(shape) for shape in SHAPES])
-    optimizer.found_inf = torch.zeros(())
+    optimizer.found_inf = torch.zeros((), device=TEST_DEVICE)
     optimizer.update_hessian()  # h = 0.99 h + 0.01 * 1
     torch.testing.assert_close(optimizer.state[params[0]]["hessian"], 0.99 * hessians[0] + 0.01, **TRITON_TOLERANCE)
 
@@ -161,7 +197,7 @@ def test_bad_input_fails_clearly():
         optim.AdamW([{"params": params, "lr_scale": float("inf")}])
     with pytest.raises(ValueError, match="sparse"):
         optim.AdamW([torch.nn.Parameter(torch.eye(3).to_sparse())])
-    double = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    double = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64, device=TEST_DEVICE))
     double.grad = torch.ones(4, dtype=torch.float64)
     with pytest.raises(ValueError, match="needs contiguous fp32 parameters"):
         optim.AdamW([double], backend="triton").step()
@@ -194,7 +230,7 @@ def test_adam_mini_matches_the_official_code_over_20_steps_with_a_reload(backend
 
     import lwlr
 
-    reference_model, our_model = adam_mini_models()
+    reference_model, our_model = (model.to(TEST_DEVICE) for model in adam_mini_models())
     names = [n for n, p in our_model.named_parameters() if p.requires_grad]
     scales = {name: 0.5 + (i % 5) / 4 for i, name in enumerate(names)}
     reference = Adam_mini(reference_model.named_parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, dim=32, n_heads=2, verbose=False)
@@ -210,7 +246,7 @@ def test_adam_mini_matches_the_official_code_over_20_steps_with_a_reload(backend
     ours = ours_from()
     generator = torch.Generator().manual_seed(1)
     for step in range(20):
-        x, y = torch.randint(0, 128, (2, 2, 16), generator=generator)
+        x, y = torch.randint(0, 128, (2, 2, 16), generator=generator).to(TEST_DEVICE)
         for model in (reference_model, our_model):
             model(x, y)[1].backward()
         reference.step(), ours.step()
@@ -232,7 +268,7 @@ def test_adam_mini_refuses_a_parameter_without_a_role():
 
 
 def test_adam_mini_takes_two_launches(monkeypatch):
-    model, _ = adam_mini_models()
+    model = adam_mini_models()[0].to(TEST_DEVICE)
     import lwlr
 
     optimizer = optim.AdamMini(lwlr.param_groups(model, None, 0.1), n_head=2, backend="triton")

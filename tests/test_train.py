@@ -136,3 +136,20 @@ def test_sample_reads_the_newest_checkpoint(tmp_path, token_dir):
     assert result.stdout.startswith("ROMEO:") and "step-00000003" in result.stderr
     missing = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'none'}"], cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode == 1 and "holds no complete checkpoint" in missing.stderr
+
+
+def test_bfloat16_autocast_and_torch_compile_compose_with_the_fused_kernels_and_lwlr(tmp_path, token_dir):
+    """The GPU configuration (bf16 autocast, torch.compile, the Triton optimizer) on a CPU: the kernels run
+    interpreted, autocast and Inductor run for real. Losses and multipliers stay near the fp32 eager run's."""
+    common = dict(optimizer_backend="triton", max_steps=4, eval_interval=4, lwlr_T=4)
+    eager, gpu_like = tmp_path / "eager", tmp_path / "gpu_like"
+    assert train.main(tiny_run_args(eager, token_dir, **common)) == 0
+    assert train.main(tiny_run_args(gpu_like, token_dir, **common, dtype="bfloat16", compile="true")) == 0
+    assert read_log(gpu_like, "start")[0]["config"]["dtype"] == "bfloat16"
+    eager_losses, bf16_losses = ([r["loss"] for r in read_log(out, "train")] for out in (eager, gpu_like))
+    assert bf16_losses == pytest.approx(eager_losses, abs=2e-2) and bf16_losses != eager_losses  # close, and really bf16
+    eager_lwlr, bf16_lwlr = (json.loads((out / "lwlr.json").read_text())["layers"] for out in (eager, gpu_like))
+    for a, b in zip(eager_lwlr, bf16_lwlr):
+        assert b["multiplier"] == pytest.approx(a["multiplier"], rel=5e-2), a["name"]
+    weights = checkpoint.load_tensors(checkpoint.step_dir(str(gpu_like), 4), "model")
+    assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in weights.values())  # fp32 master weights
