@@ -157,3 +157,24 @@ def export_safetensors(model: torch.nn.Module, path: str) -> None:
     from safetensors.torch import save_model
 
     save_model(model, path)
+
+
+def find(out_dir: str | None = None, path: str | None = None, report=print) -> tuple[str, dict]:
+    """(path, meta) of the checkpoint at path, verified, or of the newest complete one in out_dir."""
+    if path:
+        return path, verify(path)
+    found = latest(out_dir, report=report)
+    if found is None:
+        raise CheckpointError(f"{out_dir} holds no complete checkpoint; train first")
+    return found
+
+
+def load_model(path: str, meta: dict):
+    """The GPT a checkpoint holds: built from the training config saved with it, weights loaded."""
+    from model import GPT
+    from train import gpt_config
+    from train_config import TrainConfig
+
+    model = GPT(gpt_config(TrainConfig(**meta["config"])))
+    model.load_state_dict(load_tensors(path, "model"))
+    return model

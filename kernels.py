@@ -3,7 +3,8 @@ launch them, and their plain-PyTorch references, are in optim.py and lwas.py.
 
 Every elementwise kernel runs on a grid of chunks: program i updates BLOCK elements of one tensor,
 found through device tables (optim._LaunchPlan) that hold each tensor's pointers, size, lr_scale and
-weight decay. All kernels open with `_chunk` and read tensors through `_tensor`.
+weight decay. All kernels open with `_chunk`, read tensors through `_tensor`, and the optimizer
+steps take their parameter (decayed) and gradient from `_param_and_grad`.
 
 Why BLOCK = 1024 at 8 warps, and the ALIGNED hints (figures from `python bench/kernel_report.py`, sm_90,
 Triton 3.6, static: compiled and assembled, not run):
@@ -66,6 +67,16 @@ def _tensor_lr(lr, lr_scale_ptr, step_size_ptrs, t):
 
 
 @triton.jit
+def _param_and_grad(param_ptrs, grad_ptrs, weight_decay_ptr, t, offs, mask, lr_t, ALIGNED: tl.constexpr):
+    """Tensor t's storage, its elements after decoupled weight decay (p * (1 - lr * wd), every optimizer's
+    first step), and its gradient."""
+    param = _tensor(param_ptrs, t, ALIGNED)
+    p = tl.load(param + offs, mask=mask) * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
+    g = tl.load(_tensor(grad_ptrs, t, ALIGNED) + offs, mask=mask)
+    return param, p, g
+
+
+@triton.jit
 def _sign(x):
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
 
@@ -78,12 +89,10 @@ def _adamw_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, l
     p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
     lr_t = _tensor_lr(lr, lr_scale_ptr, step_size_ptrs, t)
-    param, exp_avg, exp_avg_sq = _tensor(param_ptrs, t, ALIGNED), _tensor(exp_avg_ptrs, t, ALIGNED), _tensor(exp_avg_sq_ptrs, t, ALIGNED)
-    p = tl.load(param + offs, mask=mask)
-    g = tl.load(_tensor(grad_ptrs, t, ALIGNED) + offs, mask=mask)
+    param, p, g = _param_and_grad(param_ptrs, grad_ptrs, weight_decay_ptr, t, offs, mask, lr_t, ALIGNED)
+    exp_avg, exp_avg_sq = _tensor(exp_avg_ptrs, t, ALIGNED), _tensor(exp_avg_sq_ptrs, t, ALIGNED)
     m = tl.load(exp_avg + offs, mask=mask)
     v = tl.load(exp_avg_sq + offs, mask=mask)
-    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
     m = m + (1.0 - beta1) * (g - m)  # torch's lerp_(g, 1 - beta1)
     v = v * beta2 + (1.0 - beta2) * (g * g)
     denom = tl.sqrt(v) / bias_correction2_sqrt + eps
@@ -101,11 +110,10 @@ def _sgd_momentum_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf
     p *= 1 - lr*wd; buf = momentum * buf + g; p -= lr * buf."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
     lr_t = _tensor_lr(lr, lr_scale_ptr, step_size_ptrs, t)
-    param, buffer = _tensor(param_ptrs, t, ALIGNED), _tensor(momentum_buffer_ptrs, t, ALIGNED)
-    p = tl.load(param + offs, mask=mask)
-    g = tl.load(_tensor(grad_ptrs, t, ALIGNED) + offs, mask=mask)
+    param, p, g = _param_and_grad(param_ptrs, grad_ptrs, weight_decay_ptr, t, offs, mask, lr_t, ALIGNED)
+    buffer = _tensor(momentum_buffer_ptrs, t, ALIGNED)
     m = tl.load(buffer + offs, mask=mask) * momentum + g
-    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t)) - lr_t * m
+    p = p - lr_t * m
     tl.store(param + offs, p, mask=mask)
     tl.store(buffer + offs, m, mask=mask)
 
@@ -116,11 +124,9 @@ def _lion_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr
     """Lion (lion-pytorch): p *= 1 - lr*wd; p -= lr * sign(b1 m + (1 - b1) g); m = b2 m + (1 - b2) g."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
     lr_t = _tensor_lr(lr, lr_scale_ptr, None, t)
-    param, exp_avg = _tensor(param_ptrs, t, ALIGNED), _tensor(exp_avg_ptrs, t, ALIGNED)
-    p = tl.load(param + offs, mask=mask)
-    g = tl.load(_tensor(grad_ptrs, t, ALIGNED) + offs, mask=mask)
+    param, p, g = _param_and_grad(param_ptrs, grad_ptrs, weight_decay_ptr, t, offs, mask, lr_t, ALIGNED)
+    exp_avg = _tensor(exp_avg_ptrs, t, ALIGNED)
     m = tl.load(exp_avg + offs, mask=mask)
-    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
     p = p - lr_t * _sign(m * beta1 + (1.0 - beta1) * g)
     m = m * beta2 + (1.0 - beta2) * g
     tl.store(param + offs, p, mask=mask)
@@ -133,12 +139,10 @@ def _sophiag_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr,
     """SophiaG (the official code): p *= 1 - lr*wd; m = b1 m + (1 - b1) g; p -= lr sign(m) min(|m| / (rho bs h + 1e-15), 1)."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
     lr_t = _tensor_lr(lr, lr_scale_ptr, None, t)
-    param, exp_avg = _tensor(param_ptrs, t, ALIGNED), _tensor(exp_avg_ptrs, t, ALIGNED)
-    p = tl.load(param + offs, mask=mask)
-    g = tl.load(_tensor(grad_ptrs, t, ALIGNED) + offs, mask=mask)
+    param, p, g = _param_and_grad(param_ptrs, grad_ptrs, weight_decay_ptr, t, offs, mask, lr_t, ALIGNED)
+    exp_avg = _tensor(exp_avg_ptrs, t, ALIGNED)
     m = tl.load(exp_avg + offs, mask=mask)
     h = tl.load(_tensor(hessian_ptrs, t, ALIGNED) + offs, mask=mask)
-    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
     m = m * beta1 + (1.0 - beta1) * g
     ratio = tl.minimum(tl.abs(m) / (rho_bs * h + 1e-15), 1.0)
     p = p - lr_t * (_sign(m) * ratio)
@@ -191,9 +195,8 @@ def _adam_mini_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_pt
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
     lr_t = _tensor_lr(lr, lr_scale_ptr, None, t)
     size = tl.load(block_size_ptr + t)
-    param, exp_avg, exp_avg_sq = _tensor(param_ptrs, t, ALIGNED), _tensor(exp_avg_ptrs, t, ALIGNED), _tensor(exp_avg_sq_ptrs, t, ALIGNED)
-    p = tl.load(param + offs, mask=mask)
-    g = tl.load(_tensor(grad_ptrs, t, ALIGNED) + offs, mask=mask)
+    param, p, g = _param_and_grad(param_ptrs, grad_ptrs, weight_decay_ptr, t, offs, mask, lr_t, ALIGNED)
+    exp_avg, exp_avg_sq = _tensor(exp_avg_ptrs, t, ALIGNED), _tensor(exp_avg_sq_ptrs, t, ALIGNED)
     m = tl.load(exp_avg + offs, mask=mask)
     if size == 1:  # a bias: plain Adam, v per element (a contiguous access, vectorized like the others)
         v = tl.load(exp_avg_sq + offs, mask=mask)
@@ -201,7 +204,6 @@ def _adam_mini_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_pt
         tl.store(exp_avg_sq + offs, v, mask=mask)
     else:  # one v per block: a gather that mostly hits the same address (4 bytes per element from L1)
         v = tl.load(exp_avg_sq + offs // size, mask=mask)
-    p = p * (1.0 - lr_t * tl.load(weight_decay_ptr + t))
     m = m + (1.0 - beta1) * (g - m)
     denom = tl.sqrt(v) / bias_correction2_sqrt + eps
     p = p - (lr_t / bias_correction1) * (m / denom)

@@ -312,11 +312,7 @@ class AdamWLW(LayerwiseAdaptive):
             p.sub_((lr_t / (1 - beta1**step)) * (exp_avg / denom))
 
     def _launch_step(self, plan, grads, found_inf, group):
-        beta1, beta2 = group["betas"]
-        step = group["step"]
-        params, exp_avgs, exp_avg_sqs, step_sizes = plan.tables("param", "exp_avg", "exp_avg_sq", "step_size")
-        plan.launch(kernels._adamw_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, exp_avg_sqs, step_sizes,
-                    group["lr"], beta1, beta2, group["eps"], 1 - beta1**step, math.sqrt(1 - beta2**step))
+        optim.launch_adamw(plan, grads, found_inf, group, step_sizes=plan.pointers["step_size"])
 
 
 OPTIMIZERS = {"sgdm_lw": SGDMomentumLW, "adamw_lw": AdamWLW}

@@ -24,32 +24,27 @@ output-layer contributions. Baselines under the same normalization: depth_increa
 embeddings take the first block's rate, ln_f the last's) and fan_in (eta ∝ 1/sqrt(fan_in); embeddings,
 biases and LayerNorm scales have fan_in 1).
 
-    python lwlr.py [config/FILE.py] [--key=value ...]   # measure with a training config: lwlr.json, lwlr.png
-    python lwlr.py --compare a.json b.json              # max and mean deviation in percent (the paper's Table 3)
+This file is the method alone. Where a training run's multipliers come from (measured, cached, a
+baseline or a file), the lwlr.json report, its plot and the command line are in multipliers.py; the
+param groups that carry them to an optimizer are optim.param_groups.
 """
 
 import copy
-import json
 import math
-import os
 import re
-import sys
-import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from train_config import CHOICES
-
-MEASUREMENT_INITS = CHOICES["lwlr_init"]
+MEASUREMENT_INITS = ("fan_out", "fan_in", "model")
+BASELINES = ("depth_increasing", "depth_decreasing", "fan_in")
 # Layers whose gradient is zero by construction, so measuring it yields rounding noise: softmax(q.(k + b))
 # does not depend on the key bias b, and its measured mean |g| is ~1e-10 against ~1e-4 for real layers
 # (gpt2-tiny). Algorithm 1 would turn that noise into an arbitrary, huge rate. They keep multiplier 1
 # (the global rate) and the measured layers are normalized among themselves, so the overall
 # parameter-weighted mean is still 1. (The paper's GPT-2 fuses q, k, v into one tensor, which hides this.)
 ZERO_GRADIENT_BY_CONSTRUCTION = ("attn.k_proj.bias",)
-RULES = CHOICES["lr_rule"]
 BLOCK_INDEX = re.compile(r"\.h\.(\d+)\.")
 
 
@@ -141,186 +136,3 @@ def baseline_multipliers(model: torch.nn.Module, rule: str) -> dict[str, float]:
         depth = int(match.group(1)) if match else (n_layer - 1 if "ln_f" in name else 0)
         raw[name] = first + (last - first) * depth / max(1, n_layer - 1)
     return normalize(raw, numels_of(model))
-
-
-def param_groups(model: torch.nn.Module, multipliers: dict[str, float] | None, weight_decay: float, scale_decay: bool = True) -> list[dict]:
-    """torch-style param groups, each carrying `lr_scale` (the timm convention).
-
-    Parameters with the same (lr_scale, weight_decay) share a group: one global rate gives 2 groups,
-    layer-wise rates about one per layer. Matrices and embeddings are decayed; biases and LayerNorm
-    scales are not (nanoGPT, GPT-3). With scale_decay=False the decay is divided by lr_scale so the
-    per-step decay lr * weight_decay stays the global one while the gradient step is scaled.
-    """
-    multipliers = multipliers or {}
-    groups: dict[tuple[float, float], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr_scale = float(multipliers.get(name, 1.0))
-        decay = weight_decay if p.dim() >= 2 else 0.0
-        if not scale_decay:
-            decay /= lr_scale
-        group = groups.setdefault((lr_scale, decay), {"params": [], "names": [], "lr_scale": lr_scale, "weight_decay": decay})
-        group["params"].append(p)
-        group["names"].append(name)
-    return list(groups.values())
-
-
-def load_multipliers(path: str, model: torch.nn.Module) -> dict[str, float]:
-    """Multipliers from an lwlr.json, checked against the model's layers."""
-    try:
-        with open(path, "rb") as f:
-            layers = json.loads(f.read().decode("utf-8"))["layers"]
-        multipliers = {layer["name"]: float(layer["multiplier"]) for layer in layers}
-        shapes = {layer["name"]: tuple(layer["shape"]) for layer in layers}
-    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: JSON syntax, undecodable bytes
-        raise ValueError(f"lwlr_file {path}: not a readable lwlr.json ({type(e).__name__}: {e})") from None
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    extra, missing = sorted(set(multipliers) - set(params)), sorted(set(params) - set(multipliers))
-    if extra:
-        raise ValueError(f"lwlr_file {path}: layer(s) {', '.join(extra)} are not in the model")
-    if missing:
-        raise ValueError(f"lwlr_file {path}: no multiplier for the model's layer(s) {', '.join(missing)}")
-    # Same names, other sizes (another n_embd or vocabulary): multipliers measured on a different model.
-    wrong = [f"{name} {list(shapes[name])} (model {list(p.shape)})" for name, p in params.items() if shapes[name] != tuple(p.shape)]
-    if wrong:
-        raise ValueError(f"lwlr_file {path} was measured on another model: shapes differ for {', '.join(wrong[:3])}"
-                         + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
-    bad = [name for name, m in multipliers.items() if not (math.isfinite(m) and m > 0)]
-    if bad:
-        raise ValueError(f"lwlr_file {path}: multipliers of {', '.join(bad)} are not positive finite numbers")
-    return multipliers
-
-
-def report(module, multipliers: dict[str, float], grad_mean_abs: dict[str, float] | None, **meta) -> dict:
-    """The content of lwlr.json: per layer name, shape, numel, mean |g| and multiplier, plus how it was made."""
-    params = dict(module.named_parameters())
-    layers = [
-        {"name": name, "shape": list(params[name].shape), "numel": params[name].numel(),
-         "grad_mean_abs": grad_mean_abs[name] if grad_mean_abs else None, "multiplier": m}
-        for name, m in multipliers.items()
-    ]
-    return {**meta, "layers": layers}
-
-
-def save_report(data: dict, out_dir: str) -> None:
-    with open(os.path.join(out_dir, "lwlr.json"), "w") as f:
-        json.dump(data, f, indent=1)
-    plot(data, os.path.join(out_dir, "lwlr.png"))
-
-
-def layer_kind(name: str) -> str:
-    if name.endswith(".bias"):
-        return "bias"
-    for key in ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj", "wte", "wpe"):
-        if key in name:
-            return key
-    return "LayerNorm"
-
-
-KIND_COLORS = {"q_proj": "tab:blue", "k_proj": "tab:cyan", "v_proj": "tab:green", "o_proj": "tab:olive", "c_fc": "tab:orange",
-               "c_proj": "tab:red", "wte": "tab:purple", "wpe": "tab:pink", "bias": "tab:gray", "LayerNorm": "black"}
-
-
-def plot(data: dict, path: str) -> None:
-    """Multipliers in model order on a log axis: all layers, and the Linear weights alone (the paper's
-    Figures 4 and 5)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = data["layers"]
-    linear = [layer for layer in layers if layer_kind(layer["name"]) in ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")]
-    fig, axes = plt.subplots(2, 1, figsize=(12, 8))
-    for ax, subset, title in ((axes[0], layers, "all layers"), (axes[1], linear, "Linear weights")):
-        for kind, color in KIND_COLORS.items():
-            points = [(i, layer["multiplier"]) for i, layer in enumerate(subset) if layer_kind(layer["name"]) == kind]
-            if points:
-                ax.scatter(*zip(*points), s=14, color=color, label=kind)
-        ax.set_yscale("log")
-        ax.axhline(1.0, color="gray", lw=0.5)
-        ax.set_xlabel("layer, in model order")
-        ax.set_ylabel("lr multiplier")
-        ax.set_title(f"{data.get('model', '')} {data.get('rule', 'lwlr')} multipliers ({title}; init {data.get('init')}, T={data.get('T')}, power {data.get('power')})")
-        ax.legend(fontsize=7, ncol=5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def compare(path_a: str, path_b: str) -> tuple[float, float]:
-    """Max and mean |m_a - m_b| / m_b in percent over the layers both files share."""
-    a, b = ({layer["name"]: layer["multiplier"] for layer in json.load(open(p))["layers"]} for p in (path_a, path_b))
-    if set(a) != set(b):
-        raise ValueError(f"{path_a} and {path_b} cover different layers")
-    deviations = [100 * abs(a[n] - b[n]) / b[n] for n in b]
-    return max(deviations), sum(deviations) / len(deviations)
-
-
-def multipliers_for_config(c, model, ctx=None, log=print) -> tuple[dict[str, float] | None, dict | None]:
-    """The multipliers a TrainConfig asks for (None for lr_rule=single) and the report to save."""
-    if c.lr_rule == "single":
-        return None, None
-    meta = {"rule": c.lr_rule, "model": c.model, "dataset": c.data_dir or c.dataset, "seed": c.seed}
-    if c.lr_rule != "lwlr":
-        multipliers = baseline_multipliers(model, c.lr_rule)
-        return multipliers, report(model, multipliers, None, **meta)
-    if c.lwlr_file:
-        multipliers = load_multipliers(c.lwlr_file, model)
-        return multipliers, report(model, multipliers, None, **meta, source=c.lwlr_file)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    gpt_config = model.config
-    batches = c.token_batches("train", "lwlr", gpt_config)
-    device = next(model.parameters()).device
-    mine = (batches.get(t, c.micro_batch_size, 0, c.micro_batch_size, device) for t in range(rank, c.lwlr_T, world))
-    log(f"lwlr: measuring each layer's mean |gradient| at init ({c.lwlr_init}) over T={c.lwlr_T} batches ...")
-    start = time.perf_counter()
-    grads = measure_grad_mean_abs(model, mine, c.lwlr_T, c.lwlr_init, ctx)
-    seconds = time.perf_counter() - start
-    multipliers = multipliers_from_grads(grads, numels_of(model), c.lwlr_power)
-    log(f"lwlr: measured {len(grads)} layers over T={c.lwlr_T} batches of {c.micro_batch_size} in {seconds:.1f} s")
-    meta.update(T=c.lwlr_T, init=c.lwlr_init, power=c.lwlr_power, micro_batch_size=c.micro_batch_size, block_size=gpt_config.block_size, world_size=world)
-    return multipliers, report(model, multipliers, grads, **meta)
-
-
-def print_table(data: dict) -> None:
-    print(f"{'layer':44} {'shape':>14} {'mean |g|':>11} {'multiplier':>10}")
-    for layer in data["layers"]:
-        g = f"{layer['grad_mean_abs']:.3e}" if layer["grad_mean_abs"] is not None else "-"
-        print(f"{layer['name']:44} {str(tuple(layer['shape'])):>14} {g:>11} {layer['multiplier']:10.3f}")
-    values = [layer["multiplier"] for layer in data["layers"]]
-    print(f"{len(values)} layers; multipliers from {min(values):.3f} to {max(values):.3f}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from model import GPT
-    from runtime import autocast, init_runtime
-    from train_config import parse_config
-
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--compare"]:
-        if len(argv) != 3:
-            raise ValueError("usage: python lwlr.py --compare a.json b.json")
-        worst, mean = compare(argv[1], argv[2])
-        print(f"deviation of {argv[1]} from {argv[2]}: max {worst:.2f}%, mean {mean:.2f}%")
-        return 0
-    c = parse_config(argv)
-    if c.lr_rule == "single":
-        raise ValueError("lr_rule=single has no multipliers to measure; use lwlr (the default) or a baseline rule")
-    rt = init_runtime(c.device)
-    torch.manual_seed(c.seed)
-    model = GPT(c.gpt_config()).to(rt.device)
-    _, data = multipliers_for_config(c, model, autocast(rt.device, c.dtype), log=rt.print0)
-    if rt.is_main:
-        os.makedirs(c.out_dir, exist_ok=True)
-        save_report(data, c.out_dir)
-        print_table(data)
-        print(f"wrote {os.path.join(c.out_dir, 'lwlr.json')} and lwlr.png")
-    return 0
-
-
-if __name__ == "__main__":
-    from runtime import run_main
-
-    run_main(main)

@@ -8,7 +8,7 @@ Two departures from the Hugging Face layout, both for the layer-wise learning ra
   - optional residual-branch scaling `x + beta * f(x)` with beta = 1/sqrt(n_layer), applied as a
     multiplication in the forward pass (not folded into the init) so it survives any re-initialization.
 
-Parameter names (transformer.h.{i}.attn.q_proj, ...mlp.c_fc, transformer.wte) are what lwlr.py reports
+Parameter names (transformer.h.{i}.attn.q_proj, ...mlp.c_fc, transformer.wte) are what multipliers.py reports
 and what Adam-mini's name matching recognizes.
 """
 
@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loss import linear_cross_entropy
+
 
 @dataclass
 class GPTConfig:
@@ -33,6 +35,7 @@ class GPTConfig:
     dropout: float = 0.0  # 0 for pretraining; the published GPT-2 runs use none either
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
     residual_scale: bool = False  # x + f(x)/sqrt(n_layer) on both branches of every block
+    loss_chunk_rows: int = 0  # with targets: output layer + loss in chunks of this many rows, no full logits (loss.py); 0 = full logits
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -147,7 +150,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None). Logits cover every position:
-        Sophia's Hessian estimator samples labels from all of them."""
+        Sophia's Hessian estimator samples labels from all of them. With targets and loss_chunk_rows set,
+        (None, loss): the loss comes from loss.linear_cross_entropy and the logits are never built."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -155,7 +159,10 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        x = self.transformer.ln_f(x)
+        if targets is not None and self.config.loss_chunk_rows:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.config.loss_chunk_rows)
+        logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
@@ -199,6 +206,39 @@ class GPT(nn.Module):
         model = cls(config)
         model.load_state_dict(_convert_hf_state_dict(state, config.n_layer), strict=True)
         return model
+
+
+def hf_config(config: GPTConfig) -> dict:
+    """config.json of the Hugging Face GPT2LMHeadModel that computes what this model computes."""
+    if config.residual_scale:
+        raise ValueError("residual_scale is on: GPT-2 has no residual-branch scaling, so GPT2LMHeadModel would compute another function")
+    if not config.bias:
+        raise ValueError("bias=False: GPT-2 has a bias in every Linear and LayerNorm")
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+        "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+        "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "initializer_range": 0.02,
+        "scale_attn_weights": True, "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": "float32",
+    }
+
+
+def to_hf_state_dict(model: GPT) -> dict:
+    """Our weights in GPT-2's own layout, the inverse of _convert_hf_state_dict: q, k, v fused into c_attn,
+    Linear weights transposed into Conv1D's (in, out); the tied lm_head is left out (transformers ties it)."""
+    ours = model.state_dict()
+    out = {f"transformer.{name}": ours[f"transformer.{name}"] for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    for i in range(model.config.n_layer):
+        hf_block, block = f"transformer.h.{i}.", f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out[hf_block + ln + ".weight"], out[hf_block + ln + ".bias"] = ours[block + ln + ".weight"], ours[block + ln + ".bias"]
+        qkv = ("q_proj", "k_proj", "v_proj")
+        out[hf_block + "attn.c_attn.weight"] = torch.cat([ours[f"{block}attn.{n}.weight"] for n in qkv]).t()
+        out[hf_block + "attn.c_attn.bias"] = torch.cat([ours[f"{block}attn.{n}.bias"] for n in qkv])
+        for theirs, mine in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")):
+            out[f"{hf_block}{theirs}.weight"] = ours[f"{block}{mine}.weight"].t()
+            out[f"{hf_block}{theirs}.bias"] = ours[f"{block}{mine}.bias"]
+    return {name: tensor.detach().contiguous() for name, tensor in out.items()}
 
 
 def _load_hf_state_dict(path: str) -> dict:

@@ -1,7 +1,9 @@
 """Fused AdamW, Lion, SophiaG and Adam-mini that apply each param group's `lr_scale` inside one kernel
 launch; the kernels of LW-AS's SGD-momentum and AdamW (lwas.py) also read a step size per tensor.
 
-A group's step is exactly its reference's step with lr * lr_scale, weight decay included:
+One rule for every optimizer here, TorchAdamW included: param groups carry `lr_scale` (param_groups
+builds them from a model and its multipliers), the schedule sets each group's `lr` to the global rate,
+and a group's step is exactly its reference's step with lr * lr_scale, weight decay included:
     AdamW   torch.optim.AdamW (bias correction; decoupled decay p *= 1 - lr * wd)
     Lion    Chen et al. 2023, as lion-pytorch: p *= 1 - lr*wd; p -= lr * sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g
     SophiaG Liu et al. 2023, as the official code (sophia-opt): p *= 1 - lr*wd; m = b1*m + (1-b1)*g;
@@ -53,6 +55,29 @@ def _launch(kernel, grid, *args, **meta):
 def _aligned(tensors) -> bool:
     """Whether the kernels' ALIGNED hints hold for these tensors: storage 16-byte aligned, size a multiple of 4."""
     return all(t.data_ptr() % VECTOR_BYTES == 0 and t.numel() % VECTOR_ELEMENTS == 0 for t in tensors)
+
+
+def param_groups(model: torch.nn.Module, multipliers: dict[str, float] | None, weight_decay: float, scale_decay: bool = True) -> list[dict]:
+    """torch-style param groups, each carrying `lr_scale` (the timm convention) and its parameters' names.
+
+    Parameters with the same (lr_scale, weight_decay) share a group: one global rate gives 2 groups,
+    layer-wise rates about one per layer. Matrices and embeddings are decayed; biases and LayerNorm
+    scales are not (nanoGPT, GPT-3). With scale_decay=False the decay is divided by lr_scale so the
+    per-step decay lr * weight_decay stays the global one while the gradient step is scaled.
+    """
+    multipliers = multipliers or {}
+    groups: dict[tuple[float, float], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr_scale = float(multipliers.get(name, 1.0))
+        decay = weight_decay if p.dim() >= 2 else 0.0
+        if not scale_decay:
+            decay /= lr_scale
+        group = groups.setdefault((lr_scale, decay), {"params": [], "names": [], "lr_scale": lr_scale, "weight_decay": decay})
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
 
 
 def _owner_and_index(counts: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +143,6 @@ class FusedOptimizer(torch.optim.Optimizer):
     """Shared machinery: validation, state, backends, launch plans. Subclasses name their state
     buffers, their scalar hyperparameters, and give a torch update and a kernel launch."""
 
-    applies_lr_scale = True  # train.set_lr passes the global lr; lr_scale is applied here
     state_names: tuple[str, ...] = ()
     scalar_keys: tuple[str, ...] = ()  # group entries passed to the kernel as scalars
 
@@ -180,19 +204,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        active = []
-        for index, group in enumerate(self.param_groups):
-            params = self._with_grads(group)
-            if params:
-                self._validate_group(group)
-                for p in params:
-                    self._state(p)
-                group["step"] += 1
-                active.append((index, group, params))
+        active = self._active()
         if not active:
             return loss
+        for _, group, _ in active:
+            group["step"] += 1
         if self._use_triton(active[0][2][0].device):
-            self._step_triton(active)
+            for bucket in self._buckets(active, self.scalar_keys + ("step",)):
+                plan, grads, found_inf = self._bucket_plan("step", bucket, self.state_names)
+                self._launch_step(plan, grads, found_inf, bucket[0][1])
         elif self.found_inf is None or not self.found_inf.item():
             for _, group, params in active:
                 self._update_torch(group, params, [p.grad for p in params], [[self.state[p][n] for p in params] for n in self.state_names])
@@ -216,22 +236,34 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._plans[key] = plan
         return plan
 
-    def _buckets(self, active):
-        """Groups sharing every scalar hyperparameter (and step) run in one launch."""
+    def _active(self) -> list[tuple[int, dict, list]]:
+        """(index, group, parameters with a gradient) of every group that has any, their state created."""
+        active = []
+        for index, group in enumerate(self.param_groups):
+            params = self._with_grads(group)
+            if params:
+                self._validate_group(group)
+                for p in params:
+                    self._state(p)
+                active.append((index, group, params))
+        return active
+
+    @staticmethod
+    def _buckets(active, keys: tuple[str, ...]):
+        """Groups that agree on every kernel scalar in `keys` (their per-tensor lr_scale and decay are
+        tables) run in one launch."""
         buckets: dict[tuple, list] = {}
         for index, group, params in active:
-            scalars = tuple(group[k] for k in (*self.scalar_keys, "step"))
-            buckets.setdefault(scalars, []).append((index, group, params))
+            buckets.setdefault(tuple(group[k] for k in keys), []).append((index, group, params))
         return buckets.values()
 
-    def _step_triton(self, active):
-        for bucket in self._buckets(active):
-            groups_params = [(group, params) for _, group, params in bucket]
-            key = ("step", tuple((index, tuple(map(id, params)), group["lr_scale"], group["weight_decay"]) for index, group, params in bucket))
-            plan = self._plan(key, groups_params, self.state_names)
-            grads = plan.grad_pointers([p.grad for _, ps in groups_params for p in ps])
-            found_inf = self._found_inf_flag(plan.numel.device)
-            self._launch_step(plan, grads, found_inf, bucket[0][1])
+    def _bucket_plan(self, kind: str, bucket, state_names):
+        """The launch plan of a bucket (built once, then cached), this step's gradient table and found_inf."""
+        groups_params = [(group, params) for _, group, params in bucket]
+        key = (kind, tuple((index, tuple(map(id, params)), group["lr_scale"], group["weight_decay"]) for index, group, params in bucket))
+        plan = self._plan(key, groups_params, state_names)
+        grads = plan.grad_pointers([p.grad for _, ps in groups_params for p in ps])
+        return plan, grads, self._found_inf_flag(plan.numel.device)
 
     def _found_inf_flag(self, device):
         """The device flag a kernel masks its stores with: found_inf, or a cached zero."""
@@ -249,6 +281,35 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _launch_step(self, plan, grads, found_inf, group):
         raise NotImplementedError
+
+
+class TorchAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW(fused=True), the plain-PyTorch baseline, under this module's one rule: a group's
+    rate is lr * lr_scale. torch's kernel takes one rate per group, so step() hands it that product and
+    then puts the schedule's lr back (the state dict keeps the schedule's lr, as ours do)."""
+
+    def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        scheduled = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+        try:
+            return super().step(closure)
+        finally:
+            for group, lr in zip(self.param_groups, scheduled):
+                group["lr"] = lr
+
+
+def launch_adamw(plan, grads, found_inf, group, step_sizes=None) -> None:
+    """AdamW's one launch over a plan; step_sizes, a table of per-tensor step sizes, is AdamW-LW's (lwas.py)."""
+    beta1, beta2 = group["betas"]
+    step = group["step"]
+    params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
+    plan.launch(_adamw_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, exp_avg_sqs, step_sizes,
+                group["lr"], beta1, beta2, group["eps"], 1 - beta1**step, math.sqrt(1 - beta2**step))
 
 
 class AdamW(FusedOptimizer):
@@ -275,11 +336,7 @@ class AdamW(FusedOptimizer):
         torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / (1 - beta1**step))
 
     def _launch_step(self, plan, grads, found_inf, group):
-        beta1, beta2 = group["betas"]
-        step = group["step"]
-        params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
-        plan.launch(_adamw_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, exp_avg_sqs, None,
-                    group["lr"], beta1, beta2, group["eps"], 1 - beta1**step, math.sqrt(1 - beta2**step))
+        launch_adamw(plan, grads, found_inf, group)
 
 
 class Lion(FusedOptimizer):
@@ -348,13 +405,9 @@ class SophiaG(FusedOptimizer):
         """h = beta2 * h + (1 - beta2) * g * g for every parameter with a gradient (call it after a
         backward of the sampled-label loss). Skipped, like step(), while found_inf is set: one non-finite
         gradient would otherwise stay in h for good."""
-        active = [(i, g, self._with_grads(g)) for i, g in enumerate(self.param_groups)]
-        active = [(i, g, ps) for i, g, ps in active if ps]
+        active = self._active()
         if not active:
             return
-        for _, _, params in active:
-            for p in params:
-                self._state(p)
         if not self._use_triton(active[0][2][0].device):
             if self.found_inf is not None and self.found_inf.item():
                 return
@@ -364,15 +417,9 @@ class SophiaG(FusedOptimizer):
                 torch._foreach_mul_(hessians, group["betas"][1])
                 torch._foreach_addcmul_(hessians, grads, grads, 1 - group["betas"][1])
             return
-        by_beta: dict[float, list] = {}
-        for index, group, params in active:
-            by_beta.setdefault(group["betas"][1], []).append((index, group, params))
-        for beta2, bucket in by_beta.items():
-            groups_params = [(group, params) for _, group, params in bucket]
-            key = ("hessian", tuple((index, tuple(map(id, params))) for index, _, params in bucket))
-            plan = self._plan(key, groups_params, ("hessian",))
-            grads = plan.grad_pointers([p.grad for _, ps in groups_params for p in ps])
-            plan.launch(_ema_of_square_kernel, self._found_inf_flag(plan.numel.device), plan.pointers["hessian"], grads, beta2)
+        for bucket in self._buckets(active, ("betas",)):
+            plan, grads, found_inf = self._bucket_plan("hessian", bucket, ("hessian",))
+            plan.launch(_ema_of_square_kernel, found_inf, plan.pointers["hessian"], grads, bucket[0][1]["betas"][1])
 
 
 # Adam-mini's blocks for our parameter names, as the official code (adam-mini 1.1.1) assigns them by
@@ -404,7 +451,7 @@ def adam_mini_block_size(name: str, p: torch.Tensor, n_head: int) -> int:
 class AdamMini(FusedOptimizer):
     """Adam-mini (Zhang et al. 2024; the official code, adam-mini 1.1.1): Adam with one second-moment
     value per block instead of per parameter (ADAM_MINI_ROLES), bias correction and decoupled weight
-    decay as the official code. Param groups need "names" (lwlr.param_groups gives them). The triton
+    decay as the official code. Param groups need "names" (param_groups gives them). The triton
     backend takes two launches: a per-block mean of g^2, then the update."""
 
     state_names = ("exp_avg", "exp_avg_sq")
@@ -417,7 +464,7 @@ class AdamMini(FusedOptimizer):
         for group in self.param_groups:
             names = group.get("names")
             if names is None or len(names) != len(group["params"]):
-                raise ValueError("AdamMini needs each param group's parameter names: use lwlr.param_groups(model, ...)")
+                raise ValueError("AdamMini needs each param group's parameter names: use optim.param_groups(model, ...)")
             for name, p in zip(names, group["params"]):
                 self.block_size[p] = adam_mini_block_size(name, p, n_head)
 

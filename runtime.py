@@ -1,5 +1,5 @@
 """Where a run executes: torchrun ranks, device, precision, peak FLOPs for MFU, and the run log.
-Shared by train.py, lwlr.py and the benchmarks."""
+Shared by train.py, multipliers.py and the benchmarks."""
 
 import contextlib
 import datetime

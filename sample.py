@@ -13,24 +13,14 @@ import torch
 
 import checkpoint
 from data.tokenizer import gpt2_encoding
-from model import GPT, GPTConfig
+from model import GPT
 
 
 def load_model(args) -> GPT:
     if args.pretrained:
         return GPT.from_pretrained(args.pretrained)
-    if args.checkpoint:
-        path, meta = args.checkpoint, checkpoint.verify(args.checkpoint)
-    else:
-        found = checkpoint.latest(args.out_dir)
-        if found is None:
-            raise checkpoint.CheckpointError(f"{args.out_dir} holds no complete checkpoint; train first or pass --pretrained")
-        path, meta = found
-    config = meta["config"]
-    model_config = GPTConfig.from_preset(config["model"], residual_scale=config["residual_scale"])
-    model_config.block_size = config["block_size"] or model_config.block_size
-    model = GPT(model_config)
-    model.load_state_dict(checkpoint.load_tensors(path, "model"))
+    path, meta = checkpoint.find(args.out_dir, args.checkpoint, report=lambda message: print(message, file=sys.stderr))
+    model = checkpoint.load_model(path, meta)
     print(f"loaded {path} (step {meta['step']})", file=sys.stderr)
     return model
 

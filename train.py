@@ -29,13 +29,12 @@ from tqdm import tqdm
 
 import checkpoint
 import lwas
-import lwlr
+import multipliers
 import optim
 from data.loader import TokenBatches
-from model import GPT, sampled_label_loss
+from model import GPT, GPTConfig, sampled_label_loss
 from runtime import (
     RunLog,
-    Runtime,
     autocast,
     environment,
     init_runtime,
@@ -64,18 +63,15 @@ def lr_at(step: int, c: TrainConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Our optimizers (optim.py) multiply by each group's lr_scale inside the step; for torch.optim
-    ones the schedule folds it into the group's lr (the timm convention)."""
-    applies_scale = getattr(optimizer, "applies_lr_scale", False)
+    """The schedule's rate for every group; each optimizer applies its groups' lr_scale (optim.py's rule)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr if applies_scale else lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
 
 
 def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int) -> torch.optim.Optimizer:
     betas = (c.beta1, c.beta2)
-    if c.optimizer == "adamw_torch":
-        # fused=True on CPU and CUDA alike: one kernel per step, and it honours found_inf (skipped steps).
-        return torch.optim.AdamW(groups, lr=c.lr, betas=betas, eps=c.eps, fused=True)
+    if c.optimizer == "adamw_torch":  # fused on CPU and CUDA alike: one kernel per group, and it honours found_inf
+        return optim.TorchAdamW(groups, lr=c.lr, betas=betas, eps=c.eps)
     if c.optimizer == "adamw":
         return optim.AdamW(groups, lr=c.lr, betas=betas, eps=c.eps, backend=c.optimizer_backend)
     if c.optimizer == "lion":
@@ -91,7 +87,7 @@ def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int) -> torch.op
         if c.optimizer == "sgdm_lw":
             return lwas.SGDMomentumLW(groups, lr=c.lr, momentum=c.beta1, **settings)
         return lwas.AdamWLW(groups, lr=c.lr, betas=betas, eps=c.eps, **settings)
-    raise AssertionError(f"TrainConfig admitted optimizer={c.optimizer!r}")  # CHOICES lists the names
+    raise AssertionError(f"TrainConfig admitted optimizer={c.optimizer!r}")  # its choice() lists the names
 
 
 def check_resume(c: TrainConfig, meta: dict, world_size: int, path: str) -> None:
@@ -142,6 +138,22 @@ class StopRequest:
         self.requested = True
 
 
+def gpt_config(c: TrainConfig) -> GPTConfig:
+    """The model a config trains: its preset with block_size, dropout, residual scaling and the loss chunking applied."""
+    config = GPTConfig.from_preset(c.model, dropout=c.dropout, residual_scale=c.residual_scale, loss_chunk_rows=c.loss_chunk_rows)
+    block_size = c.block_size or config.block_size
+    if block_size > config.block_size:
+        raise ConfigError(f"block_size={block_size} exceeds the {c.model} preset's {config.block_size}")
+    config.block_size = block_size
+    return config
+
+
+def token_batches(c: TrainConfig, split: str, stream: str, model_config: GPTConfig, subset_batches: int = 0) -> TokenBatches:
+    """Batches over data_dir (or data/<dataset>)/<split>.bin, from the named random stream."""
+    data_dir = c.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", c.dataset)
+    return TokenBatches(os.path.join(data_dir, f"{split}.bin"), stream, model_config.block_size, model_config.vocab_size, c.seed, subset_batches)
+
+
 def grad_accumulation(c: TrainConfig, block_size: int, world_size: int) -> int:
     """Micro-steps per optimizer step: tokens_per_step = micro_batch_size * block_size * grad_accum * world_size."""
     rows_per_micro_step = c.micro_batch_size * block_size * world_size
@@ -156,12 +168,13 @@ def grad_accumulation(c: TrainConfig, block_size: int, world_size: int) -> int:
 class Trainer:
     """The model, its optimizer, and one optimizer step: what the loop below and bench/bench_train.py run."""
 
-    def __init__(self, c: TrainConfig, rt, model: GPT, multipliers: dict[str, float] | None, optimizer_state: dict | None = None):
+    def __init__(self, c: TrainConfig, rt, model: GPT, lr_multipliers: dict[str, float] | None, optimizer_state: dict | None = None):
         self.c, self.rt, self.raw_model = c, rt, model  # raw_model: uncompiled, unwrapped; what checkpoints hold
+        self.lr_multipliers = lr_multipliers  # saved with every checkpoint: a resume never re-measures
         self.grad_accum = grad_accumulation(c, model.config.block_size, rt.world_size)
         self.global_rows = c.micro_batch_size * self.grad_accum * rt.world_size
-        self.train_batches = c.token_batches("train", "train", model.config, c.data_subset_batches)
-        self.optimizer = build_optimizer(c, lwlr.param_groups(model, multipliers, c.weight_decay, c.lwlr_scale_decay), model.config.n_head)
+        self.train_batches = token_batches(c, "train", "train", model.config, c.data_subset_batches)
+        self.optimizer = build_optimizer(c, optim.param_groups(model, lr_multipliers, c.weight_decay, c.lwlr_scale_decay), model.config.n_head)
         if optimizer_state is not None:  # lr_scale comes back with the param groups
             self.optimizer.load_state_dict(optimizer_state)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -175,6 +188,21 @@ class Trainer:
             self.model = torch.compile(self.model)
         if rt.distributed:
             self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+
+    def save(self, step: int, reason: str, last_step_bad: bool) -> None:
+        """A checkpoint of the state after `step` steps (rank 0 writes, every rank waits), unless the last
+        step was non-finite: then the previous checkpoint stands."""
+        c, rt = self.c, self.rt
+        if last_step_bad:
+            rt.print0(f"not saving at step {step} ({reason}): the last step was non-finite; the previous checkpoint stands")
+            return
+        if rt.is_main:
+            meta = {"config": dataclasses.asdict(c), "world_size": rt.world_size, "lr_multipliers": self.lr_multipliers,
+                    "data": {"seed": c.seed, "next_step": step}}
+            tensors = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            rt.print0(f"saved {checkpoint.save(c.out_dir, step, tensors, meta, c.keep_last)} ({reason})")
+        if rt.distributed:
+            dist.barrier()
 
     def sync_context(self, sync: bool):
         """DDP all-reduces gradients only on the last accumulation micro-step."""
@@ -235,6 +263,59 @@ class Trainer:
         self.optimizer.refresh(lwas.Curvature(self.c.lw_curvature, self.raw_model, x[:rows], y[:rows], self.ctx, reduce))
 
 
+class StepStats:
+    """What the loop reports between log steps: the mean loss of the finite steps, the skipped steps, time
+    and throughput, and the guard's count of consecutive non-finite steps. Kept on the device, so the only
+    host syncs are on log steps."""
+
+    def __init__(self, rt, c: TrainConfig, flops_per_step: float):
+        self.rt, self.c, self.flops_per_step, self.peak = rt, c, flops_per_step, peak_flops(rt.device)
+        self.loss_sum, self.skipped = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
+        self.bad_run = torch.zeros((), device=rt.device)  # consecutive non-finite steps so far, and the longest run
+        self.longest_bad_run = torch.zeros((), device=rt.device)
+        self.restart_timer()
+
+    def restart_timer(self) -> None:
+        """Time from here on (after a log line, an eval or a save, which the step time excludes)."""
+        self.steps, self.timer = 0, time.perf_counter()
+
+    def add(self, step_loss, found_inf) -> None:
+        self.loss_sum += torch.where(found_inf.bool(), 0.0, step_loss)
+        self.skipped += found_inf
+        self.bad_run.add_(1).mul_(found_inf)
+        torch.maximum(self.longest_bad_run, self.bad_run, out=self.longest_bad_run)
+        self.steps += 1
+
+    def interval(self) -> dict:
+        """The interval's figures for the log, then a fresh interval."""
+        skipped = int(self.skipped.item())
+        good = self.steps - skipped
+        seconds = (time.perf_counter() - self.timer) / self.steps
+        figures = {"loss": self.loss_sum.item() / good if good else float("nan"), "ms_per_step": 1000 * seconds,
+                   "tokens_per_s": self.c.tokens_per_step / seconds,
+                   "mfu": self.flops_per_step / seconds / (self.peak * self.rt.world_size) if self.peak else None,
+                   "peak_mem_gib": peak_memory_gib(self.rt.device), "skipped_steps": skipped}
+        self.loss_sum.zero_(), self.skipped.zero_()
+        return figures
+
+    def line(self, r: dict) -> str:
+        mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+        skipped = f" | skipped {r['skipped_steps']} non-finite" if r["skipped_steps"] else ""
+        return (f"step {r['step']:>6}/{self.c.max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {r['grad_norm']:.3f}"
+                f" | {r['ms_per_step']:.0f} ms/step | {r['tokens_per_s']:,.0f} tok/s{mfu} | mem {r['peak_mem_gib']:.2f} GiB{skipped}")
+
+    def last_step_bad(self) -> bool:
+        return self.bad_run.item() > 0  # the same on every rank: the guard's flag was all-reduced
+
+    def check_bad_steps(self, step: int) -> None:
+        if self.longest_bad_run.item() >= self.c.max_bad_steps:
+            raise FloatingPointError(
+                f"{int(self.longest_bad_run.item())} consecutive steps up to step {step} had a non-finite loss or "
+                f"gradient norm (max_bad_steps={self.c.max_bad_steps}); stopping, the last checkpoint is intact. "
+                "Lower lr or check the data."
+            )
+
+
 def lw_step_sizes(optimizer) -> dict:
     """LW-AS's latest per-layer step sizes (range) and joint rescale, for the log; {} for other optimizers."""
     refresh = getattr(optimizer, "last_refresh", {})
@@ -242,16 +323,6 @@ def lw_step_sizes(optimizer) -> dict:
         return {}
     return {"lw_step_size_min": refresh["step_size"].min().item(), "lw_step_size_max": refresh["step_size"].max().item(),
             "lw_joint_scale": refresh["joint_scale"].item()}
-
-
-def fresh_trainer(overrides: dict, device: torch.device) -> Trainer:
-    """A single-process Trainer from config overrides: the seed's init, multipliers measured (not logged
-    or saved). What the benchmarks and the overfit sweep run; a training run uses start() instead."""
-    c = parse_config([f"--{key}={value}" for key, value in overrides.items()])
-    torch.manual_seed(c.seed)
-    model = GPT(c.gpt_config()).to(device)
-    multipliers, _ = lwlr.multipliers_for_config(c, model, log=lambda *_: None)
-    return Trainer(c, Runtime(0, 0, 1, device), model, multipliers)
 
 
 def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
@@ -264,12 +335,13 @@ def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
     if c.init_from == "scratch" and found is not None:
         raise ConfigError(f"init_from=scratch, but {c.out_dir} already holds {found[0]}: resume it or choose another out_dir")
     torch.manual_seed(c.seed)
-    model = GPT(c.gpt_config()).to(rt.device)
+    model = GPT(gpt_config(c)).to(rt.device)
     if found is None:
-        multipliers, lwlr_report = lwlr.multipliers_for_config(c, model, autocast(rt.device, c.dtype), log=rt.print0)
+        lwlr_batches = token_batches(c, "train", "lwlr", model.config)
+        lr_multipliers, lwlr_report = multipliers.for_config(c, model, lwlr_batches, autocast(rt.device, c.dtype), log=rt.print0)
         if rt.is_main and lwlr_report is not None:
-            lwlr.save_report(lwlr_report, c.out_dir)
-        return model, multipliers, None, 0
+            multipliers.save_report(lwlr_report, c.out_dir)
+        return model, lr_multipliers, None, 0
     path, meta = found  # multipliers come from the checkpoint: never re-measured on a resume
     check_resume(c, meta, rt.world_size, path)
     model.load_state_dict(checkpoint.load_tensors(path, "model"))
@@ -281,12 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     c = parse_config(argv)
     rt = init_runtime(c.device)
     stop = StopRequest()
-    gpt_config = c.gpt_config()  # every check that can fail runs before out_dir is touched
-    grad_accumulation(c, gpt_config.block_size, rt.world_size)
-    c.token_batches("train", "train", gpt_config)
-    val_batches = c.token_batches("val", "val", gpt_config)
-    model, multipliers, optimizer_state, step = start(c, rt)
-    trainer = Trainer(c, rt, model, multipliers, optimizer_state)
+    model_config = gpt_config(c)  # every check that can fail runs before out_dir is touched
+    grad_accumulation(c, model_config.block_size, rt.world_size)
+    token_batches(c, "train", "train", model_config)
+    val_batches = token_batches(c, "val", "val", model_config)
+    model, lr_multipliers, optimizer_state, step = start(c, rt)
+    trainer = Trainer(c, rt, model, lr_multipliers, optimizer_state)
     if rt.is_main:
         checkpoint.remove_stale_temporaries(c.out_dir)
         with open(os.path.join(c.out_dir, "config.json"), "w") as f:
@@ -295,8 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     # A progress bar on a terminal (rank 0); log lines are written above it.
     bar = tqdm(total=c.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not (rt.is_main and sys.stdout.isatty()))
     log = RunLog(rt, c.out_dir, c.logger, dataclasses.asdict(c), c.wandb_project, echo=bar.write if not bar.disable else print)
-    flops_per_step = model.flops_per_token() * c.tokens_per_step
-    peak = peak_flops(rt.device)
     rt.print0(
         f"{c.model}: {model.num_params():,} parameters | {c.tokens_per_step:,} tokens per step = {c.micro_batch_size} batch"
         f" * {model.config.block_size} block * {trainer.grad_accum} accum * {rt.world_size} ranks"
@@ -304,33 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device), "grad_accum": trainer.grad_accum})
 
-    # Per-interval accumulators stay on the device: no host sync except on log steps.
-    loss_sum = torch.zeros((), device=rt.device)
-    skipped = torch.zeros((), device=rt.device)
-    bad_run = torch.zeros((), device=rt.device)  # consecutive non-finite steps so far, and the longest run
-    longest_bad_run = torch.zeros((), device=rt.device)
-
-    def save(reason: str) -> None:
-        if bad_run.item() > 0:  # the same on every rank: the guard's flag was all-reduced
-            rt.print0(f"not saving at step {step} ({reason}): the last step was non-finite; the previous checkpoint stands")
-            return
-        if rt.is_main:
-            meta = {"config": dataclasses.asdict(c), "world_size": rt.world_size, "lr_multipliers": multipliers,
-                    "data": {"seed": c.seed, "next_step": step}}
-            tensors = {"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict()}
-            rt.print0(f"saved {checkpoint.save(c.out_dir, step, tensors, meta, c.keep_last)} ({reason})")
-        if rt.distributed:
-            dist.barrier()
-
-    steps_since_log, timer = 0, time.perf_counter()
+    stats = StepStats(rt, c, model.flops_per_token() * c.tokens_per_step)
     while step < c.max_steps:
         lr, step_loss, grad_norm, found_inf = trainer.step(step)
-        loss_sum += torch.where(found_inf.bool(), 0.0, step_loss)
-        skipped += found_inf
-        bad_run.add_(1).mul_(found_inf)
-        torch.maximum(longest_bad_run, bad_run, out=longest_bad_run)
+        stats.add(step_loss, found_inf)
         step += 1
-        steps_since_log += 1
         bar.update(1)
 
         last = step == c.max_steps
@@ -338,39 +386,20 @@ def main(argv: list[str] | None = None) -> int:
             stop_flag = torch.tensor(float(stop.requested), device=rt.device)
             if rt.distributed:
                 dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
-            n_skipped = int(skipped.item())
-            good = steps_since_log - n_skipped
-            dt = (time.perf_counter() - timer) / steps_since_log
-            record = {
-                "step": step, "loss": loss_sum.item() / good if good else float("nan"), "lr": lr,
-                "grad_norm": grad_norm.item(), "ms_per_step": 1000 * dt, "tokens_per_s": c.tokens_per_step / dt,
-                "mfu": flops_per_step / dt / (peak * rt.world_size) if peak else None,
-                "peak_mem_gib": peak_memory_gib(rt.device), "skipped_steps": n_skipped,
-            }
-            record.update(lw_step_sizes(trainer.optimizer))
-            mfu = f" | MFU {100 * record['mfu']:.1f}%" if peak else ""
-            log.record("train", record, f"step {step:>6}/{c.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | grad_norm "
-                       f"{record['grad_norm']:.3f} | {record['ms_per_step']:.0f} ms/step | {record['tokens_per_s']:,.0f} tok/s"
-                       f"{mfu} | mem {record['peak_mem_gib']:.2f} GiB" + (f" | skipped {n_skipped} non-finite" if n_skipped else ""))
-            if longest_bad_run.item() >= c.max_bad_steps:
-                raise FloatingPointError(
-                    f"{int(longest_bad_run.item())} consecutive steps up to step {step} had a non-finite loss or "
-                    f"gradient norm (max_bad_steps={c.max_bad_steps}); stopping, the last checkpoint is intact. "
-                    "Lower lr or check the data."
-                )
-            loss_sum.zero_(), skipped.zero_()
-            steps_since_log = 0
+            record = {"step": step, **stats.interval(), "lr": lr, "grad_norm": grad_norm.item(), **lw_step_sizes(trainer.optimizer)}
+            log.record("train", record, stats.line(record))
+            stats.check_bad_steps(step)
             if stop_flag.item():
-                save("stop requested")
+                trainer.save(step, "stop requested", stats.last_step_bad())
                 bar.close()
                 log.close()
                 return EXIT_PREEMPTED
-            timer = time.perf_counter()
+            stats.restart_timer()
         if step % c.eval_interval == 0 or last:
             val_loss = evaluate(trainer.model, val_batches, c, rt, trainer.ctx)
             log.record("eval", {"step": step, "val_loss": val_loss}, f"step {step:>6} | val loss {val_loss:.4f}")
-            save("eval")
-            timer = time.perf_counter()
+            trainer.save(step, "eval", stats.last_step_bad())
+            stats.restart_timer()
     bar.close()
     log.close()
     if rt.is_main:  # the weights alone, tied wte / lm_head stored once: for sharing and for other tools

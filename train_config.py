@@ -1,4 +1,4 @@
-"""The one typed training config, shared by train.py, lwlr.py and the benchmarks.
+"""The one typed training config, shared by train.py, multipliers.py and the benchmarks.
 
 Values come from the dataclass defaults, then config files (plain Python assigning config keys, e.g.
 config/train_gpt2.py), then `--key=value` overrides, in command-line order. Unknown keys and values of
@@ -9,7 +9,6 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import re
 import runpy
 import sys
@@ -17,134 +16,108 @@ import traceback
 import types
 from dataclasses import dataclass
 
+import lwlr
+
 
 class ConfigError(ValueError):
     """A config file or flag that names an unknown key, has a wrong type or an inconsistent value."""
 
 
 FLOAT32_MAX = 3.4028234663852886e38
-# The allowed values of the string keys, checked when a config is built.
-CHOICES = {
-    "init_from": ("auto", "resume", "scratch"),
-    "optimizer": ("adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch"),
-    "optimizer_backend": ("auto", "triton", "torch"),
-    "schedule": ("cosine", "constant"),
-    "lr_rule": ("lwlr", "single", "depth_increasing", "depth_decreasing", "fan_in"),
-    "lwlr_init": ("fan_out", "fan_in", "model"),
-    "logger": ("none", "wandb", "tensorboard"),
-    "dtype": ("auto", "bfloat16", "float32"),
-    "compile": ("auto", "true", "false"),
-    "lw_curvature": ("gauss_newton", "rademacher", "exact"),
-}
-# Integer keys and their smallest allowed value.
-MINIMUMS = {
-    "micro_batch_size": 1, "tokens_per_step": 1, "max_steps": 0, "warmup_steps": 0, "lr_decay_steps": 0, "block_size": 0,
-    "eval_interval": 1, "eval_steps": 1, "log_interval": 1, "keep_last": 2, "hess_interval": 1, "lwlr_T": 1,
-    "max_bad_steps": 1, "data_subset_batches": 0,
-    "lw_interval": 1, "lw_warmup_steps": 0, "lw_micro_batch_size": 0,
-}
+
+
+def choice(*allowed):
+    """A string key that must be one of `allowed`; the first is the default (unless given twice)."""
+    return dataclasses.field(default=allowed[0], metadata={"choices": tuple(dict.fromkeys(allowed))})
+
+
+def at_least(minimum, default):
+    """A number key that must be >= minimum; a float must also be finite and fit float32, as the kernels
+    and optimizer states hold it (a larger value overflows at step 0)."""
+    return dataclasses.field(default=default, metadata={"minimum": minimum})
 
 
 @dataclass
 class TrainConfig:
     # I/O
     out_dir: str = "out"  # checkpoints (step-XXXXXXXX/), log.jsonl, config.json
-    init_from: str = "auto"  # scratch | resume | auto (resume when out_dir holds a checkpoint)
+    init_from: str = choice("auto", "resume", "scratch")  # scratch | resume | auto (resume when out_dir holds a checkpoint)
     # data
     dataset: str = "shakespeare"  # reads data/<dataset>/{train,val}.bin (run its prepare.py first)
     data_dir: str = ""  # a folder holding train.bin and val.bin instead ("" = data/<dataset>)
-    data_subset_batches: int = 0  # 0 = sample the whole training set; K > 0 cycles through K fixed batches
+    data_subset_batches: int = at_least(0, 0)  # 0 = sample the whole training set; K > 0 cycles through K fixed batches
     # model
     model: str = "gpt2-mini"  # a preset of model.py: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny
-    block_size: int = 128  # sequence length; at most the preset's block_size (0 = the preset's)
-    dropout: float = 0.0  # 0 for pretraining
+    block_size: int = at_least(0, 128)  # sequence length; at most the preset's block_size (0 = the preset's)
+    dropout: float = at_least(0.0, 0.0)  # 0 for pretraining
     residual_scale: bool = False  # scale both residual branches of every block by 1/sqrt(n_layer)
+    loss_chunk_rows: int = at_least(0, 128)  # output layer + loss this many rows at a time, never the full logits (2.1x faster on CPU, loss.py); 0 = full logits
     # batch: tokens_per_step = micro_batch_size * block_size * grad_accum * world_size
-    micro_batch_size: int = 16  # sequences per forward/backward on one device
-    tokens_per_step: int = 2048  # tokens per optimizer step over all ranks; sets grad_accum
+    micro_batch_size: int = at_least(1, 16)  # sequences per forward/backward on one device
+    tokens_per_step: int = at_least(1, 2048)  # tokens per optimizer step over all ranks; sets grad_accum
     # optimizer
-    optimizer: str = "adamw"  # adamw | lion | sophiag | adam_mini (optim.py) | sgdm_lw | adamw_lw (LW-AS, lwas.py) | adamw_torch (torch.optim.AdamW fused, the baseline)
-    optimizer_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | triton | torch
-    lr: float = 2e-3  # peak learning rate of the global schedule (the small default model takes a large one); sgdm_lw, adamw_lw: the multiplier eta on their step sizes (try 1.0)
-    min_lr: float = 2e-4  # end of the cosine decay (nanoGPT: lr / 10)
-    weight_decay: float = 0.1  # decoupled; applied to matrices and embeddings, not to biases and LayerNorms
+    optimizer: str = choice("adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch")  # adamw | lion | sophiag | adam_mini (optim.py) | sgdm_lw | adamw_lw (LW-AS, lwas.py) | adamw_torch (torch.optim.AdamW fused, the baseline)
+    optimizer_backend: str = choice("auto", "triton", "torch")  # auto (triton on CUDA, torch elsewhere) | triton | torch
+    lr: float = at_least(0.0, 2e-3)  # peak learning rate of the global schedule (the small default model takes a large one); sgdm_lw, adamw_lw: the multiplier eta on their step sizes (try 1.0)
+    min_lr: float = at_least(0.0, 2e-4)  # end of the cosine decay (nanoGPT: lr / 10)
+    weight_decay: float = at_least(0.0, 0.1)  # decoupled; applied to matrices and embeddings, not to biases and LayerNorms
     beta1: float = 0.9  # also sgdm_lw's momentum
     beta2: float = 0.95  # nanoGPT's GPT-2 value (0.999 is unstable at this scale)
     eps: float = 1e-8  # AdamW
-    rho: float = 0.05  # SophiaG's clipping scale (Sophia's GPT-2 small value)
-    hess_interval: int = 10  # SophiaG: refresh the Hessian estimate every this many steps (Sophia's k)
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
-    max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)
+    rho: float = at_least(0.0, 0.05)  # SophiaG's clipping scale (Sophia's GPT-2 small value)
+    hess_interval: int = at_least(1, 10)  # SophiaG: refresh the Hessian estimate every this many steps (Sophia's k)
+    grad_clip: float = at_least(0.0, 1.0)  # clip the global gradient norm to this; 0 = off
+    max_bad_steps: int = at_least(1, 10)  # stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)
     # LW-AS (lwas.py), optimizer=sgdm_lw | adamw_lw: per-layer step sizes from the curvature along each layer's direction
-    lw_curvature: str = "gauss_newton"  # gauss_newton (sampled labels, one backward) | rademacher (one Hessian-vector product) | exact (one per layer: small models)
-    lw_interval: int = 5  # refresh the step sizes every this many steps
+    lw_curvature: str = choice("gauss_newton", "rademacher", "exact")  # gauss_newton (sampled labels, one backward) | rademacher (one Hessian-vector product) | exact (one per layer: small models)
+    lw_interval: int = at_least(1, 5)  # refresh the step sizes every this many steps
     lw_beta: float = 0.5  # EMA of the curvature, g.d and |d|^2 over refreshes
-    lw_warmup_steps: int = 10  # steps at the plain step size lw_warmup_lr before the curvature sets them
-    lw_warmup_lr: float = 0.0  # the plain step size; 0 = the optimizer's (sgdm_lw 0.1, adamw_lw 1e-3)
-    lw_alpha_max: float = 0.0  # cap on a layer's step size; 0 = the optimizer's (sgdm_lw 10, adamw_lw 0.1)
-    lw_damping: float = 1e-8  # delta^2 = max(d.C.d, 0) + lw_damping * |d|^2
+    lw_warmup_steps: int = at_least(0, 10)  # steps at the plain step size lw_warmup_lr before the curvature sets them
+    lw_warmup_lr: float = at_least(0.0, 0.0)  # the plain step size; 0 = the optimizer's (sgdm_lw 0.1, adamw_lw 1e-3)
+    lw_alpha_max: float = at_least(0.0, 0.0)  # cap on a layer's step size; 0 = the optimizer's (sgdm_lw 10, adamw_lw 0.1)
+    lw_damping: float = at_least(0.0, 1e-8)  # delta^2 = max(d.C.d, 0) + lw_damping * |d|^2
     lw_joint_rescale: bool = True  # shrink all step sizes when the joint step overshoots (one more curvature product per refresh)
-    lw_micro_batch_size: int = 0  # sequences in the curvature pass (a double backward needs more memory); 0 = micro_batch_size
+    lw_micro_batch_size: int = at_least(0, 0)  # sequences in the curvature pass (a double backward needs more memory); 0 = micro_batch_size
     # schedule
-    schedule: str = "cosine"  # cosine (linear warmup, cosine to min_lr) | constant (warmup, then lr)
-    warmup_steps: int = 30  # linear warmup from lr / warmup_steps
-    max_steps: int = 200  # optimizer steps in the run
-    lr_decay_steps: int = 0  # the cosine reaches min_lr here; 0 = max_steps
-    # layer-wise learning rates (lwlr.py)
-    lr_rule: str = "lwlr"  # lwlr | single | depth_increasing | depth_decreasing | fan_in
-    lwlr_T: int = 100  # batches the gradient magnitude is averaged over (the paper's T)
-    lwlr_init: str = "fan_out"  # measurement init: fan_out (the paper's) | fan_in | model (the training init)
-    lwlr_power: float = 0.5  # multiplier = (mean |g|)^-power, the paper's 1/2
+    schedule: str = choice("cosine", "constant")  # cosine (linear warmup, cosine to min_lr) | constant (warmup, then lr)
+    warmup_steps: int = at_least(0, 30)  # linear warmup from lr / warmup_steps
+    max_steps: int = at_least(0, 200)  # optimizer steps in the run
+    lr_decay_steps: int = at_least(0, 0)  # the cosine reaches min_lr here; 0 = max_steps
+    # layer-wise learning rates (lwlr.py, multipliers.py)
+    lr_rule: str = choice("lwlr", "single", *lwlr.BASELINES)  # lwlr | single | depth_increasing | depth_decreasing | fan_in
+    lwlr_T: int = at_least(1, 100)  # batches the gradient magnitude is averaged over (the paper's T)
+    lwlr_init: str = choice("fan_out", *lwlr.MEASUREMENT_INITS)  # measurement init: fan_out (the paper's) | fan_in | model (the training init)
+    lwlr_power: float = at_least(0.0, 0.5)  # multiplier = (mean |g|)^-power, the paper's 1/2
     lwlr_file: str = ""  # read multipliers from this lwlr.json instead of measuring
+    lwlr_cache_dir: str = "auto"  # reuse multipliers measured with identical settings from here (auto = $XDG_CACHE_HOME/lwlr or ~/.cache/lwlr); none = always measure
     lwlr_scale_decay: bool = True  # the multiplier scales the weight decay too (as a per-layer lr would)
     # evaluation, logging, checkpoints
-    eval_interval: int = 50  # evaluate on val (and checkpoint) every this many steps, and at the end
-    eval_steps: int = 20  # batches per evaluation, the same fixed batches every time
-    log_interval: int = 10  # one log line every this many steps
-    keep_last: int = 2  # complete checkpoints kept (>= 2, so one survives a crash during a save)
-    logger: str = "none"  # none | wandb | tensorboard (if installed)
+    eval_interval: int = at_least(1, 50)  # evaluate on val (and checkpoint) every this many steps, and at the end
+    eval_steps: int = at_least(1, 20)  # batches per evaluation, the same fixed batches every time
+    log_interval: int = at_least(1, 10)  # one log line every this many steps
+    keep_last: int = at_least(2, 2)  # complete checkpoints kept (>= 2, so one survives a crash during a save)
+    logger: str = choice("none", "wandb", "tensorboard")  # none | wandb | tensorboard (if installed)
     wandb_project: str = "lwlr"
     # system
     device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32
-    compile: str = "auto"  # auto (on for CUDA) | true | false: torch.compile the model
+    dtype: str = choice("auto", "bfloat16", "float32")  # auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32
+    compile: str = choice("auto", "true", "false")  # auto (on for CUDA) | true | false: torch.compile the model
     seed: int = 1337  # model init and batch order
 
     def __post_init__(self):
-        for key, allowed in CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
-        for key, minimum in MINIMUMS.items():
-            if getattr(self, key) < minimum:
-                raise ConfigError(f"{key}={getattr(self, key)} must be >= {minimum}")
-        for key in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout", "rho", "lwlr_power", "lw_warmup_lr", "lw_alpha_max", "lw_damping"):
-            value = getattr(self, key)
-            # The kernels and optimizer states hold these in float32: a larger value overflows at step 0.
-            if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
-                raise ConfigError(f"{key}={value} must be a finite number >= 0 and at most {FLOAT32_MAX:.3g} (float32)")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ConfigError(f"{f.name}={value!r}: choose one of {', '.join(f.metadata['choices'])}")
+            minimum = f.metadata.get("minimum")
+            if isinstance(value, float) and minimum is not None and not (math.isfinite(value) and minimum <= value <= FLOAT32_MAX):
+                raise ConfigError(f"{f.name}={value} must be a finite number >= {minimum:g} and at most {FLOAT32_MAX:.3g} (float32)")
+            if minimum is not None and value < minimum:
+                raise ConfigError(f"{f.name}={value} must be >= {minimum}")
         if not 0 <= self.lw_beta < 1:
             raise ConfigError(f"lw_beta={self.lw_beta} must lie in [0, 1)")
         if self.lw_micro_batch_size > self.micro_batch_size:
             raise ConfigError(f"lw_micro_batch_size={self.lw_micro_batch_size} exceeds micro_batch_size={self.micro_batch_size}: the curvature pass uses part of a micro-batch")
-
-    def gpt_config(self):
-        """The model this config trains: its preset with block_size, dropout and residual scaling applied."""
-        from model import GPTConfig
-
-        config = GPTConfig.from_preset(self.model, dropout=self.dropout, residual_scale=self.residual_scale)
-        block_size = self.block_size or config.block_size
-        if block_size > config.block_size:
-            raise ConfigError(f"block_size={block_size} exceeds the {self.model} preset's {config.block_size}")
-        config.block_size = block_size
-        return config
-
-    def token_batches(self, split: str, stream: str, gpt_config, subset_batches: int = 0):
-        """Batches over data_dir (or data/<dataset>)/<split>.bin, from the named random stream."""
-        from data.loader import TokenBatches
-
-        data_dir = self.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", self.dataset)
-        path = os.path.join(data_dir, f"{split}.bin")
-        return TokenBatches(path, stream, gpt_config.block_size, gpt_config.vocab_size, self.seed, subset_batches)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -4,6 +4,9 @@
     python bench/bench_train.py                                  # CUDA: gpt2 and gpt2-large, 1024 tokens, bf16, compiled
     python bench/bench_train.py --models gpt2-mini --steps 5     # CPU
     python bench/bench_train.py --models gpt2 --micro_batch_size 16 --steps 30
+    # the default run's shapes (nanoGPT's CPU shapes: 4 layers x 128, GPT-2 vocab, 16 x 128 tokens, fp32),
+    # the chunked output layer + loss against the full logits, in turns:
+    python bench/bench_train.py --models gpt2-mini --rows adamw:lwlr --compare loss_chunk_rows=0,128 --steps 3 --rounds 10
 
 Each row runs train.Trainer.step, the loop's own step, on random token ids (speed does not depend on
 the data): our AdamW with lr_rule=single and with lr_rule=lwlr (the multipliers' only cost is inside
@@ -28,9 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import RESULTS, results_base, sync  # noqa: E402
+from common import RESULTS, fresh_trainer, results_base, sync  # noqa: E402
 
-import train  # noqa: E402
 from data.tokenfile import write_tokens  # noqa: E402
 from runtime import environment, peak_flops, peak_memory_gib  # noqa: E402
 
@@ -46,36 +48,52 @@ def random_token_dir(vocab_size: int) -> str:
     return path
 
 
-def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> dict:
+def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> list[dict]:
+    """One row per value of the --compare key (one row without it), timed in turns: each of --rounds
+    rounds runs --steps steps of every variant, and a variant's time is its median round, so a drift in
+    the machine's speed (frequent on shared CPUs) falls on all variants alike."""
+    key, values = args.compare if args.compare else (None, [None])
     overrides = dict(
         model=preset, block_size=args.block_size, micro_batch_size=args.micro_batch_size,
         tokens_per_step=args.micro_batch_size * args.block_size * args.grad_accum, optimizer=optimizer, lr_rule=rule,
-        lwlr_T=1, data_dir=data_dir, device=str(device), compile=args.compile, hess_interval=10, warmup_steps=1, max_steps=10**6,
-        **({"lw_curvature": curvature} if curvature else {}),
+        lwlr_T=1, lwlr_cache_dir="none", data_dir=data_dir, device=str(device), compile=args.compile, hess_interval=10, warmup_steps=1,
+        max_steps=10**6, **({"lw_curvature": curvature} if curvature else {}),
     )
-    trainer = train.fresh_trainer(overrides, device)  # the lwlr measurement is not timed: once per run
-    c, model = trainer.c, trainer.raw_model
+    # The lwlr measurement is not timed: once per run.
+    trainers = [fresh_trainer({**overrides, **({key: value} if key else {})}, device) for value in values]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for step in range(args.warmup):
-        trainer.step(step)
-    sync(device)
+    for trainer in trainers:
+        for step in range(args.warmup):
+            trainer.step(step)
+    c = trainers[0].c
     interval = {"sophiag": c.hess_interval, "sgdm_lw": c.lw_interval, "adamw_lw": c.lw_interval}.get(optimizer, 1)
     steps = -(-args.steps // interval) * interval  # whole refresh intervals: their cost amortized exactly
-    start = time.perf_counter()
-    for step in range(args.warmup, args.warmup + steps):
-        trainer.step(step)
-    sync(device)
-    seconds = (time.perf_counter() - start) / steps
-    optimizer_seconds = time_optimizer_alone(trainer, device, args.warmup + steps)
-    peak = peak_flops(device)
-    tokens_per_s = c.tokens_per_step / seconds
-    return {
-        "model": preset, "optimizer": optimizer, "lr_rule": rule, "lw_curvature": curvature or None, "param_groups": len(trainer.optimizer.param_groups),
-        "tokens_per_step": c.tokens_per_step, "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_s,
-        "mfu": model.flops_per_token() * tokens_per_s / peak if peak else None, "peak_mem_gib": peak_memory_gib(device),
-        "optimizer_ms": 1000 * optimizer_seconds, "optimizer_fraction": optimizer_seconds / seconds, "steps_timed": steps,
-    }
+    rounds = [[] for _ in trainers]
+    for round_index in range(args.rounds):
+        for trainer, times in zip(trainers, rounds):
+            first = args.warmup + round_index * steps
+            sync(device)
+            start = time.perf_counter()
+            for step in range(first, first + steps):
+                trainer.step(step)
+            sync(device)
+            times.append((time.perf_counter() - start) / steps)
+    rows = []
+    for value, trainer, times in zip(values, trainers, rounds):
+        seconds = statistics.median(times)
+        optimizer_seconds = time_optimizer_alone(trainer, device, args.warmup + args.rounds * steps)
+        peak = peak_flops(device)
+        tokens_per_s = c.tokens_per_step / seconds
+        rows.append({
+            "model": preset, "optimizer": optimizer, "lr_rule": rule, "lw_curvature": curvature or None,
+            "variant": f"{key}={value}" if key else None, "param_groups": len(trainer.optimizer.param_groups),
+            "tokens_per_step": c.tokens_per_step, "ms_per_step": 1000 * seconds, "ms_per_round": [1000 * t for t in times],
+            "tokens_per_s": tokens_per_s, "mfu": trainer.raw_model.flops_per_token() * tokens_per_s / peak if peak else None,
+            "peak_mem_gib": peak_memory_gib(device), "optimizer_ms": 1000 * optimizer_seconds,
+            "optimizer_fraction": optimizer_seconds / seconds, "steps_timed": steps * args.rounds,
+        })
+    return rows
 
 
 def time_optimizer_alone(trainer, device, step, repeats=10) -> float:
@@ -108,12 +126,18 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--compile", default="auto", help="auto (on for CUDA) | true | false")
     parser.add_argument("--rows", nargs="+", default=None, help="optimizer:rule[:curvature], e.g. adamw:single adamw_lw:lwlr:rademacher")
+    parser.add_argument("--compare", default=None, help="KEY=V1,V2,...: each row once per config value, timed in turns "
+                        "(e.g. loss_chunk_rows=0,128)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of --steps steps per variant, in turns; the median round counts")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
+    if args.compare:
+        key, _, values = args.compare.partition("=")
+        args.compare = (key, values.split(","))
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.block_size = args.block_size or (1024 if cuda else 128)
-    args.micro_batch_size = args.micro_batch_size or (16 if cuda else 8)
+    args.micro_batch_size = args.micro_batch_size or 16  # on CPU with gpt2-mini: the default run's (and nanoGPT's) 16 x 128
     models = args.models or (["gpt2", "gpt2-large"] if cuda else ["gpt2-mini"])
     rows_wanted = [(*r.split(":"), "")[:3] for r in args.rows] if args.rows else ROWS
     env = environment(device)
@@ -121,11 +145,11 @@ def main(argv=None):
     rows = []
     for preset in models:
         for optimizer, rule, curvature in rows_wanted:
-            row = bench_row(preset, optimizer, rule, curvature, args, device, data_dir)
-            rows.append(row)
-            mfu = f"{100 * row['mfu']:5.1f}% MFU" if row["mfu"] else "MFU n/a"
-            print(f"{preset:10} {label(row):25} {rule:7} {row['ms_per_step']:9.1f} ms/step {row['tokens_per_s']:12,.0f} tok/s  {mfu}"
-                  f"  optimizer {row['optimizer_ms']:.2f} ms ({100 * row['optimizer_fraction']:.1f}%)  mem {row['peak_mem_gib']:.2f} GiB")
+            for row in bench_row(preset, optimizer, rule, curvature, args, device, data_dir):
+                rows.append(row)
+                mfu = f"{100 * row['mfu']:5.1f}% MFU" if row["mfu"] else "MFU n/a"
+                print(f"{preset:10} {label(row):40} {rule:7} {row['ms_per_step']:9.1f} ms/step {row['tokens_per_s']:12,.0f} tok/s  {mfu}"
+                      f"  optimizer {row['optimizer_ms']:.2f} ms ({100 * row['optimizer_fraction']:.1f}%)  mem {row['peak_mem_gib']:.2f} GiB")
             if cuda:
                 torch.cuda.empty_cache()
     ratios = compute_ratios(rows)
@@ -136,7 +160,8 @@ def main(argv=None):
 
 
 def label(row) -> str:
-    return f"{row['optimizer']} ({row['lw_curvature']})" if row["lw_curvature"] else row["optimizer"]
+    name = f"{row['optimizer']} ({row['lw_curvature']})" if row["lw_curvature"] else row["optimizer"]
+    return f"{name}, {row['variant']}" if row.get("variant") else name
 
 
 def compute_ratios(rows) -> list[str]:
@@ -149,6 +174,12 @@ def compute_ratios(rows) -> list[str]:
         if ("adamw", "single") in by and ("adamw_torch", "single") in by:
             speedup = by[("adamw_torch", "single")]["ms_per_step"] / by[("adamw", "single")]["ms_per_step"]
             lines.append(f"{preset}: our AdamW step is {speedup:.3f}x torch.optim.AdamW(fused=True)")
+        variants = [r for r in rows if r["model"] == preset and r.get("variant")]
+        for row in variants:
+            base = next(r for r in variants if (r["optimizer"], r["lr_rule"], r["lw_curvature"]) == (row["optimizer"], row["lr_rule"], row["lw_curvature"]))
+            if row is not base:
+                lines.append(f"{preset}: {label(row)} ({row['lr_rule']}) takes {row['ms_per_step'] / base['ms_per_step']:.3f}x the step time of "
+                             f"{base['variant']}, median of {len(row['ms_per_round'])} rounds in turns")
         for (name, rule), row in by.items():
             if row["lw_curvature"] and ("adamw", rule) in by:
                 extra = row["ms_per_step"] / by[("adamw", rule)]["ms_per_step"] - 1
@@ -162,7 +193,8 @@ def write_results(out_dir, env, args, rows, ratios):
         json.dump({"env": env, "args": args, "rows": rows, "ratios": ratios}, f, indent=2)
     lines = [
         f"Training step on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}); "
-        f"micro-batch {args['micro_batch_size']} x {args['block_size']} tokens, {args['steps']} timed steps after {args['warmup']} warm-up.", "",
+        f"micro-batch {args['micro_batch_size']} x {args['block_size']} tokens, {args['steps']} timed steps after {args['warmup']} warm-up"
+        + (f", {args['rounds']} rounds in turns (median)" if args["rounds"] > 1 else "") + ".", "",
         "| model | optimizer | lr_rule | ms/step | tokens/s | MFU | optimizer ms (share) | peak GiB |", "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -170,6 +202,8 @@ def write_results(out_dir, env, args, rows, ratios):
         lines.append(f"| {r['model']} | {label(r)} | {r['lr_rule']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
                      f"{r['optimizer_ms']:.2f} ({100 * r['optimizer_fraction']:.1f}%) | {r['peak_mem_gib']:.2f} |")
     lines += [""] + [f"- {line}" for line in ratios]
+    if args["device"] == "cpu":
+        lines += ["", "Peak GiB on a CPU is the process's largest resident set so far (getrusage), not the row's own."]
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {base}.json and {base}.md")

@@ -40,9 +40,7 @@ from triton.runtime.jit import create_function_from_signature
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import RESULTS  # noqa: E402
 
-import kernels  # noqa: E402
 import lwas  # noqa: E402
-import lwlr  # noqa: E402
 import optim  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -85,7 +83,7 @@ def record_launches() -> dict[str, list[tuple]]:
             model = GPT(GPTConfig.from_preset("gpt2-tiny"))
             for p in model.parameters():
                 p.grad = torch.randn_like(p)
-            optimizer = make(lwlr.param_groups(model, None, 0.1))
+            optimizer = make(optim.param_groups(model, None, 0.1))
             launches.clear()
             optimizer.step()
             if name == "sophiag":

@@ -12,7 +12,7 @@ import torch
 from data.tokenfile import read_tokens
 
 # Independent random streams over the token files: training batches, eval batches, and the batches
-# lwlr.py measures gradients on (so measuring does not change which batches training sees).
+# multipliers.py measures gradients on (so measuring does not change which batches training sees).
 STREAMS = {"train": 0, "val": 1, "lwlr": 2}
 
 

@@ -1,11 +1,17 @@
+import json
 import os
+import subprocess
 import sys
+import tempfile
 
 # The optimizer tests' device: cpu, where the Triton kernels run through the interpreter (set before
 # triton is imported), or cuda on a GPU machine (bench/gpu_check.sh), where they run compiled.
 TEST_DEVICE = os.environ.get("LWLR_TEST_DEVICE", "cpu")
 if TEST_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Runs that keep the default lwlr_cache_dir (the benchmarks' and sweeps' tests) cache measured
+# multipliers in a folder of this session's, never the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lwlr-test-cache-")
 
 import numpy as np
 import pytest
@@ -33,7 +39,19 @@ def tiny_run_args(out_dir, data_dir, **overrides) -> list[str]:
     values = dict(
         out_dir=out_dir, data_dir=data_dir, model="gpt2-tiny", block_size=32, micro_batch_size=4,
         tokens_per_step=256, max_steps=6, warmup_steps=2, eval_interval=3, eval_steps=2, log_interval=1,
-        device="cpu", compile="false", lr=1e-3, lwlr_T=2,
+        device="cpu", compile="false", lr=1e-3, lwlr_T=2, lwlr_cache_dir="none",
     )
     values.update(overrides)
     return [f"--{k}={v}" for k, v in values.items()]
+
+
+def read_log(out_dir, kind) -> list[dict]:
+    """The records of one kind ("start", "train", "eval") from a run's log.jsonl."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def torchrun(nproc, args, timeout=300) -> subprocess.CompletedProcess:
+    """train.py under torchrun with nproc CPU processes (gloo), one thread each."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,8 +1,11 @@
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from data.loader import TokenBatches
 from data.tokenfile import HEADER_BYTES, TokenFileError, read_tokens, write_tokens
@@ -37,27 +40,79 @@ def test_shakespeare_prepare_round_trips(tmp_path):
 def test_openwebtext_pipeline_on_a_local_datasets_dataset(tmp_path):
     import datasets
 
-    from data.openwebtext import prepare as owt
+    from data import hf_text
+    from data.openwebtext.prepare import DEFAULTS
 
     docs = [f"Document number {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(400)]
-    counts = owt.prepare(datasets.Dataset.from_dict({"text": docs}), str(tmp_path), num_proc=2)
-    enc = gpt2_encoding()
-    decoded = []
-    for split in ("train", "val"):
-        tokens = read_tokens(str(tmp_path / f"{split}.bin"), 50257)
-        assert len(tokens) == counts[split]
-        decoded += enc.decode(tokens.tolist()).split("<|endoftext|>")[:-1]
-    assert sorted(decoded) == sorted(docs)  # every document once, in one of the splits
+    counts = hf_text.prepare(datasets.Dataset.from_dict({"text": docs}), str(tmp_path), 2, DEFAULTS["val_fraction"], DEFAULTS["split_seed"])
+    assert sorted(decoded_documents(tmp_path, counts)) == sorted(docs)  # every document once, in one of the splits
     assert 0 < counts["val"] < counts["train"]
 
 
-def test_openwebtext_prepare_rejects_a_dataset_without_text(tmp_path):
+def decoded_documents(folder, counts=None) -> list[str]:
+    enc = gpt2_encoding()
+    decoded = []
+    for split in ("train", "val"):
+        tokens = read_tokens(str(folder / f"{split}.bin"), 50257)
+        if counts:
+            assert len(tokens) == counts[split]
+        decoded += enc.decode(tokens.tolist()).split("<|endoftext|>")[:-1]
+    return decoded
+
+
+def run_prepare(script, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no test may reach the Hub: offline mode fails at once instead
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("script", ["data/openwebtext/prepare.py", "data/fineweb/prepare.py"])
+@pytest.mark.parametrize("file_format", ["parquet", "jsonl"])
+def test_prepare_reads_local_files_offline(tmp_path, script, file_format):
     import datasets
 
-    from data.openwebtext import prepare as owt
+    docs = [f"{script} document {i}: some words, repeated {i} times." for i in range(300)]
+    halves = [datasets.Dataset.from_dict({"text": docs[:150], "id": list(range(150))}), datasets.Dataset.from_dict({"text": docs[150:], "id": list(range(150))})]
+    files = []
+    for i, half in enumerate(halves):
+        path = tmp_path / f"part{i}.{file_format}"
+        half.to_parquet(str(path)) if file_format == "parquet" else half.to_json(str(path), lines=True)
+        files.append(path)
+    out = tmp_path / "out"
+    result = run_prepare(script, f"--out_dir={out}", "--num_proc=1", "--data_files", *files)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train:" in result.stdout and "val:" in result.stdout
+    assert sorted(decoded_documents(out)) == sorted(docs)
 
-    with pytest.raises(ValueError, match="no 'text' column"):
-        owt.prepare(datasets.Dataset.from_dict({"content": ["a"]}), str(tmp_path), num_proc=1)
+
+def test_max_tokens_caps_the_train_split(tmp_path):
+    import datasets
+
+    path = tmp_path / "docs.parquet"
+    datasets.Dataset.from_dict({"text": [f"fineweb-like document {i} " * 20 for i in range(500)]}).to_parquet(str(path))
+    out = tmp_path / "out"
+    result = run_prepare("data/fineweb/prepare.py", f"--out_dir={out}", "--num_proc=1", "--max_tokens=1000", "--data_files", path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(read_tokens(str(out / "train.bin"), 50257)) == 1000
+    assert len(read_tokens(str(out / "val.bin"), 50257)) > 0
+
+
+def test_prepare_errors_are_one_line_saying_what_to_do(tmp_path):
+    import datasets
+
+    unreachable = run_prepare("data/openwebtext/prepare.py", f"--out_dir={tmp_path}")
+    assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1, unreachable.stderr
+    assert "could not load Skylion007/openwebtext (revision refs/convert/parquet)" in unreachable.stderr and "--data_files" in unreachable.stderr
+    script_dataset = tmp_path / "scripted"
+    script_dataset.mkdir()
+    (script_dataset / "scripted.py").write_text("import datasets\n")
+    scripted = run_prepare("data/openwebtext/prepare.py", f"--out_dir={tmp_path}", f"--repo={script_dataset}", "--revision=main")
+    assert scripted.returncode == 2 and "is a loading script" in scripted.stderr and "refs/convert/parquet" in scripted.stderr
+    missing = run_prepare("data/fineweb/prepare.py", f"--out_dir={tmp_path}", "--data_files", tmp_path / "nope.parquet")
+    assert missing.returncode == 2 and "--data_files: no such file" in missing.stderr
+    datasets.Dataset.from_dict({"content": ["a"]}).to_parquet(str(tmp_path / "no_text.parquet"))
+    no_text = run_prepare("data/fineweb/prepare.py", f"--out_dir={tmp_path}", "--data_files", tmp_path / "no_text.parquet")
+    assert no_text.returncode == 2 and "no 'text' column" in no_text.stderr
+    assert not list(tmp_path.glob("*.bin"))  # nothing half-written
 
 
 def test_writer_leaves_no_file_when_interrupted(tmp_path):

@@ -10,6 +10,8 @@ import torch
 from conftest import ROOT, tiny_run_args
 
 import lwlr
+import multipliers
+import optim
 import train
 from model import GPT, GPTConfig
 from train_config import parse_config
@@ -115,12 +117,12 @@ def test_baselines_follow_their_formulas():
 def test_param_groups_scale_or_keep_the_decay():
     model = tiny_gpt()
     multipliers = {name: 2.0 if "q_proj" in name else 0.5 for name in lwlr.numels_of(model)}
-    scaled = lwlr.param_groups(model, multipliers, weight_decay=0.1)
-    kept = lwlr.param_groups(model, multipliers, weight_decay=0.1, scale_decay=False)
+    scaled = optim.param_groups(model, multipliers, weight_decay=0.1)
+    kept = optim.param_groups(model, multipliers, weight_decay=0.1, scale_decay=False)
     assert {(g["lr_scale"], g["weight_decay"]) for g in scaled} == {(2.0, 0.1), (2.0, 0.0), (0.5, 0.1), (0.5, 0.0)}
     for group in kept:  # lr * lr_scale * weight_decay stays lr * 0.1 for decayed tensors
         assert group["lr_scale"] * group["weight_decay"] in (pytest.approx(0.1), 0.0)
-    assert len(lwlr.param_groups(model, None, 0.1)) == 2
+    assert len(optim.param_groups(model, None, 0.1)) == 2
 
 
 def test_bad_input_fails_clearly(tmp_path):
@@ -140,30 +142,30 @@ def test_bad_input_fails_clearly(tmp_path):
     path = tmp_path / "lwlr.json"
     path.write_text(json.dumps({"layers": layers + [{"name": "transformer.h.9.attn.q_proj.weight", "shape": [64, 64], "multiplier": 1.0}]}))
     with pytest.raises(ValueError, match="lwlr.json: layer\\(s\\) transformer.h.9.attn.q_proj.weight are not in the model"):
-        lwlr.load_multipliers(str(path), model)
+        multipliers.load_multipliers(str(path), model)
     path.write_text(json.dumps({"layers": layers[1:]}))
     with pytest.raises(ValueError, match="no multiplier for the model's layer\\(s\\) transformer.wte.weight"):
-        lwlr.load_multipliers(str(path), model)
+        multipliers.load_multipliers(str(path), model)
     with pytest.raises(ValueError, match="lr_rule='adaptive'"):
-        lwlr.multipliers_for_config(parse_config(["--lr_rule=adaptive"]), model)
+        multipliers.for_config(parse_config(["--lr_rule=adaptive"]), model, None)
 
 
 def test_compare_reports_percent_deviation(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"layers": [{"name": "x", "multiplier": 1.1}, {"name": "y", "multiplier": 2.0}]}))
     b.write_text(json.dumps({"layers": [{"name": "x", "multiplier": 1.0}, {"name": "y", "multiplier": 2.0}]}))
-    worst, mean = lwlr.compare(str(a), str(b))
+    worst, mean = multipliers.compare(str(a), str(b))
     assert worst == pytest.approx(10.0) and mean == pytest.approx(5.0)
 
 
 def cli_args(out_dir, token_dir, T=4):
-    return [f"--out_dir={out_dir}", f"--data_dir={token_dir}", "--model=gpt2-tiny", "--block_size=32", "--micro_batch_size=2", f"--lwlr_T={T}", "--device=cpu"]
+    return [f"--out_dir={out_dir}", f"--data_dir={token_dir}", "--model=gpt2-tiny", "--block_size=32", "--micro_batch_size=2", f"--lwlr_T={T}", "--device=cpu", "--lwlr_cache_dir=none"]
 
 
 def test_cli_writes_json_and_plot_and_is_reproducible(tmp_path, token_dir):
     first, second = tmp_path / "first", tmp_path / "second"
-    assert lwlr.main(cli_args(first, token_dir)) == 0
-    assert lwlr.main(cli_args(second, token_dir)) == 0
+    assert multipliers.main(cli_args(first, token_dir)) == 0
+    assert multipliers.main(cli_args(second, token_dir)) == 0
     assert (first / "lwlr.json").read_bytes() == (second / "lwlr.json").read_bytes()
     data = json.loads((first / "lwlr.json").read_text())
     assert (data["T"], data["init"], data["power"], data["model"], data["seed"]) == (4, "fan_out", 0.5, "gpt2-tiny", 1337)
@@ -176,7 +178,7 @@ def test_two_process_measurement_equals_one_process(tmp_path, token_dir):
     outputs = {}
     for nproc in (1, 2):
         out = tmp_path / f"p{nproc}"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "lwlr.py", *cli_args(out, token_dir, T=5)]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "multipliers.py", *cli_args(out, token_dir, T=5)]
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[nproc] = {layer["name"]: layer["multiplier"] for layer in json.loads((out / "lwlr.json").read_text())["layers"]}
@@ -204,3 +206,31 @@ def test_training_with_lwlr_saves_the_multipliers_and_resume_reuses_them(tmp_pat
     scales = {name: g["lr_scale"] for g in optimizer_state["param_groups"] for name in g["names"]}
     assert scales == measured
     assert not math.isclose(min(scales.values()), max(scales.values()))
+
+
+def test_a_rerun_with_the_same_settings_reuses_the_measurement_and_says_so(tmp_path, token_dir):
+    cache = tmp_path / "cache"
+
+    def run(name, **overrides):
+        out, lines = tmp_path / name, []
+        args = tiny_run_args(out, token_dir, **{"lwlr_T": 3, "lwlr_cache_dir": cache, **overrides})
+        c = train.parse_config(args)
+        torch.manual_seed(c.seed)
+        model = GPT(train.gpt_config(c))
+        measured, _ = multipliers.for_config(c, model, train.token_batches(c, "train", "lwlr", model.config), log=lines.append)
+        return measured, " ".join(lines)
+
+    first, log = run("first")
+    assert "measured" in log and len(list(cache.iterdir())) == 1
+    again, log = run("again")
+    assert "reusing the multipliers measured with these settings" in log and "measured" not in log.replace("measured with", "")
+    assert again == first
+    for key, value in (("seed", 7), ("lwlr_T", 4), ("lwlr_power", 0.25), ("micro_batch_size", 2), ("residual_scale", "true")):
+        _, log = run(f"other-{key}", **{key: value})
+        assert "reusing" not in log, key  # any setting that changes the measurement measures again
+    for path in cache.iterdir():
+        path.write_text("{ not json")
+    remeasured, log = run("after-damage")
+    assert "reusing" not in log and remeasured == first  # a damaged cache file is measured over
+    rewritten = [path for path in cache.iterdir() if path.read_text().startswith("{\n")]
+    assert len(rewritten) == 1 and json.loads(rewritten[0].read_text())["layers"]  # the others stay damaged

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -27,12 +28,16 @@ def tiny(**overrides):
     return GPT(GPTConfig.from_preset("gpt2-tiny", **overrides)).eval()
 
 
-def test_q_k_v_are_separate_parameters_and_head_is_tied():
+def test_q_k_v_are_separate_parameters_and_the_tie_survives_copies_and_loads():
+    """lwlr measures on a deep copy and resumes load a state dict: a tie lost there would give the head
+    and the embedding separate multipliers and updates."""
     model = tiny()
     names = dict(model.named_parameters())
     for part in ("q_proj", "k_proj", "v_proj"):
         assert f"transformer.h.0.attn.{part}.weight" in names
-    assert model.lm_head.weight is model.transformer.wte.weight
+    copied = copy.deepcopy(model)
+    copied.load_state_dict(tiny(residual_scale=True).state_dict())
+    assert copied.lm_head.weight is copied.transformer.wte.weight and "lm_head.weight" not in dict(copied.named_parameters())
 
 
 def test_causality_future_tokens_do_not_change_past_logits():

@@ -228,8 +228,6 @@ def adam_mini_models():
 def test_adam_mini_matches_the_official_code_over_20_steps_with_a_reload(backend):
     from adam_mini import Adam_mini
 
-    import lwlr
-
     reference_model, our_model = (model.to(TEST_DEVICE) for model in adam_mini_models())
     names = [n for n, p in our_model.named_parameters() if p.requires_grad]
     scales = {name: 0.5 + (i % 5) / 4 for i, name in enumerate(names)}
@@ -238,7 +236,7 @@ def test_adam_mini_matches_the_official_code_over_20_steps_with_a_reload(backend
         group["lr"] = LR * scales[group["name"]]
 
     def ours_from(state=None):
-        optimizer = optim.AdamMini(lwlr.param_groups(our_model, scales, 0.1), lr=LR, betas=(0.9, 0.95), n_head=2, backend=backend)
+        optimizer = optim.AdamMini(optim.param_groups(our_model, scales, 0.1), lr=LR, betas=(0.9, 0.95), n_head=2, backend=backend)
         if state is not None:
             optimizer.load_state_dict(state)
         return optimizer
@@ -269,9 +267,7 @@ def test_adam_mini_refuses_a_parameter_without_a_role():
 
 def test_adam_mini_takes_two_launches(monkeypatch):
     model = adam_mini_models()[0].to(TEST_DEVICE)
-    import lwlr
-
-    optimizer = optim.AdamMini(lwlr.param_groups(model, None, 0.1), n_head=2, backend="triton")
+    optimizer = optim.AdamMini(optim.param_groups(model, None, 0.1), n_head=2, backend="triton")
     for p in model.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     launches = []

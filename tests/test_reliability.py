@@ -9,17 +9,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_run_args
+from conftest import ROOT, read_log, tiny_run_args, torchrun
 
 import checkpoint
 import train
 from model import GPT
 from train_config import ConfigError
-
-
-def read_log(out_dir, kind):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
 def final_state(out_dir, step):
@@ -54,11 +49,6 @@ def test_stop_and_resume_equals_a_straight_run(tmp_path, token_dir, optimizer, l
     resumed_losses = [r["loss"] for r in read_log(resumed, "train")]
     assert resumed_losses == straight_losses  # exactly: no batch replayed or skipped
     assert_identical_states(final_state(straight, 8), final_state(resumed, 8))
-
-
-def torchrun(nproc, args):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_lw"])  # adamw_lw: its curvature terms are all-reduced

@@ -6,16 +6,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_run_args
+from conftest import ROOT, read_log, tiny_run_args, torchrun
 
 import checkpoint
+import optim
 import train
 from train_config import ConfigError, TrainConfig, parse_config
-
-
-def read_log(out_dir, kind):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
 def test_tiny_run_writes_config_log_and_checkpoints(tmp_path, token_dir):
@@ -42,14 +38,24 @@ def test_schedule_warmup_cosine_and_constant():
     assert train.lr_at(100, constant) == 1.0
 
 
-def test_set_lr_folds_lr_scale_only_for_torch_optimizers():
-    p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.AdamW([{"params": [p], "lr_scale": 2.0}, {"params": [q]}], lr=1.0)
-    train.set_lr(optimizer, 0.5)
-    assert [g["lr"] for g in optimizer.param_groups] == [1.0, 0.5]
-    optimizer.applies_lr_scale = True
-    train.set_lr(optimizer, 0.5)
-    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.5]
+def test_torch_adamw_applies_lr_scale_like_ours():
+    """optim.TorchAdamW at lr with lr_scale 2 steps exactly as torch.optim.AdamW at 2 lr, and its groups keep lr."""
+    generator = torch.Generator().manual_seed(0)
+    values = [torch.randn(5, 3, generator=generator), torch.randn(4, generator=generator)]
+    ours_params, reference_params = [torch.nn.Parameter(v.clone()) for v in values], [torch.nn.Parameter(v.clone()) for v in values]
+    ours = optim.TorchAdamW([{"params": ours_params[:1], "lr_scale": 2.0}, {"params": ours_params[1:]}], lr=1.0)
+    reference = torch.optim.AdamW([{"params": reference_params[:1], "lr": 0.2}, {"params": reference_params[1:], "lr": 0.1}],
+                                  lr=1.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    for _ in range(3):
+        train.set_lr(ours, 0.1)
+        grads = [torch.randn(v.shape, generator=generator) for v in values]
+        for params in (ours_params, reference_params):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        ours.step(), reference.step()
+    assert [g["lr"] for g in ours.param_groups] == [0.1, 0.1]
+    for a, b in zip(ours_params, reference_params):
+        assert torch.equal(a, b)
 
 
 def test_config_files_and_overrides(tmp_path):
@@ -93,18 +99,12 @@ def test_command_line_errors_exit_2_with_a_message(tmp_path):
     assert "--tokens_per_step=2048" in help_text and "sets grad_accum" in help_text
 
 
-def torchrun(nproc, args, timeout=300):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def test_two_process_ddp_matches_one_process(tmp_path, token_dir):
     # 256 tokens per step: one process runs 2 micro-batches of 4 x 32, two processes 1 each.
     one, two = tmp_path / "one", tmp_path / "two"
-    torchrun(1, tiny_run_args(one, token_dir, max_steps=4, eval_interval=4))
-    torchrun(2, tiny_run_args(two, token_dir, max_steps=4, eval_interval=4))
+    for nproc, out in ((1, one), (2, two)):
+        result = torchrun(nproc, tiny_run_args(out, token_dir, max_steps=4, eval_interval=4))
+        assert result.returncode == 0, result.stderr[-3000:]
     assert read_log(one, "start")[0]["grad_accum"] == 2 and read_log(two, "start")[0]["grad_accum"] == 1
     losses_one = [r["loss"] for r in read_log(one, "train")]
     losses_two = [r["loss"] for r in read_log(two, "train")]

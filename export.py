@@ -1,0 +1,65 @@
+"""Export a trained checkpoint as a Hugging Face GPT-2 directory that transformers loads as it is.
+
+    python export.py --out_dir=out --hf_dir=hf/my-gpt2                 # the newest complete checkpoint in out
+    python export.py --checkpoint=out/step-00000200 --hf_dir=hf/my-gpt2
+    # then: transformers.GPT2LMHeadModel.from_pretrained("hf/my-gpt2"), or python sample.py --pretrained=hf/my-gpt2
+
+Writes config.json and model.safetensors in GPT-2's own layout (q, k and v fused into c_attn, Conv1D's
+(in, out) weights, the lm_head tied to wte). Refuses what GPT-2 cannot express: residual scaling, a
+vocabulary other than GPT-2's 50,257 tokens (a char-level model: GPT-2's tokenizer would not fit it).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import checkpoint
+from data.tokenizer import VOCAB_SIZE
+from model import hf_config, to_hf_state_dict
+
+
+def export(model, hf_dir: str) -> None:
+    """config.json and model.safetensors for model in hf_dir, which must be new or empty; written into a
+    temporary folder first, so a failed export leaves nothing behind."""
+    from safetensors.torch import save_file
+
+    if model.config.vocab_size != VOCAB_SIZE:
+        raise ValueError(f"the model's vocabulary has {model.config.vocab_size} tokens, not GPT-2's {VOCAB_SIZE}: "
+                         "a Hugging Face GPT-2 directory implies GPT-2's tokenizer")
+    config = hf_config(model.config)
+    if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
+        raise ValueError(f"--hf_dir={hf_dir} exists and is not an empty folder: choose a new one")
+    tmp = f"{hf_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        save_file(to_hf_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if os.path.isdir(hf_dir):
+            os.rmdir(hf_dir)  # empty, checked above
+        os.replace(tmp, hf_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="out", help="a training run's folder: its newest complete checkpoint is exported")
+    parser.add_argument("--checkpoint", default=None, help="a step-XXXXXXXX folder instead")
+    parser.add_argument("--hf_dir", required=True, help="the Hugging Face directory to write (new or empty)")
+    args = parser.parse_args(argv)
+    try:
+        path, meta = checkpoint.find(args.out_dir, args.checkpoint, report=lambda message: print(message, file=sys.stderr))
+        export(checkpoint.load_model(path, meta), args.hf_dir)
+    except (checkpoint.CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {path} (step {meta['step']}) to {args.hf_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

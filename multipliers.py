@@ -1,0 +1,245 @@
+"""Where a training run's learning-rate multipliers come from, and what is written about them.
+
+    python multipliers.py [config/FILE.py] [--key=value ...]   # measure with a training config: lwlr.json, lwlr.png
+    python multipliers.py --compare a.json b.json              # max and mean deviation in percent (the paper's Table 3)
+
+for_config(c, model) gives what a TrainConfig asks for: none for lr_rule=single; a baseline rule
+(lwlr.baseline_multipliers); an lwlr.json named by lwlr_file, checked against the model; or lwlr's
+Algorithm 1 (lwlr.compute_multipliers), measured once per set of settings and then reused from a cache.
+The lwlr.json report holds, per layer, its name, shape, size, mean |gradient| and multiplier; the plot
+shows the multipliers in model order (the paper's Figures 4 and 5).
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from lwlr import baseline_multipliers, measure_grad_mean_abs, multipliers_from_grads, numels_of
+
+
+def load_multipliers(path: str, model: torch.nn.Module) -> dict[str, float]:
+    """Multipliers from an lwlr.json, checked against the model's layers."""
+    try:
+        with open(path, "rb") as f:
+            layers = json.loads(f.read().decode("utf-8"))["layers"]
+        multipliers = {layer["name"]: float(layer["multiplier"]) for layer in layers}
+        shapes = {layer["name"]: tuple(layer["shape"]) for layer in layers}
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: JSON syntax, undecodable bytes
+        raise ValueError(f"lwlr_file {path}: not a readable lwlr.json ({type(e).__name__}: {e})") from None
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    extra, missing = sorted(set(multipliers) - set(params)), sorted(set(params) - set(multipliers))
+    if extra:
+        raise ValueError(f"lwlr_file {path}: layer(s) {', '.join(extra)} are not in the model")
+    if missing:
+        raise ValueError(f"lwlr_file {path}: no multiplier for the model's layer(s) {', '.join(missing)}")
+    # Same names, other sizes (another n_embd or vocabulary): multipliers measured on a different model.
+    wrong = [f"{name} {list(shapes[name])} (model {list(p.shape)})" for name, p in params.items() if shapes[name] != tuple(p.shape)]
+    if wrong:
+        raise ValueError(f"lwlr_file {path} was measured on another model: shapes differ for {', '.join(wrong[:3])}"
+                         + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+    bad = [name for name, m in multipliers.items() if not (math.isfinite(m) and m > 0)]
+    if bad:
+        raise ValueError(f"lwlr_file {path}: multipliers of {', '.join(bad)} are not positive finite numbers")
+    return multipliers
+
+
+def report(module, multipliers: dict[str, float], grad_mean_abs: dict[str, float] | None, **meta) -> dict:
+    """The content of lwlr.json: per layer name, shape, numel, mean |g| and multiplier, plus how it was made."""
+    params = dict(module.named_parameters())
+    layers = [
+        {"name": name, "shape": list(params[name].shape), "numel": params[name].numel(),
+         "grad_mean_abs": grad_mean_abs[name] if grad_mean_abs else None, "multiplier": m}
+        for name, m in multipliers.items()
+    ]
+    return {**meta, "layers": layers}
+
+
+def save_report(data: dict, out_dir: str) -> None:
+    with open(os.path.join(out_dir, "lwlr.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    plot(data, os.path.join(out_dir, "lwlr.png"))
+
+
+def layer_kind(name: str) -> str:
+    if name.endswith(".bias"):
+        return "bias"
+    for key in ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj", "wte", "wpe"):
+        if key in name:
+            return key
+    return "LayerNorm"
+
+
+KIND_COLORS = {"q_proj": "tab:blue", "k_proj": "tab:cyan", "v_proj": "tab:green", "o_proj": "tab:olive", "c_fc": "tab:orange",
+               "c_proj": "tab:red", "wte": "tab:purple", "wpe": "tab:pink", "bias": "tab:gray", "LayerNorm": "black"}
+
+
+def plot(data: dict, path: str) -> None:
+    """Multipliers in model order on a log axis: all layers, and the Linear weights alone (the paper's
+    Figures 4 and 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = data["layers"]
+    linear = [layer for layer in layers if layer_kind(layer["name"]) in ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")]
+    fig, axes = plt.subplots(2, 1, figsize=(12, 8))
+    for ax, subset, title in ((axes[0], layers, "all layers"), (axes[1], linear, "Linear weights")):
+        for kind, color in KIND_COLORS.items():
+            points = [(i, layer["multiplier"]) for i, layer in enumerate(subset) if layer_kind(layer["name"]) == kind]
+            if points:
+                ax.scatter(*zip(*points), s=14, color=color, label=kind)
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.set_xlabel("layer, in model order")
+        ax.set_ylabel("lr multiplier")
+        ax.set_title(f"{data.get('model', '')} {data.get('rule', 'lwlr')} multipliers ({title}; init {data.get('init')}, T={data.get('T')}, power {data.get('power')})")
+        ax.legend(fontsize=7, ncol=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(path_a: str, path_b: str) -> tuple[float, float]:
+    """Max and mean |m_a - m_b| / m_b in percent over the layers both files share."""
+    a, b = ({layer["name"]: layer["multiplier"] for layer in json.load(open(p))["layers"]} for p in (path_a, path_b))
+    if set(a) != set(b):
+        raise ValueError(f"{path_a} and {path_b} cover different layers")
+    deviations = [100 * abs(a[n] - b[n]) / b[n] for n in b]
+    return max(deviations), sum(deviations) / len(deviations)
+
+
+def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float] | None, dict | None]:
+    """The multipliers a TrainConfig asks for (None for lr_rule=single) and the report to save; lwlr
+    measures on `batches` (train.token_batches of the "lwlr" stream)."""
+    if c.lr_rule == "single":
+        return None, None
+    meta = {"rule": c.lr_rule, "model": c.model, "dataset": c.data_dir or c.dataset, "seed": c.seed}
+    if c.lr_rule != "lwlr":
+        multipliers = baseline_multipliers(model, c.lr_rule)
+        return multipliers, report(model, multipliers, None, **meta)
+    if c.lwlr_file:
+        multipliers = load_multipliers(c.lwlr_file, model)
+        return multipliers, report(model, multipliers, None, **meta, source=c.lwlr_file)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    gpt_config = model.config
+    cache_path = measurement_cache_path(c, model, batches.path, ctx)
+    cached = _cached_report(cache_path, model, rank)
+    if cached is not None:
+        log(f"lwlr: reusing the multipliers measured with these settings ({cache_path}); --lwlr_cache_dir=none measures again")
+        return {layer["name"]: layer["multiplier"] for layer in cached["layers"]}, {**cached, "source": cache_path}
+    device = next(model.parameters()).device
+    mine = (batches.get(t, c.micro_batch_size, 0, c.micro_batch_size, device) for t in range(rank, c.lwlr_T, world))
+    log(f"lwlr: measuring each layer's mean |gradient| at init ({c.lwlr_init}) over T={c.lwlr_T} batches ...")
+    start = time.perf_counter()
+    grads = measure_grad_mean_abs(model, mine, c.lwlr_T, c.lwlr_init, ctx)
+    seconds = time.perf_counter() - start
+    multipliers = multipliers_from_grads(grads, numels_of(model), c.lwlr_power)
+    log(f"lwlr: measured {len(grads)} layers over T={c.lwlr_T} batches of {c.micro_batch_size} in {seconds:.1f} s")
+    meta.update(T=c.lwlr_T, init=c.lwlr_init, power=c.lwlr_power, micro_batch_size=c.micro_batch_size, block_size=gpt_config.block_size,
+                world_size=world)
+    data = report(model, multipliers, grads, **meta)
+    if cache_path and rank == 0:
+        _write_atomically(cache_path, data)
+    return multipliers, data
+
+
+CACHE_VERSION = 1  # bump when the measurement changes what it computes
+
+
+def measurement_cache_path(c, model, data_path: str, ctx) -> str | None:
+    """Where multipliers measured with exactly these settings are kept: the model (its config, so its
+    shapes and init), the data file (path, size, modification time), seed, T, init, power, batch size and
+    precision. None when lwlr_cache_dir=none. The measurement is deterministic given these."""
+    if c.lwlr_cache_dir == "none":
+        return None
+    directory = c.lwlr_cache_dir
+    if directory == "auto":
+        directory = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lwlr")
+    stat = os.stat(data_path)
+    precision = str(ctx.fast_dtype) if isinstance(ctx, torch.autocast) else "torch.float32"
+    settings = {"version": CACHE_VERSION, "model": dataclasses.asdict(model.config), "data": [os.path.realpath(data_path), stat.st_size, stat.st_mtime_ns],
+                "seed": c.seed, "T": c.lwlr_T, "init": c.lwlr_init, "power": c.lwlr_power, "micro_batch_size": c.micro_batch_size,
+                "precision": precision}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(os.path.expanduser(directory), f"{c.model}-{key}.json")
+
+
+def _cached_report(path: str | None, model, rank: int) -> dict | None:
+    """The cached lwlr.json at path, as rank 0 finds it (every rank takes rank 0's answer, so all measure
+    or none do); an unreadable or mismatched file is ignored and measured over."""
+    data = None
+    if path and rank == 0 and os.path.isfile(path):
+        try:
+            load_multipliers(path, model)  # names, shapes, positive finite values
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = None
+    if dist.is_initialized():
+        shared = [data]
+        dist.broadcast_object_list(shared, src=0)
+        data = shared[0]
+    return data
+
+
+def _write_atomically(path: str, data: dict) -> None:
+    """Best effort: a cache that cannot be written costs a measurement next time, never the run."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def print_table(data: dict) -> None:
+    print(f"{'layer':44} {'shape':>14} {'mean |g|':>11} {'multiplier':>10}")
+    for layer in data["layers"]:
+        g = f"{layer['grad_mean_abs']:.3e}" if layer["grad_mean_abs"] is not None else "-"
+        print(f"{layer['name']:44} {str(tuple(layer['shape'])):>14} {g:>11} {layer['multiplier']:10.3f}")
+    values = [layer["multiplier"] for layer in data["layers"]]
+    print(f"{len(values)} layers; multipliers from {min(values):.3f} to {max(values):.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model import GPT
+    from runtime import autocast, init_runtime
+    from train import gpt_config, token_batches
+    from train_config import parse_config
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--compare"]:
+        if len(argv) != 3:
+            raise ValueError("usage: python multipliers.py --compare a.json b.json")
+        worst, mean = compare(argv[1], argv[2])
+        print(f"deviation of {argv[1]} from {argv[2]}: max {worst:.2f}%, mean {mean:.2f}%")
+        return 0
+    c = parse_config(argv)
+    if c.lr_rule == "single":
+        raise ValueError("lr_rule=single has no multipliers to measure; use lwlr (the default) or a baseline rule")
+    rt = init_runtime(c.device)
+    torch.manual_seed(c.seed)
+    model = GPT(gpt_config(c)).to(rt.device)
+    _, data = for_config(c, model, token_batches(c, "train", "lwlr", model.config), autocast(rt.device, c.dtype), log=rt.print0)
+    if rt.is_main:
+        os.makedirs(c.out_dir, exist_ok=True)
+        save_report(data, c.out_dir)
+        print_table(data)
+        print(f"wrote {os.path.join(c.out_dir, 'lwlr.json')} and lwlr.png")
+    return 0
+
+
+if __name__ == "__main__":
+    from runtime import run_main
+
+    run_main(main)
