@@ -175,6 +175,8 @@ def load_model(path: str, meta: dict):
     from train import gpt_config
     from train_config import TrainConfig
 
-    model = GPT(gpt_config(TrainConfig(**meta["config"])))
-    model.load_state_dict(load_tensors(path, "model"))
+    tensors = load_tensors(path, "model")
+    vocab_size = tensors["transformer.wte.weight"].shape[0]  # the data folder may have moved since
+    model = GPT(gpt_config(TrainConfig(**meta["config"]), vocab_size))
+    model.load_state_dict(tensors)
     return model

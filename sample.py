@@ -12,17 +12,24 @@ import sys
 import torch
 
 import checkpoint
-from data.tokenizer import gpt2_encoding
+from data import vocab
 from model import GPT
+from train import data_dir
+from train_config import TrainConfig
 
 
-def load_model(args) -> GPT:
+def load_model(args):
+    """The model, and the vocabulary of the data it was trained on (GPT-2's for --pretrained)."""
     if args.pretrained:
-        return GPT.from_pretrained(args.pretrained)
+        return GPT.from_pretrained(args.pretrained), vocab.GPT2Vocab()
     path, meta = checkpoint.find(args.out_dir, args.checkpoint, report=lambda message: print(message, file=sys.stderr))
     model = checkpoint.load_model(path, meta)
     print(f"loaded {path} (step {meta['step']})", file=sys.stderr)
-    return model
+    vocabulary = vocab.load(data_dir(TrainConfig(**meta["config"])))
+    if vocabulary.size != model.config.vocab_size:
+        raise ValueError(f"the model has {model.config.vocab_size} tokens but its dataset's vocabulary {vocabulary.size}: "
+                         "was the data folder prepared again or moved?")
+    return model, vocabulary
 
 
 def main() -> None:
@@ -39,12 +46,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    model = load_model(args).to(args.device).eval()
-    enc = gpt2_encoding()
-    idx = torch.tensor([enc.encode_ordinary(args.prompt)], device=args.device)
+    model, vocabulary = load_model(args)
+    model = model.to(args.device).eval()
+    idx = torch.tensor([vocabulary.encode(args.prompt)], device=args.device)
     for _ in range(args.num_samples):
         out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
-        print(enc.decode(out[0].tolist()))
+        print(vocabulary.decode(out[0].tolist()))
         print("---------------")
 
 

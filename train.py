@@ -31,6 +31,7 @@ import checkpoint
 import lwas
 import multipliers
 import optim
+from data import vocab
 from data.loader import TokenBatches
 from model import GPT, GPTConfig, sampled_label_loss
 from runtime import (
@@ -138,9 +139,16 @@ class StopRequest:
         self.requested = True
 
 
-def gpt_config(c: TrainConfig) -> GPTConfig:
-    """The model a config trains: its preset with block_size, dropout, residual scaling and the loss chunking applied."""
-    config = GPTConfig.from_preset(c.model, dropout=c.dropout, residual_scale=c.residual_scale, loss_chunk_rows=c.loss_chunk_rows)
+def data_dir(c: TrainConfig) -> str:
+    return c.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", c.dataset)
+
+
+def gpt_config(c: TrainConfig, vocab_size: int | None = None) -> GPTConfig:
+    """The model a config trains: its preset with the dataset's vocabulary (data/vocab.py; GPT-2's unless
+    the data has a vocab.json), block_size, dropout, residual scaling and the loss chunking applied."""
+    vocab_size = vocab_size or vocab.load(data_dir(c)).size
+    config = GPTConfig.from_preset(c.model, vocab_size=vocab_size, dropout=c.dropout, residual_scale=c.residual_scale,
+                                   loss_chunk_rows=c.loss_chunk_rows)
     block_size = c.block_size or config.block_size
     if block_size > config.block_size:
         raise ConfigError(f"block_size={block_size} exceeds the {c.model} preset's {config.block_size}")
@@ -150,8 +158,7 @@ def gpt_config(c: TrainConfig) -> GPTConfig:
 
 def token_batches(c: TrainConfig, split: str, stream: str, model_config: GPTConfig, subset_batches: int = 0) -> TokenBatches:
     """Batches over data_dir (or data/<dataset>)/<split>.bin, from the named random stream."""
-    data_dir = c.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", c.dataset)
-    return TokenBatches(os.path.join(data_dir, f"{split}.bin"), stream, model_config.block_size, model_config.vocab_size, c.seed, subset_batches)
+    return TokenBatches(os.path.join(data_dir(c), f"{split}.bin"), stream, model_config.block_size, model_config.vocab_size, c.seed, subset_batches)
 
 
 def grad_accumulation(c: TrainConfig, block_size: int, world_size: int) -> int:

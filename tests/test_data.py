@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tiny_run_args
 
 from data.loader import TokenBatches
 from data.tokenfile import HEADER_BYTES, TokenFileError, read_tokens, write_tokens
@@ -166,3 +166,40 @@ def test_batches_split_one_global_batch_over_ranks_and_micro_steps(good_file):
     assert not torch.equal(batches.get(6, 8, 0, 8, cpu)[0], whole_x)
     subset = TokenBatches(str(good_file), "train", 16, 50257, seed=3, subset_batches=2)
     assert torch.equal(subset.get(1, 8, 0, 8, cpu)[0], subset.get(3, 8, 0, 8, cpu)[0])
+
+
+def test_char_level_shakespeare_round_trips_through_prepare_train_and_sample(tmp_path):
+    import train
+    from data import vocab
+    from data.shakespeare import prepare as shakespeare
+    from data.shakespeare_char import prepare as shakespeare_char
+
+    data = tmp_path / "data"
+    data.mkdir()
+    counts = shakespeare_char.prepare(str(data))
+    vocabulary = vocab.load(str(data))
+    assert 60 <= vocabulary.size <= 100 and "\n" in vocabulary.chars and "A" in vocabulary.chars
+    first_play = shakespeare.markdown_to_text(open(shakespeare.play_paths()[0], encoding="utf-8").read()).strip()
+    train_ids = read_tokens(str(data / "train.bin"), vocabulary.size)
+    assert len(train_ids) == counts["train"] and vocabulary.decode(train_ids[: len(first_play)]) == first_play
+    assert vocabulary.encode(first_play[:500]) == train_ids[:500].tolist()
+
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, data, max_steps=3, eval_interval=3)) == 0
+    sample = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--prompt=ROMEO:", "--max_new_tokens=40",
+                             "--num_samples=1", "--device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert sample.returncode == 0, sample.stderr
+    text = sample.stdout.split("\n---------------")[0]
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 40 and set(text) <= set(vocabulary.chars)
+    export = subprocess.run([sys.executable, "export.py", f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf'}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert export.returncode == 2 and f"{vocabulary.size} tokens, not GPT-2's 50257" in export.stderr
+
+
+def test_a_malformed_vocabulary_file_is_named(tmp_path):
+    from data import vocab
+
+    assert vocab.load(str(tmp_path)).size == 50257  # no vocab.json: GPT-2's
+    (tmp_path / "vocab.json").write_text('{"kind": "char", "chars": ["a", "a"]}')
+    with pytest.raises(ValueError, match="vocab.json: not a vocabulary file"):
+        vocab.load(str(tmp_path))

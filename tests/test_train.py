@@ -11,6 +11,7 @@ from conftest import ROOT, read_log, tiny_run_args, torchrun
 import checkpoint
 import optim
 import train
+from model import GPT
 from train_config import ConfigError, TrainConfig, parse_config
 
 
@@ -153,3 +154,11 @@ def test_bfloat16_autocast_and_torch_compile_compose_with_the_fused_kernels_and_
         assert b["multiplier"] == pytest.approx(a["multiplier"], rel=5e-2), a["name"]
     weights = checkpoint.load_tensors(checkpoint.step_dir(str(gpu_like), 4), "model")
     assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in weights.values())  # fp32 master weights
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "config"))))
+def test_every_shipped_config_parses_and_builds_its_model(name):
+    c = parse_config([os.path.join(ROOT, "config", name)])
+    with torch.device("meta"):
+        model = GPT(train.gpt_config(c))
+    assert model.config.block_size == (c.block_size or model.config.block_size)
