@@ -7,6 +7,16 @@ the training objective, apart from generalization.
     python bench/overfit.py --preset gpt2 --out_dir bench/results/overfit-gpt2
     python bench/overfit.py --preset depth                     # gpt2-large, Lion, with and without residual scaling
     python bench/overfit.py --preset tiny-cpu --optimizers adamw --lrs 1e-3 3e-3 --steps 50   # any setting overridden
+    python bench/overfit.py --preset heldout-quick   # held-out mode, char-level Shakespeare (prepare it first)
+    python bench/overfit.py --preset heldout-cpu     # the committed held-out comparison
+    python bench/overfit.py --preset heldout-gpt2    # the same on OpenWebText with GPT-2 124M, for a GPU
+
+Held-out mode (`heldout=True`, issue #14): the question is not memorization but whether a rule trains
+a better model. Each run trains from scratch on the whole training split for a fixed token budget
+with a cosine decay to lr / 10, and its score is the val loss at the end (and its curve). Several
+seeds per point; the table gives each rule at its own best rate, mean +- std over seeds, and whether
+its difference from `single` exceeds twice the standard error of that difference. The grids and
+budgets of the presets were fixed before any of their results were seen.
 
 Every run of a sweep starts from the same init (the seed) and sees the same K batches in the same
 order; only the optimizer, the rule and the learning rate differ. The final train loss is the mean
@@ -30,6 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lwlr  # noqa: E402
+import train  # noqa: E402
 from common import fresh_trainer  # noqa: E402
 from runtime import environment  # noqa: E402
 
@@ -66,6 +77,9 @@ class Sweep:
     data_dir: str = ""  # a folder with train.bin instead of data/<dataset>
     device: str = "auto"
     log_every: int = 5  # loss-curve resolution (a host sync each time)
+    heldout: bool = False  # held-out mode: whole train split, cosine to lr / 10, scored by val loss (see above)
+    eval_every: int = 50  # held-out mode: val-loss curve resolution
+    eval_steps: int = 20  # held-out mode: val batches per evaluation
 
 
 PRESETS = {
@@ -87,12 +101,30 @@ PRESETS = {
                    lrs={"lion": [3.75e-5 * 6.4 ** (i / 4) for i in range(5)]}, residual_scales=[False, True], seeds=[0],
                    steps=2000, subset_batches=16, micro_batch_size=4, block_size=1024, warmup_steps=100, lwlr_T=100,
                    dataset="openwebtext"),
+    # Held-out comparisons (issue #14), char-level Shakespeare (data/shakespeare_char): gpt2-mini there is
+    # 0.84M parameters, 95% of them in the blocks. 2,048 characters per step; 4 rules x 2 optimizers x 3 seeds.
+    # quick: 2 lrs x 100 steps, about 10 min on 2 cores (predicted from 90 ms/step); cpu: 5 lrs x 300 steps
+    # (614k characters, 0.13 epochs), about 60 min (predicted).
+    "heldout-quick": Sweep(model="gpt2-mini", optimizers=["adamw", "lion"], rules=["single", "lwlr", "fan_in", "depth_increasing"],
+                           lrs={"adamw": [1e-3, 3.16e-3], "lion": [1e-4, 3.16e-4]}, residual_scales=[False], seeds=[0, 1, 2],
+                           steps=100, subset_batches=0, micro_batch_size=16, block_size=128, warmup_steps=10, lwlr_T=100,
+                           dataset="shakespeare_char", heldout=True, eval_every=50),
+    "heldout-cpu": Sweep(model="gpt2-mini", optimizers=["adamw", "lion"], rules=["single", "lwlr", "fan_in", "depth_increasing"],
+                         lrs={"adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2], "lion": [3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3]},
+                         residual_scales=[False], seeds=[0, 1, 2], steps=300, subset_batches=0, micro_batch_size=16, block_size=128,
+                         warmup_steps=30, lwlr_T=100, dataset="shakespeare_char", heldout=True, eval_every=50),
+    # GPT-2 124M on OpenWebText for a GPU: 2000 steps of 8 x 1024 tokens (16M tokens), not run here.
+    "heldout-gpt2": Sweep(model="gpt2", optimizers=["adamw", "lion"], rules=["single", "lwlr", "fan_in", "depth_increasing"],
+                          lrs={"adamw": [3e-4, 6e-4, 1.2e-3, 2.4e-3], "lion": [3e-5, 6e-5, 1.2e-4, 2.4e-4]}, residual_scales=[False],
+                          seeds=[0, 1, 2], steps=2000, subset_batches=0, micro_batch_size=8, block_size=1024, warmup_steps=100,
+                          lwlr_T=100, dataset="openwebtext", heldout=True, eval_every=250, eval_steps=50),
 }
 
 
 # Settings every run of a results file must share; the grid itself (optimizers, rules, lrs, seeds,
 # residual scales) may grow between invocations.
-RESULT_DEFINING = ("model", "steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps", "lwlr_T", "dataset", "data_dir")
+RESULT_DEFINING = ("model", "steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps", "lwlr_T", "dataset", "data_dir",
+                   "heldout", "eval_steps")
 
 
 def run_key(optimizer, rule, lr, residual_scale, seed) -> str:
@@ -103,7 +135,8 @@ def run_one(sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: 
     overrides = dict(
         model=sweep.model, block_size=sweep.block_size, micro_batch_size=sweep.micro_batch_size,
         tokens_per_step=sweep.micro_batch_size * sweep.block_size, data_subset_batches=sweep.subset_batches,
-        dataset=sweep.dataset, data_dir=sweep.data_dir, optimizer=optimizer, lr_rule=rule, lr=lr, schedule="constant", warmup_steps=sweep.warmup_steps,
+        dataset=sweep.dataset, data_dir=sweep.data_dir, optimizer=optimizer, lr_rule=rule, lr=lr, warmup_steps=sweep.warmup_steps,
+        schedule="cosine" if sweep.heldout else "constant", min_lr=lr / 10, eval_steps=sweep.eval_steps,
         max_steps=sweep.steps, residual_scale=residual_scale, seed=seed, lwlr_T=sweep.lwlr_T, device=str(device),
         compile="false", max_bad_steps=1,
         # The full-logits loss the committed sweep points were made with: the chunked one agrees to 1e-6
@@ -111,9 +144,12 @@ def run_one(sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: 
         loss_chunk_rows=0,
     )
     trainer = fresh_trainer(overrides, device)  # the seed's init: the same for every run of this seed
-    curve, start_loss, diverged = [], None, False
+    curve, val_curve, start_loss, diverged = [], [], None, False
+    val_batches = train.token_batches(trainer.c, "val", "val", trainer.raw_model.config) if sweep.heldout else None
     for step in range(sweep.steps):
         _, loss, _, found_inf = trainer.step(step)
+        if sweep.heldout and ((step + 1) % sweep.eval_every == 0 or step == sweep.steps - 1):
+            val_curve.append([step + 1, train.evaluate(trainer.model, val_batches, trainer.c, trainer.rt, trainer.ctx)])
         if step % sweep.log_every == 0 or step == sweep.steps - 1:
             value = loss.item()
             start_loss = value if start_loss is None else start_loss
@@ -121,11 +157,12 @@ def run_one(sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: 
             if not math.isfinite(value) or found_inf.item() or value > start_loss + DIVERGED_MARGIN:
                 diverged = True
                 break
-    final = None if diverged else subset_loss(trainer, device)
+    final = None if diverged else (val_curve[-1][1] if sweep.heldout else subset_loss(trainer, device))
     if final is not None and not math.isfinite(final):
         diverged, final = True, None
-    return {"optimizer": optimizer, "rule": rule, "lr": lr, "residual_scale": residual_scale, "seed": seed,
-            "final_loss": final, "diverged": diverged, "curve": curve, "steps_run": curve[-1][0] + 1 if curve else 0}
+    run = {"optimizer": optimizer, "rule": rule, "lr": lr, "residual_scale": residual_scale, "seed": seed,
+           "final_loss": final, "diverged": diverged, "curve": curve, "steps_run": curve[-1][0] + 1 if curve else 0}
+    return {**run, "val_curve": val_curve} if sweep.heldout else run
 
 
 @torch.no_grad()
@@ -149,7 +186,7 @@ def load_results(path: str, sweep: Sweep) -> dict:
     with open(path) as f:
         results = json.load(f)
     saved = results["sweep"]
-    changed = [key for key in RESULT_DEFINING if saved.get(key) != getattr(sweep, key)]
+    changed = [key for key in RESULT_DEFINING if saved.get(key, getattr(Sweep, key, None)) != getattr(sweep, key)]  # older files lack newer keys
     if changed:
         raise ValueError(f"{path} holds a sweep with other {', '.join(changed)}; its runs would not compare: use another --out_dir")
     merged = dataclasses.asdict(sweep)  # a rerun may extend the grid: keep the union, earlier entries first
@@ -186,35 +223,76 @@ def row_label(optimizer, rule, residual_scale) -> str:
     return f"{optimizer} {rule}" + (" + residual 1/sqrt(L)" if residual_scale else "")
 
 
-def best_run(runs):
-    finished = [r for r in runs if not r["diverged"]]
-    return min(finished, key=lambda r: r["final_loss"]) if finished else None
+def seed_statistics(runs) -> tuple[float, float, int] | None:
+    """Mean, sample std and count of the final losses of one point's seeds; None if any seed diverged."""
+    if not runs or any(r["diverged"] for r in runs):
+        return None
+    values = [r["final_loss"] for r in runs]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std, len(values)
+
+
+def best_rates(results: dict) -> dict[tuple, tuple]:
+    """(optimizer, rule, residual_scale) -> (lr, (mean, std, n)) at the lr with the lowest mean over seeds."""
+    best = {}
+    for key, runs in rows_of(results).items():
+        points = {lr: seed_statistics([r for r in runs if r["lr"] == lr]) for lr in sorted({r["lr"] for r in runs})}
+        finished = [(stats[0], lr, stats) for lr, stats in points.items() if stats]
+        if finished:
+            _, lr, stats = min(finished)
+            best[key] = (lr, stats)
+    return best
+
+
+def rule_summary(results: dict) -> list[str]:
+    """Each rule at its own best rate against `single`; a difference counts where it exceeds twice its
+    standard error, sqrt(s_a^2 / n_a + s_b^2 / n_b), the seed noise."""
+    best = best_rates(results)
+    lines = ["| optimizer | rule | best lr | val loss, mean +- std (seeds) | vs single | beyond seed noise? |", "|---|---|---:|---:|---:|---|"]
+    for (optimizer, rule, rs), (lr, (mean, std, n)) in best.items():
+        reference = best.get((optimizer, "single", rs))
+        if rule == "single" or reference is None:
+            difference, verdict = "", ""
+        else:
+            _, (ref_mean, ref_std, ref_n) = reference
+            delta, noise = mean - ref_mean, math.sqrt(std**2 / n + ref_std**2 / ref_n)
+            difference = f"{delta:+.4f}"
+            verdict = ("yes, better" if delta < 0 else "yes, worse") if abs(delta) > 2 * noise else "no"
+        lines.append(f"| {optimizer} | {row_label(optimizer, rule, rs).split(' ', 1)[1]} | {lr:.3g} | {mean:.4f} +- {std:.4f} ({n}) |"
+                     f" {difference} | {verdict} |")
+    return lines
 
 
 def write_table(results: dict, path: str) -> None:
     sweep = results["sweep"]
-    lines = [f"Final train loss on {sweep['subset_batches']} fixed batches of {sweep['micro_batch_size']} x {sweep['block_size']} "
-             f"tokens after {sweep['steps']} steps at a constant lr ({sweep['model']}); best of each row in bold, "
-             "`div` = diverged.", ""]
-    rows = rows_of(results)
+    if sweep.get("heldout"):
+        lines = [f"Val loss after {sweep['steps']} steps of {sweep['micro_batch_size']} x {sweep['block_size']} tokens from scratch, cosine "
+                 f"to lr / 10 ({sweep['model']}, {sweep['dataset'] or sweep['data_dir']}), mean over seeds {sweep['seeds']}; best of each "
+                 "row in bold, `div` = a seed diverged.", "", "## Each rule at its own best rate", "", *rule_summary(results), "",
+                 "## Every point", ""]
+    else:
+        lines = [f"Final train loss on {sweep['subset_batches']} fixed batches of {sweep['micro_batch_size']} x {sweep['block_size']} "
+                 f"tokens after {sweep['steps']} steps at a constant lr ({sweep['model']}); best of each row in bold, "
+                 "`div` = diverged.", ""]
+    rows, best_by_row = rows_of(results), best_rates(results)  # a point's value is its mean over seeds
     for optimizer in dict.fromkeys(key[0] for key in rows):
         lrs = sorted({r["lr"] for r in results["runs"].values() if r["optimizer"] == optimizer})
         lines += [f"| {optimizer} | " + " | ".join(f"lr {lr:.3g}" for lr in lrs) + " | best |", "|---" * (len(lrs) + 2) + "|"]
         for (opt, rule, rs), runs in rows.items():
             if opt != optimizer:
                 continue
-            best = best_run(runs)
+            best_lr, best_stats = best_by_row.get((opt, rule, rs), (None, None))
             cells = []
             for lr in lrs:
-                at_lr = [r for r in runs if r["lr"] == lr]
-                if not at_lr:
+                stats = seed_statistics([r for r in runs if r["lr"] == lr])
+                if not any(r["lr"] == lr for r in runs):
                     cells.append("")
-                elif any(r["diverged"] for r in at_lr):
+                elif stats is None:
                     cells.append("div")
                 else:
-                    value = sum(r["final_loss"] for r in at_lr) / len(at_lr)
-                    cells.append(f"**{value:.3f}**" if best is not None and best["lr"] == lr else f"{value:.3f}")
-            best_cell = f"{best['final_loss']:.3f}" if best else "all diverged"
+                    cells.append(f"**{stats[0]:.3f}**" if lr == best_lr else f"{stats[0]:.3f}")
+            best_cell = f"{best_stats[0]:.3f}" if best_stats else "all diverged"
             lines.append(f"| {row_label(opt, rule, rs)} | " + " | ".join(cells) + f" | {best_cell} |")
         lines.append("")
     with open(path, "w") as f:
@@ -234,27 +312,33 @@ def plot(results: dict, out_dir: str) -> None:
         for (opt, rule, rs), runs in rows.items():
             if opt != optimizer:
                 continue
-            points = [(r["lr"], r["final_loss"]) for r in runs if not r["diverged"]]
-            line = ax.plot(*zip(*points), marker="o", label=row_label(opt, rule, rs))[0] if points else None
+            by_lr = {lr: seed_statistics([r for r in runs if r["lr"] == lr]) for lr in sorted({r["lr"] for r in runs})}
+            points = [(lr, stats[0], stats[1]) for lr, stats in by_lr.items() if stats]
+            line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=row_label(opt, rule, rs))[0] if points else None
+            if points and max(p[2] for p in points) > 0:  # several seeds: a band of +- one std
+                ax.fill_between([p[0] for p in points], [p[1] - p[2] for p in points], [p[1] + p[2] for p in points],
+                                color=line.get_color(), alpha=0.2)
             for r in runs:
                 if r["diverged"]:
                     ax.scatter([r["lr"]], [ax.get_ylim()[1] if points else 1.0], marker="x", color=line.get_color() if line else "red")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
-        ax.set_ylabel("final train loss")
+        ax.set_ylabel("final val loss (mean over seeds)" if results["sweep"].get("heldout") else "final train loss")
         ax.set_title(f"{optimizer} ({results['sweep']['model']}); x = diverged")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "final_loss_vs_lr.png"), dpi=110)
     plt.close(fig)
+    heldout, best_by_row = results["sweep"].get("heldout"), best_rates(results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, runs in rows.items():
-        best = best_run(runs)
+    for key, runs in rows.items():  # the curve of each row's best rate, its first seed
+        best_lr = best_by_row.get(key, (None,))[0]
+        best = next((r for r in runs if r["lr"] == best_lr), None)
         if best:
-            ax.plot(*zip(*best["curve"]), label=f"{row_label(*key)}, lr {best['lr']:.3g}")
+            ax.plot(*zip(*(best["val_curve"] if heldout else best["curve"])), label=f"{row_label(*key)}, lr {best['lr']:.3g}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
+    ax.set_ylabel("val loss" if heldout else "train loss")
     ax.set_title("best run of each row")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -271,7 +355,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--lrs", nargs="+", type=float, help="one grid for every optimizer")
     parser.add_argument("--residual_scales", nargs="+", choices=["false", "true"])
     parser.add_argument("--seeds", nargs="+", type=int)
-    for name in ("steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps", "lwlr_T", "log_every"):
+    for name in ("steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps", "lwlr_T", "log_every", "eval_every", "eval_steps"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--model")
     parser.add_argument("--dataset")
@@ -280,7 +364,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     sweep = dataclasses.replace(PRESETS[args.preset])
     for name in ("optimizers", "rules", "seeds", "steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps",
-                 "lwlr_T", "log_every", "model", "dataset", "data_dir", "device"):
+                 "lwlr_T", "log_every", "eval_every", "eval_steps", "model", "dataset", "data_dir", "device"):
         if getattr(args, name) is not None:
             setattr(sweep, name, getattr(args, name))
     if args.lrs:

@@ -40,3 +40,43 @@ def test_a_diverging_run_is_recorded_as_diverged(tmp_path, token_dir):
     assert by_lr[30.0]["diverged"] and by_lr[30.0]["final_loss"] is None
     assert not by_lr[1e-3]["diverged"]
     assert "div" in (tmp_path / "div" / "table.md").read_text()
+
+
+def test_heldout_mode_scores_val_loss_over_seeds_and_resumes(tmp_path, token_dir, capsys):
+    import overfit  # bench/overfit.py
+
+    args = ["--preset=heldout-quick", f"--out_dir={tmp_path / 'heldout'}", f"--data_dir={token_dir}", "--model=gpt2-tiny",
+            "--optimizers", "adamw", "--rules", "single", "lwlr", "--lrs", "1e-3", "3e-3", "--seeds", "0", "1", "--steps=4",
+            "--warmup_steps=1", "--micro_batch_size=2", "--block_size=32", "--lwlr_T=2", "--log_every=1", "--eval_every=2",
+            "--eval_steps=2", "--device=cpu"]
+    results = overfit.main(args)
+    assert len(results["runs"]) == 8 and results["sweep"]["heldout"]
+    for run in results["runs"].values():
+        assert [step for step, _ in run["val_curve"]] == [2, 4] and run["final_loss"] == run["val_curve"][-1][1]
+    seeds = {run["seed"]: run["final_loss"] for run in results["runs"].values() if run["rule"] == "single" and run["lr"] == 1e-3}
+    assert seeds[0] != seeds[1]  # the seed changes the init and the batches
+    table = (tmp_path / "heldout" / "table.md").read_text()
+    assert "## Each rule at its own best rate" in table and "| adamw | lwlr |" in table and "(2) |" in table
+    for plot in ("final_loss_vs_lr.png", "best_curves.png"):
+        assert (tmp_path / "heldout" / plot).stat().st_size > 10_000
+    capsys.readouterr()
+    overfit.main(args)
+    assert capsys.readouterr().out.count("done before, skipped") == 8
+
+
+def test_rule_summary_compares_best_rates_against_the_seed_noise():
+    import overfit  # bench/overfit.py
+
+    def runs(rule, lr, losses):
+        return {f"{rule}{lr}{i}": {"optimizer": "adamw", "rule": rule, "lr": lr, "residual_scale": False, "seed": i, "final_loss": loss,
+                                    "diverged": False} for i, loss in enumerate(losses)}
+
+    results = {"sweep": {"optimizers": ["adamw"], "rules": ["single", "lwlr", "fan_in"]},
+               "runs": {**runs("single", 1e-3, [3.1, 3.0, 2.9]), **runs("single", 3e-3, [3.5, 3.6, 3.4]),
+                        **runs("lwlr", 1e-3, [2.6, 2.5, 2.4]), **runs("fan_in", 1e-3, [3.05, 2.85, 3.0])}}
+    lines = overfit.rule_summary(results)
+    # single's best is lr 1e-3: mean 3.0, std 0.1. lwlr: -0.5 against a standard error of sqrt(2 * 0.01 / 3) = 0.082.
+    assert "| adamw | single | 0.001 | 3.0000 +- 0.1000 (3) |  |  |" in lines
+    assert "| adamw | lwlr | 0.001 | 2.5000 +- 0.1000 (3) | -0.5000 | yes, better |" in lines
+    # fan_in: mean 2.9667, std 0.1041; -0.0333 is within 2 standard errors (0.166).
+    assert "| adamw | fan_in | 0.001 | 2.9667 +- 0.1041 (3) | -0.0333 | no |" in lines
