@@ -129,7 +129,6 @@ def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float]
         multipliers = load_multipliers(c.lwlr_file, model)
         return multipliers, report(model, multipliers, None, **meta, source=c.lwlr_file)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    gpt_config = model.config
     cache_path = measurement_cache_path(c, model, batches.path, ctx)
     cached = _cached_report(cache_path, model, rank)
     if cached is not None:
@@ -143,7 +142,7 @@ def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float]
     seconds = time.perf_counter() - start
     multipliers = multipliers_from_grads(grads, numels_of(model), c.lwlr_power)
     log(f"lwlr: measured {len(grads)} layers over T={c.lwlr_T} batches of {c.micro_batch_size} in {seconds:.1f} s")
-    meta.update(T=c.lwlr_T, init=c.lwlr_init, power=c.lwlr_power, micro_batch_size=c.micro_batch_size, block_size=gpt_config.block_size,
+    meta.update(T=c.lwlr_T, init=c.lwlr_init, power=c.lwlr_power, micro_batch_size=c.micro_batch_size, block_size=model.config.block_size,
                 world_size=world)
     data = report(model, multipliers, grads, **meta)
     if cache_path and rank == 0:
