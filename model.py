@@ -57,6 +57,8 @@ PRESETS = {
     # Small presets for CPU work. The 50257-entry embedding dominates their size.
     "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # 7.3M, the default CPU run
     "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),  # 1.6M, for tests
+    # The depth study at CPU scale (bench/overfit.py --preset depth-cpu): 64 wide, 2 heads, 2 to 32 blocks.
+    **{f"narrow-{n_layer}": dict(n_layer=n_layer, n_head=2, n_embd=64, block_size=256) for n_layer in (2, 4, 8, 16, 32)},
 }
 
 

@@ -10,6 +10,7 @@ the training objective, apart from generalization.
     python bench/overfit.py --preset heldout-quick   # held-out mode, char-level Shakespeare (prepare it first)
     python bench/overfit.py --preset heldout-cpu     # the committed held-out comparison
     python bench/overfit.py --preset heldout-gpt2    # the same on OpenWebText with GPT-2 124M, for a GPU
+    python bench/overfit.py --preset depth-cpu       # the depth study: narrow-2 ... narrow-32, +- residual scaling
 
 Held-out mode (`heldout=True`, issue #14): the question is not memorization but whether a rule trains
 a better model. Each run trains from scratch on the whole training split for a fixed token budget
@@ -80,6 +81,7 @@ class Sweep:
     heldout: bool = False  # held-out mode: whole train split, cosine to lr / 10, scored by val loss (see above)
     eval_every: int = 50  # held-out mode: val-loss curve resolution
     eval_steps: int = 20  # held-out mode: val batches per evaluation
+    depths: list[int] = dataclasses.field(default_factory=list)  # the depth study: one sweep per model f"narrow-{depth}"
 
 
 PRESETS = {
@@ -113,6 +115,13 @@ PRESETS = {
                          lrs={"adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2], "lion": [3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3]},
                          residual_scales=[False], seeds=[0, 1, 2], steps=300, subset_batches=0, micro_batch_size=16, block_size=128,
                          warmup_steps=30, lwlr_T=100, dataset="shakespeare_char", heldout=True, eval_every=50),
+    # The depth study at CPU scale: 64-wide models of 2 to 32 blocks, with and without 1/sqrt(depth) residual
+    # scaling, single against lwlr at each cell's best of 3 rates, AdamW and Lion, one seed; held-out mode, so
+    # each run reports the train loss (the paper's measure) and the val loss. 120 runs of 200 steps.
+    "depth-cpu": Sweep(model="narrow-2", optimizers=["adamw", "lion"], rules=["single", "lwlr"],
+                       lrs={"adamw": [1e-3, 3.16e-3, 1e-2], "lion": [1e-4, 3.16e-4, 1e-3]}, residual_scales=[False, True], seeds=[0],
+                       steps=200, subset_batches=0, micro_batch_size=16, block_size=128, warmup_steps=20, lwlr_T=50,
+                       dataset="shakespeare_char", heldout=True, eval_every=100, depths=[2, 4, 8, 16, 32]),
     # GPT-2 124M on OpenWebText for a GPU: 2000 steps of 8 x 1024 tokens (16M tokens), not run here.
     "heldout-gpt2": Sweep(model="gpt2", optimizers=["adamw", "lion"], rules=["single", "lwlr", "fan_in", "depth_increasing"],
                           lrs={"adamw": [3e-4, 6e-4, 1.2e-3, 2.4e-3], "lion": [3e-5, 6e-5, 1.2e-4, 2.4e-4]}, residual_scales=[False],
@@ -299,6 +308,36 @@ def write_table(results: dict, path: str) -> None:
         f.write("\n".join(lines))
 
 
+def write_depth_table(by_depth: dict[int, dict], path: str) -> None:
+    """Per optimizer and residual scaling: single and lwlr at each depth's best rate (mean over seeds),
+    as the final train loss (the paper's measure: the train curve's last point) and the val loss, and
+    lwlr's gain (single minus lwlr; positive = lwlr better)."""
+    depths = sorted(by_depth)
+    lines = ["Depth study: best-rate loss per depth (64-wide models); gain = single - lwlr, positive where lwlr is better.", ""]
+    first = by_depth[depths[0]]["sweep"]
+    for optimizer in first["optimizers"]:
+        for rs in first["residual_scales"]:
+            lines += [f"| {row_label(optimizer, 'rule', rs).replace(' rule', '')} | " + " | ".join(f"L={d}" for d in depths) + " |",
+                      "|---" * (len(depths) + 1) + "|"]
+            cells = {}
+            for measure in ("train", "val"):
+                for rule in first["rules"]:
+                    row = []
+                    for d in depths:
+                        best = best_rates(by_depth[d]).get((optimizer, rule, rs))
+                        runs = [r for r in by_depth[d]["runs"].values() if best and (r["optimizer"], r["rule"], r["residual_scale"], r["lr"]) == (optimizer, rule, rs, best[0])]
+                        value = None if not runs else (best[1][0] if measure == "val" else sum(r["curve"][-1][1] for r in runs) / len(runs))
+                        row.append(value)
+                    cells[(measure, rule)] = row
+                    lines.append(f"| {measure} loss, {rule} | " + " | ".join("div" if v is None else f"{v:.3f}" for v in row) + " |")
+                if ("single" in first["rules"]) and ("lwlr" in first["rules"]):
+                    gains = [None if a is None or b is None else a - b for a, b in zip(cells[(measure, "single")], cells[(measure, "lwlr")])]
+                    lines.append(f"| {measure} gain of lwlr | " + " | ".join("" if g is None else f"{g:+.3f}" for g in gains) + " |")
+            lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
 def plot(results: dict, out_dir: str) -> None:
     import matplotlib
 
@@ -355,6 +394,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--lrs", nargs="+", type=float, help="one grid for every optimizer")
     parser.add_argument("--residual_scales", nargs="+", choices=["false", "true"])
     parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--depths", nargs="+", type=int, help="the depth study: one sweep per narrow-<depth> model")
     for name in ("steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps", "lwlr_T", "log_every", "eval_every", "eval_steps"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--model")
@@ -363,7 +403,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device")
     args = parser.parse_args(argv)
     sweep = dataclasses.replace(PRESETS[args.preset])
-    for name in ("optimizers", "rules", "seeds", "steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps",
+    for name in ("optimizers", "rules", "seeds", "depths", "steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps",
                  "lwlr_T", "log_every", "eval_every", "eval_steps", "model", "dataset", "data_dir", "device"):
         if getattr(args, name) is not None:
             setattr(sweep, name, getattr(args, name))
@@ -376,6 +416,17 @@ def main(argv=None) -> dict:
         raise ValueError(f"no lr grid for {missing}: pass --lrs")
     device = torch.device(sweep.device if sweep.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"overfit-{args.preset}")
+    if not sweep.depths:
+        return run_sweep(sweep, out_dir, device)
+    by_depth = {depth: run_sweep(dataclasses.replace(sweep, model=f"narrow-{depth}", depths=[]), os.path.join(out_dir, f"L{depth}"), device)
+                for depth in sweep.depths}
+    write_depth_table(by_depth, os.path.join(out_dir, "depth.md"))
+    print(open(os.path.join(out_dir, "depth.md")).read())
+    return by_depth
+
+
+def run_sweep(sweep: Sweep, out_dir: str, device: torch.device) -> dict:
+    """Every point of the sweep not in out_dir/results.json yet, then the table and plots of all of them."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
     results = load_results(path, sweep)

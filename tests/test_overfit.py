@@ -80,3 +80,19 @@ def test_rule_summary_compares_best_rates_against_the_seed_noise():
     assert "| adamw | lwlr | 0.001 | 2.5000 +- 0.1000 (3) | -0.5000 | yes, better |" in lines
     # fan_in: mean 2.9667, std 0.1041; -0.0333 is within 2 standard errors (0.166).
     assert "| adamw | fan_in | 0.001 | 2.9667 +- 0.1041 (3) | -0.0333 | no |" in lines
+
+
+def test_depth_study_runs_one_sweep_per_depth_and_tabulates_lwlr_gain(tmp_path, token_dir):
+    import overfit  # bench/overfit.py
+
+    by_depth = overfit.main(["--preset=depth-cpu", f"--out_dir={tmp_path / 'depth'}", f"--data_dir={token_dir}", "--depths", "2", "4",
+                             "--optimizers", "adamw", "--lrs", "1e-3", "--steps=2", "--warmup_steps=1", "--micro_batch_size=2",
+                             "--block_size=32", "--lwlr_T=2", "--log_every=1", "--eval_every=2", "--eval_steps=1", "--device=cpu"])
+    assert sorted(by_depth) == [2, 4] and by_depth[4]["sweep"]["model"] == "narrow-4"
+    assert all(len(results["runs"]) == 4 for results in by_depth.values())  # 2 rules x 2 residual scalings
+    table = (tmp_path / "depth" / "depth.md").read_text()
+    assert "| adamw | L=2 | L=4 |" in table and "| adamw + residual 1/sqrt(L) | L=2 | L=4 |" in table
+    single, lwlr = (by_depth[4]["runs"][overfit.run_key("adamw", rule, 1e-3, False, 0)] for rule in ("single", "lwlr"))
+    gain = single["final_loss"] - lwlr["final_loss"]
+    assert "| val gain of lwlr | " in table and f"{gain:+.3f} |" in table.split("| val gain of lwlr |")[1].split("\n")[0]
+    assert (tmp_path / "depth" / "L2" / "table.md").exists()
