@@ -11,6 +11,7 @@ the training objective, apart from generalization.
     python bench/overfit.py --preset heldout-cpu     # the committed held-out comparison
     python bench/overfit.py --preset heldout-gpt2    # the same on OpenWebText with GPT-2 124M, for a GPU
     python bench/overfit.py --preset depth-cpu       # the depth study: narrow-2 ... narrow-32, +- residual scaling
+    python bench/overfit.py --preset ablations-cpu   # lwlr's T, measurement init and power, one at a time, with their cost
 
 Held-out mode (`heldout=True`, issue #14): the question is not memorization but whether a rule trains
 a better model. Each run trains from scratch on the whole training split for a fixed token budget
@@ -41,8 +42,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lwlr  # noqa: E402
+import multipliers  # noqa: E402
 import train  # noqa: E402
 from common import fresh_trainer  # noqa: E402
+from model import GPT  # noqa: E402
 from runtime import environment  # noqa: E402
 
 DIVERGED_MARGIN = 1.0  # nats above the starting loss
@@ -122,6 +125,15 @@ PRESETS = {
                        lrs={"adamw": [1e-3, 3.16e-3, 1e-2], "lion": [1e-4, 3.16e-4, 1e-3]}, residual_scales=[False, True], seeds=[0],
                        steps=200, subset_batches=0, micro_batch_size=16, block_size=128, warmup_steps=20, lwlr_T=50,
                        dataset="shakespeare_char", heldout=True, eval_every=100, depths=[2, 4, 8, 16, 32]),
+    # Ablations the paper leaves open, one at a time around its defaults (T=100, fan_out init, power 1/2), on
+    # val loss, AdamW, with the measuring cost beside each; the grid and budget are heldout-cpu's, so
+    # `--out_dir bench/results/overfit-heldout-cpu` reuses its single and lwlr points. 120 runs, about 60 min (predicted).
+    "ablations-cpu": Sweep(model="gpt2-mini", optimizers=["adamw"],
+                           rules=["single", "lwlr", "lwlr:T=1", "lwlr:T=10", "lwlr:init=fan_in", "lwlr:init=model", "lwlr:power=0.25",
+                                  "lwlr:power=0.75"],
+                           lrs={"adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2]}, residual_scales=[False], seeds=[0, 1, 2], steps=300,
+                           subset_batches=0, micro_batch_size=16, block_size=128, warmup_steps=30, lwlr_T=100, dataset="shakespeare_char",
+                           heldout=True, eval_every=50),
     # GPT-2 124M on OpenWebText for a GPU: 2000 steps of 8 x 1024 tokens (16M tokens), not run here.
     "heldout-gpt2": Sweep(model="gpt2", optimizers=["adamw", "lion"], rules=["single", "lwlr", "fan_in", "depth_increasing"],
                           lrs={"adamw": [3e-4, 6e-4, 1.2e-3, 2.4e-3], "lion": [3e-5, 6e-5, 1.2e-4, 2.4e-4]}, residual_scales=[False],
@@ -140,18 +152,51 @@ def run_key(optimizer, rule, lr, residual_scale, seed) -> str:
     return f"{optimizer}|{rule}|{lr:.6g}|{'rs' if residual_scale else 'plain'}|{seed}"
 
 
-def run_one(sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: bool, seed: int, device: torch.device) -> dict:
-    overrides = dict(
+# Ablations are rules with settings: "lwlr:T=10", "lwlr:init=model", "lwlr:power=0.25" (one at a time).
+ABLATION_KEYS = {"T": ("lwlr_T", int), "init": ("lwlr_init", str), "power": ("lwlr_power", float)}
+
+
+def parse_rule(rule: str) -> tuple[str, dict]:
+    """"lwlr:T=10" -> ("lwlr", {"lwlr_T": 10}); a plain rule has no settings."""
+    base, _, settings = rule.partition(":")
+    overrides = {}
+    for setting in filter(None, settings.split(",")):
+        name, _, value = setting.partition("=")
+        if name not in ABLATION_KEYS:
+            raise ValueError(f"rule {rule!r}: unknown setting {name!r}; choose from {', '.join(ABLATION_KEYS)}")
+        key, kind = ABLATION_KEYS[name]
+        overrides[key] = kind(value)
+    return base, overrides
+
+
+def config_overrides(sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: bool, seed: int, device: torch.device) -> dict:
+    base_rule, settings = parse_rule(rule)
+    return dict(
         model=sweep.model, block_size=sweep.block_size, micro_batch_size=sweep.micro_batch_size,
         tokens_per_step=sweep.micro_batch_size * sweep.block_size, data_subset_batches=sweep.subset_batches,
-        dataset=sweep.dataset, data_dir=sweep.data_dir, optimizer=optimizer, lr_rule=rule, lr=lr, warmup_steps=sweep.warmup_steps,
+        dataset=sweep.dataset, data_dir=sweep.data_dir, optimizer=optimizer, lr_rule=base_rule, lr=lr, warmup_steps=sweep.warmup_steps,
         schedule="cosine" if sweep.heldout else "constant", min_lr=lr / 10, eval_steps=sweep.eval_steps,
         max_steps=sweep.steps, residual_scale=residual_scale, seed=seed, lwlr_T=sweep.lwlr_T, device=str(device),
         compile="false", max_bad_steps=1,
         # The full-logits loss the committed sweep points were made with: the chunked one agrees to 1e-6
         # per step, but 100 steps at the edge of stability amplify that past the table's last digit.
         loss_chunk_rows=0,
-    )
+    ) | settings  # an ablation's settings replace the sweep's (lwlr_T)
+
+
+def measurement_seconds(sweep: Sweep, rule: str, device: torch.device) -> float:
+    """What a rule's multipliers cost to measure (seed 0, no cache): the price beside an ablation's effect."""
+    c = train.parse_config([f"--{k}={v}" for k, v in config_overrides(sweep, sweep.optimizers[0], rule, 1e-3, False, 0, device).items()]
+                           + ["--lwlr_cache_dir=none"])
+    torch.manual_seed(c.seed)
+    model = GPT(train.gpt_config(c)).to(device)
+    start = time.perf_counter()
+    multipliers.for_config(c, model, train.token_batches(c, "train", "lwlr", model.config), log=lambda *_: None)
+    return time.perf_counter() - start
+
+
+def run_one(sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: bool, seed: int, device: torch.device) -> dict:
+    overrides = config_overrides(sweep, optimizer, rule, lr, residual_scale, seed, device)
     trainer = fresh_trainer(overrides, device)  # the seed's init: the same for every run of this seed
     curve, val_curve, start_loss, diverged = [], [], None, False
     val_batches = train.token_batches(trainer.c, "val", "val", trainer.raw_model.config) if sweep.heldout else None
@@ -257,8 +302,9 @@ def best_rates(results: dict) -> dict[tuple, tuple]:
 def rule_summary(results: dict) -> list[str]:
     """Each rule at its own best rate against `single`; a difference counts where it exceeds twice its
     standard error, sqrt(s_a^2 / n_a + s_b^2 / n_b), the seed noise."""
-    best = best_rates(results)
-    lines = ["| optimizer | rule | best lr | val loss, mean +- std (seeds) | vs single | beyond seed noise? |", "|---|---|---:|---:|---:|---|"]
+    best, costs = best_rates(results), results.get("measurement_seconds", {})
+    lines = ["| optimizer | rule | best lr | val loss, mean +- std (seeds) | vs single | beyond seed noise? | measuring, s |",
+             "|---|---|---:|---:|---:|---|---:|"]
     for (optimizer, rule, rs), (lr, (mean, std, n)) in best.items():
         reference = best.get((optimizer, "single", rs))
         if rule == "single" or reference is None:
@@ -268,8 +314,9 @@ def rule_summary(results: dict) -> list[str]:
             delta, noise = mean - ref_mean, math.sqrt(std**2 / n + ref_std**2 / ref_n)
             difference = f"{delta:+.4f}"
             verdict = ("yes, better" if delta < 0 else "yes, worse") if abs(delta) > 2 * noise else "no"
+        cost = f"{costs[rule]:.1f}" if rule in costs else ""
         lines.append(f"| {optimizer} | {row_label(optimizer, rule, rs).split(' ', 1)[1]} | {lr:.3g} | {mean:.4f} +- {std:.4f} ({n}) |"
-                     f" {difference} | {verdict} |")
+                     f" {difference} | {verdict} | {cost} |")
     return lines
 
 
@@ -445,6 +492,11 @@ def run_sweep(sweep: Sweep, out_dir: str, device: torch.device) -> dict:
         save_results(path, results)
         outcome = "diverged" if run["diverged"] else f"final loss {run['final_loss']:.4f}"
         print(f"[{i + 1}/{len(points)}] {key}: {outcome} ({run['seconds']:.0f} s)", flush=True)
+    costs = results.setdefault("measurement_seconds", {})
+    for rule in sweep.rules:
+        if parse_rule(rule)[0] == "lwlr" and rule not in costs:
+            costs[rule] = measurement_seconds(sweep, rule, device)
+            save_results(path, results)
     write_table(results, os.path.join(out_dir, "table.md"))
     plot(results, out_dir)
     print(open(os.path.join(out_dir, "table.md")).read())

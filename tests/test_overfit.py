@@ -76,10 +76,10 @@ def test_rule_summary_compares_best_rates_against_the_seed_noise():
                         **runs("lwlr", 1e-3, [2.6, 2.5, 2.4]), **runs("fan_in", 1e-3, [3.05, 2.85, 3.0])}}
     lines = overfit.rule_summary(results)
     # single's best is lr 1e-3: mean 3.0, std 0.1. lwlr: -0.5 against a standard error of sqrt(2 * 0.01 / 3) = 0.082.
-    assert "| adamw | single | 0.001 | 3.0000 +- 0.1000 (3) |  |  |" in lines
-    assert "| adamw | lwlr | 0.001 | 2.5000 +- 0.1000 (3) | -0.5000 | yes, better |" in lines
+    assert "| adamw | single | 0.001 | 3.0000 +- 0.1000 (3) |  |  |  |" in lines
+    assert "| adamw | lwlr | 0.001 | 2.5000 +- 0.1000 (3) | -0.5000 | yes, better |  |" in lines
     # fan_in: mean 2.9667, std 0.1041; -0.0333 is within 2 standard errors (0.166).
-    assert "| adamw | fan_in | 0.001 | 2.9667 +- 0.1041 (3) | -0.0333 | no |" in lines
+    assert "| adamw | fan_in | 0.001 | 2.9667 +- 0.1041 (3) | -0.0333 | no |  |" in lines
 
 
 def test_depth_study_runs_one_sweep_per_depth_and_tabulates_lwlr_gain(tmp_path, token_dir):
@@ -96,3 +96,20 @@ def test_depth_study_runs_one_sweep_per_depth_and_tabulates_lwlr_gain(tmp_path, 
     gain = single["final_loss"] - lwlr["final_loss"]
     assert "| val gain of lwlr | " in table and f"{gain:+.3f} |" in table.split("| val gain of lwlr |")[1].split("\n")[0]
     assert (tmp_path / "depth" / "L2" / "table.md").exists()
+
+
+def test_ablations_are_rules_with_settings_and_carry_their_measuring_cost(tmp_path, token_dir):
+    import overfit  # bench/overfit.py
+
+    assert overfit.parse_rule("lwlr:T=10") == ("lwlr", {"lwlr_T": 10}) and overfit.parse_rule("single") == ("single", {})
+    with pytest.raises(ValueError, match="unknown setting 'depth'"):
+        overfit.parse_rule("lwlr:depth=3")
+    results = overfit.main(["--preset=ablations-cpu", f"--out_dir={tmp_path / 'ablations'}", f"--data_dir={token_dir}", "--model=gpt2-tiny",
+                            "--rules", "single", "lwlr", "lwlr:T=1", "lwlr:power=0.25", "--lrs", "3e-3", "--seeds", "0", "--steps=3",
+                            "--warmup_steps=1", "--micro_batch_size=2", "--block_size=32", "--lwlr_T=4", "--log_every=1", "--eval_every=3",
+                            "--eval_steps=1", "--device=cpu"])
+    losses = {run["rule"]: run["final_loss"] for run in results["runs"].values()}
+    assert len(set(losses.values())) == 4  # each setting gives other multipliers, so another run
+    assert set(results["measurement_seconds"]) == {"lwlr", "lwlr:T=1", "lwlr:power=0.25"}
+    table = (tmp_path / "ablations" / "table.md").read_text()
+    assert "| adamw | lwlr:T=1 | 0.003 |" in table and "| measuring, s |" in table
