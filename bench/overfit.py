@@ -313,7 +313,10 @@ def rule_summary(results: dict) -> list[str]:
             _, (ref_mean, ref_std, ref_n) = reference
             delta, noise = mean - ref_mean, math.sqrt(std**2 / n + ref_std**2 / ref_n)
             difference = f"{delta:+.4f}"
-            verdict = ("yes, better" if delta < 0 else "yes, worse") if abs(delta) > 2 * noise else "no"
+            if min(n, ref_n) < 2:  # one seed gives no estimate of the noise
+                verdict = "one seed: unknown"
+            else:
+                verdict = ("yes, better" if delta < 0 else "yes, worse") if abs(delta) > 2 * noise else "no"
         cost = f"{costs[rule]:.1f}" if rule in costs else ""
         lines.append(f"| {optimizer} | {row_label(optimizer, rule, rs).split(' ', 1)[1]} | {lr:.3g} | {mean:.4f} +- {std:.4f} ({n}) |"
                      f" {difference} | {verdict} | {cost} |")

@@ -80,6 +80,8 @@ def test_rule_summary_compares_best_rates_against_the_seed_noise():
     assert "| adamw | lwlr | 0.001 | 2.5000 +- 0.1000 (3) | -0.5000 | yes, better |  |" in lines
     # fan_in: mean 2.9667, std 0.1041; -0.0333 is within 2 standard errors (0.166).
     assert "| adamw | fan_in | 0.001 | 2.9667 +- 0.1041 (3) | -0.0333 | no |  |" in lines
+    one_seed = {"sweep": results["sweep"], "runs": {**runs("single", 1e-3, [3.0]), **runs("lwlr", 1e-3, [2.0])}}
+    assert "| adamw | lwlr | 0.001 | 2.0000 +- 0.0000 (1) | -1.0000 | one seed: unknown |  |" in overfit.rule_summary(one_seed)
 
 
 def test_depth_study_runs_one_sweep_per_depth_and_tabulates_lwlr_gain(tmp_path, token_dir):
