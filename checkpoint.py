@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import torch
 
@@ -159,11 +160,12 @@ def export_safetensors(model: torch.nn.Module, path: str) -> None:
     save_model(model, path)
 
 
-def find(out_dir: str | None = None, path: str | None = None, report=print) -> tuple[str, dict]:
-    """(path, meta) of the checkpoint at path, verified, or of the newest complete one in out_dir."""
+def find(out_dir: str | None = None, path: str | None = None) -> tuple[str, dict]:
+    """(path, meta) of the checkpoint at path, verified, or of the newest complete one in out_dir; skipped
+    corrupt ones are reported on stderr (sample.py and export.py print their results on stdout)."""
     if path:
         return path, verify(path)
-    found = latest(out_dir, report=report)
+    found = latest(out_dir, report=lambda message: print(message, file=sys.stderr))
     if found is None:
         raise CheckpointError(f"{out_dir} holds no complete checkpoint; train first")
     return found

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hf_dir", required=True, help="the Hugging Face directory to write (new or empty)")
     args = parser.parse_args(argv)
     try:
-        path, meta = checkpoint.find(args.out_dir, args.checkpoint, report=lambda message: print(message, file=sys.stderr))
+        path, meta = checkpoint.find(args.out_dir, args.checkpoint)
         export(checkpoint.load_model(path, meta), args.hf_dir)
     except (checkpoint.CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

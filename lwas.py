@@ -300,16 +300,7 @@ class AdamWLW(LayerwiseAdaptive):
         return (exp_avg / (1 - beta1**step)) / (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step) + group["eps"])
 
     def _update_torch(self, group, params, grads, states):
-        beta1, beta2 = group["betas"]
-        lr, step = group["lr"] * group["lr_scale"], group["step"]
-        for p, g, exp_avg, exp_avg_sq, step_size in zip(params, grads, *states):
-            lr_t = lr * step_size
-            if group["weight_decay"]:
-                p.mul_(1 - lr_t * group["weight_decay"])
-            exp_avg.lerp_(g, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-            p.sub_((lr_t / (1 - beta1**step)) * (exp_avg / denom))
+        optim.update_adamw(group, params, grads, *states)  # states: exp_avg, exp_avg_sq, step_size
 
     def _launch_step(self, plan, grads, found_inf, group):
         optim.launch_adamw(plan, grads, found_inf, group, step_sizes=plan.pointers["step_size"])

@@ -24,11 +24,12 @@ import torch.distributed as dist
 from lwlr import baseline_multipliers, measure_grad_mean_abs, multipliers_from_grads, numels_of
 
 
-def load_multipliers(path: str, model: torch.nn.Module) -> dict[str, float]:
-    """Multipliers from an lwlr.json, checked against the model's layers."""
+def load_multipliers(path: str, model: torch.nn.Module) -> tuple[dict[str, float], dict]:
+    """Multipliers from an lwlr.json, checked against the model's layers, and the file's whole report."""
     try:
         with open(path, "rb") as f:
-            layers = json.loads(f.read().decode("utf-8"))["layers"]
+            data = json.loads(f.read().decode("utf-8"))
+        layers = data["layers"]
         multipliers = {layer["name"]: float(layer["multiplier"]) for layer in layers}
         shapes = {layer["name"]: tuple(layer["shape"]) for layer in layers}
     except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: JSON syntax, undecodable bytes
@@ -47,7 +48,7 @@ def load_multipliers(path: str, model: torch.nn.Module) -> dict[str, float]:
     bad = [name for name, m in multipliers.items() if not (math.isfinite(m) and m > 0)]
     if bad:
         raise ValueError(f"lwlr_file {path}: multipliers of {', '.join(bad)} are not positive finite numbers")
-    return multipliers
+    return multipliers, data
 
 
 def report(module, multipliers: dict[str, float], grad_mean_abs: dict[str, float] | None, **meta) -> dict:
@@ -126,7 +127,7 @@ def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float]
         multipliers = baseline_multipliers(model, c.lr_rule)
         return multipliers, report(model, multipliers, None, **meta)
     if c.lwlr_file:
-        multipliers = load_multipliers(c.lwlr_file, model)
+        multipliers, _ = load_multipliers(c.lwlr_file, model)
         return multipliers, report(model, multipliers, None, **meta, source=c.lwlr_file)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     cache_path = measurement_cache_path(c, model, batches.path, ctx)
@@ -177,11 +178,9 @@ def _cached_report(path: str | None, model, rank: int) -> dict | None:
     data = None
     if path and rank == 0 and os.path.isfile(path):
         try:
-            load_multipliers(path, model)  # names, shapes, positive finite values
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            data = None
+            _, data = load_multipliers(path, model)  # names, shapes, positive finite values
+        except ValueError:  # unreadable too
+            pass
     if dist.is_initialized():
         shared = [data]
         dist.broadcast_object_list(shared, src=0)

@@ -303,6 +303,24 @@ class TorchAdamW(torch.optim.AdamW):
                 group["lr"] = lr
 
 
+def update_adamw(group, params, grads, exp_avgs, exp_avg_sqs, step_sizes=None) -> None:
+    """AdamW's torch step for one group; step_sizes, per-tensor 0-dim tensors multiplying the rate, are
+    AdamW-LW's (lwas.py). Reading them costs one host sync, as found_inf already does on this path."""
+    beta1, beta2 = group["betas"]
+    step = group["step"]
+    lr = group["lr"] * group["lr_scale"]
+    lrs = [lr * s for s in torch.stack(step_sizes).tolist()] if step_sizes else [lr] * len(params)
+    if group["weight_decay"]:
+        torch._foreach_mul_(params, [1 - r * group["weight_decay"] for r in lrs])
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
+    torch._foreach_add_(denom, group["eps"])
+    torch._foreach_addcdiv_(params, exp_avgs, denom, [-r / (1 - beta1**step) for r in lrs])
+
+
 def launch_adamw(plan, grads, found_inf, group, step_sizes=None) -> None:
     """AdamW's one launch over a plan; step_sizes, a table of per-tensor step sizes, is AdamW-LW's (lwas.py)."""
     beta1, beta2 = group["betas"]
@@ -321,19 +339,7 @@ class AdamW(FusedOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), backend)
 
     def _update_torch(self, group, params, grads, states):
-        exp_avgs, exp_avg_sqs = states
-        beta1, beta2 = group["betas"]
-        lr = group["lr"] * group["lr_scale"]
-        step = group["step"]
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
-        torch._foreach_add_(denom, group["eps"])
-        torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / (1 - beta1**step))
+        update_adamw(group, params, grads, *states)
 
     def _launch_step(self, plan, grads, found_inf, group):
         launch_adamw(plan, grads, found_inf, group)

@@ -22,7 +22,7 @@ def load_model(args):
     """The model, and the vocabulary of the data it was trained on (GPT-2's for --pretrained)."""
     if args.pretrained:
         return GPT.from_pretrained(args.pretrained), vocab.GPT2Vocab()
-    path, meta = checkpoint.find(args.out_dir, args.checkpoint, report=lambda message: print(message, file=sys.stderr))
+    path, meta = checkpoint.find(args.out_dir, args.checkpoint)
     model = checkpoint.load_model(path, meta)
     print(f"loaded {path} (step {meta['step']})", file=sys.stderr)
     vocabulary = vocab.load(data_dir(TrainConfig(**meta["config"])))

@@ -1,6 +1,6 @@
 """Pretrain GPT-2 from scratch: one CPU or GPU, or many GPUs through torchrun (DDP).
 
-    python train.py                                   # small GPT on Shakespeare, CPU or GPU, ~8 min on 2 cores
+    python train.py                                   # small GPT on Shakespeare, CPU or GPU, ~5 min on 2 cores
     python train.py config/train_gpt2.py              # GPT-2 124M on OpenWebText, one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
     # two nodes (run on each, NODE_RANK 0 and 1; MASTER the first node's address):
@@ -61,12 +61,6 @@ def lr_at(step: int, c: TrainConfig) -> float:
         return c.min_lr
     progress = (step - c.warmup_steps) / max(1, decay_steps - c.warmup_steps)
     return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.lr - c.min_lr)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule's rate for every group; each optimizer applies its groups' lr_scale (optim.py's rule)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int) -> torch.optim.Optimizer:
@@ -220,7 +214,8 @@ class Trainer:
         but lr; a non-finite loss or gradient norm skips the update on every rank."""
         c, rt = self.c, self.rt
         lr = lr_at(step, c)
-        set_lr(self.optimizer, lr)
+        for group in self.optimizer.param_groups:  # the schedule's rate; each optimizer applies its groups' lr_scale (optim.py)
+            group["lr"] = lr
         # Dropout and sampled labels draw from an RNG seeded by (seed, step, rank): a resume needs no RNG state.
         torch.manual_seed(c.seed + 1_000_003 * step + rt.rank)
         micro_batches = [

@@ -48,7 +48,8 @@ def test_torch_adamw_applies_lr_scale_like_ours():
     reference = torch.optim.AdamW([{"params": reference_params[:1], "lr": 0.2}, {"params": reference_params[1:], "lr": 0.1}],
                                   lr=1.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
     for _ in range(3):
-        train.set_lr(ours, 0.1)
+        for group in ours.param_groups:  # as train.Trainer.step sets the schedule's rate
+            group["lr"] = 0.1
         grads = [torch.randn(v.shape, generator=generator) for v in values]
         for params in (ours_params, reference_params):
             for p, g in zip(params, grads):
