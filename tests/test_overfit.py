@@ -11,6 +11,7 @@ def sweep_args(out_dir, token_dir, *extra):
 
 def test_a_small_sweep_writes_json_table_and_plots_and_skips_finished_points(tmp_path, token_dir, capsys):
     import overfit  # bench/overfit.py
+    import overfit_report
 
     out = tmp_path / "sweep"
     results = overfit.main(sweep_args(out, token_dir, "--lrs", "1e-3", "3e-3"))
@@ -24,6 +25,9 @@ def test_a_small_sweep_writes_json_table_and_plots_and_skips_finished_points(tmp
     assert "| adamw single |" in table and "| adamw lwlr |" in table and table.count("**") == 4  # one best per row
     for plot in ("final_loss_vs_lr.png", "best_curves.png"):
         assert (out / plot).stat().st_size > 10_000
+    (out / "table.md").unlink()
+    overfit_report.main(str(out))  # redrawn from results.json alone
+    assert (out / "table.md").read_text() == table
     capsys.readouterr()
     again = overfit.main(sweep_args(out, token_dir, "--lrs", "1e-3", "3e-3", "1e-2"))  # one lr more
     output = capsys.readouterr().out
@@ -65,7 +69,7 @@ def test_heldout_mode_scores_val_loss_over_seeds_and_resumes(tmp_path, token_dir
 
 
 def test_rule_summary_compares_best_rates_against_the_seed_noise():
-    import overfit  # bench/overfit.py
+    import overfit_report  # bench/overfit_report.py
 
     def runs(rule, lr, losses):
         return {f"{rule}{lr}{i}": {"optimizer": "adamw", "rule": rule, "lr": lr, "residual_scale": False, "seed": i, "final_loss": loss,
@@ -74,18 +78,19 @@ def test_rule_summary_compares_best_rates_against_the_seed_noise():
     results = {"sweep": {"optimizers": ["adamw"], "rules": ["single", "lwlr", "fan_in"]},
                "runs": {**runs("single", 1e-3, [3.1, 3.0, 2.9]), **runs("single", 3e-3, [3.5, 3.6, 3.4]),
                         **runs("lwlr", 1e-3, [2.6, 2.5, 2.4]), **runs("fan_in", 1e-3, [3.05, 2.85, 3.0])}}
-    lines = overfit.rule_summary(results)
+    lines = overfit_report.rule_summary(results)
     # single's best is lr 1e-3: mean 3.0, std 0.1. lwlr: -0.5 against a standard error of sqrt(2 * 0.01 / 3) = 0.082.
     assert "| adamw | single | 0.001 | 3.0000 +- 0.1000 (3) |  |  |  |" in lines
     assert "| adamw | lwlr | 0.001 | 2.5000 +- 0.1000 (3) | -0.5000 | yes, better |  |" in lines
     # fan_in: mean 2.9667, std 0.1041; -0.0333 is within 2 standard errors (0.166).
     assert "| adamw | fan_in | 0.001 | 2.9667 +- 0.1041 (3) | -0.0333 | no |  |" in lines
     one_seed = {"sweep": results["sweep"], "runs": {**runs("single", 1e-3, [3.0]), **runs("lwlr", 1e-3, [2.0])}}
-    assert "| adamw | lwlr | 0.001 | 2.0000 +- 0.0000 (1) | -1.0000 | one seed: unknown |  |" in overfit.rule_summary(one_seed)
+    assert "| adamw | lwlr | 0.001 | 2.0000 +- 0.0000 (1) | -1.0000 | one seed: unknown |  |" in overfit_report.rule_summary(one_seed)
 
 
 def test_depth_study_runs_one_sweep_per_depth_and_tabulates_lwlr_gain(tmp_path, token_dir):
     import overfit  # bench/overfit.py
+    import overfit_report
 
     by_depth = overfit.main(["--preset=depth-cpu", f"--out_dir={tmp_path / 'depth'}", f"--data_dir={token_dir}", "--depths", "2", "4",
                              "--optimizers", "adamw", "--lrs", "1e-3", "--steps=2", "--warmup_steps=1", "--micro_batch_size=2",
@@ -98,6 +103,8 @@ def test_depth_study_runs_one_sweep_per_depth_and_tabulates_lwlr_gain(tmp_path, 
     gain = single["final_loss"] - lwlr["final_loss"]
     assert "| val gain of lwlr | " in table and f"{gain:+.3f} |" in table.split("| val gain of lwlr |")[1].split("\n")[0]
     assert (tmp_path / "depth" / "L2" / "table.md").exists()
+    overfit_report.main(str(tmp_path / "depth"))  # redrawn from the L*/results.json files alone
+    assert (tmp_path / "depth" / "depth.md").read_text() == table
 
 
 def test_ablations_are_rules_with_settings_and_carry_their_measuring_cost(tmp_path, token_dir):

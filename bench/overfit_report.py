@@ -1,0 +1,219 @@
+"""The tables and plots of bench/overfit.py's results: table.md (rows optimizer x rule, columns lr; in
+held-out mode each rule at its own best rate against `single`, with the seed noise), depth.md (the
+depth study), final_loss_vs_lr.png and best_curves.png. overfit.py writes them after a sweep; this
+redraws them from the results.json files alone, without training:
+
+    python bench/overfit_report.py bench/results/overfit-heldout-cpu     # table.md and the plots
+    python bench/overfit_report.py bench/results/overfit-depth-cpu       # L*/ each, and depth.md
+"""
+
+import json
+import math
+import os
+import sys
+
+
+def rows_of(results: dict) -> dict[tuple, list[dict]]:
+    """(optimizer, rule, residual_scale) -> runs sorted by lr, mean over seeds where several."""
+    rows: dict[tuple, list[dict]] = {}
+    for run in results["runs"].values():
+        rows.setdefault((run["optimizer"], run["rule"], run["residual_scale"]), []).append(run)
+    sweep = results["sweep"]
+
+    def order(key):  # the sweep's own order: optimizers, then rules (single first), then residual scaling
+        optimizer, rule, residual_scale = key
+        rank = lambda items, item: items.index(item) if item in items else len(items)  # noqa: E731
+        return rank(sweep["optimizers"], optimizer), optimizer, rank(sweep["rules"], rule), rule, residual_scale
+
+    return {key: sorted(rows[key], key=lambda r: (r["lr"], r["seed"])) for key in sorted(rows, key=order)}
+
+
+def row_label(optimizer, rule, residual_scale) -> str:
+    return f"{optimizer} {rule}" + (" + residual 1/sqrt(L)" if residual_scale else "")
+
+
+def seed_statistics(runs) -> tuple[float, float, int] | None:
+    """Mean, sample std and count of the final losses of one point's seeds; None if any seed diverged."""
+    if not runs or any(r["diverged"] for r in runs):
+        return None
+    values = [r["final_loss"] for r in runs]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std, len(values)
+
+
+def best_rates(results: dict) -> dict[tuple, tuple]:
+    """(optimizer, rule, residual_scale) -> (lr, (mean, std, n)) at the lr with the lowest mean over seeds."""
+    best = {}
+    for key, runs in rows_of(results).items():
+        points = {lr: seed_statistics([r for r in runs if r["lr"] == lr]) for lr in sorted({r["lr"] for r in runs})}
+        finished = [(stats[0], lr, stats) for lr, stats in points.items() if stats]
+        if finished:
+            _, lr, stats = min(finished)
+            best[key] = (lr, stats)
+    return best
+
+
+def rule_summary(results: dict) -> list[str]:
+    """Each rule at its own best rate against `single`; a difference counts where it exceeds twice its
+    standard error, sqrt(s_a^2 / n_a + s_b^2 / n_b), the seed noise."""
+    best, costs = best_rates(results), results.get("measurement_seconds", {})
+    lines = ["| optimizer | rule | best lr | val loss, mean +- std (seeds) | vs single | beyond seed noise? | measuring, s |",
+             "|---|---|---:|---:|---:|---|---:|"]
+    for (optimizer, rule, rs), (lr, (mean, std, n)) in best.items():
+        reference = best.get((optimizer, "single", rs))
+        if rule == "single" or reference is None:
+            difference, verdict = "", ""
+        else:
+            _, (ref_mean, ref_std, ref_n) = reference
+            delta, noise = mean - ref_mean, math.sqrt(std**2 / n + ref_std**2 / ref_n)
+            difference = f"{delta:+.4f}"
+            if min(n, ref_n) < 2:  # one seed gives no estimate of the noise
+                verdict = "one seed: unknown"
+            else:
+                verdict = ("yes, better" if delta < 0 else "yes, worse") if abs(delta) > 2 * noise else "no"
+        cost = f"{costs[rule]:.1f}" if rule in costs else ""
+        lines.append(f"| {optimizer} | {row_label(optimizer, rule, rs).split(' ', 1)[1]} | {lr:.3g} | {mean:.4f} +- {std:.4f} ({n}) |"
+                     f" {difference} | {verdict} | {cost} |")
+    return lines
+
+
+def write_table(results: dict, path: str) -> None:
+    sweep = results["sweep"]
+    if sweep.get("heldout"):
+        lines = [f"Val loss after {sweep['steps']} steps of {sweep['micro_batch_size']} x {sweep['block_size']} tokens from scratch, cosine "
+                 f"to lr / 10 ({sweep['model']}, {sweep['dataset'] or sweep['data_dir']}), mean over seeds {sweep['seeds']}; best of each "
+                 "row in bold, `div` = a seed diverged.", "", "## Each rule at its own best rate", "", *rule_summary(results), "",
+                 "## Every point", ""]
+    else:
+        lines = [f"Final train loss on {sweep['subset_batches']} fixed batches of {sweep['micro_batch_size']} x {sweep['block_size']} "
+                 f"tokens after {sweep['steps']} steps at a constant lr ({sweep['model']}); best of each row in bold, "
+                 "`div` = diverged.", ""]
+    rows, best_by_row = rows_of(results), best_rates(results)  # a point's value is its mean over seeds
+    for optimizer in dict.fromkeys(key[0] for key in rows):
+        lrs = sorted({r["lr"] for r in results["runs"].values() if r["optimizer"] == optimizer})
+        lines += [f"| {optimizer} | " + " | ".join(f"lr {lr:.3g}" for lr in lrs) + " | best |", "|---" * (len(lrs) + 2) + "|"]
+        for (opt, rule, rs), runs in rows.items():
+            if opt != optimizer:
+                continue
+            best_lr, best_stats = best_by_row.get((opt, rule, rs), (None, None))
+            cells = []
+            for lr in lrs:
+                stats = seed_statistics([r for r in runs if r["lr"] == lr])
+                if not any(r["lr"] == lr for r in runs):
+                    cells.append("")
+                elif stats is None:
+                    cells.append("div")
+                else:
+                    cells.append(f"**{stats[0]:.3f}**" if lr == best_lr else f"{stats[0]:.3f}")
+            best_cell = f"{best_stats[0]:.3f}" if best_stats else "all diverged"
+            lines.append(f"| {row_label(opt, rule, rs)} | " + " | ".join(cells) + f" | {best_cell} |")
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def write_depth_table(by_depth: dict[int, dict], path: str) -> None:
+    """Per optimizer and residual scaling: single and lwlr at each depth's best rate (mean over seeds),
+    as the final train loss (the paper's measure: the train curve's last point) and the val loss, and
+    lwlr's gain (single minus lwlr; positive = lwlr better)."""
+    depths = sorted(by_depth)
+    lines = ["Depth study: best-rate loss per depth (64-wide models); gain = single - lwlr, positive where lwlr is better.", ""]
+    first = by_depth[depths[0]]["sweep"]
+    for optimizer in first["optimizers"]:
+        for rs in first["residual_scales"]:
+            lines += [f"| {row_label(optimizer, 'rule', rs).replace(' rule', '')} | " + " | ".join(f"L={d}" for d in depths) + " |",
+                      "|---" * (len(depths) + 1) + "|"]
+            cells = {}
+            for measure in ("train", "val"):
+                for rule in first["rules"]:
+                    row = []
+                    for d in depths:
+                        best = best_rates(by_depth[d]).get((optimizer, rule, rs))
+                        runs = [r for r in by_depth[d]["runs"].values() if best and (r["optimizer"], r["rule"], r["residual_scale"], r["lr"]) == (optimizer, rule, rs, best[0])]
+                        value = None if not runs else (best[1][0] if measure == "val" else sum(r["curve"][-1][1] for r in runs) / len(runs))
+                        row.append(value)
+                    cells[(measure, rule)] = row
+                    lines.append(f"| {measure} loss, {rule} | " + " | ".join("div" if v is None else f"{v:.3f}" for v in row) + " |")
+                if ("single" in first["rules"]) and ("lwlr" in first["rules"]):
+                    gains = [None if a is None or b is None else a - b for a, b in zip(cells[(measure, "single")], cells[(measure, "lwlr")])]
+                    lines.append(f"| {measure} gain of lwlr | " + " | ".join("" if g is None else f"{g:+.3f}" for g in gains) + " |")
+            lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot(results: dict, out_dir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rows_of(results)
+    optimizers = list(dict.fromkeys(key[0] for key in rows))
+    fig, axes = plt.subplots(1, len(optimizers), figsize=(5 * len(optimizers), 4), squeeze=False)
+    for ax, optimizer in zip(axes[0], optimizers):
+        for (opt, rule, rs), runs in rows.items():
+            if opt != optimizer:
+                continue
+            by_lr = {lr: seed_statistics([r for r in runs if r["lr"] == lr]) for lr in sorted({r["lr"] for r in runs})}
+            points = [(lr, stats[0], stats[1]) for lr, stats in by_lr.items() if stats]
+            line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=row_label(opt, rule, rs))[0] if points else None
+            if points and max(p[2] for p in points) > 0:  # several seeds: a band of +- one std
+                ax.fill_between([p[0] for p in points], [p[1] - p[2] for p in points], [p[1] + p[2] for p in points],
+                                color=line.get_color(), alpha=0.2)
+            for r in runs:
+                if r["diverged"]:
+                    ax.scatter([r["lr"]], [ax.get_ylim()[1] if points else 1.0], marker="x", color=line.get_color() if line else "red")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final val loss (mean over seeds)" if results["sweep"].get("heldout") else "final train loss")
+        ax.set_title(f"{optimizer} ({results['sweep']['model']}); x = diverged")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "final_loss_vs_lr.png"), dpi=110)
+    plt.close(fig)
+    heldout, best_by_row = results["sweep"].get("heldout"), best_rates(results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, runs in rows.items():  # the curve of each row's best rate, its first seed
+        best_lr = best_by_row.get(key, (None,))[0]
+        best = next((r for r in runs if r["lr"] == best_lr), None)
+        if best:
+            ax.plot(*zip(*(best["val_curve"] if heldout else best["curve"])), label=f"{row_label(*key)}, lr {best['lr']:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss" if heldout else "train loss")
+    ax.set_title("best run of each row")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "best_curves.png"), dpi=110)
+    plt.close(fig)
+
+
+def write_all(results: dict, out_dir: str) -> str:
+    """table.md and both plots of one sweep's results in out_dir; the table's text."""
+    write_table(results, os.path.join(out_dir, "table.md"))
+    plot(results, out_dir)
+    return open(os.path.join(out_dir, "table.md")).read()
+
+
+def main(out_dir: str) -> None:
+    def load(folder):
+        with open(os.path.join(folder, "results.json")) as f:
+            return json.load(f)
+
+    depths = sorted(int(name[1:]) for name in os.listdir(out_dir) if name[:1] == "L" and name[1:].isdigit())
+    if not depths:
+        print(write_all(load(out_dir), out_dir))
+        return
+    by_depth = {depth: load(os.path.join(out_dir, f"L{depth}")) for depth in depths}
+    for depth, results in by_depth.items():
+        write_all(results, os.path.join(out_dir, f"L{depth}"))
+    write_depth_table(by_depth, os.path.join(out_dir, "depth.md"))
+    print(open(os.path.join(out_dir, "depth.md")).read())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python bench/overfit_report.py RESULTS_FOLDER")
+    main(sys.argv[1])
