@@ -179,7 +179,7 @@ def _cached_report(path: str | None, model, rank: int) -> dict | None:
     if path and rank == 0 and os.path.isfile(path):
         try:
             _, data = load_multipliers(path, model)  # names, shapes, positive finite values
-        except ValueError:  # unreadable too
+        except ValueError:  # unreadable, malformed or another model's: measured over
             pass
     if dist.is_initialized():
         shared = [data]

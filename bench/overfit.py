@@ -294,8 +294,7 @@ def main(argv=None) -> dict:
         return run_sweep(sweep, out_dir, device)
     by_depth = {depth: run_sweep(dataclasses.replace(sweep, model=f"narrow-{depth}", depths=[]), os.path.join(out_dir, f"L{depth}"), device)
                 for depth in sweep.depths}
-    write_depth_table(by_depth, os.path.join(out_dir, "depth.md"))
-    print(open(os.path.join(out_dir, "depth.md")).read())
+    print(write_depth_table(by_depth, os.path.join(out_dir, "depth.md")))
     return by_depth
 
 

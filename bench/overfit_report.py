@@ -78,7 +78,8 @@ def rule_summary(results: dict) -> list[str]:
     return lines
 
 
-def write_table(results: dict, path: str) -> None:
+def write_table(results: dict, path: str) -> str:
+    """table.md of one sweep's results at path; its text."""
     sweep = results["sweep"]
     if sweep.get("heldout"):
         lines = [f"Val loss after {sweep['steps']} steps of {sweep['micro_batch_size']} x {sweep['block_size']} tokens from scratch, cosine "
@@ -109,11 +110,10 @@ def write_table(results: dict, path: str) -> None:
             best_cell = f"{best_stats[0]:.3f}" if best_stats else "all diverged"
             lines.append(f"| {row_label(opt, rule, rs)} | " + " | ".join(cells) + f" | {best_cell} |")
         lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    return _write(path, "\n".join(lines))
 
 
-def write_depth_table(by_depth: dict[int, dict], path: str) -> None:
+def write_depth_table(by_depth: dict[int, dict], path: str) -> str:
     """Per optimizer and residual scaling: single and lwlr at each depth's best rate (mean over seeds),
     as the final train loss (the paper's measure: the train curve's last point) and the val loss, and
     lwlr's gain (single minus lwlr; positive = lwlr better)."""
@@ -139,8 +139,13 @@ def write_depth_table(by_depth: dict[int, dict], path: str) -> None:
                     gains = [None if a is None or b is None else a - b for a, b in zip(cells[(measure, "single")], cells[(measure, "lwlr")])]
                     lines.append(f"| {measure} gain of lwlr | " + " | ".join("" if g is None else f"{g:+.3f}" for g in gains) + " |")
             lines.append("")
+    return _write(path, "\n".join(lines))
+
+
+def _write(path: str, text: str) -> str:
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write(text)
+    return text
 
 
 def plot(results: dict, out_dir: str) -> None:
@@ -192,9 +197,9 @@ def plot(results: dict, out_dir: str) -> None:
 
 def write_all(results: dict, out_dir: str) -> str:
     """table.md and both plots of one sweep's results in out_dir; the table's text."""
-    write_table(results, os.path.join(out_dir, "table.md"))
+    text = write_table(results, os.path.join(out_dir, "table.md"))
     plot(results, out_dir)
-    return open(os.path.join(out_dir, "table.md")).read()
+    return text
 
 
 def main(out_dir: str) -> None:
@@ -209,8 +214,7 @@ def main(out_dir: str) -> None:
     by_depth = {depth: load(os.path.join(out_dir, f"L{depth}")) for depth in depths}
     for depth, results in by_depth.items():
         write_all(results, os.path.join(out_dir, f"L{depth}"))
-    write_depth_table(by_depth, os.path.join(out_dir, "depth.md"))
-    print(open(os.path.join(out_dir, "depth.md")).read())
+    print(write_depth_table(by_depth, os.path.join(out_dir, "depth.md")))
 
 
 if __name__ == "__main__":
