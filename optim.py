@@ -52,9 +52,14 @@ def _launch(kernel, grid, *args, **meta):
     kernel[grid](*args, **meta)
 
 
+def _aligned_storage(tensors) -> bool:
+    return all(t.data_ptr() % VECTOR_BYTES == 0 for t in tensors)
+
+
 def _aligned(tensors) -> bool:
-    """Whether the kernels' ALIGNED hints hold for these tensors: storage 16-byte aligned, size a multiple of 4."""
-    return all(t.data_ptr() % VECTOR_BYTES == 0 and t.numel() % VECTOR_ELEMENTS == 0 for t in tensors)
+    """Whether the kernels' ALIGNED hints hold for tensors read element by element: storage 16-byte
+    aligned, size a multiple of 4."""
+    return _aligned_storage(tensors) and all(t.numel() % VECTOR_ELEMENTS == 0 for t in tensors)
 
 
 def param_groups(model: torch.nn.Module, multipliers: dict[str, float] | None, weight_decay: float, scale_decay: bool = True) -> list[dict]:
@@ -106,7 +111,11 @@ class _LaunchPlan:
         self.weight_decay = torch.tensor(weight_decays, dtype=torch.float32, device=device)
         self.params = params
         # Parameters and states keep their storage for the plan's life; gradients are checked as they come.
-        self.storage_aligned = _aligned(params) and all(_aligned(tensors) for tensors in states.values())
+        # The size hint concerns what the kernels read element by element: the parameters and the states
+        # shaped like them (same sizes). A state read per tensor or per block (LW-AS's 0-dim step size,
+        # Adam-mini's one value per LayerNorm) needs only its aligned pointer: checking its size too
+        # sent every gpt2 launch of those optimizers to the scalar fallback.
+        self.storage_aligned = _aligned(params) and all(_aligned_storage(tensors) for tensors in states.values())
         self.aligned = False
         self._grad_key = None
 

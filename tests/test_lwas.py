@@ -12,6 +12,8 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lwas
+import optim
+from conftest import TEST_DEVICE
 from model import GPT, GPTConfig
 
 
@@ -216,13 +218,16 @@ def test_gauss_newton_estimate_averages_to_the_explicit_gauss_newton_block(tiny_
     assert (standard_error < 0.2 * explicit).all()  # the bound is tight enough to mean something
 
 
-# Warmup steps are the base optimizer at warmup_lr (lr at its peak): compare with torch.optim on odd shapes.
+# Warmup steps are the base optimizer at warmup_lr (lr at its peak): compare with torch.optim on odd shapes,
+# which take the kernels' scalar fallback; ALIGNED_SHAPES (16-byte storage, sizes a multiple of 4) take
+# the 128-bit build that gpt2's tensors take.
 SHAPES = [(7, 13), (33,), (1,), (4097,)]
+ALIGNED_SHAPES = [(8, 12), (32,), (4,), (4100,)]
 
 
-def make_params(seed=1):
+def make_params(seed=1, shapes=SHAPES):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in SHAPES]
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(TEST_DEVICE)) for shape in shapes]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -239,7 +244,7 @@ def test_warmup_steps_equal_the_base_optimizer(name, backend):
     for _ in range(10):
         grads = [torch.randn(shape, generator=generator) for shape in SHAPES]
         for p, q, g in zip(ours_params, reference_params, grads):
-            p.grad, q.grad = g.clone(), g.clone()
+            p.grad, q.grad = g.to(TEST_DEVICE), g.to(TEST_DEVICE, copy=True)
         ours.step(), reference.step()
     for p, q in zip(ours_params, reference_params):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
@@ -260,21 +265,25 @@ class ScaledNormCurvature:
         return 50 * sum(abs(c) * u.square().sum() for c, u in zip(self.coefficients, vectors))
 
 
+@pytest.mark.parametrize("shapes, aligned", [(SHAPES, False), (ALIGNED_SHAPES, True)])
 @pytest.mark.parametrize("name", ["adamw_lw", "sgdm_lw"])
-def test_triton_and_torch_backends_agree_through_refreshes_and_a_reload(name):
+def test_triton_and_torch_backends_agree_through_refreshes_and_a_reload(name, shapes, aligned, monkeypatch):
     make = {"adamw_lw": lambda ps, backend: lwas.AdamWLW([{"params": ps[:2], "lr_scale": 0.5}, {"params": ps[2:], "weight_decay": 0.0}],
                                                            lr=0.8, warmup_steps=2, backend=backend),
             "sgdm_lw": lambda ps, backend: lwas.SGDMomentumLW([{"params": ps[:2], "lr_scale": 0.5}, {"params": ps[2:], "weight_decay": 0.1}],
                                                               lr=0.8, warmup_steps=2, backend=backend)}[name]
     curvature = ScaledNormCurvature([300.0, -1.0, 50.0, 2000.0])
+    builds = []
+    real_launch = optim._launch
+    monkeypatch.setattr(optim, "_launch", lambda kernel, grid, *args, **meta: (builds.append(meta["ALIGNED"]), real_launch(kernel, grid, *args, **meta)))
     runs, joint_scales = {}, []
     for backend in ("torch", "triton"):
-        params = make_params()
+        params = make_params(shapes=shapes)
         optimizer = make(params, backend)
         generator = torch.Generator().manual_seed(3)
         for step in range(9):
             for p in params:
-                p.grad = torch.randn(p.shape, generator=generator)
+                p.grad = torch.randn(p.shape, generator=generator).to(TEST_DEVICE)
             if step % 2 == 0:
                 optimizer.refresh(curvature)
                 joint_scales.append(optimizer.last_refresh.get("joint_scale", 1.0))
@@ -285,6 +294,7 @@ def test_triton_and_torch_backends_agree_through_refreshes_and_a_reload(name):
                 optimizer = make(params, backend)
                 optimizer.load_state_dict(other.state_dict())
         runs[backend] = (params, optimizer)
+    assert builds == [aligned] * 9  # the triton run's 9 steps, each one launch of the expected build
     (torch_params, torch_optimizer), (triton_params, triton_optimizer) = runs["torch"], runs["triton"]
     for p, q in zip(torch_params, triton_params):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
