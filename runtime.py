@@ -36,14 +36,13 @@ class Runtime:
     local_rank: int
     world_size: int
     device: torch.device
+    # Launched by torchrun (a process group), even at world size 1: DDP and the all-reduces run, so one GPU
+    # exercises the multi-GPU code path (bench/gpu_check.sh) at the cost of a no-op all-reduce per step.
+    distributed: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
     def print0(self, *args, **kwargs) -> None:
         if self.is_main:
@@ -68,7 +67,7 @@ def init_runtime(device: str = "auto") -> Runtime:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT, device_id=run_device if backend == "nccl" else None)
-    return Runtime(rank, local_rank, world_size, run_device)
+    return Runtime(rank, local_rank, world_size, run_device, distributed=True)
 
 
 def autocast(device: torch.device, dtype: str):
@@ -105,6 +104,9 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def git_commit() -> str:
+    """HEAD's short hash; LWLR_COMMIT where the code travelled without its .git (the GPU machine)."""
+    if os.environ.get("LWLR_COMMIT"):
+        return os.environ["LWLR_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()

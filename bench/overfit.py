@@ -11,6 +11,7 @@ the training objective, apart from generalization.
     python bench/overfit.py --preset heldout-cpu     # the committed held-out comparison
     python bench/overfit.py --preset heldout-gpt2    # the same on OpenWebText with GPT-2 124M, for a GPU
     python bench/overfit.py --preset depth-cpu       # the depth study: narrow-2 ... narrow-32, +- residual scaling
+    python bench/overfit.py --preset overfit-gpt2-gpu   # GPT-2 124M on Shakespeare BPE: bench/gpu_science.sh runs it on one GPU
     python bench/overfit.py --preset ablations-cpu   # lwlr's T, measurement init and power, one at a time, with their cost
 
 Held-out mode (`heldout=True`, issue #14): the question is not memorization but whether a rule trains
@@ -135,6 +136,23 @@ PRESETS = {
                            lrs={"adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2]}, residual_scales=[False], seeds=[0, 1, 2], steps=300,
                            subset_batches=0, micro_batch_size=16, block_size=128, warmup_steps=30, lwlr_T=100, dataset="shakespeare_char",
                            heldout=True, eval_every=50),
+    # GPT-2 124M on one GPU in the 8 minutes of bench/gpu_science.sh, on the embedded Shakespeare in GPT-2
+    # BPE (the only data that reaches the GPU machine; for memorizing a few fixed batches, any text does).
+    # Sizes from a predicted step: 8 x 1024 tokens, about 7 TFLOP forward and backward, about 30 ms in
+    # bf16 uncompiled on an H200 (~25% MFU). Overfit: 4 optimizers x 2 rules x 3 rates around each one's
+    # GPT-2 default = 24 runs of 300 steps (37 passes over 8 batches), about 270 s with each run's model
+    # init. Not compiled: a cold compile (~60 s) plus a retrace per run (~10 s) would cost more than its
+    # ~12 ms a step saves over 300 steps. lwlr measured once (T=100) and reused through the cache.
+    "overfit-gpt2-gpu": Sweep(model="gpt2", optimizers=["adamw", "lion", "sophiag", "adam_mini"], rules=["single", "lwlr"],
+                              lrs={"adamw": [3e-4, 6e-4, 1.2e-3], "sophiag": [3e-4, 6e-4, 1.2e-3], "adam_mini": [3e-4, 6e-4, 1.2e-3],
+                                   "lion": [3e-5, 6e-5, 1.2e-4]},
+                              residual_scales=[False], seeds=[0], steps=300, subset_batches=8, micro_batch_size=8, block_size=1024,
+                              warmup_steps=30, lwlr_T=100),
+    # Held-out at 124M: AdamW, 3 rules x 2 rates x 2 seeds = 12 runs of 100 steps of 8 x 1024 tokens (819k
+    # tokens, 0.6 epochs of the 1.4M-token train split), cosine to lr / 10; about 80 s predicted.
+    "heldout-gpt2-gpu": Sweep(model="gpt2", optimizers=["adamw"], rules=["single", "lwlr", "fan_in"], lrs={"adamw": [6e-4, 1.2e-3]},
+                              residual_scales=[False], seeds=[0, 1], steps=100, subset_batches=0, micro_batch_size=8, block_size=1024,
+                              warmup_steps=10, lwlr_T=100, heldout=True, eval_every=50, eval_steps=10),
     # GPT-2 124M on OpenWebText for a GPU: 2000 steps of 8 x 1024 tokens (16M tokens), not run here.
     "heldout-gpt2": Sweep(model="gpt2", optimizers=["adamw", "lion"], rules=["single", "lwlr", "fan_in", "depth_increasing"],
                           lrs={"adamw": [3e-4, 6e-4, 1.2e-3, 2.4e-3], "lion": [3e-5, 6e-5, 1.2e-4, 2.4e-4]}, residual_scales=[False],

@@ -5,6 +5,7 @@ GPT forward that uses it."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TEST_DEVICE
 
 from loss import linear_cross_entropy
 from model import GPT, GPTConfig
@@ -16,6 +17,7 @@ def reference_and_ours(rows, width, vocab, chunk_rows, ignored=(), dtype=torch.f
     weight = torch.randn(vocab, width, generator=generator, dtype=dtype) * 0.3
     targets = torch.randint(0, vocab, (rows,), generator=generator)
     targets[list(ignored)] = -1
+    hidden, weight, targets = hidden.to(TEST_DEVICE), weight.to(TEST_DEVICE), targets.to(TEST_DEVICE)
     results = []
     for compute in (lambda h, w: F.cross_entropy(h @ w.t(), targets, ignore_index=-1),
                     lambda h, w: linear_cross_entropy(h, w, targets, chunk_rows)):
@@ -61,7 +63,8 @@ def test_gpt_with_chunked_loss_trains_like_the_full_logits_model():
     for chunk_rows in (0, 7):
         torch.manual_seed(0)
         models.append(GPT(GPTConfig.from_preset("gpt2-tiny", vocab_size=1000, loss_chunk_rows=chunk_rows)))
-    idx = torch.randint(0, 1000, (3, 17))
+    models = [model.to(TEST_DEVICE) for model in models]
+    idx = torch.randint(0, 1000, (3, 17)).to(TEST_DEVICE)
     (plain_logits, plain_loss), (no_logits, chunked_loss) = (model(idx[:, :-1], idx[:, 1:]) for model in models)
     assert plain_logits is not None and no_logits is None  # the chunked forward never builds the logits
     torch.testing.assert_close(chunked_loss, plain_loss, rtol=1e-6, atol=0)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_run_args
+from conftest import ROOT, TEST_DEVICE, tiny_run_args
 
 import lwlr
 import multipliers
@@ -66,6 +66,20 @@ def test_gpt_multipliers_are_normalized_and_cover_q_k_v_separately():
     q, k, v = (multipliers[f"transformer.h.0.attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj"))
     assert len({q, k, v}) == 3
     assert multipliers["transformer.h.0.attn.k_proj.bias"] == 1.0  # its gradient is zero by construction
+
+
+@pytest.mark.skipif(TEST_DEVICE == "cpu", reason="compares LWLR_TEST_DEVICE (cuda, bench/gpu_check.sh) with the CPU")
+def test_the_measurement_on_the_test_device_equals_the_cpu_one():
+    """Measured at the model's own init (the fan_out re-init draws from the device's own RNG, so the two
+    would measure different networks): fp32 on both, other kernels and reduction orders. The largest
+    relative difference seen in mean |g| is about 1e-5; a multiplier is its inverse square root."""
+    cpu = lwlr.measure_grad_mean_abs(tiny_gpt(), gpt_batches(4), T=4, init="model")
+    on_device = lwlr.measure_grad_mean_abs(tiny_gpt().to(TEST_DEVICE), [(x.to(TEST_DEVICE), y.to(TEST_DEVICE)) for x, y in gpt_batches(4)],
+                                           T=4, init="model")
+    assert set(on_device) == set(cpu)
+    for name, g in cpu.items():
+        if not lwlr.unmeasurable(name):
+            assert on_device[name] == pytest.approx(g, rel=1e-4), name
 
 
 def test_the_key_bias_gradient_is_rounding_noise():

