@@ -17,7 +17,7 @@ import sys
 
 import checkpoint
 from data.tokenizer import VOCAB_SIZE
-from model import hf_config, to_hf_state_dict
+from hf import hf_config, to_hf_state_dict
 
 
 def export(model, hf_dir: str) -> None:

@@ -4,7 +4,7 @@ the token embedding, with GPT-2's biases.
 
 Two departures from the Hugging Face layout, both for the layer-wise learning rate:
   - q, k and v are three separate Linear layers, so each can carry its own learning rate
-    (GPT2LMHeadModel fuses them into one `c_attn`; from_pretrained splits it).
+    (GPT2LMHeadModel fuses them into one `c_attn`; hf.py splits it on loading and fuses it on export).
   - optional residual-branch scaling `x + beta * f(x)` with beta = 1/sqrt(n_layer), applied as a
     multiplication in the forward pass (not folded into the init) so it survives any re-initialization.
 
@@ -13,9 +13,7 @@ and what Adam-mini's name matching recognizes.
 """
 
 import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -187,99 +185,6 @@ class GPT(nn.Module):
                 next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, next_token), dim=1)
         return idx
-
-    @classmethod
-    def from_pretrained(cls, path: str, **overrides) -> "GPT":
-        """Load a local Hugging Face GPT-2 directory (config.json plus model.safetensors or
-        pytorch_model.bin). No hub access: download the directory yourself first."""
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} not found: expected a Hugging Face GPT-2 directory")
-        with open(config_path) as f:
-            hf = json.load(f)
-        activation = hf.get("activation_function", "gelu_new")
-        if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{config_path}: activation_function {activation!r} is not GPT-2's tanh GELU")
-        config = GPTConfig(
-            block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
-            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], **overrides,
-        )
-        state = _load_hf_state_dict(path)
-        model = cls(config)
-        model.load_state_dict(_convert_hf_state_dict(state, config.n_layer), strict=True)
-        return model
-
-
-def hf_config(config: GPTConfig) -> dict:
-    """config.json of the Hugging Face GPT2LMHeadModel that computes what this model computes."""
-    if config.residual_scale:
-        raise ValueError("residual_scale is on: GPT-2 has no residual-branch scaling, so GPT2LMHeadModel would compute another function")
-    if not config.bias:
-        raise ValueError("bias=False: GPT-2 has a bias in every Linear and LayerNorm")
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
-        "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
-        "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "initializer_range": 0.02,
-        "scale_attn_weights": True, "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": "float32",
-    }
-
-
-def to_hf_state_dict(model: GPT) -> dict:
-    """Our weights in GPT-2's own layout, the inverse of _convert_hf_state_dict: q, k, v fused into c_attn,
-    Linear weights transposed into Conv1D's (in, out); the tied lm_head is left out (transformers ties it)."""
-    ours = model.state_dict()
-    out = {f"transformer.{name}": ours[f"transformer.{name}"] for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
-    for i in range(model.config.n_layer):
-        hf_block, block = f"transformer.h.{i}.", f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            out[hf_block + ln + ".weight"], out[hf_block + ln + ".bias"] = ours[block + ln + ".weight"], ours[block + ln + ".bias"]
-        qkv = ("q_proj", "k_proj", "v_proj")
-        out[hf_block + "attn.c_attn.weight"] = torch.cat([ours[f"{block}attn.{n}.weight"] for n in qkv]).t()
-        out[hf_block + "attn.c_attn.bias"] = torch.cat([ours[f"{block}attn.{n}.bias"] for n in qkv])
-        for theirs, mine in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")):
-            out[f"{hf_block}{theirs}.weight"] = ours[f"{block}{mine}.weight"].t()
-            out[f"{hf_block}{theirs}.bias"] = ours[f"{block}{mine}.bias"]
-    return {name: tensor.detach().contiguous() for name, tensor in out.items()}
-
-
-def _load_hf_state_dict(path: str) -> dict:
-    safetensors_path = os.path.join(path, "model.safetensors")
-    if os.path.isfile(safetensors_path):
-        from safetensors.torch import load_file
-
-        return load_file(safetensors_path)
-    bin_path = os.path.join(path, "pytorch_model.bin")
-    if os.path.isfile(bin_path):
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
-
-
-def _convert_hf_state_dict(hf_state: dict, n_layer: int) -> dict:
-    """HF GPT-2 names and layout -> ours. HF's Conv1D stores weights as (in, out): transpose them;
-    its fused c_attn (C, 3C) splits into q, k, v."""
-    hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
-    out = {
-        "transformer.wte.weight": hf_state["wte.weight"],
-        "transformer.wpe.weight": hf_state["wpe.weight"],
-        "transformer.ln_f.weight": hf_state["ln_f.weight"],
-        "transformer.ln_f.bias": hf_state["ln_f.bias"],
-        "lm_head.weight": hf_state["wte.weight"],
-    }
-    for i in range(n_layer):
-        hf_block, block = f"h.{i}.", f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            out[block + ln + ".weight"] = hf_state[hf_block + ln + ".weight"]
-            out[block + ln + ".bias"] = hf_state[hf_block + ln + ".bias"]
-        q, k, v = hf_state[hf_block + "attn.c_attn.weight"].t().chunk(3, dim=0)
-        qb, kb, vb = hf_state[hf_block + "attn.c_attn.bias"].chunk(3, dim=0)
-        for name, weight, bias in (("q_proj", q, qb), ("k_proj", k, kb), ("v_proj", v, vb)):
-            out[f"{block}attn.{name}.weight"] = weight.contiguous()
-            out[f"{block}attn.{name}.bias"] = bias
-        for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")):
-            out[f"{block}{ours}.weight"] = hf_state[f"{hf_block}{theirs}.weight"].t().contiguous()
-            out[f"{block}{ours}.bias"] = hf_state[f"{hf_block}{theirs}.bias"]
-    return out
 
 
 def sampled_label_loss(logits: torch.Tensor) -> torch.Tensor:

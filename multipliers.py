@@ -21,7 +21,9 @@ import time
 import torch
 import torch.distributed as dist
 
+import hf
 from lwlr import baseline_multipliers, measure_grad_mean_abs, multipliers_from_grads, numels_of
+from train_config import INIT_MODES
 
 
 def load_multipliers(path: str, model: torch.nn.Module) -> tuple[dict[str, float], dict]:
@@ -168,6 +170,9 @@ def measurement_cache_path(c, model, data_path: str, ctx) -> str | None:
     settings = {"version": CACHE_VERSION, "model": dataclasses.asdict(model.config), "data": [os.path.realpath(data_path), stat.st_size, stat.st_mtime_ns],
                 "seed": c.seed, "T": c.lwlr_T, "init": c.lwlr_init, "power": c.lwlr_power, "micro_batch_size": c.micro_batch_size,
                 "precision": precision}
+    if c.init_from not in INIT_MODES:  # fine-tuning: the measured network depends on the loaded weights
+        weights = hf.weights_file(c.init_from)
+        settings["init_from"] = [os.path.realpath(weights), os.path.getsize(weights), os.stat(weights).st_mtime_ns]
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     return os.path.join(os.path.expanduser(directory), f"{c.model}-{key}.json")
 

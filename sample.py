@@ -13,7 +13,7 @@ import torch
 
 import checkpoint
 from data import vocab
-from model import GPT
+import hf
 from train import data_dir
 from train_config import TrainConfig
 
@@ -21,7 +21,7 @@ from train_config import TrainConfig
 def load_model(args):
     """The model, and the vocabulary of the data it was trained on (GPT-2's for --pretrained)."""
     if args.pretrained:
-        return GPT.from_pretrained(args.pretrained), vocab.GPT2Vocab()
+        return hf.from_pretrained(args.pretrained), vocab.GPT2Vocab()
     path, meta = checkpoint.find(args.out_dir, args.checkpoint)
     model = checkpoint.load_model(path, meta)
     print(f"loaded {path} (step {meta['step']})", file=sys.stderr)

@@ -2,6 +2,7 @@
 
     python train.py                                   # small GPT on Shakespeare, CPU or GPU, ~5 min on 2 cores
     python train.py config/train_gpt2.py              # GPT-2 124M on OpenWebText, one GPU
+    python train.py config/finetune_shakespeare.py --init_from=hf/gpt2   # fine-tune a local Hugging Face GPT-2 directory
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
     # two nodes (run on each, NODE_RANK 0 and 1; MASTER the first node's address):
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \
@@ -28,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
+import hf
 import lwas
 import multipliers
 import optim
@@ -43,7 +45,7 @@ from runtime import (
     peak_memory_gib,
     run_main,
 )
-from train_config import ConfigError, TrainConfig, parse_config
+from train_config import INIT_MODES, ConfigError, TrainConfig, parse_config
 
 EXIT_PREEMPTED = 75
 # Keys that change the optimization itself: a resume with other values would not continue the run.
@@ -327,6 +329,34 @@ def lw_step_sizes(optimizer) -> dict:
             "lw_joint_scale": refresh["joint_scale"].item()}
 
 
+def pretrained(c: TrainConfig) -> TrainConfig:
+    """The config of a run that starts from a Hugging Face GPT-2 directory (init_from=PATH): the model
+    preset is the directory's, and lwlr measures at the loaded weights (lwlr_init=model) unless the
+    config sets lwlr_init. Other configs come back as they are."""
+    if c.init_from in INIT_MODES:
+        return c
+    path = c.init_from
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"init_from={path!r} is neither {', '.join(INIT_MODES)} nor a local directory. Nothing is ever downloaded: "
+            "for GPT-2's weights, download a Hugging Face directory first (e.g. `huggingface-cli download openai-community/gpt2 "
+            "--local-dir hf/gpt2`) and pass its path"
+        )
+    try:
+        weights = hf.read_config(path)
+        preset = hf.preset_of(weights)
+    except hf.PretrainedError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    if "model" in c.given and c.model != preset:
+        raise ConfigError(f"model={c.model!r} disagrees with init_from={path}, which holds a {preset}: drop model or make it {preset!r}")
+    dataset_vocab = vocab.load(data_dir(c)).size
+    if weights.vocab_size != dataset_vocab:
+        raise ConfigError(f"init_from={path} has a vocabulary of {weights.vocab_size} tokens, the dataset {data_dir(c)} one of {dataset_vocab}")
+    if c.block_size > weights.block_size:
+        raise ConfigError(f"block_size={c.block_size} exceeds the {weights.block_size} positions of init_from={path}")
+    return dataclasses.replace(c, model=preset, lwlr_init=c.lwlr_init if "lwlr_init" in c.given else "model")
+
+
 def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
     """The model, lr multipliers, optimizer state and first step: from the newest checkpoint in out_dir,
     or fresh (measuring the multipliers). Checks everything before writing anything."""
@@ -338,6 +368,10 @@ def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
         raise ConfigError(f"init_from=scratch, but {c.out_dir} already holds {found[0]}: resume it or choose another out_dir")
     torch.manual_seed(c.seed)
     model = GPT(gpt_config(c)).to(rt.device)
+    if found is None and c.init_from not in INIT_MODES:  # a restart resumes from out_dir's checkpoints instead
+        hf.load_weights(model, c.init_from)
+        rt.print0(f"init_from: {c.model} weights from {c.init_from}"
+                  + (f"; lwlr measures at them (lwlr_init={c.lwlr_init}; fan_out re-initializes as the paper does)" if c.lr_rule == "lwlr" else ""))
     if found is None:
         lwlr_batches = token_batches(c, "train", "lwlr", model.config)
         lr_multipliers, lwlr_report = multipliers.for_config(c, model, lwlr_batches, autocast(rt.device, c.dtype), log=rt.print0)
@@ -352,7 +386,7 @@ def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    c = parse_config(argv)
+    c = pretrained(parse_config(argv))
     rt = init_runtime(c.device)
     stop = StopRequest()
     model_config = gpt_config(c)  # every check that can fail runs before out_dir is touched

@@ -23,6 +23,8 @@ class ConfigError(ValueError):
     """A config file or flag that names an unknown key, has a wrong type or an inconsistent value."""
 
 
+INIT_MODES = ("auto", "resume", "scratch")  # init_from's values other than a pretrained directory
+
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -41,7 +43,7 @@ def at_least(minimum, default):
 class TrainConfig:
     # I/O
     out_dir: str = "out"  # checkpoints (step-XXXXXXXX/), log.jsonl, config.json
-    init_from: str = choice("auto", "resume", "scratch")  # scratch | resume | auto (resume when out_dir holds a checkpoint)
+    init_from: str = "auto"  # auto (resume when out_dir holds a checkpoint) | resume | scratch | PATH of a local Hugging Face GPT-2 directory to fine-tune
     # data
     dataset: str = "shakespeare"  # reads data/<dataset>/{train,val}.bin (run its prepare.py first)
     data_dir: str = ""  # a folder holding train.bin and val.bin instead ("" = data/<dataset>)
@@ -122,6 +124,10 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
+    # The keys a config file or flag set, as parse_config saw them (not a field: never saved). A default
+    # can then give way where a setting implies another (init_from=PATH: the directory's model).
+    given = frozenset()
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -188,14 +194,20 @@ def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None)
         print(help_text())
         sys.exit(0)
     values = dataclasses.asdict(base or TrainConfig())
+    given = set(base.given) if base else set()
     for arg in argv:
         if arg.startswith("--"):
             key, sep, value = arg[2:].partition("=")
             if not sep:
                 raise ConfigError(f"flag {arg!r} must be written --key=value")
             values[key] = coerce(key, value, f"flag {arg}")
+            given.add(key)
         elif arg.endswith(".py"):
-            values.update(load_config_file(arg))
+            from_file = load_config_file(arg)
+            values.update(from_file)
+            given.update(from_file)
         else:
             raise ConfigError(f"argument {arg!r} is neither a config file (*.py) nor a --key=value flag")
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    config.given = frozenset(given)
+    return config

@@ -1,5 +1,5 @@
 """export.py against transformers: the exported directory loads in GPT2LMHeadModel with our logits,
-and GPT.from_pretrained reads it back exactly."""
+and hf.from_pretrained reads it back exactly."""
 
 import os
 import subprocess
@@ -11,6 +11,7 @@ from conftest import ROOT, tiny_run_args
 
 import checkpoint
 import export
+import hf
 import train
 from model import GPT, GPTConfig
 
@@ -33,7 +34,7 @@ def test_a_trained_run_exports_to_a_directory_transformers_loads(tmp_path, token
     idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours(idx)[0], rtol=0, atol=1e-5)
-    back = GPT.from_pretrained(str(hf_dir))
+    back = hf.from_pretrained(str(hf_dir))
     for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), name  # exactly: the conversion only moves and transposes
 

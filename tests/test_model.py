@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import hf
 from model import GPT, GPTConfig, init_weights
 
 GPT2_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
@@ -95,19 +96,19 @@ def test_logits_match_transformers_gpt2(tmp_path, safe_serialization):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)).eval()
-    hf.save_pretrained(tmp_path, safe_serialization=safe_serialization)
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    theirs = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)).eval()
+    theirs.save_pretrained(tmp_path, safe_serialization=safe_serialization)
+    ours = hf.from_pretrained(str(tmp_path)).eval()
     idx = torch.randint(0, 50257, (2, 40))
     with torch.no_grad():
-        expected = hf(idx).logits
+        expected = theirs(idx).logits
         logits, _ = ours(idx)
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
 def test_from_pretrained_names_a_missing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(hf.PretrainedError, match="config.json"):
+        hf.from_pretrained(str(tmp_path))
 
 
 def test_generate_extends_and_greedy_is_deterministic():
