@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+import outdir
+
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-step-"
@@ -69,8 +71,21 @@ def complete_steps(out_dir: str) -> list[int]:
     return sorted(steps, reverse=True)
 
 
+def tensor_bytes(obj) -> int:
+    """The bytes of every tensor in a (nested) state dict: a checkpoint's size on disk, to within its
+    small pickled structure."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_last: int) -> str:
-    """tensors: {"model": state_dict, "optimizer": state_dict, ...}, each saved as <name>.pt; meta: JSON."""
+    """tensors: {"model": state_dict, "optimizer": state_dict, ...}, each saved as <name>.pt; meta: JSON.
+    A save that fails for lack of space raises outdir.DiskFullError, its partial folder removed."""
     if keep_last < 2:
         raise ValueError(f"keep_last={keep_last}: keep at least 2 so one survives a failed save")
     final = step_dir(out_dir, step)
@@ -89,9 +104,14 @@ def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_las
         _remove(final)
         os.rename(tmp, final)
         _fsync_dir(out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        full = outdir.disk_full(e, out_dir, needed=tensor_bytes(tensors)) if isinstance(e, Exception) else None
+        if full is None:
+            raise
+        kept = complete_steps(out_dir)
+        last = f"the last complete checkpoint, {step_dir(out_dir, kept[0])}, is intact" if kept else "no earlier checkpoint exists"
+        raise outdir.DiskFullError(f"saving step {step}: {full} Nothing of this save is left; {last}.") from None
     for old in complete_steps(out_dir)[keep_last:]:
         try:
             _remove(step_dir(out_dir, old))
@@ -153,11 +173,21 @@ def load_tensors(path: str, name: str) -> dict:
 
 
 def export_safetensors(model: torch.nn.Module, path: str) -> None:
-    """The model's weights as safetensors; save_model stores the tied wte / lm_head once and
-    load_model restores the tie."""
+    """The model's weights as safetensors, whole or not at all; save_model stores the tied wte / lm_head
+    once and load_model restores the tie."""
     from safetensors.torch import save_model
 
-    save_model(model, path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_model(model, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        full = outdir.disk_full(e, os.path.dirname(path) or ".", needed=tensor_bytes(model.state_dict())) if isinstance(e, Exception) else None
+        if full is None:
+            raise
+        raise full from None
 
 
 def find(out_dir: str | None = None, path: str | None = None) -> tuple[str, dict]:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import hf
+import outdir
 from lwlr import baseline_multipliers, measure_grad_mean_abs, multipliers_from_grads, numels_of
 from train_config import INIT_MODES
 
@@ -65,9 +66,9 @@ def report(module, multipliers: dict[str, float], grad_mean_abs: dict[str, float
 
 
 def save_report(data: dict, out_dir: str) -> None:
-    with open(os.path.join(out_dir, "lwlr.json"), "w") as f:
-        json.dump(data, f, indent=1)
-    plot(data, os.path.join(out_dir, "lwlr.png"))
+    """lwlr.json and lwlr.png, each whole or not at all (outdir.write_atomically)."""
+    outdir.write_atomically(os.path.join(out_dir, "lwlr.json"), lambda f: json.dump(data, f, indent=1))
+    outdir.write_atomically(os.path.join(out_dir, "lwlr.png"), lambda f: plot(data, f), mode="wb")
 
 
 def layer_kind(name: str) -> str:
@@ -106,7 +107,7 @@ def plot(data: dict, path: str) -> None:
         ax.set_title(f"{data.get('model', '')} {data.get('rule', 'lwlr')} multipliers ({title}; init {data.get('init')}, T={data.get('T')}, power {data.get('power')})")
         ax.legend(fontsize=7, ncol=5)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # path may be an open file
     plt.close(fig)
 
 
@@ -197,11 +198,8 @@ def _write_atomically(path: str, data: dict) -> None:
     """Best effort: a cache that cannot be written costs a measurement next time, never the run."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except OSError:
+        outdir.write_atomically(path, lambda f: json.dump(data, f, indent=1))
+    except (OSError, outdir.DiskFullError):
         pass
 
 

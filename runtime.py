@@ -126,13 +126,13 @@ def environment(device: torch.device) -> dict:
 
 
 def run_main(main, user_errors: tuple[type[BaseException], ...] = (ValueError,)) -> None:
-    """Run a script's main(): a user error prints one line and exits 2 (no traceback); the process
-    group is always torn down so torchrun ranks exit cleanly."""
+    """Run a script's main(): a user error prints one line and exits 2, or its class's exit_code (no
+    traceback); the process group is always torn down so torchrun ranks exit cleanly."""
     try:
         code = main()
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
-        code = 2
+        code = getattr(e, "exit_code", 2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -164,8 +164,13 @@ class RunLog:
             return
         if line:
             self.echo(line)
-        self.file.write(json.dumps({"kind": kind, **values}) + "\n")
-        self.file.flush()
+        end = self.file.tell()
+        try:
+            self.file.write(json.dumps({"kind": kind, **values}) + "\n")
+            self.file.flush()
+        except OSError:  # a full disk: leave no half-written record behind (train.py reports the error)
+            self.file.truncate(end)
+            raise
         step = values.get("step")
         if self.backend is not None and step is not None:
             numbers = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}

@@ -11,17 +11,19 @@
 
 A run writes out_dir/config.json, out_dir/log.jsonl (one JSON record per log line) and checkpoints in
 out_dir/step-XXXXXXXX/. Started again with the same out_dir it resumes from the newest complete
-checkpoint (init_from=auto), so a torchrun restart continues where it stopped. SIGTERM or SIGINT
-saves a checkpoint at the next log step and exits with code 75 (EX_TEMPFAIL: try again).
+checkpoint (init_from=auto), so a torchrun restart continues where it stopped, on as many processes
+as it gets (the global batch is tokens_per_step). SIGTERM or SIGINT saves a checkpoint at the next log
+step and exits with code 75 (EX_TEMPFAIL: try again); before the first log step it exits 75 at once,
+saving nothing. One run at a time holds an out_dir (outdir.py); a full disk ends the run with code 74.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,7 @@ import hf
 import lwas
 import multipliers
 import optim
+import outdir
 from data import vocab
 from data.loader import TokenBatches
 from model import GPT, GPTConfig, sampled_label_loss
@@ -87,12 +90,18 @@ def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int) -> torch.op
     raise AssertionError(f"TrainConfig admitted optimizer={c.optimizer!r}")  # its choice() lists the names
 
 
-def check_resume(c: TrainConfig, meta: dict, world_size: int, path: str) -> None:
-    saved = {**meta["config"], "world_size": meta["world_size"]}
-    ours = {**dataclasses.asdict(c), "world_size": world_size}
-    for key in (*RESUME_MUST_MATCH, "world_size"):
-        if saved[key] != ours[key]:
-            raise ConfigError(f"cannot resume from {path}: checkpoint has {key}={saved[key]!r}, config has {key}={ours[key]!r}")
+def check_resume(c: TrainConfig, meta: dict, rt, path: str, block_size: int) -> None:
+    """A resume continues the same optimization: the keys that define it must match. The number of
+    processes may change (an elastic restart): batches are a pure function of (seed, step) and
+    tokens_per_step fixes the global batch, so grad_accum follows from the new world size. What is drawn
+    per rank (dropout masks, SophiaG's sampled labels, LW-AS's curvature rows) then comes out otherwise,
+    a statistically equivalent continuation rather than the same one."""
+    for key in RESUME_MUST_MATCH:
+        if meta["config"][key] != getattr(c, key):
+            raise ConfigError(f"cannot resume from {path}: checkpoint has {key}={meta['config'][key]!r}, config has {key}={getattr(c, key)!r}")
+    if meta["world_size"] != rt.world_size:
+        rt.print0(f"resuming a run of {meta['world_size']} processes on {rt.world_size}: the same {c.tokens_per_step:,} tokens per step, "
+                  f"grad_accum {grad_accumulation(c, block_size, rt.world_size)}")
 
 
 def prepare_out_dir(c: TrainConfig) -> None:
@@ -123,16 +132,27 @@ def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx) -> float:
     return total.item() / c.eval_steps
 
 
+class Preempted(BaseException):
+    """A stop signal before the first log step: nothing worth saving yet (a BaseException, so that no
+    `except Exception` on the way swallows it)."""
+
+
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop acts on it at the next log step, on all ranks together."""
+    """SIGTERM/SIGINT set a flag; the loop acts on it at the next log step, on all ranks together. Until
+    the first log step (the lwlr measurement, compilation, the first steps: minutes, while schedulers
+    grant about 30 s between SIGTERM and SIGKILL) the signal stops the run at once instead: Preempted
+    unwinds whatever runs, every file being written is removed or left whole, and the run exits 75."""
 
     def __init__(self):
         self.requested = False
+        self.immediate = True
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
+        if self.immediate:
+            raise Preempted(signal.Signals(signum).name)
 
 
 def data_dir(c: TrainConfig) -> str:
@@ -207,9 +227,14 @@ class Trainer:
         if rt.distributed:
             dist.barrier()
 
+    def checkpoint_bytes(self) -> int:
+        """What one checkpoint of this model and optimizer takes on disk (its tensors; once the optimizer's
+        state exists, after the first step)."""
+        return checkpoint.tensor_bytes({"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()})
+
     def sync_context(self, sync: bool):
         """DDP all-reduces gradients only on the last accumulation micro-step."""
-        return nullcontext() if sync or not self.rt.distributed else self.model.no_sync()
+        return contextlib.nullcontext() if sync or not self.rt.distributed else self.model.no_sync()
 
     def step(self, step: int):
         """Optimizer step number `step` (0-based): (lr, mean loss, grad norm, found_inf), all on the device
@@ -379,7 +404,7 @@ def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
             multipliers.save_report(lwlr_report, c.out_dir)
         return model, lr_multipliers, None, 0
     path, meta = found  # multipliers come from the checkpoint: never re-measured on a resume
-    check_resume(c, meta, rt.world_size, path)
+    check_resume(c, meta, rt, path, model.config.block_size)
     model.load_state_dict(checkpoint.load_tensors(path, "model"))
     rt.print0(f"resuming from {path} at step {meta['step']}")
     return model, meta["lr_multipliers"], checkpoint.load_tensors(path, "optimizer"), meta["step"]
@@ -392,13 +417,51 @@ def main(argv: list[str] | None = None) -> int:
     model_config = gpt_config(c)  # every check that can fail runs before out_dir is touched
     grad_accumulation(c, model_config.block_size, rt.world_size)
     token_batches(c, "train", "train", model_config)
-    val_batches = token_batches(c, "val", "val", model_config)
+    token_batches(c, "val", "val", model_config)
+    prepare_out_dir(c)
+    try:
+        with exclusive_out_dir(c, rt):
+            return run(c, rt, stop)
+    except Preempted as signal_name:
+        rt.print0(f"{signal_name} before the first log step: stopped at once, nothing saved; the same command starts again")
+        return EXIT_PREEMPTED
+    except OSError as e:  # a write that no file-specific handler caught (log.jsonl, tensorboard): a full disk, or not ours
+        full = outdir.disk_full(e, c.out_dir)
+        if full is None:
+            raise
+        raise full from None
+    finally:
+        stop.immediate = False  # a signal after the run is no longer the run's to act on
+
+
+@contextlib.contextmanager
+def exclusive_out_dir(c: TrainConfig, rt):
+    """Rank 0 holds out_dir's lock for the run; the other ranks learn whether it could, and stop with it."""
+    with contextlib.ExitStack() as held:
+        refused = None
+        if rt.is_main:
+            try:
+                held.enter_context(outdir.lock(c.out_dir, log=rt.print0))
+            except outdir.OutDirInUseError as e:
+                refused = e
+        if rt.distributed:
+            shared = [str(refused) if refused else None]
+            dist.broadcast_object_list(shared, src=0)
+            if shared[0] and not rt.is_main:
+                raise SystemExit(2)  # rank 0 says why
+        if refused:
+            raise refused
+        yield
+
+
+def run(c: TrainConfig, rt, stop: StopRequest) -> int:
+    """The run in an out_dir this process holds: start or resume, train, evaluate, save."""
+    val_batches = token_batches(c, "val", "val", gpt_config(c))
     model, lr_multipliers, optimizer_state, step = start(c, rt)
     trainer = Trainer(c, rt, model, lr_multipliers, optimizer_state)
     if rt.is_main:
         checkpoint.remove_stale_temporaries(c.out_dir)
-        with open(os.path.join(c.out_dir, "config.json"), "w") as f:
-            f.write(c.to_json())
+        outdir.write_atomically(os.path.join(c.out_dir, "config.json"), lambda f: f.write(c.to_json()))
 
     # A progress bar on a terminal (rank 0); log lines are written above it.
     bar = tqdm(total=c.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not (rt.is_main and sys.stdout.isatty()))
@@ -411,11 +474,16 @@ def main(argv: list[str] | None = None) -> int:
     log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device), "grad_accum": trainer.grad_accum})
 
     stats = StepStats(rt, c, model.flops_per_token() * c.tokens_per_step)
+    first_step = step
     while step < c.max_steps:
         lr, step_loss, grad_norm, found_inf = trainer.step(step)
         stats.add(step_loss, found_inf)
         step += 1
         bar.update(1)
+        if step == first_step + 1 and rt.is_main:  # the optimizer's state now exists: the checkpoint's size is known
+            warning = outdir.space_warning(c.out_dir, trainer.checkpoint_bytes(), c.keep_last)
+            if warning:
+                rt.print0(warning)
 
         last = step == c.max_steps
         if step % c.log_interval == 0 or last:
@@ -425,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             record = {"step": step, **stats.interval(), "lr": lr, "grad_norm": grad_norm.item(), **lw_step_sizes(trainer.optimizer)}
             log.record("train", record, stats.line(record))
             stats.check_bad_steps(step)
+            stop.immediate = False  # from here on a stop saves first, at the next log step
             if stop_flag.item():
                 trainer.save(step, "stop requested", stats.last_step_bad())
                 bar.close()
@@ -444,4 +513,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main, (ConfigError, checkpoint.CheckpointError, FileNotFoundError, ValueError, FloatingPointError))
+    run_main(main, (ConfigError, checkpoint.CheckpointError, FileNotFoundError, ValueError, FloatingPointError,
+                    outdir.DiskFullError, outdir.OutDirInUseError))

@@ -1,0 +1,123 @@
+"""What a run may do to its out_dir, safely: hold it alone (an advisory lock), write a file whole or not
+at all, and stop clearly when the disk fills up.
+
+The lock: rank 0 holds an exclusive flock on out_dir/.lock for the whole run, and writes its pid, host
+and start time into the file for whoever is refused. The kernel drops the lock with its holder's last
+file descriptor: after kill -9, or a crash, the next run is not refused. On NFS, Linux emulates flock
+with a lease-backed POSIX lock, which the server releases once a dead client's lease expires (about 90
+s). The one case a lock cannot cover is a file system without working locks (NFS mounted `nolock`,
+some FUSE and object-store mounts): there flock either fails, and the run warns that out_dir is
+unguarded and goes on, or it silently succeeds for both runs, which then share the folder as before.
+
+A full disk: any write of the run that fails for lack of space becomes a DiskFullError, one line
+naming the folder and the figures, exit code 74 (EX_IOERR), and leaves no partial file behind.
+"""
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+
+EXIT_DISK_FULL = 74  # EX_IOERR (sysexits.h): a write failed for lack of space
+LOCK_FILE = ".lock"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(RuntimeError):
+    """A write of the run failed because its file system is full; the last complete checkpoint stands."""
+
+    exit_code = EXIT_DISK_FULL
+
+
+class OutDirInUseError(RuntimeError):
+    """Another run holds this out_dir."""
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def free_bytes(folder: str) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def disk_full(error: BaseException, folder: str, needed: int | None = None) -> DiskFullError | None:
+    """The DiskFullError that `error` (raised by a write into folder) amounts to, or None. torch.save
+    reports a full disk as a RuntimeError without an errno ("unexpected pos ..."), so a failed write of
+    `needed` bytes that no longer fit in the free space counts too."""
+    free = free_bytes(folder)
+    if not (isinstance(error, OSError) and error.errno in NO_SPACE) and not (needed is not None and free < needed):
+        return None
+    wanted = f"needed {megabytes(needed)}, " if needed is not None else ""
+    return DiskFullError(f"no space left on the file system of {folder}: {wanted}{megabytes(free)} free "
+                         f"({type(error).__name__}: {error}). Free space and run the same command to resume.")
+
+
+def write_atomically(path: str, write, mode: str = "w") -> None:
+    """path gets what write(file) writes, whole: a temporary file beside it is renamed into place, and
+    removed on any failure (a full disk, a signal)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        full = disk_full(e, os.path.dirname(path) or ".") if isinstance(e, OSError) else None
+        if full is not None:
+            raise full from None
+        raise
+
+
+def write_json(path: str, data) -> None:
+    write_atomically(path, lambda f: json.dump(data, f, indent=2))
+
+
+def space_warning(out_dir: str, checkpoint_bytes: int, keep_last: int) -> str | None:
+    """A warning when out_dir's free space cannot hold keep_last + 1 checkpoints of this size (a save
+    writes the new one before it removes the oldest)."""
+    needed = (keep_last + 1) * checkpoint_bytes
+    free = free_bytes(out_dir)
+    if free >= needed:
+        return None
+    return (f"warning: {out_dir} has {megabytes(free)} free, less than the {megabytes(needed)} that keep_last + 1 = {keep_last + 1} "
+            f"checkpoints of {megabytes(checkpoint_bytes)} need: a save will fail for lack of space")
+
+
+@contextlib.contextmanager
+def lock(out_dir: str, log=print):
+    """Hold out_dir alone for the block: OutDirInUseError names the holder if another run has it."""
+    path = os.path.join(out_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutDirInUseError(f"out_dir {out_dir} is in use by another run ({holder(path)}); wait for it to end, or choose "
+                                   "another out_dir") from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP: a file system without working locks
+            log(f"warning: cannot lock {path} ({e.strerror}): this file system has no working locks, so nothing stops a second "
+                "run from writing into the same out_dir")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays, harmless, for the next run to lock
+
+
+def holder(path: str) -> str:
+    """Who holds the lock, as its holder wrote it."""
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError):
+        return "its holder did not say who it is"

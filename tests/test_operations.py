@@ -1,0 +1,153 @@
+"""What an operator of a shared cluster meets every week, each as the user meets it (a subprocess):
+a disk that fills up during a save, a second run on the same out_dir, a restart on another number of
+processes, and preemption in the first minutes. gpt2-tiny on CPU throughout."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, read_log, tiny_run_args, torchrun
+
+import checkpoint
+import outdir
+import train
+
+
+def start_train(*args, **popen):
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def wait_for_line(child, prefix, timeout=120):
+    deadline = time.monotonic() + timeout
+    for line in child.stdout:
+        if line.startswith(prefix):
+            return line
+        assert time.monotonic() < deadline, f"no line starting {prefix!r}"
+    raise AssertionError(f"the run ended before a line starting {prefix!r}: {child.stderr.read()[-2000:]}")
+
+
+@contextlib.contextmanager
+def small_file_system(path, megabytes):
+    """A tmpfs of the given size at path (root only: skipped elsewhere)."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_is_one_error_line_exit_74_and_a_resume_after_space_is_freed(tmp_path, token_dir):
+    args = dict(max_steps=6, eval_interval=3, keep_last=2)
+    straight = tmp_path / "straight"
+    assert train.main(tiny_run_args(straight, token_dir, **args)) == 0
+    size = sum(os.path.getsize(os.path.join(checkpoint.step_dir(str(straight), 3), name))
+               for name in os.listdir(checkpoint.step_dir(str(straight), 3)))
+    with small_file_system(tmp_path / "disk", 64) as disk:
+        ballast = disk / "ballast"  # leaves room for one checkpoint and a half
+        free = outdir.free_bytes(str(disk))
+        ballast.write_bytes(b"\0" * (free - int(1.5 * size)))
+        out = disk / "run"
+        result = subprocess.run([sys.executable, "train.py", *tiny_run_args(out, token_dir, **args)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == outdir.EXIT_DISK_FULL, result.stderr[-3000:]
+        error = result.stderr.strip()
+        assert error.count("\n") == 0 and "Traceback" not in error
+        assert error.startswith("error: saving step 6: no space left on the file system of") and str(out) in error
+        assert "needed" in error and "MB free" in error and "step-00000003, is intact" in error
+        assert "warning:" in result.stdout and "keep_last + 1 = 3 checkpoints" in result.stdout  # said at the start
+        assert sorted(os.listdir(out)) == [".lock", "config.json", "log.jsonl", "lwlr.json", "lwlr.png", "step-00000003"]
+        checkpoint.verify(checkpoint.step_dir(str(out), 3))
+        ballast.unlink()  # space freed: the same command resumes and ends where the uninterrupted run did
+        assert train.main(tiny_run_args(out, token_dir, **args)) == 0
+        a, b = (checkpoint.load_tensors(checkpoint.step_dir(str(run), 6), "model") for run in (straight, out))
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_holds_it(tmp_path, token_dir):
+    out = tmp_path / "run"
+    first = start_train(*tiny_run_args(out, token_dir, max_steps=100_000, eval_interval=100_000))
+    try:
+        wait_for_line(first, "step ")
+        start = time.monotonic()
+        second = subprocess.run([sys.executable, "train.py", *tiny_run_args(out, token_dir)], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+        assert time.monotonic() - start < 30 and second.returncode == 2
+        assert f"error: out_dir {out} is in use by another run (pid {first.pid} on {socket.gethostname()}, started " in second.stderr
+        assert second.stderr.count("\n") == 1
+    finally:
+        first.kill()  # kill -9: the lock goes with its holder
+        first.wait()
+    assert train.main(tiny_run_args(out, token_dir, max_steps=2, eval_interval=2)) == 0
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_number_of_processes(tmp_path, token_dir, before, after):
+    """The same global batch per step on either side, so the weights end equal to the uninterrupted run's,
+    up to the order of float additions: DDP averages the ranks' gradients where one process accumulates
+    micro-steps, about 1e-7 relative per step. The key biases are left out: their gradient is zero by
+    construction, rounding noise that Adam normalizes into full-size steps (README, "The key bias")."""
+    args = dict(tokens_per_step=256, micro_batch_size=4, block_size=32, eval_interval=3, lr_decay_steps=6)  # 8 rows a step
+
+    def launch(nproc, out, steps):
+        run_args = tiny_run_args(out, token_dir, max_steps=steps, **args)
+        result = torchrun(nproc, run_args) if nproc > 1 else subprocess.run([sys.executable, "train.py", *run_args], cwd=ROOT,
+                                                                            capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    straight, elastic = tmp_path / "straight", tmp_path / "elastic"
+    launch(before, straight, 6)
+    launch(before, elastic, 3)
+    resumed = launch(after, elastic, 6)
+    assert f"resuming a run of {before} processes on {after}: the same 256 tokens per step, grad_accum {2 // after}" in resumed.stdout
+    a, b = (checkpoint.load_tensors(checkpoint.step_dir(str(out), 6), "model") for out in (straight, elastic))
+    for name in a:
+        if not name.endswith("k_proj.bias"):
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert [r["loss"] for r in read_log(elastic, "train")][3:] == pytest.approx([r["loss"] for r in read_log(straight, "train")][3:], rel=1e-5)
+
+
+def test_another_tokens_per_step_is_still_refused_on_resume(tmp_path, token_dir):
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=2, eval_interval=2)) == 0
+    result = subprocess.run([sys.executable, "train.py", *tiny_run_args(out, token_dir, max_steps=4, tokens_per_step=512)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "checkpoint has tokens_per_step=256, config has tokens_per_step=512" in result.stderr
+
+
+def test_sigterm_during_the_lwlr_measurement_exits_75_at_once_and_leaves_no_file(tmp_path, token_dir):
+    out = tmp_path / "run"
+    child = start_train(*tiny_run_args(out, token_dir, lwlr_T=100_000))  # a measurement of minutes
+    try:
+        wait_for_line(child, "lwlr: measuring")
+        time.sleep(1)
+        sent = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        stdout, stderr = child.communicate(timeout=30)
+    finally:
+        child.kill()  # no stray run if the stop failed
+    assert time.monotonic() - sent < 5, "a stop before the first log step must not wait for it"
+    assert child.returncode == train.EXIT_PREEMPTED, stderr[-3000:]
+    assert "SIGTERM before the first log step: stopped at once, nothing saved" in stdout
+    assert sorted(os.listdir(out)) == [".lock"]  # no lwlr.json, no config.json, no temporary file
+    assert train.main(tiny_run_args(out, token_dir, max_steps=2, eval_interval=2)) == 0  # the restart measures again
+
+
+def test_the_lock_holder_is_named_and_a_dead_holder_releases_it(tmp_path):
+    with outdir.lock(str(tmp_path)):
+        with pytest.raises(outdir.OutDirInUseError, match=f"pid {os.getpid()} on "):
+            with outdir.lock(str(tmp_path)):
+                pass
+    assert json.loads((tmp_path / outdir.LOCK_FILE).read_text())["pid"] == os.getpid()
+    with outdir.lock(str(tmp_path)):  # released on leaving the block
+        pass
