@@ -64,3 +64,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_rows)
+
+
+def sampled_label_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (..., vocab) against labels sampled from their own softmax. Over N
+    tokens its gradient g_hat has E[N g_hat g_hat^T] = the Gauss-Newton matrix: Sophia's estimator of its
+    diagonal (train.Trainer.refresh_hessian), and LW-AS's Gauss-Newton curvature (lwas.Curvature)."""
+    logits = logits.float().view(-1, logits.size(-1))  # (N, vocab)
+    with torch.no_grad():
+        # Non-finite logits (a diverged step) would make the sampler raise; sample from finite stand-ins
+        # instead, so the loss below comes out non-finite and the caller's guard skips the refresh.
+        sampled = torch.distributions.Categorical(logits=torch.where(torch.isfinite(logits), logits, 0.0)).sample()
+    return F.cross_entropy(logits, sampled)

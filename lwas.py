@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
 import optim
-from model import sampled_label_loss
+from loss import sampled_label_loss
 
 CURVATURES = ("gauss_newton", "rademacher", "exact")
 

@@ -104,13 +104,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
-        # A Python float, so torch.compile treats it as a constant; 1.0 means no scaling.
+        # A Python float, so torch.compile treats it as a constant; 1.0 means no scaling (x * 1.0 is exact).
         self.residual_beta = 1.0 / math.sqrt(config.n_layer) if config.residual_scale else 1.0
 
     def forward(self, x):
-        if self.residual_beta == 1.0:
-            x = x + self.attn(self.ln_1(x))
-            return x + self.mlp(self.ln_2(x))
         x = x + self.residual_beta * self.attn(self.ln_1(x))
         return x + self.residual_beta * self.mlp(self.ln_2(x))
 
@@ -148,10 +145,11 @@ class GPT(nn.Module):
         n = self.num_params() - self.transformer.wpe.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, last_position_only: bool = False):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None). Logits cover every position:
-        Sophia's Hessian estimator samples labels from all of them. With targets and loss_chunk_rows set,
-        (None, loss): the loss comes from loss.linear_cross_entropy and the logits are never built."""
+        Sophia's Hessian estimator samples labels from all of them; last_position_only gives (B, 1, vocab),
+        all that generation needs. With targets and loss_chunk_rows set, (None, loss): the loss comes from
+        loss.linear_cross_entropy and the logits are never built."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -162,6 +160,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None and self.config.loss_chunk_rows:
             return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.config.loss_chunk_rows)
+        if last_position_only:
+            x = x[:, -1:, :]  # (B, 1, C): one row of the output layer instead of T
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits, None
@@ -173,7 +173,7 @@ class GPT(nn.Module):
         """Extend idx (B, T) by max_new_tokens sampled tokens; temperature 0 is greedy decoding."""
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size :]
-            logits, _ = self(context)
+            logits, _ = self(context, last_position_only=True)
             logits = logits[:, -1, :]
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
@@ -185,18 +185,6 @@ class GPT(nn.Module):
                 next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, next_token), dim=1)
         return idx
-
-
-def sampled_label_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (..., vocab) against labels sampled from their own softmax. Over N
-    tokens its gradient g_hat has E[N g_hat g_hat^T] = the Gauss-Newton matrix: Sophia's estimator of its
-    diagonal (train.Trainer.refresh_hessian), and LW-AS's Gauss-Newton curvature (lwas.Curvature)."""
-    logits = logits.float().view(-1, logits.size(-1))  # (N, vocab)
-    with torch.no_grad():
-        # Non-finite logits (a diverged step) would make the sampler raise; sample from finite stand-ins
-        # instead, so the loss below comes out non-finite and the caller's guard skips the refresh.
-        sampled = torch.distributions.Categorical(logits=torch.where(torch.isfinite(logits), logits, 0.0)).sample()
-    return F.cross_entropy(logits, sampled)
 
 
 @torch.no_grad()

@@ -111,12 +111,16 @@ def test_from_pretrained_names_a_missing_directory(tmp_path):
         hf.from_pretrained(str(tmp_path))
 
 
-def test_generate_extends_and_greedy_is_deterministic():
-    model = tiny()
+def test_greedy_generation_takes_the_argmax_of_the_full_forward_at_each_prefix_past_block_size():
+    model = tiny().eval()
+    block = model.config.block_size
     idx = torch.randint(0, 50257, (2, 5))
-    out = model.generate(idx, 7, temperature=0)
-    assert out.shape == (2, 12) and torch.equal(out[:, :5], idx)
-    torch.testing.assert_close(model.generate(idx, 7, temperature=0), out)
+    out = model.generate(idx, block + 3, temperature=0)  # the context window slides for the last tokens
+    assert out.shape == (2, 5 + block + 3) and torch.equal(out[:, :5], idx)
+    with torch.no_grad():
+        for t in range(5, out.shape[1]):
+            logits, _ = model(out[:, :t][:, -block:])  # every position's logits, as before generate needed only the last
+            assert torch.equal(out[:, t], logits[:, -1].argmax(dim=-1)), t
     assert model.generate(idx, 3, top_k=5).shape == (2, 8)
 
 
