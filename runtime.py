@@ -70,14 +70,33 @@ def init_runtime(device: str = "auto") -> Runtime:
     return Runtime(rank, local_rank, world_size, run_device, distributed=True)
 
 
-def autocast(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA (the default there), plain fp32 elsewhere."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    if dtype != "bfloat16":
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX-BF16), as torch's cpuinfo sees it.
+    Elsewhere bf16 on a CPU is emulated through fp32 conversions and runs slower than fp32 itself."""
+    capability = getattr(torch._C._cpu, "_get_cpu_capability", dict)()
+    return bool(capability.get("avx512_bf16") or capability.get("amx_bf16"))
+
+
+def precision(device: torch.device, dtype: str) -> tuple[str, str]:
+    """The precision dtype=auto|bfloat16|float32 comes to on this device, and why, in words."""
+    if dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"dtype={dtype!r}: choose auto, bfloat16 or float32")
+    if dtype != "auto":
+        return dtype, f"dtype={dtype}"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "dtype=auto on a CUDA device with bf16"
+        return "float32", "dtype=auto on a CUDA device without bf16"
+    if device.type == "cpu" and cpu_computes_bf16():
+        return "bfloat16", "dtype=auto on a CPU that computes bf16 natively (AVX512-BF16 or AMX)"
+    return "float32", f"dtype=auto on a {device.type} without native bf16"
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast where `precision` says bfloat16 (weights, gradients and optimizer states stay fp32;
+    autocast keeps the loss and its log-softmax in fp32), else no autocast."""
+    if precision(device, dtype)[0] == "float32":
+        return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 

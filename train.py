@@ -38,7 +38,8 @@ import optim
 import outdir
 from data import vocab
 from data.loader import TokenBatches
-from model import GPT, GPTConfig, sampled_label_loss
+from loss import sampled_label_loss
+from model import GPT, GPTConfig
 from runtime import (
     RunLog,
     autocast,
@@ -46,6 +47,7 @@ from runtime import (
     init_runtime,
     peak_flops,
     peak_memory_gib,
+    precision,
     run_main,
 )
 from train_config import INIT_MODES, ConfigError, TrainConfig, parse_config
@@ -456,6 +458,8 @@ def exclusive_out_dir(c: TrainConfig, rt):
 
 def run(c: TrainConfig, rt, stop: StopRequest) -> int:
     """The run in an out_dir this process holds: start or resume, train, evaluate, save."""
+    chosen, why = precision(rt.device, c.dtype)
+    rt.print0(f"precision: {'bf16 autocast, with fp32 weights, gradients, optimizer states and loss' if chosen == 'bfloat16' else 'fp32'} ({why})")
     val_batches = token_batches(c, "val", "val", gpt_config(c))
     model, lr_multipliers, optimizer_state, step = start(c, rt)
     trainer = Trainer(c, rt, model, lr_multipliers, optimizer_state)
@@ -471,7 +475,8 @@ def run(c: TrainConfig, rt, stop: StopRequest) -> int:
         f" * {model.config.block_size} block * {trainer.grad_accum} accum * {rt.world_size} ranks"
         f" | {len(trainer.optimizer.param_groups)} param groups | {rt.device}"
     )
-    log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device), "grad_accum": trainer.grad_accum})
+    log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device), "grad_accum": trainer.grad_accum,
+                         "precision": chosen})
 
     stats = StepStats(rt, c, model.flops_per_token() * c.tokens_per_step)
     first_step = step

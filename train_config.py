@@ -102,7 +102,7 @@ class TrainConfig:
     wandb_project: str = "lwlr"
     # system
     device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
-    dtype: str = choice("auto", "bfloat16", "float32")  # auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32
+    dtype: str = choice("auto", "bfloat16", "float32")  # auto (bf16 autocast on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; else fp32) | bfloat16 | float32
     compile: str = choice("auto", "true", "false")  # auto (on for CUDA) | true | false: torch.compile the model
     seed: int = 1337  # model init and batch order
 

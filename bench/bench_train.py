@@ -63,9 +63,13 @@ def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> lis
     trainers = [fresh_trainer({**overrides, **({key: value} if key else {})}, device) for value in values]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    warmup_seconds = []  # compilation happens here: with --compare compile=false,true, its one-time cost
     for trainer in trainers:
+        start = time.perf_counter()
         for step in range(args.warmup):
             trainer.step(step)
+        sync(device)
+        warmup_seconds.append(time.perf_counter() - start)
     c = trainers[0].c
     interval = {"sophiag": c.hess_interval, "sgdm_lw": c.lw_interval, "adamw_lw": c.lw_interval}.get(optimizer, 1)
     steps = -(-args.steps // interval) * interval  # whole refresh intervals: their cost amortized exactly
@@ -80,7 +84,7 @@ def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> lis
             sync(device)
             times.append((time.perf_counter() - start) / steps)
     rows = []
-    for value, trainer, times in zip(values, trainers, rounds):
+    for value, trainer, times, warmup_s in zip(values, trainers, rounds, warmup_seconds):
         seconds = statistics.median(times)
         optimizer_seconds = time_optimizer_alone(trainer, device, args.warmup + args.rounds * steps)
         peak = peak_flops(device)
@@ -91,7 +95,7 @@ def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> lis
             "tokens_per_step": c.tokens_per_step, "ms_per_step": 1000 * seconds, "ms_per_round": [1000 * t for t in times],
             "tokens_per_s": tokens_per_s, "mfu": trainer.raw_model.flops_per_token() * tokens_per_s / peak if peak else None,
             "peak_mem_gib": peak_memory_gib(device), "optimizer_ms": 1000 * optimizer_seconds,
-            "optimizer_fraction": optimizer_seconds / seconds, "steps_timed": steps * args.rounds,
+            "optimizer_fraction": optimizer_seconds / seconds, "steps_timed": steps * args.rounds, "warmup_s": warmup_s,
         })
     return rows
 
@@ -179,7 +183,8 @@ def compute_ratios(rows) -> list[str]:
             base = next(r for r in variants if (r["optimizer"], r["lr_rule"], r["lw_curvature"]) == (row["optimizer"], row["lr_rule"], row["lw_curvature"]))
             if row is not base:
                 lines.append(f"{preset}: {label(row)} ({row['lr_rule']}) takes {row['ms_per_step'] / base['ms_per_step']:.3f}x the step time of "
-                             f"{base['variant']}, median of {len(row['ms_per_round'])} rounds in turns")
+                             f"{base['variant']}, median of {len(row['ms_per_round'])} rounds in turns; warm-up {row['warmup_s']:.1f} s "
+                             f"against {base['warmup_s']:.1f} s")
         for (name, rule), row in by.items():
             if row["lw_curvature"] and ("adamw", rule) in by:
                 extra = row["ms_per_step"] / by[("adamw", rule)]["ms_per_step"] - 1

@@ -87,6 +87,9 @@ class Sweep:
     eval_every: int = 50  # held-out mode: val-loss curve resolution
     eval_steps: int = 20  # held-out mode: val batches per evaluation
     depths: list[int] = dataclasses.field(default_factory=list)  # the depth study: one sweep per model f"narrow-{depth}"
+    # The CPU presets' committed tables were made in fp32, before dtype=auto chose bf16 on CPUs that compute
+    # it natively: they keep fp32, so they reproduce. The GPU presets take bf16 autocast (auto, on CUDA).
+    dtype: str = "float32"
 
 
 PRESETS = {
@@ -101,13 +104,13 @@ PRESETS = {
                        "sophiag": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3],
                        "lion": [1.5e-5, 3e-5, 6e-5, 1.2e-4, 2.4e-4]},
                   residual_scales=[False], seeds=[0], steps=2000, subset_batches=16, micro_batch_size=8, block_size=1024,
-                  warmup_steps=100, lwlr_T=100, dataset="openwebtext"),
+                  warmup_steps=100, lwlr_T=100, dataset="openwebtext", dtype="auto"),
     # The depth study: gpt2-large (36 blocks), Lion, lr 3.75e-5 to 2.4e-4 (5 points a factor 1.59 apart),
     # single vs layer-wise, each without and with 1/sqrt(depth) residual scaling.
     "depth": Sweep(model="gpt2-large", optimizers=["lion"], rules=["single", "lwlr"],
                    lrs={"lion": [3.75e-5 * 6.4 ** (i / 4) for i in range(5)]}, residual_scales=[False, True], seeds=[0],
                    steps=2000, subset_batches=16, micro_batch_size=4, block_size=1024, warmup_steps=100, lwlr_T=100,
-                   dataset="openwebtext"),
+                   dataset="openwebtext", dtype="auto"),
     # Held-out comparisons (issue #14), char-level Shakespeare (data/shakespeare_char): gpt2-mini there is
     # 0.84M parameters, 95% of them in the blocks. 2,048 characters per step; 4 rules x 2 optimizers x 3 seeds.
     # quick: 2 lrs x 100 steps, about 10 min on 2 cores (predicted from 90 ms/step); cpu: 5 lrs x 300 steps
@@ -147,24 +150,24 @@ PRESETS = {
                               lrs={"adamw": [3e-4, 6e-4, 1.2e-3], "sophiag": [3e-4, 6e-4, 1.2e-3], "adam_mini": [3e-4, 6e-4, 1.2e-3],
                                    "lion": [3e-5, 6e-5, 1.2e-4]},
                               residual_scales=[False], seeds=[0], steps=300, subset_batches=8, micro_batch_size=8, block_size=1024,
-                              warmup_steps=30, lwlr_T=100),
+                              warmup_steps=30, lwlr_T=100, dtype="auto"),
     # Held-out at 124M: AdamW, 3 rules x 2 rates x 2 seeds = 12 runs of 100 steps of 8 x 1024 tokens (819k
     # tokens, 0.6 epochs of the 1.4M-token train split), cosine to lr / 10; about 80 s predicted.
     "heldout-gpt2-gpu": Sweep(model="gpt2", optimizers=["adamw"], rules=["single", "lwlr", "fan_in"], lrs={"adamw": [6e-4, 1.2e-3]},
                               residual_scales=[False], seeds=[0, 1], steps=100, subset_batches=0, micro_batch_size=8, block_size=1024,
-                              warmup_steps=10, lwlr_T=100, heldout=True, eval_every=50, eval_steps=10),
+                              warmup_steps=10, lwlr_T=100, heldout=True, eval_every=50, eval_steps=10, dtype="auto"),
     # GPT-2 124M on OpenWebText for a GPU: 2000 steps of 8 x 1024 tokens (16M tokens), not run here.
     "heldout-gpt2": Sweep(model="gpt2", optimizers=["adamw", "lion"], rules=["single", "lwlr", "fan_in", "depth_increasing"],
                           lrs={"adamw": [3e-4, 6e-4, 1.2e-3, 2.4e-3], "lion": [3e-5, 6e-5, 1.2e-4, 2.4e-4]}, residual_scales=[False],
                           seeds=[0, 1, 2], steps=2000, subset_batches=0, micro_batch_size=8, block_size=1024, warmup_steps=100,
-                          lwlr_T=100, dataset="openwebtext", heldout=True, eval_every=250, eval_steps=50),
+                          lwlr_T=100, dataset="openwebtext", heldout=True, eval_every=250, eval_steps=50, dtype="auto"),
 }
 
 
 # Settings every run of a results file must share; the grid itself (optimizers, rules, lrs, seeds,
 # residual scales) may grow between invocations.
 RESULT_DEFINING = ("model", "steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps", "lwlr_T", "dataset", "data_dir",
-                   "heldout", "eval_steps")
+                   "heldout", "eval_steps", "dtype")
 
 
 def run_key(optimizer, rule, lr, residual_scale, seed) -> str:
@@ -196,7 +199,7 @@ def config_overrides(sweep: Sweep, optimizer: str, rule: str, lr: float, residua
         dataset=sweep.dataset, data_dir=sweep.data_dir, optimizer=optimizer, lr_rule=base_rule, lr=lr, warmup_steps=sweep.warmup_steps,
         schedule="cosine" if sweep.heldout else "constant", min_lr=lr / 10, eval_steps=sweep.eval_steps,
         max_steps=sweep.steps, residual_scale=residual_scale, seed=seed, lwlr_T=sweep.lwlr_T, device=str(device),
-        compile="false", max_bad_steps=1,
+        compile="false", max_bad_steps=1, dtype=sweep.dtype,
         # The full-logits loss the committed sweep points were made with: the chunked one agrees to 1e-6
         # per step, but 100 steps at the edge of stability amplify that past the table's last digit.
         loss_chunk_rows=0,

@@ -35,11 +35,12 @@ def token_dir(tmp_path):
 
 
 def tiny_run_args(out_dir, data_dir, **overrides) -> list[str]:
-    """A few-second train.py run of gpt2-tiny on CPU."""
+    """A few-second train.py run of gpt2-tiny on CPU, in fp32 on any CPU: the tests compare against fp32
+    references (dtype=auto's choice has tests of its own)."""
     values = dict(
         out_dir=out_dir, data_dir=data_dir, model="gpt2-tiny", block_size=32, micro_batch_size=4,
         tokens_per_step=256, max_steps=6, warmup_steps=2, eval_interval=3, eval_steps=2, log_interval=1,
-        device="cpu", compile="false", lr=1e-3, lwlr_T=2, lwlr_cache_dir="none",
+        device="cpu", compile="false", dtype="float32", lr=1e-3, lwlr_T=2, lwlr_cache_dir="none",
     )
     values.update(overrides)
     return [f"--{k}={v}" for k, v in values.items()]

@@ -66,3 +66,15 @@ def test_bench_train_times_compared_variants_in_turns(tmp_path):
     table = next(tmp_path.glob("train-*.md")).read_text()
     assert "adamw, loss_chunk_rows=16" in table and "3 rounds in turns" in table
     assert "gpt2-tiny: adamw, loss_chunk_rows=16 (lwlr) takes" in table
+
+
+def test_bench_precision_compares_bf16_with_fp32_over_seeds(tmp_path, token_dir):
+    import bench_precision
+
+    summary = bench_precision.main(["--seeds", "0", "1", "--max_steps=2", f"--out={tmp_path}", "--set", "model=gpt2-tiny", "lwlr_T=2",
+                                    f"data_dir={token_dir}", "block_size=32", "micro_batch_size=4", "tokens_per_step=128", "eval_steps=2"])
+    assert [(r["seed"], r["dtype"]) for r in summary["runs"]] == [(0, "float32"), (0, "bfloat16"), (1, "float32"), (1, "bfloat16")]
+    assert summary["runs"][0]["val_loss"] != summary["runs"][1]["val_loss"]  # really two precisions
+    assert 0 < summary["multiplier_max_relative_difference"] < 0.2
+    table = only_file(tmp_path, "precision-", ".md").read_text()
+    assert "| bfloat16 |" in table and "twice the seed noise" in table

@@ -71,3 +71,16 @@ def test_gpt_with_chunked_loss_trains_like_the_full_logits_model():
     plain_loss.backward(), chunked_loss.backward()
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_under_bf16_autocast_the_loss_and_its_log_softmax_stay_fp32():
+    """bf16 matmuls, fp32 everything after them: the loss equals fp32 cross-entropy over the bf16 logits."""
+    hidden, weight = torch.randn(37, 24), torch.randn(101, 24, requires_grad=True)
+    targets = torch.randint(0, 101, (37,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, 8)
+    assert loss.dtype == torch.float32
+    logits = (hidden.bfloat16() @ weight.detach().bfloat16().t()).float()
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets), rtol=1e-6, atol=0)
+    loss.backward()
+    assert weight.grad.dtype == torch.float32

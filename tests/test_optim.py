@@ -22,7 +22,7 @@ BS = 100
 TRITON_TOLERANCE = dict(rtol=1e-6, atol=1e-6)
 
 REFERENCES = {  # name -> (reference from param groups, ours from param groups and a backend)
-    "adamw": (lambda groups: torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8),
+    "adamw": (lambda groups: torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, fused=True),
               lambda groups, backend: optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, backend=backend)),
     "lion": (lambda groups: pytest.importorskip("lion_pytorch").Lion(groups, lr=LR, betas=(0.9, 0.99)),
              lambda groups, backend: optim.Lion(groups, lr=LR, betas=(0.9, 0.99), backend=backend)),
@@ -109,12 +109,16 @@ def test_one_launch_for_a_gpt2_shaped_parameter_list(monkeypatch):
     for p in params:
         p.grad = torch.empty_like(p)
     launches = []
-    monkeypatch.setattr(optim, "_launch", lambda kernel, grid, *args, **meta: launches.append((kernel, grid)))
+    monkeypatch.setattr(optim, "_launch", lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args)))
     optimizer.step()
-    optimizer.step()  # the schedule changes lr: still one launch, same plan
+    for group in optimizer.param_groups:  # the schedule moves lr: still one launch, the same plan, the new lr as an argument
+        group["lr"] = 5e-4
+    optimizer.step()
     assert len(launches) == 2 and launches[0][0] is optim._adamw_kernel
     assert launches[0][1][0] == sum(math.ceil(math.prod(s) / optim.BLOCK) for s in shapes)
     assert len(optimizer._plans) == 1
+    lr_argument = 11  # after 3 chunk tables, found_inf, lr_scale, weight_decay, 4 tensor tables, step_sizes (kernels._adamw_kernel)
+    assert (launches[0][2][lr_argument], launches[1][2][lr_argument]) == (1e-3, 5e-4)
 
 
 def odd_offset_view(tensor):

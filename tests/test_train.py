@@ -10,6 +10,7 @@ from conftest import ROOT, read_log, tiny_run_args, torchrun
 
 import checkpoint
 import optim
+import runtime
 import train
 from model import GPT
 from train_config import ConfigError, TrainConfig, parse_config
@@ -160,3 +161,26 @@ def test_every_shipped_config_parses_and_builds_its_model(name, tmp_path):
     with torch.device("meta"):
         model = GPT(train.gpt_config(c))
     assert model.config.block_size == (c.block_size or model.config.block_size)
+
+
+def test_dtype_auto_takes_bf16_where_the_processor_computes_it(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: True)
+    assert runtime.precision(cpu, "auto") == ("bfloat16", "dtype=auto on a CPU that computes bf16 natively (AVX512-BF16 or AMX)")
+    assert isinstance(runtime.autocast(cpu, "auto"), torch.autocast)
+    assert runtime.precision(cpu, "float32")[0] == "float32"
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: False)
+    assert runtime.precision(cpu, "auto") == ("float32", "dtype=auto on a cpu without native bf16")
+    assert runtime.precision(cpu, "bfloat16")[0] == "bfloat16"  # asked for: emulated, but granted
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert runtime.precision(cuda, "auto")[0] == "float32"
+    with pytest.raises(ValueError, match="dtype='fp16'"):
+        runtime.precision(cpu, "fp16")
+
+
+def test_the_run_says_first_which_precision_it_chose_and_why(tmp_path, token_dir, capfd):
+    assert train.main(tiny_run_args(tmp_path / "run", token_dir, max_steps=1, eval_interval=1, dtype="auto")) == 0
+    chosen = "bfloat16" if runtime.cpu_computes_bf16() else "float32"
+    first = capfd.readouterr().out.splitlines()[0]
+    assert first.startswith("precision: bf16 autocast, with fp32 weights" if chosen == "bfloat16" else "precision: fp32 (dtype=auto")
+    assert read_log(tmp_path / "run", "start")[0]["precision"] == chosen
