@@ -15,15 +15,20 @@ import shutil
 import sys
 
 import torch
+from safetensors.torch import save_model
 
 import outdir
+from build import gpt_config
+from errors import UserError
+from model import GPT
+from train_config import TrainConfig
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-step-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, or does not fit the run's config."""
 
 
@@ -175,8 +180,6 @@ def load_tensors(path: str, name: str) -> dict:
 def export_safetensors(model: torch.nn.Module, path: str) -> None:
     """The model's weights as safetensors, whole or not at all; save_model stores the tied wte / lm_head
     once and load_model restores the tie."""
-    from safetensors.torch import save_model
-
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_model(model, tmp)
@@ -203,10 +206,6 @@ def find(out_dir: str | None = None, path: str | None = None) -> tuple[str, dict
 
 def load_model(path: str, meta: dict):
     """The GPT a checkpoint holds: built from the training config saved with it, weights loaded."""
-    from model import GPT
-    from train import gpt_config
-    from train_config import TrainConfig
-
     tensors = load_tensors(path, "model")
     vocab_size = tensors["transformer.wte.weight"].shape[0]  # the data folder may have moved since
     model = GPT(gpt_config(TrainConfig(**meta["config"]), vocab_size))

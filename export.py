@@ -13,24 +13,24 @@ import argparse
 import json
 import os
 import shutil
-import sys
+
+from safetensors.torch import save_file
 
 import checkpoint
 from data.tokenizer import VOCAB_SIZE
-from hf import hf_config, to_hf_state_dict
+from hf import PretrainedError, hf_config, to_hf_state_dict
+from runtime import run_main
 
 
 def export(model, hf_dir: str) -> None:
     """config.json and model.safetensors for model in hf_dir, which must be new or empty; written into a
     temporary folder first, so a failed export leaves nothing behind."""
-    from safetensors.torch import save_file
-
     if model.config.vocab_size != VOCAB_SIZE:
-        raise ValueError(f"the model's vocabulary has {model.config.vocab_size} tokens, not GPT-2's {VOCAB_SIZE}: "
+        raise PretrainedError(f"the model's vocabulary has {model.config.vocab_size} tokens, not GPT-2's {VOCAB_SIZE}: "
                          "a Hugging Face GPT-2 directory implies GPT-2's tokenizer")
     config = hf_config(model.config)
     if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
-        raise ValueError(f"--hf_dir={hf_dir} exists and is not an empty folder: choose a new one")
+        raise PretrainedError(f"--hf_dir={hf_dir} exists and is not an empty folder: choose a new one")
     tmp = f"{hf_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
     os.makedirs(tmp)
     try:
@@ -51,15 +51,11 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=None, help="a step-XXXXXXXX folder instead")
     parser.add_argument("--hf_dir", required=True, help="the Hugging Face directory to write (new or empty)")
     args = parser.parse_args(argv)
-    try:
-        path, meta = checkpoint.find(args.out_dir, args.checkpoint)
-        export(checkpoint.load_model(path, meta), args.hf_dir)
-    except (checkpoint.CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path, meta = checkpoint.find(args.out_dir, args.checkpoint)
+    export(checkpoint.load_model(path, meta), args.hf_dir)
     print(f"exported {path} (step {meta['step']}) to {args.hf_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -12,11 +12,12 @@ import os
 
 import torch
 
+from errors import UserError
 from model import GPT, GPTConfig, PRESETS
 
 
-class PretrainedError(ValueError):
-    """A directory that is not a GPT-2 checkpoint this model can load."""
+class PretrainedError(UserError):
+    """A directory that is not a GPT-2 checkpoint this model can load, or a model GPT-2's format cannot hold."""
 
 
 def read_config(path: str, **overrides) -> GPTConfig:
@@ -66,9 +67,10 @@ def from_pretrained(path: str, **overrides) -> GPT:
 def hf_config(config: GPTConfig) -> dict:
     """config.json of the Hugging Face GPT2LMHeadModel that computes what this model computes."""
     if config.residual_scale:
-        raise ValueError("residual_scale is on: GPT-2 has no residual-branch scaling, so GPT2LMHeadModel would compute another function")
+        raise PretrainedError("residual_scale is on: GPT-2 has no residual-branch scaling, so GPT2LMHeadModel would compute another "
+                              "function")
     if not config.bias:
-        raise ValueError("bias=False: GPT-2 has a bias in every Linear and LayerNorm")
+        raise PretrainedError("bias=False: GPT-2 has a bias in every Linear and LayerNorm")
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
         "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,

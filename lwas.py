@@ -161,17 +161,26 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
     scalar_state = ("rho_avg", "curvature_avg", "direction_sq_avg", "refreshes")
 
     def __init__(self, params, defaults: dict, backend: str, warmup_lr: float, alpha_max: float, beta: float, damping: float,
-                 warmup_steps: int, joint_rescale: bool):
+                 warmup_steps: int, joint_rescale: bool, interval: int, curvature: str):
         for name, value in (("warmup_lr", warmup_lr), ("alpha_max", alpha_max), ("damping", damping)):
             optim._check_nonnegative_finite(name, value)
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must lie in [0, 1), got {beta}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature={curvature!r}: choose one of {', '.join(CURVATURES)}")
         super().__init__(params, defaults, backend)
         self.warmup_lr, self.alpha_max, self.beta, self.damping = warmup_lr, alpha_max, beta, damping
-        self.warmup_steps, self.joint_rescale = warmup_steps, joint_rescale
+        self.warmup_steps, self.joint_rescale, self.interval, self.curvature = warmup_steps, joint_rescale, interval, curvature
         self.last_refresh: dict[str, torch.Tensor] = {}  # device tensors of the latest refresh, for logging
+
+    def before_step(self, step: int, trainer) -> None:
+        """New step sizes from a curvature pass every interval steps (the training step's hook, optim.StepHooks)."""
+        if step % self.interval == 0:
+            self.refresh(trainer.curvature(self.curvature))
 
     def _new_state(self, p) -> dict:
         state = {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.state_names if name != "step_size"}
@@ -256,11 +265,11 @@ class SGDMomentumLW(LayerwiseAdaptive):
     scalar_keys = ("lr", "momentum")
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_lr=0.1, alpha_max=10.0, beta=0.5, damping=1e-8,
-                 warmup_steps=10, joint_rescale=True, backend="auto"):
+                 warmup_steps=10, joint_rescale=True, interval=5, curvature="gauss_newton", backend="auto"):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), backend,
-                         warmup_lr, alpha_max, beta, damping, warmup_steps, joint_rescale)
+                         warmup_lr, alpha_max, beta, damping, warmup_steps, joint_rescale, interval, curvature)
 
     def _direction(self, group, p):
         return self.state[p]["momentum_buffer"] * group["momentum"] + p.grad
@@ -288,10 +297,10 @@ class AdamWLW(LayerwiseAdaptive):
     scalar_keys = ("lr", "betas", "eps")
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup_lr=1e-3, alpha_max=0.1, beta=0.5,
-                 damping=1e-8, warmup_steps=10, joint_rescale=True, backend="auto"):
+                 damping=1e-8, warmup_steps=10, joint_rescale=True, interval=5, curvature="gauss_newton", backend="auto"):
         optim._check_nonnegative_finite("eps", eps)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), backend,
-                         warmup_lr, alpha_max, beta, damping, warmup_steps, joint_rescale)
+                         warmup_lr, alpha_max, beta, damping, warmup_steps, joint_rescale, interval, curvature)
 
     def _direction(self, group, p):
         state, (beta1, beta2), step = self.state[p], group["betas"], group["step"] + 1
@@ -305,8 +314,6 @@ class AdamWLW(LayerwiseAdaptive):
     def _launch_step(self, plan, grads, found_inf, group):
         optim.launch_adamw(plan, grads, found_inf, group, step_sizes=plan.pointers["step_size"])
 
-
-OPTIMIZERS = {"sgdm_lw": SGDMomentumLW, "adamw_lw": AdamWLW}
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from model import init_weights
+
 MEASUREMENT_INITS = ("fan_out", "fan_in", "model")
 BASELINES = ("depth_increasing", "depth_decreasing", "fan_in")
 # Layers whose gradient is zero by construction, so measuring it yields rounding noise: softmax(q.(k + b))
@@ -53,8 +55,6 @@ def measure_grad_mean_abs(model: torch.nn.Module, batches, T: int = 100, init: s
     re-initialized by `init`. In a torch.distributed run each rank passes its own batches and measures
     batches rank, rank + world, ... of the T; the sums are all-reduced, so every rank returns the
     same G as one process measuring all T batches."""
-    from model import init_weights
-
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"lwlr T must be an integer >= 1, got {T!r}")
     if init not in MEASUREMENT_INITS:

@@ -23,8 +23,16 @@ import torch.distributed as dist
 
 import hf
 import outdir
+from build import gpt_config, token_batches
 from lwlr import baseline_multipliers, measure_grad_mean_abs, multipliers_from_grads, numels_of
-from train_config import INIT_MODES
+from model import GPT
+from runtime import autocast, init_runtime, run_main
+from errors import UserError
+from train_config import INIT_MODES, ConfigError, parse_config
+
+
+class LwlrFileError(UserError):
+    """An lwlr.json (lwlr_file, or one given to --compare) that cannot serve this model."""
 
 
 def load_multipliers(path: str, model: torch.nn.Module) -> tuple[dict[str, float], dict]:
@@ -36,21 +44,21 @@ def load_multipliers(path: str, model: torch.nn.Module) -> tuple[dict[str, float
         multipliers = {layer["name"]: float(layer["multiplier"]) for layer in layers}
         shapes = {layer["name"]: tuple(layer["shape"]) for layer in layers}
     except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: JSON syntax, undecodable bytes
-        raise ValueError(f"lwlr_file {path}: not a readable lwlr.json ({type(e).__name__}: {e})") from None
+        raise LwlrFileError(f"lwlr_file {path}: not a readable lwlr.json ({type(e).__name__}: {e})") from None
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     extra, missing = sorted(set(multipliers) - set(params)), sorted(set(params) - set(multipliers))
     if extra:
-        raise ValueError(f"lwlr_file {path}: layer(s) {', '.join(extra)} are not in the model")
+        raise LwlrFileError(f"lwlr_file {path}: layer(s) {', '.join(extra)} are not in the model")
     if missing:
-        raise ValueError(f"lwlr_file {path}: no multiplier for the model's layer(s) {', '.join(missing)}")
+        raise LwlrFileError(f"lwlr_file {path}: no multiplier for the model's layer(s) {', '.join(missing)}")
     # Same names, other sizes (another n_embd or vocabulary): multipliers measured on a different model.
     wrong = [f"{name} {list(shapes[name])} (model {list(p.shape)})" for name, p in params.items() if shapes[name] != tuple(p.shape)]
     if wrong:
-        raise ValueError(f"lwlr_file {path} was measured on another model: shapes differ for {', '.join(wrong[:3])}"
+        raise LwlrFileError(f"lwlr_file {path} was measured on another model: shapes differ for {', '.join(wrong[:3])}"
                          + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
     bad = [name for name, m in multipliers.items() if not (math.isfinite(m) and m > 0)]
     if bad:
-        raise ValueError(f"lwlr_file {path}: multipliers of {', '.join(bad)} are not positive finite numbers")
+        raise LwlrFileError(f"lwlr_file {path}: multipliers of {', '.join(bad)} are not positive finite numbers")
     return multipliers, data
 
 
@@ -87,7 +95,7 @@ KIND_COLORS = {"q_proj": "tab:blue", "k_proj": "tab:cyan", "v_proj": "tab:green"
 def plot(data: dict, path: str) -> None:
     """Multipliers in model order on a log axis: all layers, and the Linear weights alone (the paper's
     Figures 4 and 5)."""
-    import matplotlib
+    import matplotlib  # here, not at the top: pyplot takes 1.3 s to import, and only a plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -115,14 +123,14 @@ def compare(path_a: str, path_b: str) -> tuple[float, float]:
     """Max and mean |m_a - m_b| / m_b in percent over the layers both files share."""
     a, b = ({layer["name"]: layer["multiplier"] for layer in json.load(open(p))["layers"]} for p in (path_a, path_b))
     if set(a) != set(b):
-        raise ValueError(f"{path_a} and {path_b} cover different layers")
+        raise LwlrFileError(f"{path_a} and {path_b} cover different layers")
     deviations = [100 * abs(a[n] - b[n]) / b[n] for n in b]
     return max(deviations), sum(deviations) / len(deviations)
 
 
 def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float] | None, dict | None]:
     """The multipliers a TrainConfig asks for (None for lr_rule=single) and the report to save; lwlr
-    measures on `batches` (train.token_batches of the "lwlr" stream)."""
+    measures on `batches` (build.token_batches of the "lwlr" stream)."""
     if c.lr_rule == "single":
         return None, None
     meta = {"rule": c.lr_rule, "model": c.model, "dataset": c.data_dir or c.dataset, "seed": c.seed}
@@ -185,7 +193,7 @@ def _cached_report(path: str | None, model, rank: int) -> dict | None:
     if path and rank == 0 and os.path.isfile(path):
         try:
             _, data = load_multipliers(path, model)  # names, shapes, positive finite values
-        except ValueError:  # unreadable, malformed or another model's: measured over
+        except LwlrFileError:  # unreadable, malformed or another model's: measured over
             pass
     if dist.is_initialized():
         shared = [data]
@@ -213,21 +221,16 @@ def print_table(data: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model import GPT
-    from runtime import autocast, init_runtime
-    from train import gpt_config, token_batches
-    from train_config import parse_config
-
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--compare"]:
         if len(argv) != 3:
-            raise ValueError("usage: python multipliers.py --compare a.json b.json")
+            raise ConfigError("usage: python multipliers.py --compare a.json b.json")
         worst, mean = compare(argv[1], argv[2])
         print(f"deviation of {argv[1]} from {argv[2]}: max {worst:.2f}%, mean {mean:.2f}%")
         return 0
     c = parse_config(argv)
     if c.lr_rule == "single":
-        raise ValueError("lr_rule=single has no multipliers to measure; use lwlr (the default) or a baseline rule")
+        raise ConfigError("lr_rule=single has no multipliers to measure; use lwlr (the default) or a baseline rule")
     rt = init_runtime(c.device)
     torch.manual_seed(c.seed)
     model = GPT(gpt_config(c)).to(rt.device)
@@ -241,6 +244,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from runtime import run_main
-
     run_main(main)

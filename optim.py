@@ -48,6 +48,30 @@ from kernels import (
 )
 
 
+class StepHooks:
+    """What an optimizer needs around its update, asked of the training step (train.Trainer) that calls it:
+    before_step runs after backward, before step(); after_step after step() and zero_grad(). Nothing, by
+    default; SophiaG refreshes its Hessian estimate after every hess_interval-th step, LW-AS its step sizes
+    before every interval-th (lwas.py). `trainer` offers sampled_label_gradients() and curvature(kind)."""
+
+    applies_lr_scale = True  # set_lr: the step multiplies each group's lr by its lr_scale
+
+    def before_step(self, step: int, trainer) -> None:
+        pass
+
+    def after_step(self, step: int, trainer) -> None:
+        pass
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate for every param group. Optimizers here apply each group's lr_scale in their
+    step, so the group keeps the schedule's lr; a plain torch.optim optimizer knows nothing of lr_scale, so
+    its groups get lr * lr_scale here, and a layer-wise rate is never silently dropped."""
+    applies = getattr(optimizer, "applies_lr_scale", False)
+    for group in optimizer.param_groups:
+        group["lr"] = lr if applies else lr * group.get("lr_scale", 1.0)
+
+
 def _launch(kernel, grid, *args, **meta):
     """Every kernel launch goes through here (tests and bench/kernel_report.py record launches by patching it)."""
     kernel[grid](*args, **meta)
@@ -149,7 +173,7 @@ def _check_nonnegative_finite(name, value):
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(StepHooks, torch.optim.Optimizer):
     """Shared machinery: validation, state, backends, launch plans. Subclasses name their state
     buffers, their scalar hyperparameters, and give a torch update and a kernel launch."""
 
@@ -293,7 +317,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
 
-class TorchAdamW(torch.optim.AdamW):
+class TorchAdamW(StepHooks, torch.optim.AdamW):
     """torch.optim.AdamW(fused=True), the plain-PyTorch baseline, under this module's one rule: a group's
     rate is lr * lr_scale. torch's kernel takes one rate per group, so step() hands it that product and
     then puts the schedule's lr back (the state dict keeps the schedule's lr, as ours do)."""
@@ -388,11 +412,22 @@ class SophiaG(FusedOptimizer):
     state_names = ("exp_avg", "hessian")
     scalar_keys = ("lr", "betas", "rho", "bs")
 
-    def __init__(self, params, lr=6e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, bs=5120, backend="auto"):
+    def __init__(self, params, lr=6e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, bs=5120, hess_interval=10, backend="auto"):
         _check_nonnegative_finite("rho", rho)
         if not (math.isfinite(bs) and bs > 0):
             raise ValueError(f"bs must be a positive number of tokens, got {bs}")
+        if hess_interval < 1:
+            raise ValueError(f"hess_interval must be >= 1, got {hess_interval}")
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs), backend)
+        self.hess_interval = hess_interval
+
+    def after_step(self, step: int, trainer) -> None:
+        """Sophia's schedule: a Hessian refresh after every hess_interval-th step, from the gradient of
+        sampled-label loss; skipped like step() while found_inf is set."""
+        if step % self.hess_interval == self.hess_interval - 1:
+            trainer.sampled_label_gradients()
+            self.update_hessian()  # reads found_inf
+            self.zero_grad(set_to_none=True)
 
     def _validate_group(self, group):
         super()._validate_group(group)

@@ -22,18 +22,20 @@ import shutil
 import socket
 import time
 
+from errors import UserError
+
 EXIT_DISK_FULL = 74  # EX_IOERR (sysexits.h): a write failed for lack of space
 LOCK_FILE = ".lock"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class DiskFullError(RuntimeError):
+class DiskFullError(UserError):
     """A write of the run failed because its file system is full; the last complete checkpoint stands."""
 
     exit_code = EXIT_DISK_FULL
 
 
-class OutDirInUseError(RuntimeError):
+class OutDirInUseError(UserError):
     """Another run holds this out_dir."""
 
 

@@ -6,12 +6,16 @@ import datetime
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import triton
+
+from errors import UserError
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, matched by substring of the device name,
 # most specific first.
@@ -117,8 +121,6 @@ def peak_flops(device: torch.device) -> float | None:
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
@@ -134,9 +136,8 @@ def git_commit() -> str:
 
 
 def environment(device: torch.device) -> dict:
-    """What a result depends on, recorded with every run and benchmark."""
-    import triton  # noqa: F401  (its version matters for the fused optimizers)
-
+    """What a result depends on, recorded with every run and benchmark (Triton's version matters for the
+    fused optimizers)."""
     return {
         "device": device_name(device), "torch": torch.__version__, "triton": triton.__version__,
         "python": sys.version.split()[0], "commit": git_commit(),
@@ -144,12 +145,13 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def run_main(main, user_errors: tuple[type[BaseException], ...] = (ValueError,)) -> None:
-    """Run a script's main(): a user error prints one line and exits 2, or its class's exit_code (no
-    traceback); the process group is always torn down so torchrun ranks exit cleanly."""
+def run_main(main) -> None:
+    """Run a script's main(): a UserError (errors.py) prints one `error:` line and exits with its class's
+    exit_code, 2 unless it says otherwise; anything else is a bug and keeps its traceback. The process
+    group is always torn down so torchrun ranks exit cleanly."""
     try:
         code = main()
-    except user_errors as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code = getattr(e, "exit_code", 2)
     finally:

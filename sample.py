@@ -12,9 +12,10 @@ import sys
 import torch
 
 import checkpoint
-from data import vocab
 import hf
-from train import data_dir
+from build import data_dir
+from data import vocab
+from runtime import run_main
 from train_config import TrainConfig
 
 
@@ -27,7 +28,7 @@ def load_model(args):
     print(f"loaded {path} (step {meta['step']})", file=sys.stderr)
     vocabulary = vocab.load(data_dir(TrainConfig(**meta["config"])))
     if vocabulary.size != model.config.vocab_size:
-        raise ValueError(f"the model has {model.config.vocab_size} tokens but its dataset's vocabulary {vocabulary.size}: "
+        raise vocab.VocabularyError(f"the model has {model.config.vocab_size} tokens but its dataset's vocabulary {vocabulary.size}: "
                          "was the data folder prepared again or moved?")
     return model, vocabulary
 
@@ -56,7 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

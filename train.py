@@ -2,7 +2,7 @@
 
     python train.py                                   # small GPT on Shakespeare, CPU or GPU, ~5 min on 2 cores
     python train.py config/train_gpt2.py              # GPT-2 124M on OpenWebText, one GPU
-    python train.py config/finetune_shakespeare.py --init_from=hf/gpt2   # fine-tune a local Hugging Face GPT-2 directory
+    python train.py config/finetune_shakespeare.py --init_from=hf/gpt2   # fine-tune a Hugging Face GPT-2 directory
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
     # two nodes (run on each, NODE_RANK 0 and 1; MASTER the first node's address):
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \
@@ -19,7 +19,6 @@ saving nothing. One run at a time holds an out_dir (outdir.py); a full disk ends
 
 import contextlib
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -36,10 +35,10 @@ import lwas
 import multipliers
 import optim
 import outdir
-from data import vocab
+from build import build_optimizer, gpt_config, grad_accumulation, lr_at, pretrained, token_batches
 from data.loader import TokenBatches
 from loss import sampled_label_loss
-from model import GPT, GPTConfig
+from model import GPT
 from runtime import (
     RunLog,
     autocast,
@@ -50,46 +49,12 @@ from runtime import (
     precision,
     run_main,
 )
+from errors import UserError
 from train_config import INIT_MODES, ConfigError, TrainConfig, parse_config
 
 EXIT_PREEMPTED = 75
 # Keys that change the optimization itself: a resume with other values would not continue the run.
 RESUME_MUST_MATCH = ("model", "block_size", "residual_scale", "optimizer", "lr_rule", "tokens_per_step", "dataset")
-
-
-def lr_at(step: int, c: TrainConfig) -> float:
-    """Linear warmup to lr, then cosine to min_lr at lr_decay_steps (or constant: the overfit runs)."""
-    if step < c.warmup_steps:
-        return c.lr * (step + 1) / c.warmup_steps
-    if c.schedule == "constant":
-        return c.lr
-    decay_steps = c.lr_decay_steps or c.max_steps
-    if step >= decay_steps:
-        return c.min_lr
-    progress = (step - c.warmup_steps) / max(1, decay_steps - c.warmup_steps)
-    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.lr - c.min_lr)
-
-
-def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int) -> torch.optim.Optimizer:
-    betas = (c.beta1, c.beta2)
-    if c.optimizer == "adamw_torch":  # fused on CPU and CUDA alike: one kernel per group, and it honours found_inf
-        return optim.TorchAdamW(groups, lr=c.lr, betas=betas, eps=c.eps)
-    if c.optimizer == "adamw":
-        return optim.AdamW(groups, lr=c.lr, betas=betas, eps=c.eps, backend=c.optimizer_backend)
-    if c.optimizer == "lion":
-        return optim.Lion(groups, lr=c.lr, betas=betas, backend=c.optimizer_backend)
-    if c.optimizer == "sophiag":
-        return optim.SophiaG(groups, lr=c.lr, betas=betas, rho=c.rho, bs=c.tokens_per_step, backend=c.optimizer_backend)
-    if c.optimizer == "adam_mini":
-        return optim.AdamMini(groups, lr=c.lr, betas=betas, eps=c.eps, n_head=n_head, backend=c.optimizer_backend)
-    if c.optimizer in lwas.OPTIMIZERS:
-        settings = dict(beta=c.lw_beta, damping=c.lw_damping, warmup_steps=c.lw_warmup_steps, joint_rescale=c.lw_joint_rescale,
-                        backend=c.optimizer_backend)
-        settings.update({key: value for key, value in (("warmup_lr", c.lw_warmup_lr), ("alpha_max", c.lw_alpha_max)) if value > 0})
-        if c.optimizer == "sgdm_lw":
-            return lwas.SGDMomentumLW(groups, lr=c.lr, momentum=c.beta1, **settings)
-        return lwas.AdamWLW(groups, lr=c.lr, betas=betas, eps=c.eps, **settings)
-    raise AssertionError(f"TrainConfig admitted optimizer={c.optimizer!r}")  # its choice() lists the names
 
 
 def check_resume(c: TrainConfig, meta: dict, rt, path: str, block_size: int) -> None:
@@ -100,10 +65,12 @@ def check_resume(c: TrainConfig, meta: dict, rt, path: str, block_size: int) -> 
     a statistically equivalent continuation rather than the same one."""
     for key in RESUME_MUST_MATCH:
         if meta["config"][key] != getattr(c, key):
-            raise ConfigError(f"cannot resume from {path}: checkpoint has {key}={meta['config'][key]!r}, config has {key}={getattr(c, key)!r}")
+            raise ConfigError(f"cannot resume from {path}: checkpoint has {key}={meta['config'][key]!r}, "
+                              f"config has {key}={getattr(c, key)!r}")
     if meta["world_size"] != rt.world_size:
-        rt.print0(f"resuming a run of {meta['world_size']} processes on {rt.world_size}: the same {c.tokens_per_step:,} tokens per step, "
-                  f"grad_accum {grad_accumulation(c, block_size, rt.world_size)}")
+        grad_accum = grad_accumulation(c, block_size, rt.world_size)
+        rt.print0(f"resuming a run of {meta['world_size']} processes on {rt.world_size}: the same "
+                  f"{c.tokens_per_step:,} tokens per step, grad_accum {grad_accum}")
 
 
 def prepare_out_dir(c: TrainConfig) -> None:
@@ -124,7 +91,8 @@ def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx) -> float:
     model.eval()
     total = torch.zeros((), device=rt.device)
     for i in range(c.eval_steps):
-        x, y = batches.get(i, c.micro_batch_size * rt.world_size, rt.rank * c.micro_batch_size, c.micro_batch_size, rt.device)
+        rows = c.micro_batch_size
+        x, y = batches.get(i, rows * rt.world_size, rt.rank * rows, rows, rt.device)
         with ctx:
             _, loss = model(x, y)
         total += loss.float()
@@ -132,6 +100,10 @@ def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx) -> float:
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
     model.train()
     return total.item() / c.eval_steps
+
+
+class DivergedError(UserError):
+    """max_bad_steps consecutive steps with a non-finite loss or gradient norm."""
 
 
 class Preempted(BaseException):
@@ -157,49 +129,18 @@ class StopRequest:
             raise Preempted(signal.Signals(signum).name)
 
 
-def data_dir(c: TrainConfig) -> str:
-    return c.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", c.dataset)
-
-
-def gpt_config(c: TrainConfig, vocab_size: int | None = None) -> GPTConfig:
-    """The model a config trains: its preset with the dataset's vocabulary (data/vocab.py; GPT-2's unless
-    the data has a vocab.json), block_size, dropout, residual scaling and the loss chunking applied."""
-    vocab_size = vocab_size or vocab.load(data_dir(c)).size
-    config = GPTConfig.from_preset(c.model, vocab_size=vocab_size, dropout=c.dropout, residual_scale=c.residual_scale,
-                                   loss_chunk_rows=c.loss_chunk_rows)
-    block_size = c.block_size or config.block_size
-    if block_size > config.block_size:
-        raise ConfigError(f"block_size={block_size} exceeds the {c.model} preset's {config.block_size}")
-    config.block_size = block_size
-    return config
-
-
-def token_batches(c: TrainConfig, split: str, stream: str, model_config: GPTConfig, subset_batches: int = 0) -> TokenBatches:
-    """Batches over data_dir (or data/<dataset>)/<split>.bin, from the named random stream."""
-    return TokenBatches(os.path.join(data_dir(c), f"{split}.bin"), stream, model_config.block_size, model_config.vocab_size, c.seed, subset_batches)
-
-
-def grad_accumulation(c: TrainConfig, block_size: int, world_size: int) -> int:
-    """Micro-steps per optimizer step: tokens_per_step = micro_batch_size * block_size * grad_accum * world_size."""
-    rows_per_micro_step = c.micro_batch_size * block_size * world_size
-    if c.tokens_per_step % rows_per_micro_step:
-        raise ConfigError(
-            f"tokens_per_step={c.tokens_per_step} is not a multiple of micro_batch_size * block_size * world_size"
-            f" = {c.micro_batch_size} * {block_size} * {world_size} = {rows_per_micro_step}"
-        )
-    return c.tokens_per_step // rows_per_micro_step
-
-
 class Trainer:
     """The model, its optimizer, and one optimizer step: what the loop below and bench/bench_train.py run."""
 
-    def __init__(self, c: TrainConfig, rt, model: GPT, lr_multipliers: dict[str, float] | None, optimizer_state: dict | None = None):
+    def __init__(self, c: TrainConfig, rt, model: GPT, lr_multipliers: dict[str, float] | None,
+                 optimizer_state: dict | None = None):
         self.c, self.rt, self.raw_model = c, rt, model  # raw_model: uncompiled, unwrapped; what checkpoints hold
         self.lr_multipliers = lr_multipliers  # saved with every checkpoint: a resume never re-measures
         self.grad_accum = grad_accumulation(c, model.config.block_size, rt.world_size)
         self.global_rows = c.micro_batch_size * self.grad_accum * rt.world_size
         self.train_batches = token_batches(c, "train", "train", model.config, c.data_subset_batches)
-        self.optimizer = build_optimizer(c, optim.param_groups(model, lr_multipliers, c.weight_decay, c.lwlr_scale_decay), model.config.n_head)
+        groups = optim.param_groups(model, lr_multipliers, c.weight_decay, c.lwlr_scale_decay)
+        self.optimizer = build_optimizer(c, groups, model.config.n_head)
         if optimizer_state is not None:  # lr_scale comes back with the param groups
             self.optimizer.load_state_dict(optimizer_state)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -219,7 +160,8 @@ class Trainer:
         step was non-finite: then the previous checkpoint stands."""
         c, rt = self.c, self.rt
         if last_step_bad:
-            rt.print0(f"not saving at step {step} ({reason}): the last step was non-finite; the previous checkpoint stands")
+            rt.print0(f"not saving at step {step} ({reason}): the last step was non-finite; the previous checkpoint "
+                      "stands")
             return
         if rt.is_main:
             meta = {"config": dataclasses.asdict(c), "world_size": rt.world_size, "lr_multipliers": self.lr_multipliers,
@@ -243,12 +185,12 @@ class Trainer:
         but lr; a non-finite loss or gradient norm skips the update on every rank."""
         c, rt = self.c, self.rt
         lr = lr_at(step, c)
-        for group in self.optimizer.param_groups:  # the schedule's rate; each optimizer applies its groups' lr_scale (optim.py)
-            group["lr"] = lr
+        optim.set_lr(self.optimizer, lr)  # the schedule's rate, each group's lr_scale applied (optim.py)
         # Dropout and sampled labels draw from an RNG seeded by (seed, step, rank): a resume needs no RNG state.
         torch.manual_seed(c.seed + 1_000_003 * step + rt.rank)
-        micro_batches = [
-            self.train_batches.get(step, self.global_rows, (rt.rank * self.grad_accum + micro) * c.micro_batch_size, c.micro_batch_size, rt.device)
+        rows = c.micro_batch_size  # this rank's micro-steps hold rows (rank * grad_accum + micro) * rows onward
+        self.micro_batches = micro_batches = [
+            self.train_batches.get(step, self.global_rows, (rt.rank * self.grad_accum + micro) * rows, rows, rt.device)
             for micro in range(self.grad_accum)
         ]
         step_loss = torch.zeros((), device=rt.device)
@@ -259,39 +201,38 @@ class Trainer:
             step_loss += loss.detach().float() / self.grad_accum
         if rt.distributed:  # the guard below must agree on every rank
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf"), foreach=True)
+        max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
         # The fused steps read found_inf on the device: no host sync.
         torch.logical_not(torch.isfinite(step_loss + grad_norm), out=self.found_inf)
         self.optimizer.found_inf = self.found_inf
-        if c.optimizer in lwas.OPTIMIZERS and step % c.lw_interval == 0:
-            self.refresh_step_sizes(*micro_batches[0])
+        self.optimizer.before_step(step, self)  # what an optimizer needs around its update, it asks of the trainer
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if c.optimizer == "sophiag" and step % c.hess_interval == c.hess_interval - 1:  # Sophia's schedule
-            self.refresh_hessian(micro_batches)
+        self.optimizer.after_step(step, self)
         return lr, step_loss, grad_norm, self.found_inf
 
-    def refresh_hessian(self, micro_batches):
-        """SophiaG's Gauss-Newton-Bartlett estimator: labels sampled from the model's own predictions; the
-        gradient of that loss, squared, estimates the diagonal Gauss-Newton matrix (Liu et al. 2023).
-        After a non-finite step, or when this gradient is non-finite, the estimate stays as it was and the
-        step counts as bad (found_inf): all on the device, and the same on every rank (DDP averaged it)."""
-        for micro, (x, _) in enumerate(micro_batches):
-            with self.ctx, self.sync_context(micro == len(micro_batches) - 1):
-                logits, _ = self.model(x)
-                (sampled_label_loss(logits) / len(micro_batches)).backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        hessian_grad_finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-        torch.logical_or(self.found_inf, hessian_grad_finite.logical_not(), out=self.found_inf)
-        self.optimizer.update_hessian()  # reads found_inf
-        self.optimizer.zero_grad(set_to_none=True)
+    # What the optimizers' hooks (optim.StepHooks) may ask of this step.
 
-    def refresh_step_sizes(self, x, y):
-        """LW-AS: new per-layer step sizes from a curvature pass on (part of) this rank's first micro-batch,
-        through the uncompiled model (double backward and forward-mode AD do not go through torch.compile)."""
+    def sampled_label_gradients(self) -> None:
+        """Gradients of the loss against labels sampled from the model's own predictions over this step's
+        micro-batches (SophiaG's Gauss-Newton-Bartlett estimator, Liu et al. 2023). A non-finite one counts
+        the step as bad (found_inf): on the device, and the same on every rank (DDP averaged it)."""
+        for micro, (x, _) in enumerate(self.micro_batches):
+            with self.ctx, self.sync_context(micro == len(self.micro_batches) - 1):
+                logits, _ = self.model(x)
+                (sampled_label_loss(logits) / len(self.micro_batches)).backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        torch.logical_or(self.found_inf, finite.logical_not(), out=self.found_inf)
+
+    def curvature(self, kind: str) -> lwas.Curvature:
+        """A curvature pass (LW-AS) on (part of) this rank's first micro-batch, through the uncompiled model
+        (double backward and forward-mode AD do not go through torch.compile), averaged over the ranks."""
+        x, y = self.micro_batches[0]
         rows = self.c.lw_micro_batch_size or self.c.micro_batch_size
         reduce = lwas.all_reduce_mean if self.rt.distributed else None
-        self.optimizer.refresh(lwas.Curvature(self.c.lw_curvature, self.raw_model, x[:rows], y[:rows], self.ctx, reduce))
+        return lwas.Curvature(kind, self.raw_model, x[:rows], y[:rows], self.ctx, reduce)
 
 
 class StepStats:
@@ -332,15 +273,16 @@ class StepStats:
     def line(self, r: dict) -> str:
         mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
         skipped = f" | skipped {r['skipped_steps']} non-finite" if r["skipped_steps"] else ""
-        return (f"step {r['step']:>6}/{self.c.max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {r['grad_norm']:.3f}"
-                f" | {r['ms_per_step']:.0f} ms/step | {r['tokens_per_s']:,.0f} tok/s{mfu} | mem {r['peak_mem_gib']:.2f} GiB{skipped}")
+        return (f"step {r['step']:>6}/{self.c.max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e}"
+                f" | grad_norm {r['grad_norm']:.3f} | {r['ms_per_step']:.0f} ms/step"
+                f" | {r['tokens_per_s']:,.0f} tok/s{mfu} | mem {r['peak_mem_gib']:.2f} GiB{skipped}")
 
     def last_step_bad(self) -> bool:
         return self.bad_run.item() > 0  # the same on every rank: the guard's flag was all-reduced
 
     def check_bad_steps(self, step: int) -> None:
         if self.longest_bad_run.item() >= self.c.max_bad_steps:
-            raise FloatingPointError(
+            raise DivergedError(
                 f"{int(self.longest_bad_run.item())} consecutive steps up to step {step} had a non-finite loss or "
                 f"gradient norm (max_bad_steps={self.c.max_bad_steps}); stopping, the last checkpoint is intact. "
                 "Lower lr or check the data."
@@ -352,36 +294,9 @@ def lw_step_sizes(optimizer) -> dict:
     refresh = getattr(optimizer, "last_refresh", {})
     if "step_size" not in refresh:
         return {}
-    return {"lw_step_size_min": refresh["step_size"].min().item(), "lw_step_size_max": refresh["step_size"].max().item(),
+    step_sizes = refresh["step_size"]
+    return {"lw_step_size_min": step_sizes.min().item(), "lw_step_size_max": step_sizes.max().item(),
             "lw_joint_scale": refresh["joint_scale"].item()}
-
-
-def pretrained(c: TrainConfig) -> TrainConfig:
-    """The config of a run that starts from a Hugging Face GPT-2 directory (init_from=PATH): the model
-    preset is the directory's, and lwlr measures at the loaded weights (lwlr_init=model) unless the
-    config sets lwlr_init. Other configs come back as they are."""
-    if c.init_from in INIT_MODES:
-        return c
-    path = c.init_from
-    if not os.path.isdir(path):
-        raise ConfigError(
-            f"init_from={path!r} is neither {', '.join(INIT_MODES)} nor a local directory. Nothing is ever downloaded: "
-            "for GPT-2's weights, download a Hugging Face directory first (e.g. `huggingface-cli download openai-community/gpt2 "
-            "--local-dir hf/gpt2`) and pass its path"
-        )
-    try:
-        weights = hf.read_config(path)
-        preset = hf.preset_of(weights)
-    except hf.PretrainedError as e:
-        raise ConfigError(f"init_from: {e}") from None
-    if "model" in c.given and c.model != preset:
-        raise ConfigError(f"model={c.model!r} disagrees with init_from={path}, which holds a {preset}: drop model or make it {preset!r}")
-    dataset_vocab = vocab.load(data_dir(c)).size
-    if weights.vocab_size != dataset_vocab:
-        raise ConfigError(f"init_from={path} has a vocabulary of {weights.vocab_size} tokens, the dataset {data_dir(c)} one of {dataset_vocab}")
-    if c.block_size > weights.block_size:
-        raise ConfigError(f"block_size={c.block_size} exceeds the {weights.block_size} positions of init_from={path}")
-    return dataclasses.replace(c, model=preset, lwlr_init=c.lwlr_init if "lwlr_init" in c.given else "model")
 
 
 def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
@@ -392,16 +307,18 @@ def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
     if c.init_from == "resume" and found is None:
         raise ConfigError(f"init_from=resume, but {c.out_dir} holds no complete checkpoint")
     if c.init_from == "scratch" and found is not None:
-        raise ConfigError(f"init_from=scratch, but {c.out_dir} already holds {found[0]}: resume it or choose another out_dir")
+        raise ConfigError(f"init_from=scratch, but {c.out_dir} already holds {found[0]}: resume it or choose another "
+                          "out_dir")
     torch.manual_seed(c.seed)
     model = GPT(gpt_config(c)).to(rt.device)
     if found is None and c.init_from not in INIT_MODES:  # a restart resumes from out_dir's checkpoints instead
         hf.load_weights(model, c.init_from)
-        rt.print0(f"init_from: {c.model} weights from {c.init_from}"
-                  + (f"; lwlr measures at them (lwlr_init={c.lwlr_init}; fan_out re-initializes as the paper does)" if c.lr_rule == "lwlr" else ""))
+        measured = f"; lwlr measures at them (lwlr_init={c.lwlr_init}; fan_out re-initializes as the paper does)"
+        rt.print0(f"init_from: {c.model} weights from {c.init_from}" + (measured if c.lr_rule == "lwlr" else ""))
     if found is None:
         lwlr_batches = token_batches(c, "train", "lwlr", model.config)
-        lr_multipliers, lwlr_report = multipliers.for_config(c, model, lwlr_batches, autocast(rt.device, c.dtype), log=rt.print0)
+        ctx = autocast(rt.device, c.dtype)
+        lr_multipliers, lwlr_report = multipliers.for_config(c, model, lwlr_batches, ctx, log=rt.print0)
         if rt.is_main and lwlr_report is not None:
             multipliers.save_report(lwlr_report, c.out_dir)
         return model, lr_multipliers, None, 0
@@ -425,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         with exclusive_out_dir(c, rt):
             return run(c, rt, stop)
     except Preempted as signal_name:
-        rt.print0(f"{signal_name} before the first log step: stopped at once, nothing saved; the same command starts again")
+        rt.print0(f"{signal_name} before the first log step: stopped at once, nothing saved; the same command starts "
+                  "again")
         return EXIT_PREEMPTED
-    except OSError as e:  # a write that no file-specific handler caught (log.jsonl, tensorboard): a full disk, or not ours
+    except OSError as e:  # a write no file-specific handler caught (log.jsonl, tensorboard): a full disk, or not ours
         full = outdir.disk_full(e, c.out_dir)
         if full is None:
             raise
@@ -459,7 +377,8 @@ def exclusive_out_dir(c: TrainConfig, rt):
 def run(c: TrainConfig, rt, stop: StopRequest) -> int:
     """The run in an out_dir this process holds: start or resume, train, evaluate, save."""
     chosen, why = precision(rt.device, c.dtype)
-    rt.print0(f"precision: {'bf16 autocast, with fp32 weights, gradients, optimizer states and loss' if chosen == 'bfloat16' else 'fp32'} ({why})")
+    said = "bf16 autocast, with fp32 weights, gradients, optimizer states and loss" if chosen == "bfloat16" else "fp32"
+    rt.print0(f"precision: {said} ({why})")
     val_batches = token_batches(c, "val", "val", gpt_config(c))
     model, lr_multipliers, optimizer_state, step = start(c, rt)
     trainer = Trainer(c, rt, model, lr_multipliers, optimizer_state)
@@ -468,15 +387,18 @@ def run(c: TrainConfig, rt, stop: StopRequest) -> int:
         outdir.write_atomically(os.path.join(c.out_dir, "config.json"), lambda f: f.write(c.to_json()))
 
     # A progress bar on a terminal (rank 0); log lines are written above it.
-    bar = tqdm(total=c.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not (rt.is_main and sys.stdout.isatty()))
-    log = RunLog(rt, c.out_dir, c.logger, dataclasses.asdict(c), c.wandb_project, echo=bar.write if not bar.disable else print)
+    on_terminal = rt.is_main and sys.stdout.isatty()
+    bar = tqdm(total=c.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not on_terminal)
+    log = RunLog(rt, c.out_dir, c.logger, dataclasses.asdict(c), c.wandb_project,
+                 echo=bar.write if on_terminal else print)
     rt.print0(
-        f"{c.model}: {model.num_params():,} parameters | {c.tokens_per_step:,} tokens per step = {c.micro_batch_size} batch"
+        f"{c.model}: {model.num_params():,} parameters | {c.tokens_per_step:,} tokens per step"
+        f" = {c.micro_batch_size} batch"
         f" * {model.config.block_size} block * {trainer.grad_accum} accum * {rt.world_size} ranks"
         f" | {len(trainer.optimizer.param_groups)} param groups | {rt.device}"
     )
-    log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device), "grad_accum": trainer.grad_accum,
-                         "precision": chosen})
+    log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device),
+                         "grad_accum": trainer.grad_accum, "precision": chosen})
 
     stats = StepStats(rt, c, model.flops_per_token() * c.tokens_per_step)
     first_step = step
@@ -495,7 +417,8 @@ def run(c: TrainConfig, rt, stop: StopRequest) -> int:
             stop_flag = torch.tensor(float(stop.requested), device=rt.device)
             if rt.distributed:
                 dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
-            record = {"step": step, **stats.interval(), "lr": lr, "grad_norm": grad_norm.item(), **lw_step_sizes(trainer.optimizer)}
+            record = {"step": step, **stats.interval(), "lr": lr, "grad_norm": grad_norm.item(),
+                      **lw_step_sizes(trainer.optimizer)}
             log.record("train", record, stats.line(record))
             stats.check_bad_steps(step)
             stop.immediate = False  # from here on a stop saves first, at the next log step
@@ -518,5 +441,4 @@ def run(c: TrainConfig, rt, stop: StopRequest) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main, (ConfigError, checkpoint.CheckpointError, FileNotFoundError, ValueError, FloatingPointError,
-                    outdir.DiskFullError, outdir.OutDirInUseError))
+    run_main(main)

@@ -6,10 +6,8 @@ the wrong type fail with a message naming the file or flag. `--help` lists every
 """
 
 import dataclasses
-import inspect
 import json
 import math
-import re
 import runpy
 import sys
 import traceback
@@ -17,9 +15,10 @@ import types
 from dataclasses import dataclass
 
 import lwlr
+from errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or flag that names an unknown key, has a wrong type or an inconsistent value."""
 
 
@@ -28,83 +27,112 @@ INIT_MODES = ("auto", "resume", "scratch")  # init_from's values other than a pr
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def choice(*allowed):
+def key(default, help: str):
+    """A config key: its default, and what it means (`--help` prints it)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def choice(*allowed, help: str):
     """A string key that must be one of `allowed`; the first is the default (unless given twice)."""
-    return dataclasses.field(default=allowed[0], metadata={"choices": tuple(dict.fromkeys(allowed))})
+    return dataclasses.field(default=allowed[0], metadata={"choices": tuple(dict.fromkeys(allowed)), "help": help})
 
 
-def at_least(minimum, default):
+def at_least(minimum, default, help: str):
     """A number key that must be >= minimum; a float must also be finite and fit float32, as the kernels
     and optimizer states hold it (a larger value overflows at step 0)."""
-    return dataclasses.field(default=default, metadata={"minimum": minimum})
+    return dataclasses.field(default=default, metadata={"minimum": minimum, "help": help})
 
 
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"  # checkpoints (step-XXXXXXXX/), log.jsonl, config.json
-    init_from: str = "auto"  # auto (resume when out_dir holds a checkpoint) | resume | scratch | PATH of a local Hugging Face GPT-2 directory to fine-tune
+    out_dir: str = key("out", "checkpoints (step-XXXXXXXX/), log.jsonl, config.json")
+    init_from: str = key("auto", "auto (resume when out_dir holds a checkpoint) | resume | scratch | PATH of a local "
+                         "Hugging Face GPT-2 directory to fine-tune")
     # data
-    dataset: str = "shakespeare"  # reads data/<dataset>/{train,val}.bin (run its prepare.py first)
-    data_dir: str = ""  # a folder holding train.bin and val.bin instead ("" = data/<dataset>)
-    data_subset_batches: int = at_least(0, 0)  # 0 = sample the whole training set; K > 0 cycles through K fixed batches
+    dataset: str = key("shakespeare", "reads data/<dataset>/{train,val}.bin (run its prepare.py first)")
+    data_dir: str = key("", "a folder holding train.bin and val.bin instead (\"\" = data/<dataset>)")
+    data_subset_batches: int = at_least(0, 0, help="0 = sample the whole training set; K > 0 cycles through K fixed "
+                                                    "batches")
     # model
-    model: str = "gpt2-mini"  # a preset of model.py: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny
-    block_size: int = at_least(0, 128)  # sequence length; at most the preset's block_size (0 = the preset's)
-    dropout: float = at_least(0.0, 0.0)  # 0 for pretraining
-    residual_scale: bool = False  # scale both residual branches of every block by 1/sqrt(n_layer)
-    loss_chunk_rows: int = at_least(0, 128)  # output layer + loss this many rows at a time, never the full logits (2.1x faster on CPU, loss.py); 0 = full logits
+    model: str = key("gpt2-mini", "a preset of model.py: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny")
+    block_size: int = at_least(0, 128, help="sequence length; at most the preset's block_size (0 = the preset's)")
+    dropout: float = at_least(0.0, 0.0, help="0 for pretraining")
+    residual_scale: bool = key(False, "scale both residual branches of every block by 1/sqrt(n_layer)")
+    loss_chunk_rows: int = at_least(0, 128, help="output layer + loss this many rows at a time, never the full logits "
+                                    "(2.1x faster on CPU, loss.py); 0 = full logits")
     # batch: tokens_per_step = micro_batch_size * block_size * grad_accum * world_size
-    micro_batch_size: int = at_least(1, 16)  # sequences per forward/backward on one device
-    tokens_per_step: int = at_least(1, 2048)  # tokens per optimizer step over all ranks; sets grad_accum
+    micro_batch_size: int = at_least(1, 16, help="sequences per forward/backward on one device")
+    tokens_per_step: int = at_least(1, 2048, help="tokens per optimizer step over all ranks; sets grad_accum")
     # optimizer
-    optimizer: str = choice("adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch")  # adamw | lion | sophiag | adam_mini (optim.py) | sgdm_lw | adamw_lw (LW-AS, lwas.py) | adamw_torch (torch.optim.AdamW fused, the baseline)
-    optimizer_backend: str = choice("auto", "triton", "torch")  # auto (triton on CUDA, torch elsewhere) | triton | torch
-    lr: float = at_least(0.0, 2e-3)  # peak learning rate of the global schedule (the small default model takes a large one); sgdm_lw, adamw_lw: the multiplier eta on their step sizes (try 1.0)
-    min_lr: float = at_least(0.0, 2e-4)  # end of the cosine decay (nanoGPT: lr / 10)
-    weight_decay: float = at_least(0.0, 0.1)  # decoupled; applied to matrices and embeddings, not to biases and LayerNorms
-    beta1: float = 0.9  # also sgdm_lw's momentum
-    beta2: float = 0.95  # nanoGPT's GPT-2 value (0.999 is unstable at this scale)
-    eps: float = 1e-8  # AdamW
-    rho: float = at_least(0.0, 0.05)  # SophiaG's clipping scale (Sophia's GPT-2 small value)
-    hess_interval: int = at_least(1, 10)  # SophiaG: refresh the Hessian estimate every this many steps (Sophia's k)
-    grad_clip: float = at_least(0.0, 1.0)  # clip the global gradient norm to this; 0 = off
-    max_bad_steps: int = at_least(1, 10)  # stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)
-    # LW-AS (lwas.py), optimizer=sgdm_lw | adamw_lw: per-layer step sizes from the curvature along each layer's direction
-    lw_curvature: str = choice("gauss_newton", "rademacher", "exact")  # gauss_newton (sampled labels, one backward) | rademacher (one Hessian-vector product) | exact (one per layer: small models)
-    lw_interval: int = at_least(1, 5)  # refresh the step sizes every this many steps
-    lw_beta: float = 0.5  # EMA of the curvature, g.d and |d|^2 over refreshes
-    lw_warmup_steps: int = at_least(0, 10)  # steps at the plain step size lw_warmup_lr before the curvature sets them
-    lw_warmup_lr: float = at_least(0.0, 0.0)  # the plain step size; 0 = the optimizer's (sgdm_lw 0.1, adamw_lw 1e-3)
-    lw_alpha_max: float = at_least(0.0, 0.0)  # cap on a layer's step size; 0 = the optimizer's (sgdm_lw 10, adamw_lw 0.1)
-    lw_damping: float = at_least(0.0, 1e-8)  # delta^2 = max(d.C.d, 0) + lw_damping * |d|^2
-    lw_joint_rescale: bool = True  # shrink all step sizes when the joint step overshoots (one more curvature product per refresh)
-    lw_micro_batch_size: int = at_least(0, 0)  # sequences in the curvature pass (a double backward needs more memory); 0 = micro_batch_size
+    optimizer: str = choice("adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch",
+                            help="adamw | lion | sophiag | adam_mini (optim.py) | sgdm_lw | adamw_lw (LW-AS, "
+                                 "lwas.py) | adamw_torch (torch.optim.AdamW fused, the baseline)")
+    optimizer_backend: str = choice("auto", "triton", "torch",
+                                    help="auto (triton on CUDA, torch elsewhere) | triton | torch")
+    lr: float = at_least(0.0, 2e-3, help="peak learning rate of the global schedule (the small default model takes a "
+                         "large one); sgdm_lw, adamw_lw: the multiplier eta on their step sizes (try 1.0)")
+    min_lr: float = at_least(0.0, 2e-4, help="end of the cosine decay (nanoGPT: lr / 10)")
+    weight_decay: float = at_least(0.0, 0.1, help="decoupled; applied to matrices and embeddings, not to biases and "
+                                   "LayerNorms")
+    beta1: float = key(0.9, "also sgdm_lw's momentum")
+    beta2: float = key(0.95, "nanoGPT's GPT-2 value (0.999 is unstable at this scale)")
+    eps: float = key(1e-8, "AdamW")
+    rho: float = at_least(0.0, 0.05, help="SophiaG's clipping scale (Sophia's GPT-2 small value)")
+    hess_interval: int = at_least(1, 10, help="SophiaG: refresh the Hessian estimate every this many steps "
+                                              "(Sophia's k)")
+    grad_clip: float = at_least(0.0, 1.0, help="clip the global gradient norm to this; 0 = off")
+    max_bad_steps: int = at_least(1, 10, help="stop after this many consecutive steps with a non-finite loss or "
+                                  "gradient (each is skipped)")
+    # LW-AS (lwas.py), optimizer=sgdm_lw | adamw_lw: per-layer step sizes from the curvature along each
+    # layer's direction
+    lw_curvature: str = choice("gauss_newton", "rademacher", "exact",
+                               help="gauss_newton (sampled labels, one backward) | rademacher (one Hessian-vector "
+                                    "product) | exact (one per layer: small models)")
+    lw_interval: int = at_least(1, 5, help="refresh the step sizes every this many steps")
+    lw_beta: float = key(0.5, "EMA of the curvature, g.d and |d|^2 over refreshes")
+    lw_warmup_steps: int = at_least(0, 10, help="steps at the plain step size lw_warmup_lr before the curvature "
+                                                "sets them")
+    lw_warmup_lr: float = at_least(0.0, 0.0, help="the plain step size; 0 = the optimizer's (sgdm_lw 0.1, "
+                                                   "adamw_lw 1e-3)")
+    lw_alpha_max: float = at_least(0.0, 0.0, help="cap on a layer's step size; 0 = the optimizer's (sgdm_lw "
+                                                   "10, adamw_lw 0.1)")
+    lw_damping: float = at_least(0.0, 1e-8, help="delta^2 = max(d.C.d, 0) + lw_damping * |d|^2")
+    lw_joint_rescale: bool = key(True, "shrink all step sizes when the joint step overshoots (one more curvature "
+                                 "product per refresh)")
+    lw_micro_batch_size: int = at_least(0, 0, help="sequences in the curvature pass (a double backward needs more "
+                                        "memory); 0 = micro_batch_size")
     # schedule
-    schedule: str = choice("cosine", "constant")  # cosine (linear warmup, cosine to min_lr) | constant (warmup, then lr)
-    warmup_steps: int = at_least(0, 30)  # linear warmup from lr / warmup_steps
-    max_steps: int = at_least(0, 200)  # optimizer steps in the run
-    lr_decay_steps: int = at_least(0, 0)  # the cosine reaches min_lr here; 0 = max_steps
+    schedule: str = choice("cosine", "constant",
+                           help="cosine (linear warmup, cosine to min_lr) | constant (warmup, then lr)")
+    warmup_steps: int = at_least(0, 30, help="linear warmup from lr / warmup_steps")
+    max_steps: int = at_least(0, 200, help="optimizer steps in the run")
+    lr_decay_steps: int = at_least(0, 0, help="the cosine reaches min_lr here; 0 = max_steps")
     # layer-wise learning rates (lwlr.py, multipliers.py)
-    lr_rule: str = choice("lwlr", "single", *lwlr.BASELINES)  # lwlr | single | depth_increasing | depth_decreasing | fan_in
-    lwlr_T: int = at_least(1, 100)  # batches the gradient magnitude is averaged over (the paper's T)
-    lwlr_init: str = choice("fan_out", *lwlr.MEASUREMENT_INITS)  # measurement init: fan_out (the paper's) | fan_in | model (the training init)
-    lwlr_power: float = at_least(0.0, 0.5)  # multiplier = (mean |g|)^-power, the paper's 1/2
-    lwlr_file: str = ""  # read multipliers from this lwlr.json instead of measuring
-    lwlr_cache_dir: str = "auto"  # reuse multipliers measured with identical settings from here (auto = $XDG_CACHE_HOME/lwlr or ~/.cache/lwlr); none = always measure
-    lwlr_scale_decay: bool = True  # the multiplier scales the weight decay too (as a per-layer lr would)
+    lr_rule: str = choice("lwlr", "single", *lwlr.BASELINES,
+                          help="lwlr | single | depth_increasing | depth_decreasing | fan_in")
+    lwlr_T: int = at_least(1, 100, help="batches the gradient magnitude is averaged over (the paper's T)")
+    lwlr_init: str = choice("fan_out", *lwlr.MEASUREMENT_INITS,
+                            help="measurement init: fan_out (the paper's) | fan_in | model (the training init)")
+    lwlr_power: float = at_least(0.0, 0.5, help="multiplier = (mean |g|)^-power, the paper's 1/2")
+    lwlr_file: str = key("", "read multipliers from this lwlr.json instead of measuring")
+    lwlr_cache_dir: str = key("auto", "reuse multipliers measured with identical settings from here (auto = "
+                              "$XDG_CACHE_HOME/lwlr or ~/.cache/lwlr); none = always measure")
+    lwlr_scale_decay: bool = key(True, "the multiplier scales the weight decay too (as a per-layer lr would)")
     # evaluation, logging, checkpoints
-    eval_interval: int = at_least(1, 50)  # evaluate on val (and checkpoint) every this many steps, and at the end
-    eval_steps: int = at_least(1, 20)  # batches per evaluation, the same fixed batches every time
-    log_interval: int = at_least(1, 10)  # one log line every this many steps
-    keep_last: int = at_least(2, 2)  # complete checkpoints kept (>= 2, so one survives a crash during a save)
-    logger: str = choice("none", "wandb", "tensorboard")  # none | wandb | tensorboard (if installed)
-    wandb_project: str = "lwlr"
+    eval_interval: int = at_least(1, 50, help="evaluate on val (and checkpoint) every this many steps, and at the end")
+    eval_steps: int = at_least(1, 20, help="batches per evaluation, the same fixed batches every time")
+    log_interval: int = at_least(1, 10, help="one log line every this many steps")
+    keep_last: int = at_least(2, 2, help="complete checkpoints kept (>= 2, so one survives a crash during a save)")
+    logger: str = choice("none", "wandb", "tensorboard", help="none | wandb | tensorboard (if installed)")
+    wandb_project: str = key("lwlr", "the wandb project of logger=wandb")
     # system
-    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
-    dtype: str = choice("auto", "bfloat16", "float32")  # auto (bf16 autocast on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; else fp32) | bfloat16 | float32
-    compile: str = choice("auto", "true", "false")  # auto (on for CUDA) | true | false: torch.compile the model
-    seed: int = 1337  # model init and batch order
+    device: str = key("auto", "auto (cuda if present, else cpu) | cpu | cuda | cuda:N")
+    dtype: str = choice("auto", "bfloat16", "float32",
+                        help="auto (bf16 autocast on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; else "
+                             "fp32) | bfloat16 | float32")
+    compile: str = choice("auto", "true", "false", help="auto (on for CUDA) | true | false: torch.compile the model")
+    seed: int = key(1337, "model init and batch order")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -112,14 +140,17 @@ class TrainConfig:
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise ConfigError(f"{f.name}={value!r}: choose one of {', '.join(f.metadata['choices'])}")
             minimum = f.metadata.get("minimum")
-            if isinstance(value, float) and minimum is not None and not (math.isfinite(value) and minimum <= value <= FLOAT32_MAX):
-                raise ConfigError(f"{f.name}={value} must be a finite number >= {minimum:g} and at most {FLOAT32_MAX:.3g} (float32)")
+            out_of_range = minimum is not None and not (math.isfinite(value) and minimum <= value <= FLOAT32_MAX)
+            if isinstance(value, float) and out_of_range:
+                raise ConfigError(f"{f.name}={value} must be a finite number >= {minimum:g} and at most "
+                                  f"{FLOAT32_MAX:.3g} (float32)")
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{f.name}={value} must be >= {minimum}")
         if not 0 <= self.lw_beta < 1:
             raise ConfigError(f"lw_beta={self.lw_beta} must lie in [0, 1)")
         if self.lw_micro_batch_size > self.micro_batch_size:
-            raise ConfigError(f"lw_micro_batch_size={self.lw_micro_batch_size} exceeds micro_batch_size={self.micro_batch_size}: the curvature pass uses part of a micro-batch")
+            raise ConfigError(f"lw_micro_batch_size={self.lw_micro_batch_size} exceeds micro_batch_size="
+                              f"{self.micro_batch_size}: the curvature pass uses part of a micro-batch")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -132,19 +163,8 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def field_comments() -> dict[str, str]:
-    """Each field's trailing comment in the source above, for --help."""
-    comments = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
-        if match:
-            comments[match.group(1)] = match.group(2)
-    return comments
-
-
 def help_text() -> str:
-    comments = field_comments()
-    rows = [f"  --{name}={f.default!r}  {comments.get(name, '')}".rstrip() for name, f in FIELDS.items()]
+    rows = [f"  --{name}={f.default!r}  {f.metadata['help']}".rstrip() for name, f in FIELDS.items()]
     return "usage: [config/FILE.py ...] [--key=value ...]\n\nkeys:\n" + "\n".join(rows)
 
 
@@ -179,7 +199,8 @@ def load_config_file(path: str) -> dict:
     except SyntaxError as e:
         raise ConfigError(f"config file {path}, line {e.lineno}: syntax error: {e.msg}") from None
     except Exception as e:  # a config file is plain assignments; anything it raises is the file's error
-        line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__)) if frame.filename == path), "?")
+        frames = reversed(traceback.extract_tb(e.__traceback__))
+        line = next((frame.lineno for frame in frames if frame.filename == path), "?")
         raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
     return {
         key: coerce(key, value, path)

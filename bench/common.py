@@ -5,6 +5,7 @@ import os
 
 import torch
 
+import build
 import multipliers
 import train
 from model import GPT
@@ -31,6 +32,6 @@ def fresh_trainer(overrides: dict, device: torch.device) -> train.Trainer:
     or saved). What the benchmarks and the overfit sweep run; a training run uses start() instead."""
     c = train.parse_config([f"--{key}={value}" for key, value in overrides.items()])
     torch.manual_seed(c.seed)
-    model = GPT(train.gpt_config(c)).to(device)
-    lr_multipliers, _ = multipliers.for_config(c, model, train.token_batches(c, "train", "lwlr", model.config), log=lambda *_: None)
+    model = GPT(build.gpt_config(c)).to(device)
+    lr_multipliers, _ = multipliers.for_config(c, model, build.token_batches(c, "train", "lwlr", model.config), log=lambda *_: None)
     return train.Trainer(c, Runtime(0, 0, 1, device), model, lr_multipliers)

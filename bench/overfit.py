@@ -42,6 +42,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import build  # noqa: E402
 import lwlr  # noqa: E402
 import multipliers  # noqa: E402
 import train  # noqa: E402
@@ -211,9 +212,9 @@ def measurement_seconds(sweep: Sweep, rule: str, device: torch.device) -> float:
     c = train.parse_config([f"--{k}={v}" for k, v in config_overrides(sweep, sweep.optimizers[0], rule, 1e-3, False, 0, device).items()]
                            + ["--lwlr_cache_dir=none"])
     torch.manual_seed(c.seed)
-    model = GPT(train.gpt_config(c)).to(device)
+    model = GPT(build.gpt_config(c)).to(device)
     start = time.perf_counter()
-    multipliers.for_config(c, model, train.token_batches(c, "train", "lwlr", model.config), log=lambda *_: None)
+    multipliers.for_config(c, model, build.token_batches(c, "train", "lwlr", model.config), log=lambda *_: None)
     return time.perf_counter() - start
 
 
@@ -221,7 +222,7 @@ def run_one(sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: 
     overrides = config_overrides(sweep, optimizer, rule, lr, residual_scale, seed, device)
     trainer = fresh_trainer(overrides, device)  # the seed's init: the same for every run of this seed
     curve, val_curve, start_loss, diverged = [], [], None, False
-    val_batches = train.token_batches(trainer.c, "val", "val", trainer.raw_model.config) if sweep.heldout else None
+    val_batches = build.token_batches(trainer.c, "val", "val", trainer.raw_model.config) if sweep.heldout else None
     for step in range(sweep.steps):
         _, loss, _, found_inf = trainer.step(step)
         if sweep.heldout and ((step + 1) % sweep.eval_every == 0 or step == sweep.steps - 1):

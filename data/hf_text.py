@@ -16,12 +16,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.tokenfile import TokenFileWriter  # noqa: E402
 from data.tokenizer import VOCAB_SIZE, encode_document  # noqa: E402
+from errors import UserError  # noqa: E402
 
 SLICE_DOCUMENTS = 100_000  # documents tokenized and written at a time: bounds memory, lets --max_tokens stop early
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError):
     """A dataset that cannot be loaded, with what to do about it."""
 
 

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from errors import UserError
+
 MAGIC = 0x4C574C52  # b"RLWL" read as little-endian int32
 VERSION = 1
 HEADER_INTS = 256
@@ -22,7 +24,7 @@ HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 
 
-class TokenFileError(ValueError):
+class TokenFileError(UserError):
     """A token file that is missing, of the wrong format, truncated, or unusable for this model."""
 
 

@@ -7,8 +7,13 @@ import json
 import os
 
 from data.tokenizer import VOCAB_SIZE, gpt2_encoding
+from errors import UserError
 
 VOCAB_FILE = "vocab.json"
+
+
+class VocabularyError(UserError):
+    """A vocab.json that is not one, or text with characters the vocabulary lacks."""
 
 
 class CharVocab:
@@ -20,7 +25,7 @@ class CharVocab:
     def encode(self, text: str) -> list[int]:
         unknown = sorted(set(text) - set(self.index))
         if unknown:
-            raise ValueError(f"characters {unknown!r} are not in this dataset's vocabulary")
+            raise VocabularyError(f"characters {unknown!r} are not in this dataset's vocabulary")
         return [self.index[ch] for ch in text]
 
     def decode(self, ids) -> str:
@@ -54,5 +59,5 @@ def load(data_dir: str):
         if data.get("kind") != "char" or not chars or len(set(chars)) != len(chars) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
             raise ValueError("expected {'kind': 'char', 'chars': [distinct single characters]}")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a vocabulary file ({e})") from None
+        raise VocabularyError(f"{path}: not a vocabulary file ({e})") from None
     return CharVocab(chars)

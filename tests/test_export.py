@@ -45,13 +45,13 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, token_dir):
     scaled = run_export(f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf'}")
     assert scaled.returncode == 2 and "residual_scale is on" in scaled.stderr
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob("hf.tmp-*"))
-    with pytest.raises(ValueError, match="65 tokens, not GPT-2's 50257"):
+    with pytest.raises(hf.PretrainedError, match="65 tokens, not GPT-2's 50257"):
         export.export(GPT(GPTConfig.from_preset("gpt2-tiny", vocab_size=65)), str(tmp_path / "char"))
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("keep me")
     model = GPT(GPTConfig.from_preset("gpt2-tiny"))
-    with pytest.raises(ValueError, match="exists and is not an empty folder"):
+    with pytest.raises(hf.PretrainedError, match="exists and is not an empty folder"):
         export.export(model, str(occupied))
     assert (occupied / "notes.txt").read_text() == "keep me"
     missing = run_export(f"--out_dir={tmp_path / 'none'}", f"--hf_dir={tmp_path / 'hf'}")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, read_log, tiny_run_args
 
+import build
 import checkpoint
 import hf
 import train
@@ -53,9 +54,9 @@ def test_the_first_step_loss_is_transformers_loss_on_the_same_batch(tmp_path, to
     out = tmp_path / "run"
     args = finetune_args(out, token_dir, gpt2_dir, max_steps=1, eval_interval=1)
     assert train.main(args) == 0
-    c = train.pretrained(parse_config(args))
+    c = build.pretrained(parse_config(args))
     rows = c.tokens_per_step // c.block_size  # the step's whole batch, over its accumulation micro-steps
-    x, y = train.token_batches(c, "train", "train", train.gpt_config(c)).get(0, rows, 0, rows, torch.device("cpu"))
+    x, y = build.token_batches(c, "train", "train", build.gpt_config(c)).get(0, rows, 0, rows, torch.device("cpu"))
     with torch.no_grad():
         logits = GPT2LMHeadModel.from_pretrained(str(gpt2_dir)).eval()(x).logits
     expected = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
@@ -106,7 +107,7 @@ def test_a_hub_name_or_a_disagreeing_model_fails_in_one_line(tmp_path, token_dir
     assert "init_from='openai-community/gpt2' is neither auto, resume, scratch nor a local directory" in result.stderr
     assert "download a Hugging Face directory first" in result.stderr
     with pytest.raises(ConfigError, match="model='gpt2-mini' disagrees with init_from=.*, which holds a gpt2-tiny"):
-        train.pretrained(parse_config(finetune_args(tmp_path / "run", token_dir, gpt2_dir, model="gpt2-mini")))
+        build.pretrained(parse_config(finetune_args(tmp_path / "run", token_dir, gpt2_dir, model="gpt2-mini")))
     with pytest.raises(ConfigError, match="block_size=128 exceeds the 64 positions of init_from"):
-        train.pretrained(parse_config(finetune_args(tmp_path / "run", token_dir, gpt2_dir, block_size=128)))
+        build.pretrained(parse_config(finetune_args(tmp_path / "run", token_dir, gpt2_dir, block_size=128)))
     assert not (tmp_path / "run").exists()

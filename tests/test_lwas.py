@@ -76,6 +76,39 @@ def test_step_size_on_a_quadratic_equals_the_closed_form(joint_rescale):
     np.testing.assert_allclose(torch.cat([model.a, model.b]).detach().numpy(), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("joint_rescale", [False, True])
+def test_adamw_lw_step_on_a_quadratic_equals_the_closed_form(joint_rescale):
+    """AdamW-LW's first step: d = AdamW's bias-corrected direction m_hat / (sqrt(v_hat) + eps) = g / (|g| + eps),
+    each block moved by eta alpha_l d_l with alpha_l from the block's own curvature along d_l."""
+    hessian, linear = coupled_quadratic()
+    model = Quadratic(hessian, linear)
+    eta, eps = 1.0, 1e-8
+    optimizer = lwas.AdamWLW(model.parameters(), lr=eta, eps=eps, weight_decay=0.0, warmup_steps=0, beta=0.0, damping=0.0, alpha_max=1e6,
+                             joint_rescale=joint_rescale, backend="torch")
+    # Close to the minimum, where alpha_l nears each block's Newton step along d_l and the coupling
+    # between the blocks makes the joint step overshoot (a scale of 0.69 here).
+    theta = np.linalg.solve(hessian, linear) + 1e-4 * np.array([-1.0, -1.0, -1.0, 1.0, 1.0])
+    with torch.no_grad():
+        model.a.copy_(torch.tensor(theta[:3])), model.b.copy_(torch.tensor(theta[3:]))
+    gradient = hessian @ theta - linear
+    direction = gradient / (np.abs(gradient) + eps)
+    alpha, rho, blocks = hand_step_sizes(hessian, gradient, direction, model.sizes)
+    lrs = eta * alpha
+    if joint_rescale:
+        u = np.concatenate([lrs[i] * direction[s] for i, s in enumerate(blocks)])
+        scale = min(1.0, float(lrs @ rho) / float(u @ hessian @ u))
+        assert scale < 0.75
+        lrs = lrs * scale
+    expected = theta - np.concatenate([lrs[i] * direction[s] for i, s in enumerate(blocks)])
+
+    _, loss = model()
+    loss.backward()
+    optimizer.refresh(lwas.Curvature("exact", model, None, None))
+    optimizer.step()
+    step = torch.cat([model.a, model.b]).detach().numpy() - theta  # the step itself, ~1e-4: not lost in theta's ~1
+    np.testing.assert_allclose(step, expected - theta, rtol=1e-6)
+
+
 def test_averages_are_bias_corrected_emas_over_refreshes():
     hessian, linear = coupled_quadratic()
     model = Quadratic(hessian, linear)

@@ -9,12 +9,13 @@ import pytest
 import torch
 from conftest import ROOT, TEST_DEVICE, tiny_run_args
 
+import build
 import lwlr
 import multipliers
 import optim
 import train
 from model import GPT, GPTConfig
-from train_config import parse_config
+from train_config import ConfigError, parse_config
 
 
 class TwoLayers(torch.nn.Module):
@@ -155,12 +156,12 @@ def test_bad_input_fails_clearly(tmp_path):
     layers = [{"name": n, "shape": list(p.shape), "multiplier": 1.0} for n, p in model.named_parameters()]
     path = tmp_path / "lwlr.json"
     path.write_text(json.dumps({"layers": layers + [{"name": "transformer.h.9.attn.q_proj.weight", "shape": [64, 64], "multiplier": 1.0}]}))
-    with pytest.raises(ValueError, match="lwlr.json: layer\\(s\\) transformer.h.9.attn.q_proj.weight are not in the model"):
+    with pytest.raises(multipliers.LwlrFileError, match="lwlr.json: layer\\(s\\) transformer.h.9.attn.q_proj.weight are not in the model"):
         multipliers.load_multipliers(str(path), model)
     path.write_text(json.dumps({"layers": layers[1:]}))
-    with pytest.raises(ValueError, match="no multiplier for the model's layer\\(s\\) transformer.wte.weight"):
+    with pytest.raises(multipliers.LwlrFileError, match="no multiplier for the model's layer\\(s\\) transformer.wte.weight"):
         multipliers.load_multipliers(str(path), model)
-    with pytest.raises(ValueError, match="lr_rule='adaptive'"):
+    with pytest.raises(ConfigError, match="lr_rule='adaptive'"):
         multipliers.for_config(parse_config(["--lr_rule=adaptive"]), model, None)
 
 
@@ -230,8 +231,8 @@ def test_a_rerun_with_the_same_settings_reuses_the_measurement_and_says_so(tmp_p
         args = tiny_run_args(out, token_dir, **{"lwlr_T": 3, "lwlr_cache_dir": cache, **overrides})
         c = train.parse_config(args)
         torch.manual_seed(c.seed)
-        model = GPT(train.gpt_config(c))
-        measured, _ = multipliers.for_config(c, model, train.token_batches(c, "train", "lwlr", model.config), log=lines.append)
+        model = GPT(build.gpt_config(c))
+        measured, _ = multipliers.for_config(c, model, build.token_batches(c, "train", "lwlr", model.config), log=lines.append)
         return measured, " ".join(lines)
 
     first, log = run("first")
@@ -248,3 +249,21 @@ def test_a_rerun_with_the_same_settings_reuses_the_measurement_and_says_so(tmp_p
     assert "reusing" not in log and remeasured == first  # a damaged cache file is measured over
     rewritten = [path for path in cache.iterdir() if path.read_text().startswith("{\n")]
     assert len(rewritten) == 1 and json.loads(rewritten[0].read_text())["layers"]  # the others stay damaged
+
+
+def test_the_fan_out_measurement_is_a_fan_out_initialized_copy_measured_as_it_is_and_leaves_the_model_untouched():
+    """Algorithm 1 measures a re-initialized copy: the same as re-initializing a copy by hand (the same RNG
+    draws) and measuring it at its own init; the caller's model keeps its weights and gets no gradients."""
+    from model import init_weights
+
+    model = tiny_gpt()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    torch.manual_seed(7)
+    measured = lwlr.measure_grad_mean_abs(model, gpt_batches(3), T=3, init="fan_out")
+    torch.manual_seed(7)
+    by_hand = copy.deepcopy(model)
+    init_weights(by_hand, "fan_out")
+    assert measured == lwlr.measure_grad_mean_abs(by_hand, gpt_batches(3), T=3, init="model")
+    assert measured != lwlr.measure_grad_mean_abs(model, gpt_batches(3), T=3, init="model")  # the re-init mattered
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

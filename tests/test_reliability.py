@@ -184,7 +184,7 @@ def test_a_nan_step_is_skipped_and_logged(tmp_path, token_dir, monkeypatch):
 def test_consecutive_nan_steps_stop_the_run_without_a_checkpoint(tmp_path, token_dir, monkeypatch):
     nan_on_steps(monkeypatch, set(range(5, 100)))
     out = tmp_path / "run"
-    with pytest.raises(FloatingPointError, match="3 consecutive steps .*\\(max_bad_steps=3\\)"):
+    with pytest.raises(train.DivergedError, match="3 consecutive steps .*\\(max_bad_steps=3\\)"):
         train.main(tiny_run_args(out, token_dir, max_steps=20, eval_interval=2, max_bad_steps=3, lr_rule="single"))
     assert checkpoint.complete_steps(str(out)) == [2]  # the last good one; none after the NaNs began
     model, _ = final_state(out, 2)

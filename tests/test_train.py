@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import ROOT, read_log, tiny_run_args, torchrun
 
+import build
 import checkpoint
+import lwlr
 import optim
 import runtime
 import train
@@ -32,12 +34,12 @@ def test_tiny_run_writes_config_log_and_checkpoints(tmp_path, token_dir):
 
 def test_schedule_warmup_cosine_and_constant():
     c = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
-    assert train.lr_at(0, c) == pytest.approx(0.1)
-    assert train.lr_at(9, c) == pytest.approx(1.0)
-    assert train.lr_at(60, c) == pytest.approx(0.1 + 0.5 * 0.9)  # halfway through the cosine
-    assert train.lr_at(110, c) == pytest.approx(0.1)
+    assert build.lr_at(0, c) == pytest.approx(0.1)
+    assert build.lr_at(9, c) == pytest.approx(1.0)
+    assert build.lr_at(60, c) == pytest.approx(0.1 + 0.5 * 0.9)  # halfway through the cosine
+    assert build.lr_at(110, c) == pytest.approx(0.1)
     constant = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, schedule="constant")
-    assert train.lr_at(100, constant) == 1.0
+    assert build.lr_at(100, constant) == 1.0
 
 
 def test_torch_adamw_applies_lr_scale_like_ours():
@@ -131,7 +133,7 @@ def test_sample_reads_the_newest_checkpoint(tmp_path, token_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ROMEO:") and "step-00000003" in result.stderr
     missing = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'none'}"], cwd=ROOT, capture_output=True, text=True)
-    assert missing.returncode == 1 and "holds no complete checkpoint" in missing.stderr
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "holds no complete checkpoint" in missing.stderr
 
 
 def test_bfloat16_autocast_and_torch_compile_compose_with_the_fused_kernels_and_lwlr(tmp_path, token_dir):
@@ -156,10 +158,10 @@ def test_every_shipped_config_parses_and_builds_its_model(name, tmp_path):
     c = parse_config([os.path.join(ROOT, "config", name)])
     if c.init_from not in ("auto", "resume", "scratch"):  # a fine-tuning config: GPT-2's config.json stands in for the directory
         (tmp_path / "config.json").write_text(json.dumps({"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}))
-        c = train.pretrained(parse_config([os.path.join(ROOT, "config", name), f"--init_from={tmp_path}"]))
+        c = build.pretrained(parse_config([os.path.join(ROOT, "config", name), f"--init_from={tmp_path}"]))
         assert c.model == "gpt2"
     with torch.device("meta"):
-        model = GPT(train.gpt_config(c))
+        model = GPT(build.gpt_config(c))
     assert model.config.block_size == (c.block_size or model.config.block_size)
 
 
@@ -184,3 +186,42 @@ def test_the_run_says_first_which_precision_it_chose_and_why(tmp_path, token_dir
     first = capfd.readouterr().out.splitlines()[0]
     assert first.startswith("precision: bf16 autocast, with fp32 weights" if chosen == "bfloat16" else "precision: fp32 (dtype=auto")
     assert read_log(tmp_path / "run", "start")[0]["precision"] == chosen
+
+
+def test_the_schedule_reaches_the_optimizer_at_each_step(tmp_path, token_dir):
+    """Warmup then cosine: the logged lr, the lr in a checkpoint's param groups and the size of AdamW's first
+    update (sign-like: lr * lr_scale per element) all follow build.lr_at, group by group."""
+    args = tiny_run_args(tmp_path / "run", token_dir, max_steps=6, warmup_steps=3, eval_interval=6, lr=1e-2, lr_rule="fan_in",
+                         weight_decay=0.0)
+    assert train.main(args) == 0
+    c = parse_config(args)
+    assert [r["lr"] for r in read_log(tmp_path / "run", "train")] == [build.lr_at(step, c) for step in range(6)]
+    groups = checkpoint.load_tensors(checkpoint.step_dir(str(tmp_path / "run"), 6), "optimizer")["param_groups"]
+    assert {g["lr"] for g in groups} == {build.lr_at(5, c)} and len({g["lr_scale"] for g in groups}) > 1
+    trainer = fresh_trainer(c)
+    before = {name: p.detach().clone() for name, p in trainer.raw_model.named_parameters()}
+    trainer.step(0)
+    for group in trainer.optimizer.param_groups:
+        for name, p in zip(group["names"], group["params"]):
+            if not name.endswith("k_proj.bias"):  # a zero gradient by construction: no step to speak of
+                largest = (p.detach() - before[name]).abs().max().item()
+                assert largest == pytest.approx(build.lr_at(0, c) * group["lr_scale"], rel=1e-3), name
+
+
+def fresh_trainer(c):
+    torch.manual_seed(c.seed)
+    model = GPT(build.gpt_config(c))
+    return train.Trainer(c, runtime.Runtime(0, 0, 1, torch.device("cpu")), model, lwlr.baseline_multipliers(model, c.lr_rule))
+
+
+def test_a_plain_torch_optimizer_trains_with_the_layer_wise_rates():
+    """optim.set_lr gives a torch.optim optimizer, which knows nothing of lr_scale, each group's lr * lr_scale."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    sgd = torch.optim.SGD([{"params": [a], "lr_scale": 0.5}, {"params": [b], "lr_scale": 2.0}], lr=1.0)
+    optim.set_lr(sgd, 0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    sgd.step()
+    assert torch.equal(a.detach(), torch.full((3,), -0.05)) and torch.equal(b.detach(), torch.full((3,), -0.2))
+    ours = optim.AdamW([{"params": [a], "lr_scale": 0.5}], lr=1.0)
+    optim.set_lr(ours, 0.1)
+    assert ours.param_groups[0]["lr"] == 0.1  # ours apply lr_scale in their step: the group keeps the schedule's rate

@@ -1,0 +1,122 @@
+"""What a TrainConfig builds, and nothing else: the data folder, the model's config, batches, the
+accumulation, the learning-rate schedule and the optimizer. train.py, checkpoint.py, multipliers.py,
+sample.py, export.py and bench/ import it; it imports none of them.
+"""
+
+import dataclasses
+import math
+import os
+
+import torch
+
+import hf
+import lwas
+import optim
+from data import vocab
+from data.loader import TokenBatches
+from model import PRESETS, GPTConfig
+from train_config import INIT_MODES, ConfigError, TrainConfig
+
+
+def data_dir(c: TrainConfig) -> str:
+    return c.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", c.dataset)
+
+
+def gpt_config(c: TrainConfig, vocab_size: int | None = None) -> GPTConfig:
+    """The model a config trains: its preset with the dataset's vocabulary (data/vocab.py; GPT-2's unless
+    the data has a vocab.json), block_size, dropout, residual scaling and the loss chunking applied."""
+    if c.model not in PRESETS:
+        raise ConfigError(f"model={c.model!r}: choose a preset of model.py, one of {', '.join(PRESETS)}")
+    vocab_size = vocab_size or vocab.load(data_dir(c)).size
+    config = GPTConfig.from_preset(c.model, vocab_size=vocab_size, dropout=c.dropout, residual_scale=c.residual_scale,
+                                   loss_chunk_rows=c.loss_chunk_rows)
+    block_size = c.block_size or config.block_size
+    if block_size > config.block_size:
+        raise ConfigError(f"block_size={block_size} exceeds the {c.model} preset's {config.block_size}")
+    config.block_size = block_size
+    return config
+
+
+def token_batches(c: TrainConfig, split: str, stream: str, model_config: GPTConfig, subset_batches: int = 0) -> TokenBatches:
+    """Batches over data_dir (or data/<dataset>)/<split>.bin, from the named random stream."""
+    return TokenBatches(os.path.join(data_dir(c), f"{split}.bin"), stream, model_config.block_size, model_config.vocab_size, c.seed, subset_batches)
+
+
+def grad_accumulation(c: TrainConfig, block_size: int, world_size: int) -> int:
+    """Micro-steps per optimizer step: tokens_per_step = micro_batch_size * block_size * grad_accum * world_size."""
+    rows_per_micro_step = c.micro_batch_size * block_size * world_size
+    if c.tokens_per_step % rows_per_micro_step:
+        raise ConfigError(
+            f"tokens_per_step={c.tokens_per_step} is not a multiple of micro_batch_size * block_size * world_size"
+            f" = {c.micro_batch_size} * {block_size} * {world_size} = {rows_per_micro_step}"
+        )
+    return c.tokens_per_step // rows_per_micro_step
+
+
+def lr_at(step: int, c: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine to min_lr at lr_decay_steps (or constant: the overfit runs)."""
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    if c.schedule == "constant":
+        return c.lr
+    decay_steps = c.lr_decay_steps or c.max_steps
+    if step >= decay_steps:
+        return c.min_lr
+    progress = (step - c.warmup_steps) / max(1, decay_steps - c.warmup_steps)
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.lr - c.min_lr)
+
+
+def _lwas_settings(c: TrainConfig) -> dict:
+    settings = dict(beta=c.lw_beta, damping=c.lw_damping, warmup_steps=c.lw_warmup_steps, joint_rescale=c.lw_joint_rescale,
+                    interval=c.lw_interval, curvature=c.lw_curvature, backend=c.optimizer_backend)
+    settings.update({key: value for key, value in (("warmup_lr", c.lw_warmup_lr), ("alpha_max", c.lw_alpha_max)) if value > 0})
+    return settings
+
+
+# name -> its constructor from a config, param groups (each with its lr_scale) and the model's head count.
+# What an optimizer needs around its update (SophiaG's Hessian refresh, LW-AS's curvature pass) it asks
+# for itself through optim.StepHooks: the training step knows no optimizer by name.
+OPTIMIZERS = {
+    "adamw": lambda c, groups, n_head: optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, backend=c.optimizer_backend),
+    "lion": lambda c, groups, n_head: optim.Lion(groups, lr=c.lr, betas=(c.beta1, c.beta2), backend=c.optimizer_backend),
+    "sophiag": lambda c, groups, n_head: optim.SophiaG(groups, lr=c.lr, betas=(c.beta1, c.beta2), rho=c.rho, bs=c.tokens_per_step,
+                                                       hess_interval=c.hess_interval, backend=c.optimizer_backend),
+    "adam_mini": lambda c, groups, n_head: optim.AdamMini(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, n_head=n_head,
+                                                          backend=c.optimizer_backend),
+    "sgdm_lw": lambda c, groups, n_head: lwas.SGDMomentumLW(groups, lr=c.lr, momentum=c.beta1, **_lwas_settings(c)),
+    "adamw_lw": lambda c, groups, n_head: lwas.AdamWLW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, **_lwas_settings(c)),
+    # torch's fused kernel on CPU and CUDA alike: one launch per group, and it honours found_inf
+    "adamw_torch": lambda c, groups, n_head: optim.TorchAdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps),
+}
+
+
+def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int) -> torch.optim.Optimizer:
+    return OPTIMIZERS[c.optimizer](c, groups, n_head)  # TrainConfig's choice() admits only these names
+
+
+def pretrained(c: TrainConfig) -> TrainConfig:
+    """The config of a run that starts from a Hugging Face GPT-2 directory (init_from=PATH): the model
+    preset is the directory's, and lwlr measures at the loaded weights (lwlr_init=model) unless the
+    config sets lwlr_init. Other configs come back as they are."""
+    if c.init_from in INIT_MODES:
+        return c
+    path = c.init_from
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"init_from={path!r} is neither {', '.join(INIT_MODES)} nor a local directory. Nothing is ever downloaded: "
+            "for GPT-2's weights, download a Hugging Face directory first (e.g. `huggingface-cli download openai-community/gpt2 "
+            "--local-dir hf/gpt2`) and pass its path"
+        )
+    try:
+        weights = hf.read_config(path)
+        preset = hf.preset_of(weights)
+    except hf.PretrainedError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    if "model" in c.given and c.model != preset:
+        raise ConfigError(f"model={c.model!r} disagrees with init_from={path}, which holds a {preset}: drop model or make it {preset!r}")
+    dataset_vocab = vocab.load(data_dir(c)).size
+    if weights.vocab_size != dataset_vocab:
+        raise ConfigError(f"init_from={path} has a vocabulary of {weights.vocab_size} tokens, the dataset {data_dir(c)} one of {dataset_vocab}")
+    if c.block_size > weights.block_size:
+        raise ConfigError(f"block_size={c.block_size} exceeds the {weights.block_size} positions of init_from={path}")
+    return dataclasses.replace(c, model=preset, lwlr_init=c.lwlr_init if "lwlr_init" in c.given else "model")
