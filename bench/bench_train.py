@@ -24,28 +24,18 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import RESULTS, fresh_trainer, results_base, sync  # noqa: E402
+from common import RESULTS, fresh_trainer, random_token_dir, results_base, sync  # noqa: E402
 
-from data.tokenfile import write_tokens  # noqa: E402
 from runtime import environment, peak_flops, peak_memory_gib  # noqa: E402
 
 # (optimizer, lr_rule, LW-AS curvature or "")
 ROWS = (("adamw", "single", ""), ("adamw", "lwlr", ""), ("lion", "lwlr", ""), ("sophiag", "lwlr", ""),
         ("adamw_lw", "single", "gauss_newton"), ("adamw_lw", "single", "rademacher"), ("adamw_torch", "single", ""))
-
-
-def random_token_dir(vocab_size: int) -> str:
-    path = tempfile.mkdtemp(prefix="bench-train-")
-    ids = np.random.default_rng(0).integers(0, vocab_size, 1 << 21)
-    write_tokens(os.path.join(path, "train.bin"), ids, vocab_size)
-    return path
 
 
 def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> list[dict]:
@@ -126,6 +116,7 @@ def main(argv=None):
     parser.add_argument("--block_size", type=int, default=None, help="default 1024 on CUDA, 128 on CPU")
     parser.add_argument("--micro_batch_size", type=int, default=None, help="default 16 on CUDA, 8 on CPU")
     parser.add_argument("--grad_accum", type=int, default=1)
+    parser.add_argument("--vocab_size", type=int, default=50257, help="random ids over this many tokens (82: the char-level config's)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (rounded up to whole refresh intervals for SophiaG and LW-AS)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--compile", default="auto", help="auto (on for CUDA) | true | false")
@@ -145,7 +136,7 @@ def main(argv=None):
     models = args.models or (["gpt2", "gpt2-large"] if cuda else ["gpt2-mini"])
     rows_wanted = [(*r.split(":"), "")[:3] for r in args.rows] if args.rows else ROWS
     env = environment(device)
-    data_dir = random_token_dir(50257)
+    data_dir = random_token_dir(args.vocab_size)
     rows = []
     for preset in models:
         for optimizer, rule, curvature in rows_wanted:

@@ -2,12 +2,16 @@
 built straight from config overrides."""
 
 import os
+import tempfile
 
+import numpy as np
 import torch
 
 import build
 import multipliers
 import train
+from data import vocab
+from data.tokenfile import write_tokens
 from model import GPT
 from runtime import Runtime
 
@@ -25,6 +29,19 @@ def results_base(out_dir: str, kind: str, device_name: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in device_name.lower()).strip("-")
     return os.path.join(out_dir, f"{kind}-{slug}")
+
+
+def random_token_dir(vocab_size: int, path: str | None = None, train_tokens: int = 1 << 21) -> str:
+    """train.bin and val.bin of uniformly random ids (speed does not depend on the data), and a vocab.json
+    of vocab_size characters unless that is GPT-2's vocabulary, so a run sizes its embedding from it."""
+    path = path or tempfile.mkdtemp(prefix="bench-data-")
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    write_tokens(os.path.join(path, "train.bin"), rng.integers(0, vocab_size, train_tokens), vocab_size)
+    write_tokens(os.path.join(path, "val.bin"), rng.integers(0, vocab_size, train_tokens // 10), vocab_size)
+    if vocab_size != vocab.GPT2Vocab.size:
+        vocab.save_chars(path, [chr(0x100 + i) for i in range(vocab_size)])
+    return path
 
 
 def fresh_trainer(overrides: dict, device: torch.device) -> train.Trainer:

@@ -36,8 +36,9 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from common import random_token_dir  # noqa: E402
+
 from data import vocab  # noqa: E402
-from data.tokenfile import write_tokens  # noqa: E402
 
 OPTIMIZERS = ("adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch")
 # Each optimizer at a rate of its own scale, with its refresh (SophiaG's Hessian, LW-AS's step sizes)
@@ -48,17 +49,6 @@ SETTINGS = {
     "adamw_lw": dict(lr=0.1, lw_interval=2, lw_warmup_steps=2),
 }
 MAX_DEVIATION = 0.05  # |W_B - W_A| / |W_A - W_half| where bitwise equality is not required (see above)
-
-
-def make_data(path: str, vocab_size: int) -> str:
-    """Random token files, and a vocabulary of vocab_size characters unless it is GPT-2's."""
-    os.makedirs(path, exist_ok=True)
-    rng = np.random.default_rng(0)
-    write_tokens(os.path.join(path, "train.bin"), rng.integers(0, vocab_size, 200_000), vocab_size)
-    write_tokens(os.path.join(path, "val.bin"), rng.integers(0, vocab_size, 20_000), vocab_size)
-    if vocab_size != vocab.GPT2Vocab.size:
-        vocab.save_chars(path, [chr(0x100 + i) for i in range(vocab_size)])
-    return path
 
 
 def train_args(args, optimizer: str, out_dir: str, data_dir: str) -> list[str]:
@@ -159,7 +149,7 @@ def main(argv=None) -> int:
         parser.error("--steps must be even and at least 2")
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="runs-", dir=args.out)
-    data_dir = make_data(os.path.join(work, "data"), args.vocab_size)
+    data_dir = random_token_dir(args.vocab_size, os.path.join(work, "data"), train_tokens=200_000)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         records = list(pool.map(lambda name: check(args, name, data_dir, work), args.optimizers))
     for r in records:
