@@ -25,6 +25,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows, vocab = hidden.shape[0], weight.shape[0]
         padded = -vocab // PAD_ROWS_TO * -PAD_ROWS_TO
         weight_padded = F.pad(weight, (0, 0, 0, padded - vocab))  # (padded, C), zero rows past vocab
+        if torch.is_autocast_enabled(hidden.device.type):
+            # Cast once: autocast would cast this non-leaf weight (6.4M elements for GPT-2) again at each of
+            # the three matmuls of every chunk.
+            weight_padded = weight_padded.to(torch.get_autocast_dtype(hidden.device.type))
         wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least: bf16 logits and sums would round
         valid = targets != -1

@@ -35,7 +35,7 @@ import lwas
 import multipliers
 import optim
 import outdir
-from build import build_optimizer, gpt_config, grad_accumulation, lr_at, pretrained, token_batches
+from build import build_optimizer, compiles, gpt_config, grad_accumulation, lr_at, pretrained, token_batches
 from data.loader import TokenBatches
 from loss import sampled_label_loss
 from model import GPT
@@ -150,7 +150,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
             torch.backends.cudnn.allow_tf32 = True
         self.model = model
-        if c.compile == "true" or (c.compile == "auto" and rt.device.type == "cuda"):
+        self.compiled, self.compile_reason = compiles(c, rt.device, model.config.vocab_size)
+        if self.compiled:
             self.model = torch.compile(self.model)
         if rt.distributed:
             self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
@@ -397,8 +398,9 @@ def run(c: TrainConfig, rt, stop: StopRequest) -> int:
         f" * {model.config.block_size} block * {trainer.grad_accum} accum * {rt.world_size} ranks"
         f" | {len(trainer.optimizer.param_groups)} param groups | {rt.device}"
     )
+    rt.print0(f"torch.compile: {'on' if trainer.compiled else 'off'} ({trainer.compile_reason})")
     log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device),
-                         "grad_accum": trainer.grad_accum, "precision": chosen})
+                         "grad_accum": trainer.grad_accum, "precision": chosen, "compiled": trainer.compiled})
 
     stats = StepStats(rt, c, model.flops_per_token() * c.tokens_per_step)
     first_step = step

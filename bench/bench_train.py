@@ -46,7 +46,8 @@ def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> lis
     overrides = dict(
         model=preset, block_size=args.block_size, micro_batch_size=args.micro_batch_size,
         tokens_per_step=args.micro_batch_size * args.block_size * args.grad_accum, optimizer=optimizer, lr_rule=rule,
-        lwlr_T=1, lwlr_cache_dir="none", data_dir=data_dir, device=str(device), compile=args.compile, hess_interval=10, warmup_steps=1,
+        lwlr_T=1, lwlr_cache_dir="none", data_dir=data_dir, device=str(device),
+        compile=args.compile if args.compile != "auto" else ("true" if device.type == "cuda" else "false"), hess_interval=10, warmup_steps=1,
         max_steps=10**6, **({"lw_curvature": curvature} if curvature else {}),
     )
     # The lwlr measurement is not timed: once per run.
