@@ -47,6 +47,11 @@ from loss import sampled_label_loss
 CURVATURES = ("gauss_newton", "rademacher", "exact")
 
 
+def check_curvature(kind: str) -> None:
+    if kind not in CURVATURES:
+        raise ValueError(f"curvature={kind!r}: choose one of {', '.join(CURVATURES)}")
+
+
 class Curvature:
     """One refresh's curvature along the layers' directions d_l, on one batch (x, y) of `model`, whose
     forward(x, y) returns (logits, mean loss).
@@ -68,8 +73,7 @@ class Curvature:
     """
 
     def __init__(self, kind: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx=None, reduce=None):
-        if kind not in CURVATURES:
-            raise ValueError(f"curvature={kind!r}: choose one of {', '.join(CURVATURES)}")
+        check_curvature(kind)
         self.kind, self.model, self.x, self.y = kind, model, x, y
         self.ctx = ctx if ctx is not None else nullcontext()
         self.reduce = reduce or (lambda t: t)
@@ -170,8 +174,7 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if interval < 1:
             raise ValueError(f"interval must be >= 1, got {interval}")
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature={curvature!r}: choose one of {', '.join(CURVATURES)}")
+        check_curvature(curvature)  # at construction, not at the first refresh
         super().__init__(params, defaults, backend)
         self.warmup_lr, self.alpha_max, self.beta, self.damping = warmup_lr, alpha_max, beta, damping
         self.warmup_steps, self.joint_rescale, self.interval, self.curvature = warmup_steps, joint_rescale, interval, curvature

@@ -337,11 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     model_config = gpt_config(c)  # every check that can fail runs before out_dir is touched
     grad_accumulation(c, model_config.block_size, rt.world_size)
     token_batches(c, "train", "train", model_config)
-    token_batches(c, "val", "val", model_config)
+    val_batches = token_batches(c, "val", "val", model_config)
     prepare_out_dir(c)
     try:
         with exclusive_out_dir(c, rt):
-            return run(c, rt, stop)
+            return run(c, rt, stop, val_batches)
     except Preempted as signal_name:
         rt.print0(f"{signal_name} before the first log step: stopped at once, nothing saved; the same command starts "
                   "again")
@@ -375,12 +375,11 @@ def exclusive_out_dir(c: TrainConfig, rt):
         yield
 
 
-def run(c: TrainConfig, rt, stop: StopRequest) -> int:
+def run(c: TrainConfig, rt, stop: StopRequest, val_batches: TokenBatches) -> int:
     """The run in an out_dir this process holds: start or resume, train, evaluate, save."""
     chosen, why = precision(rt.device, c.dtype)
     said = "bf16 autocast, with fp32 weights, gradients, optimizer states and loss" if chosen == "bfloat16" else "fp32"
     rt.print0(f"precision: {said} ({why})")
-    val_batches = token_batches(c, "val", "val", gpt_config(c))
     model, lr_multipliers, optimizer_state, step = start(c, rt)
     trainer = Trainer(c, rt, model, lr_multipliers, optimizer_state)
     if rt.is_main:

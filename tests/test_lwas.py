@@ -48,6 +48,30 @@ def hand_step_sizes(hessian, gradient, direction, sizes):
     return rho / (delta * (delta + rho)), rho, blocks
 
 
+def first_step_by_hand(hessian, gradient, direction, sizes, eta, joint_rescale):
+    """LW-AS's first step: block l moves by -eta alpha_l d_l, every alpha scaled by the joint rescale
+    c = min(1, g.u / u.H.u) with u = (eta alpha_l d_l) where it is on (asserted to act)."""
+    alpha, rho, blocks = hand_step_sizes(hessian, gradient, direction, sizes)
+    lrs = eta * alpha
+    if joint_rescale:
+        u = np.concatenate([lrs[i] * direction[s] for i, s in enumerate(blocks)])
+        scale = min(1.0, float(lrs @ rho) / float(u @ hessian @ u))
+        assert scale < 0.75
+        lrs = lrs * scale
+    return -np.concatenate([lrs[i] * direction[s] for i, s in enumerate(blocks)])
+
+
+def first_step(model, optimizer, theta):
+    """The step the optimizer takes from theta with exact block curvature."""
+    with torch.no_grad():
+        model.a.copy_(torch.tensor(theta[:3])), model.b.copy_(torch.tensor(theta[3:]))
+    _, loss = model()
+    loss.backward()
+    optimizer.refresh(lwas.Curvature("exact", model, None, None))
+    optimizer.step()
+    return torch.cat([model.a, model.b]).detach().numpy() - theta
+
+
 @pytest.mark.parametrize("joint_rescale", [False, True])
 def test_step_size_on_a_quadratic_equals_the_closed_form(joint_rescale):
     hessian, linear = coupled_quadratic()
@@ -57,23 +81,9 @@ def test_step_size_on_a_quadratic_equals_the_closed_form(joint_rescale):
     # Near the minimum rho_l / delta_l is small, so alpha_l is close to each block's own Newton step, and
     # the blocks' coupling (the layers move against each other) makes the joint step overshoot.
     theta = np.linalg.solve(hessian, linear) + 0.01 * np.array([1.0, 1.0, 1.0, -1.0, -1.0])
-    with torch.no_grad():
-        model.a.copy_(torch.tensor(theta[:3])), model.b.copy_(torch.tensor(theta[3:]))
     gradient = hessian @ theta - linear  # the first step: the momentum buffer is the gradient, d = g
-    alpha, rho, blocks = hand_step_sizes(hessian, gradient, gradient, model.sizes)
-    lrs = 1.0 * alpha
-    if joint_rescale:
-        u = np.concatenate([lrs[i] * gradient[s] for i, s in enumerate(blocks)])
-        scale = min(1.0, float(lrs @ rho) / float(u @ hessian @ u))
-        assert scale < 0.75
-        lrs = lrs * scale
-    expected = theta - np.concatenate([lrs[i] * gradient[s] for i, s in enumerate(blocks)])
-
-    _, loss = model()
-    loss.backward()
-    optimizer.refresh(lwas.Curvature("exact", model, None, None))
-    optimizer.step()
-    np.testing.assert_allclose(torch.cat([model.a, model.b]).detach().numpy(), expected, rtol=1e-6)
+    expected = theta + first_step_by_hand(hessian, gradient, gradient, model.sizes, 1.0, joint_rescale)
+    np.testing.assert_allclose(theta + first_step(model, optimizer, theta), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("joint_rescale", [False, True])
@@ -88,25 +98,10 @@ def test_adamw_lw_step_on_a_quadratic_equals_the_closed_form(joint_rescale):
     # Close to the minimum, where alpha_l nears each block's Newton step along d_l and the coupling
     # between the blocks makes the joint step overshoot (a scale of 0.69 here).
     theta = np.linalg.solve(hessian, linear) + 1e-4 * np.array([-1.0, -1.0, -1.0, 1.0, 1.0])
-    with torch.no_grad():
-        model.a.copy_(torch.tensor(theta[:3])), model.b.copy_(torch.tensor(theta[3:]))
     gradient = hessian @ theta - linear
-    direction = gradient / (np.abs(gradient) + eps)
-    alpha, rho, blocks = hand_step_sizes(hessian, gradient, direction, model.sizes)
-    lrs = eta * alpha
-    if joint_rescale:
-        u = np.concatenate([lrs[i] * direction[s] for i, s in enumerate(blocks)])
-        scale = min(1.0, float(lrs @ rho) / float(u @ hessian @ u))
-        assert scale < 0.75
-        lrs = lrs * scale
-    expected = theta - np.concatenate([lrs[i] * direction[s] for i, s in enumerate(blocks)])
-
-    _, loss = model()
-    loss.backward()
-    optimizer.refresh(lwas.Curvature("exact", model, None, None))
-    optimizer.step()
-    step = torch.cat([model.a, model.b]).detach().numpy() - theta  # the step itself, ~1e-4: not lost in theta's ~1
-    np.testing.assert_allclose(step, expected - theta, rtol=1e-6)
+    expected = first_step_by_hand(hessian, gradient, gradient / (np.abs(gradient) + eps), model.sizes, eta, joint_rescale)
+    # The step itself (~1e-4), so that it is not lost in theta's ~1.
+    np.testing.assert_allclose(first_step(model, optimizer, theta), expected, rtol=1e-6)
 
 
 def test_averages_are_bias_corrected_emas_over_refreshes():
