@@ -32,7 +32,9 @@ def gpt_config(c: TrainConfig, vocab_size: int | None = None) -> GPTConfig:
     config = GPTConfig.from_preset(c.model, vocab_size=vocab_size, dropout=c.dropout, residual_scale=c.residual_scale,
                                    loss_chunk_rows=c.loss_chunk_rows)
     block_size = c.block_size or config.block_size
-    if block_size > config.block_size:
+    # A pretrained directory's own positions govern a fine-tune (pretrained() checked block_size against them).
+    from_preset = c.init_from in INIT_MODES
+    if from_preset and block_size > config.block_size:
         raise ConfigError(f"block_size={block_size} exceeds the {c.model} preset's {config.block_size}")
     config.block_size = block_size
     return config
@@ -41,6 +43,32 @@ def gpt_config(c: TrainConfig, vocab_size: int | None = None) -> GPTConfig:
 def token_batches(c: TrainConfig, split: str, stream: str, model_config: GPTConfig, subset_batches: int = 0) -> TokenBatches:
     """Batches over data_dir (or data/<dataset>)/<split>.bin, from the named random stream."""
     return TokenBatches(os.path.join(data_dir(c), f"{split}.bin"), stream, model_config.block_size, model_config.vocab_size, c.seed, subset_batches)
+
+
+def fit_micro_batch(c: TrainConfig, block_size: int, world_size: int, say=print) -> TrainConfig:
+    """The config with the largest micro_batch_size, up to the configured one, that splits tokens_per_step
+    evenly over world_size processes, so that one config runs unchanged under torchrun on any number
+    of processes its global batch allows (nanoGPT's habit: the global batch stays, the accumulation
+    adapts). A change is said; a global batch that no micro-batch splits is a ConfigError naming the
+    values that would."""
+    rows_per_rank, remainder = divmod(c.tokens_per_step, block_size * world_size)
+    if remainder or rows_per_rank == 0:
+        unit = block_size * world_size
+        lower = c.tokens_per_step - c.tokens_per_step % unit
+        nearest = " or ".join(f"{t:,}" for t in (lower, lower + unit) if t > 0)
+        counts = [n for n in range(1, 17) if c.tokens_per_step % (block_size * n) == 0]
+        processes = f"; or run on {', '.join(map(str, counts))} processes" if counts else ""
+        raise ConfigError(f"tokens_per_step={c.tokens_per_step:,} cannot be split over {world_size} processes of sequences of "
+                          f"block_size={block_size}: it must be a multiple of block_size * processes = {unit:,}. "
+                          f"tokens_per_step={nearest} would{processes}")
+    micro = max(m for m in range(1, min(c.micro_batch_size, rows_per_rank) + 1) if rows_per_rank % m == 0)
+    if micro == c.micro_batch_size:
+        return c
+    say(f"batch: micro_batch_size {c.micro_batch_size} -> {micro}, so that tokens_per_step={c.tokens_per_step:,} splits over "
+        f"{world_size} processes: {micro} batch * {block_size} block * {rows_per_rank // micro} accum * {world_size} processes")
+    fitted = dataclasses.replace(c, micro_batch_size=micro, lw_micro_batch_size=min(c.lw_micro_batch_size, micro))
+    fitted.given = c.given
+    return fitted
 
 
 def grad_accumulation(c: TrainConfig, block_size: int, world_size: int) -> int:
@@ -69,7 +97,7 @@ def lr_at(step: int, c: TrainConfig) -> float:
 
 def _lwas_settings(c: TrainConfig) -> dict:
     settings = dict(beta=c.lw_beta, damping=c.lw_damping, warmup_steps=c.lw_warmup_steps, joint_rescale=c.lw_joint_rescale,
-                    interval=c.lw_interval, curvature=c.lw_curvature, backend=c.optimizer_backend)
+                    interval=c.lw_interval, curvature=c.lw_curvature)
     settings.update({key: value for key, value in (("warmup_lr", c.lw_warmup_lr), ("alpha_max", c.lw_alpha_max)) if value > 0})
     return settings
 
@@ -78,16 +106,20 @@ def _lwas_settings(c: TrainConfig) -> dict:
 # What an optimizer needs around its update (SophiaG's Hessian refresh, LW-AS's curvature pass) it asks
 # for itself through optim.StepHooks: the training step knows no optimizer by name.
 OPTIMIZERS = {
-    "adamw": lambda c, groups, n_head: optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, backend=c.optimizer_backend),
-    "lion": lambda c, groups, n_head: optim.Lion(groups, lr=c.lr, betas=(c.beta1, c.beta2), backend=c.optimizer_backend),
-    "sophiag": lambda c, groups, n_head: optim.SophiaG(groups, lr=c.lr, betas=(c.beta1, c.beta2), rho=c.rho, bs=c.tokens_per_step,
-                                                       hess_interval=c.hess_interval, backend=c.optimizer_backend),
-    "adam_mini": lambda c, groups, n_head: optim.AdamMini(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, n_head=n_head,
-                                                          backend=c.optimizer_backend),
-    "sgdm_lw": lambda c, groups, n_head: lwas.SGDMomentumLW(groups, lr=c.lr, momentum=c.beta1, **_lwas_settings(c)),
-    "adamw_lw": lambda c, groups, n_head: lwas.AdamWLW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, **_lwas_settings(c)),
+    "adamw": lambda c, groups, n_head, backend: optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
+                                                            backend=backend),
+    "lion": lambda c, groups, n_head, backend: optim.Lion(groups, lr=c.lr, betas=(c.beta1, c.beta2), backend=backend),
+    "sophiag": lambda c, groups, n_head, backend: optim.SophiaG(groups, lr=c.lr, betas=(c.beta1, c.beta2), rho=c.rho,
+                                                                bs=c.tokens_per_step, hess_interval=c.hess_interval,
+                                                                backend=backend),
+    "adam_mini": lambda c, groups, n_head, backend: optim.AdamMini(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
+                                                                   n_head=n_head, backend=backend),
+    "sgdm_lw": lambda c, groups, n_head, backend: lwas.SGDMomentumLW(groups, lr=c.lr, momentum=c.beta1,
+                                                                     **_lwas_settings(c), backend=backend),
+    "adamw_lw": lambda c, groups, n_head, backend: lwas.AdamWLW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
+                                                                **_lwas_settings(c), backend=backend),
     # torch's fused kernel on CPU and CUDA alike: one launch per group, and it honours found_inf
-    "adamw_torch": lambda c, groups, n_head: optim.TorchAdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps),
+    "adamw_torch": lambda c, groups, n_head, backend: optim.TorchAdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps),
 }
 
 
@@ -113,22 +145,31 @@ def compiles(c: TrainConfig, device: torch.device, vocab_size: int) -> tuple[boo
     return True, "compile=auto on a CPU: a GPT-2-sized output layer over 200+ steps repays its ~45 s"
 
 
-def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int) -> torch.optim.Optimizer:
-    return OPTIMIZERS[c.optimizer](c, groups, n_head)  # TrainConfig's choice() admits only these names
+def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int, backend: str | None = None) -> torch.optim.Optimizer:
+    """The config's optimizer over groups; backend (triton | torch, kernel_check.choose_backend's choice) or the
+    config's optimizer_backend."""
+    return OPTIMIZERS[c.optimizer](c, groups, n_head, backend or c.optimizer_backend)  # choice() admits only these names
+
+
+# A fine-tune's lwlr measurement: T=10 batches unless lwlr_T is given. In the ablation (docs/findings.md,
+# ablations-cpu) T=1 and T=10 gave the multipliers and val loss of T=100 at a tenth of the cost or less,
+# and a pretrained model's backward is the expensive part of a short fine-tune.
+FINETUNE_LWLR_T = 10
 
 
 def pretrained(c: TrainConfig) -> TrainConfig:
-    """The config of a run that starts from a Hugging Face GPT-2 directory (init_from=PATH): the model
-    preset is the directory's, and lwlr measures at the loaded weights (lwlr_init=model) unless the
-    config sets lwlr_init. Other configs come back as they are."""
+    """The config of a run that starts from a Hugging Face GPT-2 directory (init_from=PATH): the model's
+    shape and positions are the directory's (block_size 0 takes all of them), lwlr measures at the loaded
+    weights (lwlr_init=model) over FINETUNE_LWLR_T batches, unless the config sets lwlr_init or lwlr_T.
+    Other configs come back as they are."""
     if c.init_from in INIT_MODES:
         return c
     path = c.init_from
     if not os.path.isdir(path):
         raise ConfigError(
             f"init_from={path!r} is neither {', '.join(INIT_MODES)} nor a local directory. Nothing is ever downloaded: "
-            "for GPT-2's weights, download a Hugging Face directory first (e.g. `huggingface-cli download openai-community/gpt2 "
-            "--local-dir hf/gpt2`) and pass its path"
+            "for GPT-2's weights, download a Hugging Face directory first (`hf download openai-community/gpt2 --local-dir "
+            "hf/gpt2`, from huggingface_hub; versions before 0.34 call it `huggingface-cli download`) and pass its path"
         )
     try:
         weights = hf.read_config(path)
@@ -142,4 +183,8 @@ def pretrained(c: TrainConfig) -> TrainConfig:
         raise ConfigError(f"init_from={path} has a vocabulary of {weights.vocab_size} tokens, the dataset {data_dir(c)} one of {dataset_vocab}")
     if c.block_size > weights.block_size:
         raise ConfigError(f"block_size={c.block_size} exceeds the {weights.block_size} positions of init_from={path}")
-    return dataclasses.replace(c, model=preset, lwlr_init=c.lwlr_init if "lwlr_init" in c.given else "model")
+    fine_tune = dataclasses.replace(c, model=preset, block_size=c.block_size or weights.block_size,
+                                    lwlr_init=c.lwlr_init if "lwlr_init" in c.given else "model",
+                                    lwlr_T=c.lwlr_T if "lwlr_T" in c.given else FINETUNE_LWLR_T)
+    fine_tune.given = c.given
+    return fine_tune

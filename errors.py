@@ -9,3 +9,6 @@ class UserError(Exception):
     """Something the user can fix, said in one line that names the file or key and what to do."""
 
     exit_code = 2
+    # A config's errors come out the same on every torchrun rank: rank 0 alone says them, instead of one
+    # copy per process. Errors of files and folders may differ between ranks (and hosts), so all say them.
+    same_on_every_rank = False

@@ -26,7 +26,8 @@ import outdir
 from build import gpt_config, token_batches
 from lwlr import baseline_multipliers, measure_grad_mean_abs, multipliers_from_grads, numels_of
 from model import GPT
-from runtime import autocast, init_runtime, run_main
+from progress import Progress, counted
+from runtime import autocast, cache_dir, init_runtime, run_main
 from errors import UserError
 from train_config import INIT_MODES, ConfigError, parse_config
 
@@ -150,7 +151,8 @@ def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float]
     mine = (batches.get(t, c.micro_batch_size, 0, c.micro_batch_size, device) for t in range(rank, c.lwlr_T, world))
     log(f"lwlr: measuring each layer's mean |gradient| at init ({c.lwlr_init}) over T={c.lwlr_T} batches ...")
     start = time.perf_counter()
-    grads = measure_grad_mean_abs(model, mine, c.lwlr_T, c.lwlr_init, ctx)
+    with Progress("lwlr", len(range(rank, c.lwlr_T, world)), "batches", enabled=rank == 0) as progress:
+        grads = measure_grad_mean_abs(model, counted(mine, progress), c.lwlr_T, c.lwlr_init, ctx)
     seconds = time.perf_counter() - start
     multipliers = multipliers_from_grads(grads, numels_of(model), c.lwlr_power)
     log(f"lwlr: measured {len(grads)} layers over T={c.lwlr_T} batches of {c.micro_batch_size} in {seconds:.1f} s")
@@ -171,9 +173,7 @@ def measurement_cache_path(c, model, data_path: str, ctx) -> str | None:
     precision. None when lwlr_cache_dir=none. The measurement is deterministic given these."""
     if c.lwlr_cache_dir == "none":
         return None
-    directory = c.lwlr_cache_dir
-    if directory == "auto":
-        directory = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lwlr")
+    directory = cache_dir() if c.lwlr_cache_dir == "auto" else c.lwlr_cache_dir
     stat = os.stat(data_path)
     precision = str(ctx.fast_dtype) if isinstance(ctx, torch.autocast) else "torch.float32"
     settings = {"version": CACHE_VERSION, "model": dataclasses.asdict(model.config), "data": [os.path.realpath(data_path), stat.st_size, stat.st_mtime_ns],

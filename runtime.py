@@ -74,6 +74,12 @@ def init_runtime(device: str = "auto") -> Runtime:
     return Runtime(rank, local_rank, world_size, run_device, distributed=True)
 
 
+def cache_dir() -> str:
+    """Where measurements that depend only on their inputs are kept between runs (lwlr multipliers, the
+    kernel self-check): $XDG_CACHE_HOME/lwlr or ~/.cache/lwlr."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lwlr")
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX-BF16), as torch's cpuinfo sees it.
     Elsewhere bf16 on a CPU is emulated through fp32 conversions and runs slower than fp32 itself."""
@@ -152,8 +158,9 @@ def run_main(main) -> None:
     try:
         code = main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = getattr(e, "exit_code", 2)
+        if not (e.same_on_every_rank and int(os.environ.get("RANK", "0")) != 0):
+            print(f"error: {e}", file=sys.stderr)
+        code = e.exit_code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

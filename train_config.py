@@ -6,6 +6,7 @@ the wrong type fail with a message naming the file or flag. `--help` lists every
 """
 
 import dataclasses
+import difflib
 import json
 import math
 import runpy
@@ -20,6 +21,8 @@ from errors import UserError
 
 class ConfigError(UserError):
     """A config file or flag that names an unknown key, has a wrong type or an inconsistent value."""
+
+    same_on_every_rank = True
 
 
 INIT_MODES = ("auto", "resume", "scratch")  # init_from's values other than a pretrained directory
@@ -69,7 +72,12 @@ class TrainConfig:
                             help="adamw | lion | sophiag | adam_mini (optim.py) | sgdm_lw | adamw_lw (LW-AS, "
                                  "lwas.py) | adamw_torch (torch.optim.AdamW fused, the baseline)")
     optimizer_backend: str = choice("auto", "triton", "torch",
-                                    help="auto (triton on CUDA, torch elsewhere) | triton | torch")
+                                    help="auto (triton on CUDA once its self-check passes, torch elsewhere) | triton | "
+                                         "torch")
+    kernel_check: str = choice("auto", "force", "off",
+                               help="self-check the optimizer's Triton kernels against its torch path before the first "
+                                    "step (kernel_check.py): auto (on CUDA; a pass is cached) | force (also on a CPU "
+                                    "under TRITON_INTERPRET=1, where auto then means triton) | off")
     lr: float = at_least(0.0, 2e-3, help="peak learning rate of the global schedule (the small default model takes a "
                          "large one); sgdm_lw, adamw_lw: the multiplier eta on their step sizes (try 1.0)")
     min_lr: float = at_least(0.0, 2e-4, help="end of the cosine decay (nanoGPT: lr / 10)")
@@ -170,10 +178,37 @@ def help_text() -> str:
     return "usage: [config/FILE.py ...] [--key=value ...]\n\nkeys:\n" + "\n".join(rows)
 
 
+# nanoGPT's config names, which its users type from habit, and what each is called here.
+NANOGPT_NAMES = {
+    "max_iters": "max_steps",
+    "learning_rate": "lr",
+    "batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "tokens_per_step (the global batch in tokens, batch_size * block_size * "
+                                   "gradient_accumulation_steps * processes; the accumulation follows from it)",
+    "eval_iters": "eval_steps",
+    "warmup_iters": "warmup_steps",
+    "lr_decay_iters": "lr_decay_steps",
+    "decay_lr": "schedule (decay_lr=False is schedule=constant)",
+    "wandb_log": "logger (wandb_log=True is logger=wandb)",
+    "always_save_checkpoint": "eval_interval (every evaluation saves a checkpoint)",
+    "n_layer": "model (a preset of model.py sets n_layer, n_head and n_embd)",
+    "n_head": "model (a preset of model.py sets n_layer, n_head and n_embd)",
+    "n_embd": "model (a preset of model.py sets n_layer, n_head and n_embd)",
+}
+
+
+def suggestion(unknown: str) -> str:
+    """'did you mean ...? ' for an unknown key: nanoGPT's name for one of ours, or the closest key."""
+    if unknown in NANOGPT_NAMES:
+        return f"nanoGPT's {unknown} is {NANOGPT_NAMES[unknown]} here; "
+    close = difflib.get_close_matches(unknown, FIELDS, n=1, cutoff=0.6)
+    return f"did you mean {close[0]}? " if close else ""
+
+
 def coerce(key: str, value, source: str):
     """value (a string from the command line, or a Python value from a file) as the field's type."""
     if key not in FIELDS:
-        raise ConfigError(f"{source}: unknown config key {key!r}; see --help for the keys")
+        raise ConfigError(f"{source}: unknown config key {key!r}; {suggestion(key)}see --help for the keys")
     kind = FIELDS[key].type
     if isinstance(value, str) and kind is not str:
         text = value.strip()

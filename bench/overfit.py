@@ -48,6 +48,7 @@ import multipliers  # noqa: E402
 import train  # noqa: E402
 from common import fresh_trainer  # noqa: E402
 from model import GPT  # noqa: E402
+from progress import duration  # noqa: E402
 from overfit_report import write_all, write_depth_table  # noqa: E402
 from runtime import environment  # noqa: E402
 
@@ -328,6 +329,8 @@ def run_sweep(sweep: Sweep, out_dir: str, device: torch.device) -> dict:
     results["env"] = environment(device)
     points = [(o, r, lr, rs, s) for o in sweep.optimizers for r in sweep.rules for lr in sweep.lrs[o]
               for rs in sweep.residual_scales for s in sweep.seeds]
+    to_run = sum(run_key(*point) not in results["runs"] for point in points)
+    ran_seconds, ran = 0.0, 0
     for i, point in enumerate(points):
         key = run_key(*point)
         if key in results["runs"]:
@@ -338,8 +341,11 @@ def run_sweep(sweep: Sweep, out_dir: str, device: torch.device) -> dict:
         run["seconds"] = time.perf_counter() - start
         results["runs"][key] = run
         save_results(path, results)
+        ran_seconds, ran = ran_seconds + run["seconds"], ran + 1
         outcome = "diverged" if run["diverged"] else f"final loss {run['final_loss']:.4f}"
-        print(f"[{i + 1}/{len(points)}] {key}: {outcome} ({run['seconds']:.0f} s)", flush=True)
+        left = duration(ran_seconds / ran * (to_run - ran))
+        print(f"[{i + 1}/{len(points)}] {key}: {outcome} ({run['seconds']:.0f} s) | {to_run - ran} to run, about {left} left",
+              flush=True)
     costs = results.setdefault("measurement_seconds", {})
     for rule in sweep.rules:
         if parse_rule(rule)[0] == "lwlr" and rule not in costs:

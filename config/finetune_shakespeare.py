@@ -1,14 +1,15 @@
 # Fine-tune GPT-2 (any size) on Shakespeare's plays, nanoGPT's recipe: a small constant rate, a few
 # hundred steps, evaluation often. Starts from a local Hugging Face GPT-2 directory; nothing is ever
 # downloaded at run time, so fetch one first wherever a network is:
-#   huggingface-cli download openai-community/gpt2 --local-dir hf/gpt2        # or gpt2-medium, -large, -xl
+#   hf download openai-community/gpt2 --local-dir hf/gpt2   # or gpt2-medium, -large, -xl (huggingface_hub's CLI;
+#                                                           # before 0.34 it was `huggingface-cli download`)
 #   python data/shakespeare/prepare.py
 #   python train.py config/finetune_shakespeare.py --init_from=hf/gpt2
 #   python sample.py --out_dir=out/finetune-shakespeare --prompt="ROMEO:"
 #   python export.py --out_dir=out/finetune-shakespeare --hf_dir=hf/gpt2-shakespeare   # a GPT-2 directory again
-# The model preset comes from the directory. lr_rule=lwlr measures the multipliers at the loaded
-# weights (lwlr_init=model); --lwlr_init=fan_out measures a re-initialized network, as the paper does
-# from scratch (README, "Fine-tuning"). A restart with the same out_dir resumes from its checkpoints.
+# The model's shape and positions come from the directory. lr_rule=lwlr measures the multipliers at the
+# loaded weights (lwlr_init=model) over lwlr_T=10 batches; --lwlr_init=fan_out measures a re-initialized
+# network, as the paper does from scratch (README, "Fine-tuning"). A restart with the same out_dir resumes from its checkpoints.
 
 out_dir = "out/finetune-shakespeare"
 init_from = "hf/gpt2"

@@ -17,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from data.tokenfile import TokenFileWriter  # noqa: E402
 from data.tokenizer import VOCAB_SIZE, encode_document  # noqa: E402
+from progress import Progress  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VAL_EVERY = 10
@@ -48,10 +49,13 @@ def prepare(out_dir: str = HERE) -> dict[str, int]:
             split: stack.enter_context(TokenFileWriter(os.path.join(out_dir, f"{split}.bin"), VOCAB_SIZE))
             for split in ("train", "val")
         }
-        for i, path in enumerate(play_paths()):
-            with open(path, encoding="utf-8") as f:
-                tokens = encode_document(markdown_to_text(f.read()))
-            writers["val" if i % VAL_EVERY == VAL_EVERY - 1 else "train"].write(tokens)
+        paths = play_paths()
+        with Progress("tokenizing", len(paths), "plays") as progress:
+            for i, path in enumerate(paths):
+                with open(path, encoding="utf-8") as f:
+                    tokens = encode_document(markdown_to_text(f.read()))
+                writers["val" if i % VAL_EVERY == VAL_EVERY - 1 else "train"].write(tokens)
+                progress.update()
     return {split: writer.count for split, writer in writers.items()}
 
 

@@ -1,0 +1,73 @@
+"""How far a long phase has got, for whoever waits on it: the lwlr measurement, evaluation, the sweeps,
+dataset preparation. On a terminal a tqdm bar; in a log file or under torchrun, where a bar would be a
+wall of carriage returns, one plain line every `every` seconds with the count, the rate and the time
+left. A phase shorter than that prints nothing more than the line that announced it.
+"""
+
+import sys
+import time
+
+from tqdm import tqdm
+
+EVERY_SECONDS = 10.0  # between plain progress lines; a phase shorter than this prints none
+BAR_DELAY_SECONDS = 1.0  # a bar shows once its phase has taken this long: no flicker for short evals
+
+
+def duration(seconds: float) -> str:
+    """A time span for people: 42 s, 3 min 05 s, 2 h 07 min."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class Progress:
+    """Counts `total` units of work named `what`; silent when not enabled (ranks other than 0)."""
+
+    def __init__(self, what: str, total: int, unit: str = "it", enabled: bool = True, every: float | None = None,
+                 stream=None):
+        self.what, self.total, self.unit = what, total, unit
+        self.every = EVERY_SECONDS if every is None else every
+        self.stream = stream or sys.stdout
+        self.enabled = enabled
+        self.done = 0
+        self.start = self.last_line = time.perf_counter()
+        on_terminal = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = tqdm(total=total, desc=what, unit=unit, leave=False, dynamic_ncols=True, file=self.stream,
+                        delay=BAR_DELAY_SECONDS) if on_terminal else None
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if self.enabled and now - self.last_line >= self.every and self.done < self.total:
+            self.last_line = now
+            print(self.line(now), file=self.stream, flush=True)
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.start
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        return (f"{self.what}: {self.done}/{self.total} {self.unit} | {rate:.3g} {self.unit}/s"
+                f" | {duration(left) if left != float('inf') else '?'} left")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def counted(items, progress: Progress):
+    """items, with progress counting each one once its consumer comes back for the next."""
+    for item in items:
+        yield item
+        progress.update()
