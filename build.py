@@ -16,6 +16,7 @@ import optim
 from data import vocab
 from data.loader import TokenBatches
 from model import PRESETS, GPTConfig
+from runtime import precision
 from train_config import INIT_MODES, ConfigError, TrainConfig
 
 
@@ -123,10 +124,12 @@ OPTIMIZERS = {
 }
 
 
-# compile=auto on a CPU, measured on 2 cores (bench/results/compile-*/): compiling costs about 45 s once.
-# The default run (GPT-2's 50,257-token vocabulary, whose output layer dominates the step) then steps at
-# 0.66x, 285 ms a step saved, repaid after about 160 of its 200 steps; the char-level config (82 tokens)
-# saves 7.6 ms a step, which would take 5,300 steps to repay.
+# compile=auto on a CPU, measured on 2 cores (docs/benchmarks.md): compiling costs 45 to 80 s once. With
+# bf16 autocast (a CPU with AVX512-BF16 or AMX) the default run (GPT-2's 50,257-token vocabulary, whose
+# output layer dominates the step) then steps at 0.66x, 285 ms a step saved, repaid after about 160 of its
+# 200 steps; the char-level config (82 tokens) saves 7.6 ms a step, which would take 5,300 steps to repay.
+# In fp32 (an AVX2-only CPU) the default run's compiled step was 0.92x, about 0.11 s saved a step, and its
+# 82 s compile was not repaid in 200 steps.
 CPU_COMPILE_MIN_VOCAB = 10_000
 CPU_COMPILE_MIN_STEPS = 200
 
@@ -137,12 +140,15 @@ def compiles(c: TrainConfig, device: torch.device, vocab_size: int) -> tuple[boo
         return c.compile == "true", f"compile={c.compile}"
     if device.type == "cuda":
         return True, "compile=auto on CUDA"
+    if precision(device, c.dtype)[0] != "bfloat16":
+        return False, ("compile=auto on a CPU: off in fp32, where the default run's compiled step was no faster than its "
+                       "~80 s compile")
     if vocab_size < CPU_COMPILE_MIN_VOCAB or c.max_steps < CPU_COMPILE_MIN_STEPS:
         return False, (f"compile=auto on a CPU: off below a {CPU_COMPILE_MIN_VOCAB:,}-token vocabulary or {CPU_COMPILE_MIN_STEPS} "
                        "steps, where its ~45 s would not be repaid")
     if not (shutil.which("c++") or shutil.which("g++")):
         return False, "compile=auto on a CPU: off, no C++ compiler on PATH for inductor"
-    return True, "compile=auto on a CPU: a GPT-2-sized output layer over 200+ steps repays its ~45 s"
+    return True, "compile=auto on a CPU with bf16: a GPT-2-sized output layer over 200+ steps repays its ~45 s"
 
 
 def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int, backend: str | None = None) -> torch.optim.Optimizer:

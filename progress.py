@@ -4,7 +4,9 @@ wall of carriage returns, one plain line every `every` seconds with the count, t
 left. A phase shorter than that prints nothing more than the line that announced it.
 """
 
+import contextlib
 import sys
+import threading
 import time
 
 from tqdm import tqdm
@@ -71,3 +73,27 @@ def counted(items, progress: Progress):
     for item in items:
         yield item
         progress.update()
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, enabled: bool = True, every: float | None = None, stream=None):
+    """For a phase that cannot count its work (a compilation): a line every `every` seconds saying how
+    long it has taken so far, until the block ends."""
+    every = EVERY_SECONDS if every is None else every
+    stream = stream or sys.stdout
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def beat():
+        while not done.wait(every):
+            print(f"{what}: {duration(time.perf_counter() - start)} so far", file=stream, flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    if enabled:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if enabled:
+            thread.join()

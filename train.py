@@ -49,7 +49,7 @@ from build import (
 from data.loader import TokenBatches
 from loss import sampled_label_loss
 from model import GPT
-from progress import Progress, duration
+from progress import Progress, duration, heartbeat
 from runtime import (
     RunLog,
     autocast,
@@ -476,7 +476,8 @@ def run(c: TrainConfig, rt, stop: StopRequest, val_batches: TokenBatches, backen
     stats = StepStats(rt, c, model.flops_per_token() * c.tokens_per_step)
     first_step = step
     while step < c.max_steps:
-        lr, step_loss, grad_norm, found_inf = trainer.step(step)
+        with heartbeat("torch.compile: compiling", enabled=trainer.compiled and rt.is_main and step == first_step):
+            lr, step_loss, grad_norm, found_inf = trainer.step(step)
         stats.add(step_loss, found_inf)
         step += 1
         bar.update(1)

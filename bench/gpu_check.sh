@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU kit: the one command to run on a GPU machine (one H100/H200, at most 8 minutes of wall time).
+# The GPU check: an acceptance check for a fresh GPU machine (one H100/H200; about 8 minutes, --budget=SECONDS).
 #
-#     bash bench/wheels.sh                                     # here, once: the peer libraries as wheels in .whl/
-#     LWLR_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh   # there, carrying .whl
+#     bash bench/wheels.sh                                     # once, with network: the peer libraries as wheels in .whl/
+#     LWLR_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh   # on the GPU machine, with .whl
 #     PYTHON=$(bash bench/replica.sh) OUT=/tmp/kit bash bench/gpu_check.sh --rehearse   # here, on CPU
 #     bash bench/gpu_check.sh --plan                           # the plan and its predicted times only
 #

@@ -2,10 +2,10 @@
 # GPT-2 124M on one GPU, in at most 8 minutes of wall time on one H100/H200: the paper's overfit table
 # (AdamW, Lion, SophiaG, Adam-mini; one global rate against layer-wise rates, 3 rates each) and a
 # held-out check (AdamW single, lwlr, fan_in; 2 rates, 2 seeds), on the embedded Shakespeare in GPT-2 BPE.
-# Run it when the kit's (bench/gpu_check.sh) results for the current code are committed.
+# Run it once bench/gpu_check.sh has passed on the machine.
 #
-#     python data/shakespeare/prepare.py && bash bench/wheels.sh     # here: the token files, the wheels
-#     LWLR_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_science.sh   # there, carrying data/shakespeare
+#     python data/shakespeare/prepare.py && bash bench/wheels.sh     # once, with network: the token files, the wheels
+#     LWLR_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_science.sh   # on the GPU machine, with data/shakespeare
 #     PYTHON=$(bash bench/replica.sh) OUT=/tmp/science bash bench/gpu_science.sh --rehearse   # here, gpt2-tiny
 #     bash bench/gpu_science.sh --plan                                 # the plan and its predicted times only
 #

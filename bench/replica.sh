@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# A replica of the GPU machine's Python image, to rehearse bench/gpu_check.sh and bench/gpu_science.sh
-# on a CPU machine before any GPU time is spent:
+# A replica of a GPU machine's Python image (python 3.12, torch 2.11, Triton 3.6, nothing else installable),
+# to rehearse bench/gpu_check.sh and bench/gpu_science.sh on a CPU machine before any GPU time is spent:
 #
 #     PYTHON=$(bash bench/replica.sh) OUT=/tmp/kit bash bench/gpu_check.sh --rehearse
 #
 # Builds once, into ${LWLR_REPLICA:-~/.cache/lwlr-replica} (outside the repository), and prints the path
-# of its python on stdout. The image (the device tool's KINDS.md, read 2026-11) runs python 3.12 with
-# torch 2.11.0+cu130 and triton 3.6.0; the versions below are the ones read there. Only packages the image
+# of its python on stdout. The image it copies runs python 3.12 with torch 2.11.0+cu130 and triton 3.6.0;
+# the versions below are the ones it has. Only packages the image
 # has go in: lion-pytorch, sophia-opt and adam-mini are NOT installed, as there, so the rehearsal proves
 # they come from .whl (bench/wheels.sh). torch 2.11.0 for cp312 is the registry's CUDA build (a 530 MB
 # wheel plus nvidia-* libraries, about 5 GB installed, a few minutes): it needs those libraries to import,

@@ -9,7 +9,8 @@
 #   python export.py --out_dir=out/finetune-shakespeare --hf_dir=hf/gpt2-shakespeare   # a GPT-2 directory again
 # The model's shape and positions come from the directory. lr_rule=lwlr measures the multipliers at the
 # loaded weights (lwlr_init=model) over lwlr_T=10 batches; --lwlr_init=fan_out measures a re-initialized
-# network, as the paper does from scratch (README, "Fine-tuning"). A restart with the same out_dir resumes from its checkpoints.
+# network, as the paper does from scratch (README, "Fine-tuning"). A restart with the same out_dir
+# resumes from its checkpoints.
 
 out_dir = "out/finetune-shakespeare"
 init_from = "hf/gpt2"

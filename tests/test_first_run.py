@@ -72,6 +72,7 @@ def test_the_step_time_leaves_out_the_first_step_and_the_log_says_the_time_left(
         return step(self, n)
 
     monkeypatch.setattr(train.Trainer, "step", slow_first_step)
+    monkeypatch.setattr(progress, "EVERY_SECONDS", 0.5)  # a heartbeat line every half second while it compiles
     monkeypatch.setattr(train, "compiles", lambda *args: (True, "compile=true"))
     monkeypatch.setattr(torch, "compile", lambda model: model)
     out = tmp_path / "run"
@@ -79,6 +80,7 @@ def test_the_step_time_leaves_out_the_first_step_and_the_log_says_the_time_left(
     printed = capsys.readouterr().out
     assert "torch.compile: on (compile=true); compiling at the first step" in printed
     assert re.search(r"torch.compile: compiled in [23] s \(the first step, which ms/step leaves out\)", printed)
+    assert "torch.compile: compiling: 1 s so far" in printed and printed.count("so far") <= 6  # only while it compiles
     first, last = read_log(out, "train")
     assert first["ms_per_step"] < 1000  # step 2 alone; with step 1's 2 s in it, it would be over 1000
     assert first["seconds_left"] == pytest.approx(first["ms_per_step"] / 1000 * 2)  # 2 of 4 steps to go

@@ -95,7 +95,7 @@ def test_a_run_resumes_on_another_number_of_processes(tmp_path, token_dir, befor
     """The same global batch per step on either side, so the weights end equal to the uninterrupted run's,
     up to the order of float additions: DDP averages the ranks' gradients where one process accumulates
     micro-steps, about 1e-7 relative per step. The key biases are left out: their gradient is zero by
-    construction, rounding noise that Adam normalizes into full-size steps (README, "The key bias")."""
+    construction, rounding noise that Adam normalizes into full-size steps (docs/lwlr.md, "The key bias")."""
     args = dict(tokens_per_step=256, micro_batch_size=4, block_size=32, eval_interval=3, lr_decay_steps=6)  # 8 rows a step
 
     def launch(nproc, out, steps):

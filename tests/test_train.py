@@ -231,6 +231,10 @@ def test_compile_auto_is_on_where_it_repays_its_cost(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     default = parse_config([])  # the default run: gpt2-mini, GPT-2's vocabulary, 200 steps
     monkeypatch.setattr(build.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: False)  # fp32: compiling measured no faster
+    assert build.compiles(default, cpu, 50257) == (
+        False, "compile=auto on a CPU: off in fp32, where the default run's compiled step was no faster than its ~80 s compile")
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: True)  # bf16 autocast: 0.66x a step
     assert build.compiles(default, cpu, 50257)[0]
     assert not build.compiles(default, cpu, 82)[0]  # char-level: 7.6 ms a step saved, 5,300 steps to repay
     assert not build.compiles(parse_config(["--max_steps=100"]), cpu, 50257)[0]
