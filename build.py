@@ -59,7 +59,8 @@ def fit_micro_batch(c: TrainConfig, block_size: int, world_size: int, say=print)
         nearest = " or ".join(f"{t:,}" for t in (lower, lower + unit) if t > 0)
         counts = [n for n in range(1, 17) if c.tokens_per_step % (block_size * n) == 0]
         processes = f"; or run on {', '.join(map(str, counts))} processes" if counts else ""
-        raise ConfigError(f"tokens_per_step={c.tokens_per_step:,} cannot be split over {world_size} processes of sequences of "
+        processes_word = "process" if world_size == 1 else "processes"
+        raise ConfigError(f"tokens_per_step={c.tokens_per_step:,} cannot be split over {world_size} {processes_word} of sequences of "
                           f"block_size={block_size}: it must be a multiple of block_size * processes = {unit:,}. "
                           f"tokens_per_step={nearest} would{processes}")
     micro = max(m for m in range(1, min(c.micro_batch_size, rows_per_rank) + 1) if rows_per_rank % m == 0)

@@ -155,9 +155,16 @@ class Cache:
             self.say(f"warning: kernel self-check cache {self.path} is unreadable ({e}); checking again")
             return {}
 
+    def passed(self, key: str, optimizer: str) -> bool:
+        entry = self.read().get(key)
+        record = entry.get(optimizer) if isinstance(entry, dict) else None
+        return isinstance(record, dict) and record.get("passed") is True
+
     def write(self, key: str, optimizer: str, record: dict) -> None:
         data = self.read()
-        data.setdefault(key, {})[optimizer] = record
+        if not isinstance(data.get(key), dict):
+            data[key] = {}
+        data[key][optimizer] = record
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             outdir.write_json(self.path, data)
@@ -170,8 +177,7 @@ def check(optimizer: str, make_optimizer, device: torch.device, cache_folder: st
     what was found (a cached pass, a pass, or the failure with the kernel, the error and the tolerance)."""
     cache = Cache(cache_folder, say)
     key = cache_key(device)
-    cached = cache.read().get(key, {}).get(optimizer)
-    if isinstance(cached, dict) and cached.get("passed") is True:
+    if cache.passed(key, optimizer):
         return True, f"self-check passed before on this machine (cached in {cache.path})"
     rtol, atol = TOLERANCE[optimizer]
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 # hundred steps, evaluation often. Starts from a local Hugging Face GPT-2 directory; nothing is ever
 # downloaded at run time, so fetch one first wherever a network is:
 #   hf download openai-community/gpt2 --local-dir hf/gpt2   # or gpt2-medium, -large, -xl (huggingface_hub's CLI;
-#                                                           # before 0.34 it was `huggingface-cli download`)
+#                                                           # older versions call it `huggingface-cli download`)
 #   python data/shakespeare/prepare.py
 #   python train.py config/finetune_shakespeare.py --init_from=hf/gpt2
 #   python sample.py --out_dir=out/finetune-shakespeare --prompt="ROMEO:"

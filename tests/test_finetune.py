@@ -72,7 +72,7 @@ def test_a_short_finetune_lowers_the_loss_and_measures_lwlr_at_the_loaded_weight
     assert losses[-1] < losses[0] - 1.0
     report = json.loads((out / "lwlr.json").read_text())
     assert report["init"] == "model"
-    assert "lwlr measures at them (lwlr_init=model" in capfd.readouterr().out
+    assert "lwlr measures at them over T=2 batches (lwlr_init=model" in capfd.readouterr().out
     paper = tmp_path / "fan_out"
     assert train.main(finetune_args(paper, patterned_dir, gpt2_dir, max_steps=1, lwlr_init="fan_out")) == 0
     assert json.loads((paper / "lwlr.json").read_text())["init"] == "fan_out"

@@ -79,7 +79,8 @@ def test_config_files_and_overrides(tmp_path):
 
 
 def test_inconsistent_values_fail_clearly(tmp_path, token_dir):
-    with pytest.raises(ConfigError, match="tokens_per_step=100 is not a multiple of .* = 4 \\* 32 \\* 1 = 128"):
+    with pytest.raises(ConfigError, match="tokens_per_step=100 cannot be split over 1 process of sequences of block_size=32: "
+                                          "it must be a multiple of block_size \\* processes = 32. tokens_per_step=96 or 128 would"):
         train.main(tiny_run_args(tmp_path / "a", token_dir, tokens_per_step=100))
     with pytest.raises(ConfigError, match="block_size=128 exceeds the gpt2-tiny preset's 64"):
         train.main(tiny_run_args(tmp_path / "b", token_dir, block_size=128))
