@@ -137,9 +137,13 @@ def test_sample_reads_the_newest_checkpoint(tmp_path, token_dir):
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "holds no complete checkpoint" in missing.stderr
 
 
-def test_bfloat16_autocast_and_torch_compile_compose_with_the_fused_kernels_and_lwlr(tmp_path, token_dir):
+def test_bfloat16_autocast_and_torch_compile_compose_with_the_fused_kernels_and_lwlr(tmp_path):
     """The GPU configuration (bf16 autocast, torch.compile, the Triton optimizer) on a CPU: the kernels run
-    interpreted, autocast and Inductor run for real. Losses and multipliers stay near the fp32 eager run's."""
+    interpreted, autocast and Inductor run for real. Losses and multipliers stay near the fp32 eager run's.
+    A 64-token vocabulary: the interpreter takes seconds per launch over GPT-2's 50,257-row embedding."""
+    from common import random_token_dir
+
+    token_dir = random_token_dir(64, str(tmp_path / "data"), train_tokens=20_000)
     common = dict(optimizer_backend="triton", max_steps=4, eval_interval=4, lwlr_T=4)
     eager, gpu_like = tmp_path / "eager", tmp_path / "gpu_like"
     assert train.main(tiny_run_args(eager, token_dir, **common)) == 0
