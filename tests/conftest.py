@@ -9,6 +9,11 @@ import tempfile
 TEST_DEVICE = os.environ.get("LWLR_TEST_DEVICE", "cpu")
 if TEST_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist each worker gets its share of the cores, for torch's threads and the runs it starts:
+# two workers of two threads each on two cores spin against each other (a test took 5x its time).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 # Runs that keep the default lwlr_cache_dir (the benchmarks' and sweeps' tests) cache measured
 # multipliers in a folder of this session's, never the user's ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lwlr-test-cache-")
