@@ -99,7 +99,7 @@ def lr_at(step: int, c: TrainConfig) -> float:
 
 def _lwas_settings(c: TrainConfig) -> dict:
     settings = dict(beta=c.lw_beta, damping=c.lw_damping, warmup_steps=c.lw_warmup_steps, joint_rescale=c.lw_joint_rescale,
-                    interval=c.lw_interval, curvature=c.lw_curvature)
+                    interval=c.lw_interval, curvature=c.lw_curvature, curvature_rows=c.lw_micro_batch_size)
     settings.update({key: value for key, value in (("warmup_lr", c.lw_warmup_lr), ("alpha_max", c.lw_alpha_max)) if value > 0})
     return settings
 

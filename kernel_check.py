@@ -51,15 +51,15 @@ TOLERANCE = {  # optimizer: (rtol, atol) over parameters and every state tensor,
     "adamw_lw": (1e-5, 1e-6),
 }
 KERNELS = {  # optimizer: the kernels its steps launch (kernels.py)
-    "adamw": "_adamw_kernel",
-    "lion": "_lion_kernel",
-    "sophiag": "_sophiag_kernel and the Hessian refresh's _ema_of_square_kernel",
-    "adam_mini": "_block_mean_square_kernel and _adam_mini_kernel",
-    "sgdm_lw": "_sgd_momentum_kernel",
-    "adamw_lw": "_adamw_kernel with per-tensor step sizes",
+    "adamw": "adamw_kernel",
+    "lion": "lion_kernel",
+    "sophiag": "sophiag_kernel and the Hessian refresh's ema_of_square_kernel",
+    "adam_mini": "block_mean_square_kernel and adam_mini_kernel",
+    "sgdm_lw": "sgd_momentum_kernel",
+    "adamw_lw": "adamw_kernel with per-tensor step sizes",
 }
 
-# (name, shape, storage offset in elements): names give Adam-mini each block role (optim.ADAM_MINI_ROLES)
+# (name, shape, storage offset in elements): names give Adam-mini each block role (optim.ADAM_MINI_BLOCKS)
 # at n_head = 2; the first set takes the ALIGNED build, the second the unaligned one.
 ALIGNED_SET = (("transformer.wte.weight", (64, 32), 0), ("transformer.h.0.attn.q_proj.weight", (32, 32), 0),
                ("transformer.h.0.ln_1.weight", (32,), 0), ("transformer.h.0.mlp.c_fc.bias", (128,), 0))

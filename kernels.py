@@ -82,7 +82,7 @@ def _sign(x):
 
 
 @triton.jit
-def _adamw_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
+def adamw_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
                   param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_size_ptrs,
                   lr, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """torch.optim.AdamW: p *= 1 - lr*wd; m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g^2;
@@ -103,7 +103,7 @@ def _adamw_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, l
 
 
 @triton.jit
-def _sgd_momentum_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
+def sgd_momentum_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
                          param_ptrs, grad_ptrs, momentum_buffer_ptrs, step_size_ptrs, lr, momentum,
                          BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """torch.optim.SGD's momentum (dampening 0, not Nesterov) with decoupled weight decay:
@@ -119,7 +119,7 @@ def _sgd_momentum_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf
 
 
 @triton.jit
-def _lion_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
+def lion_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
                  param_ptrs, grad_ptrs, exp_avg_ptrs, lr, beta1, beta2, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Lion (lion-pytorch): p *= 1 - lr*wd; p -= lr * sign(b1 m + (1 - b1) g); m = b2 m + (1 - b2) g."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
@@ -134,7 +134,7 @@ def _lion_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr
 
 
 @triton.jit
-def _sophiag_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
+def sophiag_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
                     param_ptrs, grad_ptrs, exp_avg_ptrs, hessian_ptrs, lr, beta1, rho_bs, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """SophiaG (the official code): p *= 1 - lr*wd; m = b1 m + (1 - b1) g; p -= lr sign(m) min(|m| / (rho bs h + 1e-15), 1)."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
@@ -151,7 +151,7 @@ def _sophiag_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr,
 
 
 @triton.jit
-def _ema_of_square_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, target_ptrs, grad_ptrs, beta,
+def ema_of_square_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, target_ptrs, grad_ptrs, beta,
                           BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """target = beta * target + (1 - beta) * g * g: SophiaG's Hessian estimate update."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
@@ -162,7 +162,7 @@ def _ema_of_square_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_in
 
 
 @triton.jit
-def _block_mean_square_kernel(block_size_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr, grad_ptrs, exp_avg_sq_ptrs,
+def block_mean_square_kernel(block_size_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr, grad_ptrs, exp_avg_sq_ptrs,
                               beta2, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Adam-mini's second moment: one program per block (a head, a row or a whole tensor) reduces
     mean(g^2) over it in a loop, no atomics, so the result is deterministic; v = b2 * v + (1 - b2) * mean.
@@ -188,7 +188,7 @@ def _block_mean_square_kernel(block_size_ptr, block_tensor_ptr, block_index_ptr,
 
 
 @triton.jit
-def _adam_mini_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
+def adam_mini_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
                       param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, block_size_ptr,
                       lr, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Adam-mini's update, each element's v read from its block (block size 1: plain Adam, v per element)."""

@@ -73,7 +73,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 def sampled_label_loss(logits: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits (..., vocab) against labels sampled from their own softmax. Over N
     tokens its gradient g_hat has E[N g_hat g_hat^T] = the Gauss-Newton matrix: Sophia's estimator of its
-    diagonal (optim.SophiaG.after_step, through train.Trainer.sampled_label_gradients), and LW-AS's
+    diagonal (optim.SophiaG.after_step, through optim.sampled_label_gradients), and LW-AS's
     Gauss-Newton curvature (lwas.Curvature)."""
     logits = logits.float().view(-1, logits.size(-1))  # (N, vocab)
     with torch.no_grad():

@@ -12,8 +12,8 @@ damped-Newton step for self-concordant functions along d_l, from the layer's dia
     theta_l -= eta * alpha_l * d_l,   with decoupled weight decay theta_l -= eta * alpha_l * wd * theta_l.
 
 Ours, where the abstract says nothing:
-  - the step sizes are refreshed every `lw_interval` steps (train.py calls refresh() before step()) and
-    held in between;
+  - the step sizes are refreshed every `lw_interval` steps (the optimizer's before_step hook runs refresh()
+    before step(), optim.StepHooks) and held in between;
   - rho_l, q_l = d_l . C_ll . d_l and |d_l|^2 are averaged over refreshes (an EMA with `beta`,
     bias-corrected), since one batch's curvature estimate is noisy; alpha_l comes from the averages;
   - damping: delta_l = sqrt(max(q_l, 0) + damping * |d_l|^2), so zero or negative curvature still gives a
@@ -165,9 +165,9 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
     scalar_state = ("rho_avg", "curvature_avg", "direction_sq_avg", "refreshes")
 
     def __init__(self, params, defaults: dict, backend: str, warmup_lr: float, alpha_max: float, beta: float, damping: float,
-                 warmup_steps: int, joint_rescale: bool, interval: int, curvature: str):
+                 warmup_steps: int, joint_rescale: bool, interval: int, curvature: str, curvature_rows: int = 0):
         for name, value in (("warmup_lr", warmup_lr), ("alpha_max", alpha_max), ("damping", damping)):
-            optim._check_nonnegative_finite(name, value)
+            optim.check_nonnegative_finite(name, value)
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must lie in [0, 1), got {beta}")
         if warmup_steps < 0:
@@ -178,12 +178,17 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
         super().__init__(params, defaults, backend)
         self.warmup_lr, self.alpha_max, self.beta, self.damping = warmup_lr, alpha_max, beta, damping
         self.warmup_steps, self.joint_rescale, self.interval, self.curvature = warmup_steps, joint_rescale, interval, curvature
+        self.curvature_rows = curvature_rows  # sequences of the first micro-batch in a curvature pass; 0 = all of them
         self.last_refresh: dict[str, torch.Tensor] = {}  # device tensors of the latest refresh, for logging
 
-    def before_step(self, step: int, trainer) -> None:
-        """New step sizes from a curvature pass every interval steps (the training step's hook, optim.StepHooks)."""
+    def before_step(self, step: int, context: optim.StepContext) -> None:
+        """New step sizes every interval steps, from a curvature pass on (part of) this rank's first
+        micro-batch through the uncompiled model (double backward and forward-mode AD do not go through
+        torch.compile), averaged over the ranks (the training step's hook, optim.StepHooks)."""
         if step % self.interval == 0:
-            self.refresh(trainer.curvature(self.curvature))
+            x, y = context.micro_batches[0]
+            rows = self.curvature_rows or len(x)
+            self.refresh(Curvature(self.curvature, context.raw_model, x[:rows], y[:rows], context.autocast, context.reduce_mean))
 
     def _new_state(self, p) -> dict:
         state = {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.state_names if name != "step_size"}
@@ -237,7 +242,7 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
         step_size = torch.where(refreshes > 0, step_size, stacked("step_size"))
         joint_scale = torch.ones((), device=rho.device)
         if self.joint_rescale:
-            layer_lrs = torch.tensor([group["lr"] * group["lr_scale"] for group, _ in active], device=rho.device)
+            layer_lrs = torch.tensor([optim.layer_lr(group) for group, _ in active], device=rho.device)
             scales = layer_lrs * step_size
             with torch.enable_grad():
                 joint = curvature.joint_term(params, [s * d for s, d in zip(scales, directions)]).float()
@@ -268,17 +273,17 @@ class SGDMomentumLW(LayerwiseAdaptive):
     scalar_keys = ("lr", "momentum")
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_lr=0.1, alpha_max=10.0, beta=0.5, damping=1e-8,
-                 warmup_steps=10, joint_rescale=True, interval=5, curvature="gauss_newton", backend="auto"):
+                 warmup_steps=10, joint_rescale=True, interval=5, curvature="gauss_newton", curvature_rows=0, backend="auto"):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), backend,
-                         warmup_lr, alpha_max, beta, damping, warmup_steps, joint_rescale, interval, curvature)
+                         warmup_lr, alpha_max, beta, damping, warmup_steps, joint_rescale, interval, curvature, curvature_rows)
 
     def _direction(self, group, p):
         return self.state[p]["momentum_buffer"] * group["momentum"] + p.grad
 
     def _update_torch(self, group, params, grads, states):
-        lr = group["lr"] * group["lr_scale"]
+        lr = optim.layer_lr(group)
         for p, g, buffer, step_size in zip(params, grads, *states):
             lr_t = lr * step_size
             if group["weight_decay"]:
@@ -288,7 +293,7 @@ class SGDMomentumLW(LayerwiseAdaptive):
 
     def _launch_step(self, plan, grads, found_inf, group):
         params, buffers, step_sizes = plan.tables("param", "momentum_buffer", "step_size")
-        plan.launch(kernels._sgd_momentum_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, buffers, step_sizes,
+        plan.launch(kernels.sgd_momentum_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, buffers, step_sizes,
                     group["lr"], group["momentum"])
 
 
@@ -300,10 +305,11 @@ class AdamWLW(LayerwiseAdaptive):
     scalar_keys = ("lr", "betas", "eps")
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup_lr=1e-3, alpha_max=0.1, beta=0.5,
-                 damping=1e-8, warmup_steps=10, joint_rescale=True, interval=5, curvature="gauss_newton", backend="auto"):
-        optim._check_nonnegative_finite("eps", eps)
+                 damping=1e-8, warmup_steps=10, joint_rescale=True, interval=5, curvature="gauss_newton", curvature_rows=0,
+                 backend="auto"):
+        optim.check_nonnegative_finite("eps", eps)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), backend,
-                         warmup_lr, alpha_max, beta, damping, warmup_steps, joint_rescale, interval, curvature)
+                         warmup_lr, alpha_max, beta, damping, warmup_steps, joint_rescale, interval, curvature, curvature_rows)
 
     def _direction(self, group, p):
         state, (beta1, beta2), step = self.state[p], group["betas"], group["step"] + 1

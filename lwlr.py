@@ -31,23 +31,20 @@ param groups that carry them to an optimizer are optim.param_groups.
 
 import copy
 import math
-import re
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from model import init_weights
+from model import init_weights, param_role
+from train_config import MEASUREMENT_INITS
 
-MEASUREMENT_INITS = ("fan_out", "fan_in", "model")
-BASELINES = ("depth_increasing", "depth_decreasing", "fan_in")
 # Layers whose gradient is zero by construction, so measuring it yields rounding noise: softmax(q.(k + b))
 # does not depend on the key bias b, and its measured mean |g| is ~1e-10 against ~1e-4 for real layers
 # (gpt2-tiny). Algorithm 1 would turn that noise into an arbitrary, huge rate. They keep multiplier 1
 # (the global rate) and the measured layers are normalized among themselves, so the overall
 # parameter-weighted mean is still 1. (The paper's GPT-2 fuses q, k, v into one tensor, which hides this.)
-ZERO_GRADIENT_BY_CONSTRUCTION = ("attn.k_proj.bias",)
-BLOCK_INDEX = re.compile(r"\.h\.(\d+)\.")
+ZERO_GRADIENT_BY_CONSTRUCTION = ("k",)  # param_role layers whose bias this holds for
 
 
 def measure_grad_mean_abs(model: torch.nn.Module, batches, T: int = 100, init: str = "fan_out", ctx=None) -> dict[str, float]:
@@ -104,7 +101,8 @@ def numels_of(model: torch.nn.Module) -> dict[str, int]:
 
 
 def unmeasurable(name: str) -> bool:
-    return name.endswith(ZERO_GRADIENT_BY_CONSTRUCTION)
+    role = param_role(name)
+    return role.is_bias and role.layer in ZERO_GRADIENT_BY_CONSTRUCTION
 
 
 def multipliers_from_grads(grad_mean_abs: dict[str, float], numels: dict[str, int], power: float = 0.5) -> dict[str, float]:
@@ -124,7 +122,9 @@ def baseline_multipliers(model: torch.nn.Module, rule: str) -> dict[str, float]:
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if rule == "fan_in":
         # nn.Linear weights are (out, in); embeddings, biases and LayerNorm scales see one input each.
-        raw = {name: 1 / math.sqrt(p.shape[1] if p.dim() == 2 and "wte" not in name and "wpe" not in name else 1) for name, p in params.items()}
+        embeddings = ("embedding", "position")
+        raw = {name: 1 / math.sqrt(p.shape[1] if p.dim() == 2 and param_role(name).layer not in embeddings else 1)
+               for name, p in params.items()}
         return normalize(raw, numels_of(model))
     if rule not in ("depth_increasing", "depth_decreasing"):
         raise ValueError(f"unknown baseline rule {rule!r}")
@@ -132,7 +132,7 @@ def baseline_multipliers(model: torch.nn.Module, rule: str) -> dict[str, float]:
     first, last = (0.1, 1.0) if rule == "depth_increasing" else (2.0, 1.0)
     raw = {}
     for name in params:
-        match = BLOCK_INDEX.search(name)
-        depth = int(match.group(1)) if match else (n_layer - 1 if "ln_f" in name else 0)
+        block = param_role(name).block  # outside the blocks: the embeddings take the first block's rate, ln_f the last's
+        depth = block if block is not None else (n_layer - 1 if param_role(name).layer == "layernorm" else 0)
         raw[name] = first + (last - first) * depth / max(1, n_layer - 1)
     return normalize(raw, numels_of(model))

@@ -112,9 +112,31 @@ class Block(nn.Module):
         return x + self.residual_beta * self.mlp(self.ln_2(x))
 
 
-# Linear layers that write into the residual stream; GPT-2 shrinks their init by 1/sqrt(2 * n_layer).
-RESIDUAL_PROJECTIONS = ("attn.o_proj.weight", "mlp.c_proj.weight")
 INIT_SCHEMES = ("gpt2", "fan_out", "fan_in")
+
+# What each parameter is, read from its name in this one place (initialization, lwlr's rules, Adam-mini's
+# blocks and the multipliers' plot all ask param_role): the module it belongs to, by its attribute name.
+LAYER_ROLES = {"wte": "embedding", "wpe": "position", "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "attn_out",
+               "c_fc": "mlp_in", "c_proj": "mlp_out", "ln_1": "layernorm", "ln_2": "layernorm", "ln_f": "layernorm"}
+# Linear layers that write into the residual stream; GPT-2 shrinks their init by 1/sqrt(2 * n_layer).
+RESIDUAL_PROJECTIONS = ("attn_out", "mlp_out")
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    layer: str  # a value of LAYER_ROLES
+    is_bias: bool
+    block: int | None  # the transformer block's index; None for the embeddings and ln_f
+
+
+def param_role(name: str) -> ParamRole:
+    """What the parameter `name` of a GPT is: its layer's role, whether it is a bias, and its block."""
+    parts = name.split(".")
+    layer = LAYER_ROLES.get(parts[-2]) if len(parts) >= 2 else None
+    if layer is None or parts[-1] not in ("weight", "bias"):
+        raise ValueError(f"no role for parameter {name!r}: add its module's name to model.LAYER_ROLES")
+    block = int(parts[2]) if parts[:2] == ["transformer", "h"] else None
+    return ParamRole(layer, parts[-1] == "bias", block)
 
 
 class GPT(nn.Module):
@@ -202,14 +224,15 @@ def init_weights(model: GPT, scheme: str = "gpt2") -> None:
         raise ValueError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
     config = model.config
     for name, p in model.named_parameters():
-        if name.endswith(".bias"):
+        role = param_role(name)
+        if role.is_bias:
             nn.init.zeros_(p)
-        elif ".ln_" in name:  # LayerNorm scales (ln_1, ln_2, ln_f)
+        elif role.layer == "layernorm":  # LayerNorm scales
             nn.init.ones_(p)
-        elif name == "transformer.wpe.weight":
+        elif role.layer == "position":
             nn.init.normal_(p, std=0.02) if scheme == "gpt2" else nn.init.zeros_(p)
         elif scheme == "gpt2":
-            std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith(RESIDUAL_PROJECTIONS) else 0.02
+            std = 0.02 / math.sqrt(2 * config.n_layer) if role.layer in RESIDUAL_PROJECTIONS else 0.02
             nn.init.normal_(p, std=std)
         else:
             # nn.Linear stores (out, in); the tied wte (vocab, C) is lm_head's weight in that layout.

@@ -25,7 +25,7 @@ import hf
 import outdir
 from build import gpt_config, token_batches
 from lwlr import baseline_multipliers, measure_grad_mean_abs, multipliers_from_grads, numels_of
-from model import GPT
+from model import GPT, param_role
 from progress import Progress, counted
 from runtime import autocast, cache_dir, init_runtime, run_main
 from errors import UserError
@@ -81,43 +81,46 @@ def save_report(data: dict, out_dir: str) -> None:
 
 
 def layer_kind(name: str) -> str:
-    if name.endswith(".bias"):
-        return "bias"
-    for key in ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj", "wte", "wpe"):
-        if key in name:
-            return key
-    return "LayerNorm"
+    """The plot's colour class of a layer: its role (model.param_role), biases apart."""
+    role = param_role(name)
+    return "bias" if role.is_bias else role.layer
 
 
-KIND_COLORS = {"q_proj": "tab:blue", "k_proj": "tab:cyan", "v_proj": "tab:green", "o_proj": "tab:olive", "c_fc": "tab:orange",
-               "c_proj": "tab:red", "wte": "tab:purple", "wpe": "tab:pink", "bias": "tab:gray", "LayerNorm": "black"}
+KIND_COLORS = {"q": "tab:blue", "k": "tab:cyan", "v": "tab:green", "attn_out": "tab:olive", "mlp_in": "tab:orange",
+               "mlp_out": "tab:red", "embedding": "tab:purple", "position": "tab:pink", "bias": "tab:gray", "layernorm": "black"}
+LINEAR = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
 
 
-def plot(data: dict, path: str) -> None:
+def plot(data: dict, path: str) -> dict:
     """Multipliers in model order on a log axis: all layers, and the Linear weights alone (the paper's
-    Figures 4 and 5)."""
+    Figures 4 and 5). Returns what each panel draws: {panel: {kind: [(position, multiplier)]}}."""
     import matplotlib  # here, not at the top: pyplot takes 1.3 s to import, and only a plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers = data["layers"]
-    linear = [layer for layer in layers if layer_kind(layer["name"]) in ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")]
+    linear = [layer for layer in layers if layer_kind(layer["name"]) in LINEAR]
+    drawn = {}
     fig, axes = plt.subplots(2, 1, figsize=(12, 8))
     for ax, subset, title in ((axes[0], layers, "all layers"), (axes[1], linear, "Linear weights")):
+        drawn[title] = {}
         for kind, color in KIND_COLORS.items():
             points = [(i, layer["multiplier"]) for i, layer in enumerate(subset) if layer_kind(layer["name"]) == kind]
             if points:
                 ax.scatter(*zip(*points), s=14, color=color, label=kind)
+                drawn[title][kind] = points
         ax.set_yscale("log")
         ax.axhline(1.0, color="gray", lw=0.5)
         ax.set_xlabel("layer, in model order")
         ax.set_ylabel("lr multiplier")
-        ax.set_title(f"{data.get('model', '')} {data.get('rule', 'lwlr')} multipliers ({title}; init {data.get('init')}, T={data.get('T')}, power {data.get('power')})")
+        ax.set_title(f"{data.get('model', '')} {data.get('rule', 'lwlr')} multipliers ({title}; init {data.get('init')}, "
+                     f"T={data.get('T')}, power {data.get('power')})")
         ax.legend(fontsize=7, ncol=5)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")  # path may be an open file
     plt.close(fig)
+    return drawn
 
 
 def compare(path_a: str, path_b: str) -> tuple[float, float]:

@@ -2,8 +2,9 @@
 launch; the kernels of LW-AS's SGD-momentum and AdamW (lwas.py) also read a step size per tensor.
 
 One rule for every optimizer here, TorchAdamW included: param groups carry `lr_scale` (param_groups
-builds them from a model and its multipliers), the schedule sets each group's `lr` to the global rate,
-and a group's step is exactly its reference's step with lr * lr_scale, weight decay included:
+builds them from a model and its multipliers), the schedule sets each group's `lr` to the global rate
+(set_lr), and a group's step is exactly its reference's step at layer_lr(group) = lr * lr_scale, weight
+decay included (the Triton kernels multiply the two themselves, per tensor, from a table):
     AdamW   torch.optim.AdamW (bias correction; decoupled decay p *= 1 - lr * wd)
     Lion    Chen et al. 2023, as lion-pytorch: p *= 1 - lr*wd; p -= lr * sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g
     SophiaG Liu et al. 2023, as the official code (sophia-opt): p *= 1 - lr*wd; m = b1*m + (1-b1)*g;
@@ -28,8 +29,11 @@ change below 1e-6 once AdamW's correction has converged); the torch path reads i
 does not count the step. Both backends keep the same state layout, so state dicts are interchangeable.
 """
 
+import contextlib
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -39,37 +43,73 @@ from kernels import (
     NUM_WARPS,
     VECTOR_BYTES,
     VECTOR_ELEMENTS,
-    _adam_mini_kernel,
-    _adamw_kernel,
-    _block_mean_square_kernel,
-    _ema_of_square_kernel,
-    _lion_kernel,
-    _sophiag_kernel,
+    adam_mini_kernel,
+    adamw_kernel,
+    block_mean_square_kernel,
+    ema_of_square_kernel,
+    lion_kernel,
+    sophiag_kernel,
 )
+from loss import sampled_label_loss
+from model import param_role
+
+
+@dataclass
+class StepContext:
+    """What an optimizer's hooks may use of the training step that calls them (train.Trainer.step): the
+    model and this step's batches, and how the step runs them."""
+
+    model: torch.nn.Module  # the training forward: compiled, DDP-wrapped where the run is
+    raw_model: torch.nn.Module  # uncompiled and unwrapped: double backward and forward-mode AD (LW-AS)
+    micro_batches: list  # this rank's (x, y) micro-batches of this step
+    autocast: contextlib.AbstractContextManager  # the run's precision
+    sync: Callable[[bool], contextlib.AbstractContextManager]  # DDP's gradient all-reduce: sync(True) on the last micro-step
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None  # the mean over ranks, None in one process
+    found_inf: torch.Tensor  # the step's non-finite flag, on the device
+
+
+def sampled_label_gradients(context: StepContext) -> None:
+    """Gradients of the loss against labels sampled from the model's own predictions over the step's
+    micro-batches (SophiaG's Gauss-Newton-Bartlett estimator, Liu et al. 2023). A non-finite one counts the
+    step as bad (found_inf): on the device, and the same on every rank (DDP averaged it)."""
+    batches = context.micro_batches
+    for micro, (x, _) in enumerate(batches):
+        with context.autocast, context.sync(micro == len(batches) - 1):
+            logits, _ = context.model(x)
+            (sampled_label_loss(logits) / len(batches)).backward()
+    grads = [p.grad for p in context.raw_model.parameters() if p.grad is not None]
+    finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+    torch.logical_or(context.found_inf, finite.logical_not(), out=context.found_inf)
 
 
 class StepHooks:
-    """What an optimizer needs around its update, asked of the training step (train.Trainer) that calls it:
-    before_step runs after backward, before step(); after_step after step() and zero_grad(). Nothing, by
-    default; SophiaG refreshes its Hessian estimate after every hess_interval-th step, LW-AS its step sizes
-    before every interval-th (lwas.py). `trainer` offers sampled_label_gradients() and curvature(kind)."""
+    """What an optimizer needs around its update, from the training step (train.Trainer.step) that calls
+    it with a StepContext: before_step runs after backward, before step(); after_step after step() and
+    zero_grad(). Nothing, by default; SophiaG refreshes its Hessian estimate after every hess_interval-th
+    step, LW-AS its step sizes before every interval-th (lwas.py)."""
 
-    applies_lr_scale = True  # set_lr: the step multiplies each group's lr by its lr_scale
-
-    def before_step(self, step: int, trainer) -> None:
+    def before_step(self, step: int, context: StepContext) -> None:
         pass
 
-    def after_step(self, step: int, trainer) -> None:
+    def after_step(self, step: int, context: StepContext) -> None:
         pass
+
+
+def layer_lr(group: dict) -> float:
+    """A param group's learning rate: the schedule's lr times the group's lr_scale (its layer-wise
+    multiplier). The one place the two meet outside the Triton kernels, which take the schedule's lr and
+    each tensor's lr_scale from a table and multiply them in their own arithmetic (kernels._tensor_lr)."""
+    return group["lr"] * group.get("lr_scale", 1.0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule's rate for every param group. Optimizers here apply each group's lr_scale in their
-    step, so the group keeps the schedule's lr; a plain torch.optim optimizer knows nothing of lr_scale, so
-    its groups get lr * lr_scale here, and a layer-wise rate is never silently dropped."""
-    applies = getattr(optimizer, "applies_lr_scale", False)
+    """The schedule's rate for every param group; each optimizer's step applies the group's lr_scale
+    (layer_lr). A plain torch.optim optimizer knows nothing of lr_scale: with_layer_lr wraps its class, and
+    one given here unwrapped is refused, so a layer-wise rate is never silently dropped."""
+    if not isinstance(optimizer, StepHooks) and any(group.get("lr_scale", 1.0) != 1.0 for group in optimizer.param_groups):
+        raise TypeError(f"{type(optimizer).__name__} ignores lr_scale: build it from optim.with_layer_lr({type(optimizer).__name__})")
     for group in optimizer.param_groups:
-        group["lr"] = lr if applies else lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -168,7 +208,7 @@ class _LaunchPlan:
                 BLOCK=BLOCK, ALIGNED=self.aligned, num_warps=NUM_WARPS)
 
 
-def _check_nonnegative_finite(name, value):
+def check_nonnegative_finite(name, value):
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
 
@@ -197,9 +237,9 @@ class FusedOptimizer(StepHooks, torch.optim.Optimizer):
                     raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
 
     def _validate_group(self, group):
-        _check_nonnegative_finite("lr", group["lr"])
-        _check_nonnegative_finite("weight_decay", group["weight_decay"])
-        _check_nonnegative_finite("lr_scale", group["lr_scale"])
+        check_nonnegative_finite("lr", group["lr"])
+        check_nonnegative_finite("weight_decay", group["weight_decay"])
+        check_nonnegative_finite("lr_scale", group["lr_scale"])
         for beta in group.get("betas", ()):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"betas must lie in [0, 1), got {group['betas']}")
@@ -317,24 +357,32 @@ class FusedOptimizer(StepHooks, torch.optim.Optimizer):
         raise NotImplementedError
 
 
-class TorchAdamW(StepHooks, torch.optim.AdamW):
-    """torch.optim.AdamW(fused=True), the plain-PyTorch baseline, under this module's one rule: a group's
-    rate is lr * lr_scale. torch's kernel takes one rate per group, so step() hands it that product and
-    then puts the schedule's lr back (the state dict keeps the schedule's lr, as ours do)."""
+def with_layer_lr(optimizer_class: type) -> type:
+    """A torch.optim optimizer class whose step runs each group at its layer_lr: torch's kernels take one
+    rate per group, so step() hands them that product and then puts the schedule's lr back (the state
+    dict keeps the schedule's lr, as ours do)."""
+
+    class LayerLR(StepHooks, optimizer_class):
+        @torch.no_grad()
+        def step(self, closure=None):
+            scheduled = [group["lr"] for group in self.param_groups]
+            for group in self.param_groups:
+                group["lr"] = layer_lr(group)
+            try:
+                return super().step(closure)
+            finally:
+                for group, lr in zip(self.param_groups, scheduled):
+                    group["lr"] = lr
+
+    LayerLR.__name__ = LayerLR.__qualname__ = f"{optimizer_class.__name__}WithLayerLR"
+    return LayerLR
+
+
+class TorchAdamW(with_layer_lr(torch.optim.AdamW)):
+    """torch.optim.AdamW(fused=True), the plain-PyTorch baseline, at each group's layer_lr."""
 
     def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        scheduled = [group["lr"] for group in self.param_groups]
-        for group in self.param_groups:
-            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
-        try:
-            return super().step(closure)
-        finally:
-            for group, lr in zip(self.param_groups, scheduled):
-                group["lr"] = lr
 
 
 def update_adamw(group, params, grads, exp_avgs, exp_avg_sqs, step_sizes=None) -> None:
@@ -345,7 +393,7 @@ def update_adamw(group, params, grads, exp_avgs, exp_avg_sqs, step_sizes=None) -
     as found_inf already does on this path. The kernel reads the step count from a tensor it does not
     change (torch.optim increments its own before the call), so one tensor serves every parameter."""
     beta1, beta2 = group["betas"]
-    lr = group["lr"] * group["lr_scale"]
+    lr = layer_lr(group)
     step = [torch.full((), float(group["step"]), device=params[0].device)] * len(params)
     settings = dict(beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False)
     if not step_sizes:
@@ -360,7 +408,7 @@ def launch_adamw(plan, grads, found_inf, group, step_sizes=None) -> None:
     beta1, beta2 = group["betas"]
     step = group["step"]
     params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
-    plan.launch(_adamw_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, exp_avg_sqs, step_sizes,
+    plan.launch(adamw_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, exp_avg_sqs, step_sizes,
                 group["lr"], beta1, beta2, group["eps"], 1 - beta1**step, math.sqrt(1 - beta2**step))
 
 
@@ -369,7 +417,7 @@ class AdamW(FusedOptimizer):
     scalar_keys = ("lr", "betas", "eps")
 
     def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, backend="auto"):
-        _check_nonnegative_finite("eps", eps)
+        check_nonnegative_finite("eps", eps)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), backend)
 
     def _update_torch(self, group, params, grads, states):
@@ -389,7 +437,7 @@ class Lion(FusedOptimizer):
     def _update_torch(self, group, params, grads, states):
         (exp_avgs,) = states
         beta1, beta2 = group["betas"]
-        lr = group["lr"] * group["lr_scale"]
+        lr = layer_lr(group)
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         updates = torch._foreach_mul(exp_avgs, beta1)
@@ -402,7 +450,7 @@ class Lion(FusedOptimizer):
     def _launch_step(self, plan, grads, found_inf, group):
         beta1, beta2 = group["betas"]
         params, exp_avgs = plan.tables("param", "exp_avg")
-        plan.launch(_lion_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, group["lr"], beta1, beta2)
+        plan.launch(lion_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, group["lr"], beta1, beta2)
 
 
 class SophiaG(FusedOptimizer):
@@ -413,7 +461,7 @@ class SophiaG(FusedOptimizer):
     scalar_keys = ("lr", "betas", "rho", "bs")
 
     def __init__(self, params, lr=6e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, bs=5120, hess_interval=10, backend="auto"):
-        _check_nonnegative_finite("rho", rho)
+        check_nonnegative_finite("rho", rho)
         if not (math.isfinite(bs) and bs > 0):
             raise ValueError(f"bs must be a positive number of tokens, got {bs}")
         if hess_interval < 1:
@@ -421,22 +469,22 @@ class SophiaG(FusedOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs), backend)
         self.hess_interval = hess_interval
 
-    def after_step(self, step: int, trainer) -> None:
+    def after_step(self, step: int, context: StepContext) -> None:
         """Sophia's schedule: a Hessian refresh after every hess_interval-th step, from the gradient of
         sampled-label loss; skipped like step() while found_inf is set."""
         if step % self.hess_interval == self.hess_interval - 1:
-            trainer.sampled_label_gradients()
+            sampled_label_gradients(context)
             self.update_hessian()  # reads found_inf
             self.zero_grad(set_to_none=True)
 
     def _validate_group(self, group):
         super()._validate_group(group)
-        _check_nonnegative_finite("rho", group["rho"])
+        check_nonnegative_finite("rho", group["rho"])
 
     def _update_torch(self, group, params, grads, states):
         exp_avgs, hessians = states
         beta1, _ = group["betas"]
-        lr = group["lr"] * group["lr_scale"]
+        lr = layer_lr(group)
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         torch._foreach_mul_(exp_avgs, beta1)
@@ -448,7 +496,7 @@ class SophiaG(FusedOptimizer):
     def _launch_step(self, plan, grads, found_inf, group):
         beta1, _ = group["betas"]
         params, exp_avgs, hessians = plan.tables("param", "exp_avg", "hessian")
-        plan.launch(_sophiag_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, hessians,
+        plan.launch(sophiag_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, hessians,
                     group["lr"], beta1, group["rho"] * group["bs"])
 
     @torch.no_grad()
@@ -470,38 +518,32 @@ class SophiaG(FusedOptimizer):
             return
         for bucket in self._buckets(active, ("betas",)):
             plan, grads, found_inf = self._bucket_plan("hessian", bucket, ("hessian",))
-            plan.launch(_ema_of_square_kernel, found_inf, plan.pointers["hessian"], grads, bucket[0][1]["betas"][1])
+            plan.launch(ema_of_square_kernel, found_inf, plan.pointers["hessian"], grads, bucket[0][1]["betas"][1])
 
 
-# Adam-mini's blocks for our parameter names, as the official code (adam-mini 1.1.1) assigns them by
-# substring: biases use Adam (a block per element); q and k one block per head; v, the attention
-# output, the MLP and the embedding one block per output row; LayerNorm scales and the position
-# embedding one block per tensor. First match wins; a name matching none is an error.
-ADAM_MINI_ROLES = (
-    (".bias", "element"),
-    ("attn.q_proj.weight", "head"), ("attn.k_proj.weight", "head"),
-    ("attn.v_proj.weight", "row"), ("attn.o_proj.weight", "row"), ("mlp.c_fc.weight", "row"), ("mlp.c_proj.weight", "row"),
-    ("transformer.wte.weight", "row"),
-    ("transformer.wpe.weight", "tensor"), ("ln_1.weight", "tensor"), ("ln_2.weight", "tensor"), ("ln_f.weight", "tensor"),
-)
+# Adam-mini's blocks by parameter role (model.param_role), as the official code (adam-mini 1.1.1) assigns
+# them: biases use Adam (a block per element); q and k one block per head; v, the attention output, the
+# MLP and the embedding one block per output row; LayerNorm scales and the position embedding one block
+# per tensor.
+ADAM_MINI_BLOCKS = {"q": "head", "k": "head", "v": "row", "attn_out": "row", "mlp_in": "row", "mlp_out": "row",
+                    "embedding": "row", "position": "tensor", "layernorm": "tensor"}
 
 
 def adam_mini_block_size(name: str, p: torch.Tensor, n_head: int) -> int:
-    role = next((role for suffix, role in ADAM_MINI_ROLES if name.endswith(suffix)), None)
-    if role is None:
-        raise ValueError(f"AdamMini: no block role for parameter {name!r}; add it to optim.ADAM_MINI_ROLES")
-    if role == "element":
+    role = param_role(name)
+    block = "element" if role.is_bias else ADAM_MINI_BLOCKS[role.layer]
+    if block == "element":
         return 1
-    if role == "head":
+    if block == "head":
         if p.shape[0] % n_head:
             raise ValueError(f"AdamMini: {name} has {p.shape[0]} rows, not divisible into n_head={n_head} heads")
         return p.numel() // n_head
-    return p.shape[1] if role == "row" else p.numel()
+    return p.shape[1] if block == "row" else p.numel()
 
 
 class AdamMini(FusedOptimizer):
     """Adam-mini (Zhang et al. 2024; the official code, adam-mini 1.1.1): Adam with one second-moment
-    value per block instead of per parameter (ADAM_MINI_ROLES), bias correction and decoupled weight
+    value per block instead of per parameter (ADAM_MINI_BLOCKS), bias correction and decoupled weight
     decay as the official code. Param groups need "names" (param_groups gives them). The triton
     backend takes two launches: a per-block mean of g^2, then the update."""
 
@@ -509,7 +551,7 @@ class AdamMini(FusedOptimizer):
     scalar_keys = ("lr", "betas", "eps")
 
     def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, n_head=12, backend="auto"):
-        _check_nonnegative_finite("eps", eps)
+        check_nonnegative_finite("eps", eps)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), backend)
         self.block_size = {}
         for group in self.param_groups:
@@ -525,7 +567,7 @@ class AdamMini(FusedOptimizer):
 
     def _update_torch(self, group, params, grads, states):
         beta1, beta2 = group["betas"]
-        lr = group["lr"] * group["lr_scale"]
+        lr = layer_lr(group)
         step = group["step"]
         bias_correction1, bias_correction2_sqrt = 1 - beta1**step, math.sqrt(1 - beta2**step)
         for p, g, m, v in zip(params, grads, *states):
@@ -555,8 +597,8 @@ class AdamMini(FusedOptimizer):
         step = group["step"]
         params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
         if plan.block_tensor.numel():  # 1024 elements per loop trip at 4 warps: 8 per thread, two 128-bit loads
-            _launch(_block_mean_square_kernel, (plan.block_tensor.numel(),), plan.block_size, plan.block_tensor, plan.block_index,
+            _launch(block_mean_square_kernel, (plan.block_tensor.numel(),), plan.block_size, plan.block_tensor, plan.block_index,
                     found_inf, grads, exp_avg_sqs, beta2, BLOCK=1024, ALIGNED=plan.aligned and plan.blocks_aligned, num_warps=4)
-        plan.launch(_adam_mini_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, exp_avg_sqs,
+        plan.launch(adam_mini_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, exp_avg_sqs,
                     plan.block_size, group["lr"], beta1, beta2, group["eps"], 1 - beta1**step, math.sqrt(1 - beta2**step))
 

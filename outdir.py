@@ -22,6 +22,8 @@ import shutil
 import socket
 import time
 
+import torch.distributed as dist
+
 from errors import UserError
 
 EXIT_DISK_FULL = 74  # EX_IOERR (sysexits.h): a write failed for lack of space
@@ -37,6 +39,10 @@ class DiskFullError(UserError):
 
 class OutDirInUseError(UserError):
     """Another run holds this out_dir."""
+
+
+class OutDirNotWritableError(UserError):
+    """An out_dir the run cannot write into."""
 
 
 def megabytes(n: int) -> str:
@@ -123,3 +129,35 @@ def holder(path: str) -> str:
         return f"pid {info['pid']} on {info['host']}, started {info['started']}"
     except (OSError, ValueError, KeyError):
         return "its holder did not say who it is"
+
+
+def prepare(out_dir: str) -> None:
+    """Fail before any work if out_dir cannot be written; never touch what is already there."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise OutDirNotWritableError(f"out_dir={out_dir!r} is not writable: {e}") from None
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: str, rt):
+    """Rank 0 holds out_dir's lock for the run; the other ranks learn whether it could, and stop with it."""
+    with contextlib.ExitStack() as held:
+        refused = None
+        if rt.is_main:
+            try:
+                held.enter_context(lock(out_dir, log=rt.print0))
+            except OutDirInUseError as e:
+                refused = e
+        if rt.distributed:
+            shared = [str(refused) if refused else None]
+            dist.broadcast_object_list(shared, src=0)
+            if shared[0] and not rt.is_main:
+                raise SystemExit(2)  # rank 0 says why
+        if refused:
+            raise refused
+        yield

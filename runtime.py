@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from errors import UserError
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12),
     ("H100", 989e12),  # SXM
+    ("GH200", 989e12),  # before "H200", which its name contains
     ("H200", 989e12),
-    ("GH200", 989e12),
     ("A100", 312e12),
     ("L40S", 362e12),
     ("A10G", 125e12),
@@ -213,3 +214,29 @@ class RunLog:
             self.file.close()
         if self.backend is not None:
             getattr(self.backend, "finish", getattr(self.backend, "close", lambda: None))()
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped by a signal, run the same command again
+
+
+class Preempted(BaseException):
+    """A stop signal before the first log step: nothing worth saving yet (a BaseException, so that no
+    `except Exception` on the way swallows it)."""
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop acts on it at the next log step, on all ranks together. Until
+    the first log step (the lwlr measurement, compilation, the first steps: minutes, while schedulers
+    grant about 30 s between SIGTERM and SIGKILL) the signal stops the run at once instead: Preempted
+    unwinds whatever runs, every file being written is removed or left whole, and the run exits 75."""
+
+    def __init__(self):
+        self.requested = False
+        self.immediate = True
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        if self.immediate:
+            raise Preempted(signal.Signals(signum).name)

@@ -20,9 +20,7 @@ saving nothing. One run at a time holds an out_dir (outdir.py); a full disk ends
 import contextlib
 import dataclasses
 import os
-import signal
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -47,24 +45,23 @@ from build import (
     token_batches,
 )
 from data.loader import TokenBatches
-from loss import sampled_label_loss
+from metrics import StepStats, lw_step_sizes
 from model import GPT
 from progress import Progress, duration, heartbeat
 from runtime import (
+    EXIT_PREEMPTED,
+    Preempted,
     RunLog,
+    StopRequest,
     autocast,
     cache_dir,
     environment,
     init_runtime,
-    peak_flops,
-    peak_memory_gib,
     precision,
     run_main,
 )
-from errors import UserError
 from train_config import INIT_MODES, ConfigError, TrainConfig, parse_config
 
-EXIT_PREEMPTED = 75
 # Keys that change the optimization itself: a resume with other values would not continue the run.
 RESUME_MUST_MATCH = ("model", "block_size", "residual_scale", "optimizer", "lr_rule", "tokens_per_step", "dataset")
 
@@ -89,18 +86,6 @@ def check_resume(c: TrainConfig, meta: dict, rt, path: str, block_size: int) -> 
                   f"{c.tokens_per_step:,} tokens per step, grad_accum {grad_accum}")
 
 
-def prepare_out_dir(c: TrainConfig) -> None:
-    """Fail before any work if out_dir cannot be written; never touch what is already there."""
-    try:
-        os.makedirs(c.out_dir, exist_ok=True)
-        probe = os.path.join(c.out_dir, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"out_dir={c.out_dir!r} is not writable: {e}") from None
-
-
 @torch.no_grad()
 def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx) -> float:
     """Mean loss over the same eval_steps val batches every time, split across ranks."""
@@ -118,33 +103,6 @@ def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx) -> float:
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
     model.train()
     return total.item() / c.eval_steps
-
-
-class DivergedError(UserError):
-    """max_bad_steps consecutive steps with a non-finite loss or gradient norm."""
-
-
-class Preempted(BaseException):
-    """A stop signal before the first log step: nothing worth saving yet (a BaseException, so that no
-    `except Exception` on the way swallows it)."""
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop acts on it at the next log step, on all ranks together. Until
-    the first log step (the lwlr measurement, compilation, the first steps: minutes, while schedulers
-    grant about 30 s between SIGTERM and SIGKILL) the signal stops the run at once instead: Preempted
-    unwinds whatever runs, every file being written is removed or left whole, and the run exits 75."""
-
-    def __init__(self):
-        self.requested = False
-        self.immediate = True
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        if self.immediate:
-            raise Preempted(signal.Signals(signum).name)
 
 
 class Trainer:
@@ -209,7 +167,7 @@ class Trainer:
         # Dropout and sampled labels draw from an RNG seeded by (seed, step, rank): a resume needs no RNG state.
         torch.manual_seed(c.seed + 1_000_003 * step + rt.rank)
         rows = c.micro_batch_size  # this rank's micro-steps hold rows (rank * grad_accum + micro) * rows onward
-        self.micro_batches = micro_batches = [
+        micro_batches = [
             self.train_batches.get(step, self.global_rows, (rt.rank * self.grad_accum + micro) * rows, rows, rt.device)
             for micro in range(self.grad_accum)
         ]
@@ -226,33 +184,15 @@ class Trainer:
         # The fused steps read found_inf on the device: no host sync.
         torch.logical_not(torch.isfinite(step_loss + grad_norm), out=self.found_inf)
         self.optimizer.found_inf = self.found_inf
-        self.optimizer.before_step(step, self)  # what an optimizer needs around its update, it asks of the trainer
+        # What an optimizer needs around its update (SophiaG's Hessian refresh, LW-AS's curvature) it takes
+        # from this step's context.
+        context = optim.StepContext(self.model, self.raw_model, micro_batches, self.ctx, self.sync_context,
+                                    lwas.all_reduce_mean if rt.distributed else None, self.found_inf)
+        self.optimizer.before_step(step, context)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer.after_step(step, self)
+        self.optimizer.after_step(step, context)
         return lr, step_loss, grad_norm, self.found_inf
-
-    # What the optimizers' hooks (optim.StepHooks) may ask of this step.
-
-    def sampled_label_gradients(self) -> None:
-        """Gradients of the loss against labels sampled from the model's own predictions over this step's
-        micro-batches (SophiaG's Gauss-Newton-Bartlett estimator, Liu et al. 2023). A non-finite one counts
-        the step as bad (found_inf): on the device, and the same on every rank (DDP averaged it)."""
-        for micro, (x, _) in enumerate(self.micro_batches):
-            with self.ctx, self.sync_context(micro == len(self.micro_batches) - 1):
-                logits, _ = self.model(x)
-                (sampled_label_loss(logits) / len(self.micro_batches)).backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-        torch.logical_or(self.found_inf, finite.logical_not(), out=self.found_inf)
-
-    def curvature(self, kind: str) -> lwas.Curvature:
-        """A curvature pass (LW-AS) on (part of) this rank's first micro-batch, through the uncompiled model
-        (double backward and forward-mode AD do not go through torch.compile), averaged over the ranks."""
-        x, y = self.micro_batches[0]
-        rows = self.c.lw_micro_batch_size or self.c.micro_batch_size
-        reduce = lwas.all_reduce_mean if self.rt.distributed else None
-        return lwas.Curvature(kind, self.raw_model, x[:rows], y[:rows], self.ctx, reduce)
 
 
 def choose_backend(c: TrainConfig, rt) -> tuple[str, str]:
@@ -263,91 +203,10 @@ def choose_backend(c: TrainConfig, rt) -> tuple[str, str]:
     return kernel_check.choose_backend(c, rt.device, make_optimizer, cache_dir(), say=rt.print0)
 
 
-class StepStats:
-    """What the loop reports between log steps: the mean loss of the finite steps, the skipped steps, time
-    and throughput, and the guard's count of consecutive non-finite steps. Kept on the device, so the only
-    host syncs are on log steps."""
-
-    def __init__(self, rt, c: TrainConfig, flops_per_step: float):
-        self.rt, self.c, self.flops_per_step, self.peak = rt, c, flops_per_step, peak_flops(rt.device)
-        self.loss_sum, self.skipped = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
-        self.bad_run = torch.zeros((), device=rt.device)  # consecutive non-finite steps so far, and the longest run
-        self.longest_bad_run = torch.zeros((), device=rt.device)
-        self.steps = 0  # in this log interval
-        self.restart_timer()
-
-    def restart_timer(self) -> None:
-        """Time from here on (after a log line, an eval or a save, which the step time excludes). The
-        interval's loss keeps counting: an eval between two log lines splits the timing, not the loss."""
-        self.timed_steps, self.timer = 0, time.perf_counter()
-
-    def add(self, step_loss, found_inf) -> None:
-        self.loss_sum += torch.where(found_inf.bool(), 0.0, step_loss)
-        self.skipped += found_inf
-        self.bad_run.add_(1).mul_(found_inf)
-        torch.maximum(self.longest_bad_run, self.bad_run, out=self.longest_bad_run)
-        self.steps += 1
-        self.timed_steps += 1
-
-    def first_step_done(self) -> float:
-        """The seconds this process's first step took (compilation, kernel builds, allocator warm-up: up to
-        minutes), which ms/step then leaves out, as it does evals and saves."""
-        self.loss_sum.item()  # waits for the step to finish
-        seconds = time.perf_counter() - self.timer
-        self.first_step_seconds, self.timed_steps, self.timer = seconds, 0, time.perf_counter()
-        return seconds
-
-    def interval(self, step: int) -> dict:
-        """The interval's figures for the log (step: steps done so far), then a fresh interval."""
-        skipped = int(self.skipped.item())
-        good = self.steps - skipped
-        if self.timed_steps:
-            seconds = (time.perf_counter() - self.timer) / self.timed_steps
-        else:  # an interval of the first step alone: its time is the only one there is
-            seconds = self.first_step_seconds
-        figures = {"loss": self.loss_sum.item() / good if good else float("nan"), "ms_per_step": 1000 * seconds,
-                   "tokens_per_s": self.c.tokens_per_step / seconds,
-                   "mfu": self.flops_per_step / seconds / (self.peak * self.rt.world_size) if self.peak else None,
-                   "peak_mem_gib": peak_memory_gib(self.rt.device), "skipped_steps": skipped,
-                   "seconds_left": seconds * (self.c.max_steps - step)}  # steps only: evals and saves come on top
-        self.loss_sum.zero_(), self.skipped.zero_()
-        self.steps = 0
-        return figures
-
-    def line(self, r: dict) -> str:
-        mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
-        skipped = f" | skipped {r['skipped_steps']} non-finite" if r["skipped_steps"] else ""
-        left = f" | {duration(r['seconds_left'])} left" if r["step"] < self.c.max_steps else ""
-        return (f"step {r['step']:>6}/{self.c.max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e}"
-                f" | grad_norm {r['grad_norm']:.3f} | {r['ms_per_step']:.0f} ms/step"
-                f" | {r['tokens_per_s']:,.0f} tok/s{mfu} | mem {r['peak_mem_gib']:.2f} GiB{skipped}{left}")
-
-    def last_step_bad(self) -> bool:
-        return self.bad_run.item() > 0  # the same on every rank: the guard's flag was all-reduced
-
-    def check_bad_steps(self, step: int) -> None:
-        if self.longest_bad_run.item() >= self.c.max_bad_steps:
-            raise DivergedError(
-                f"{int(self.longest_bad_run.item())} consecutive steps up to step {step} had a non-finite loss or "
-                f"gradient norm (max_bad_steps={self.c.max_bad_steps}); stopping, the last checkpoint is intact. "
-                "Lower lr or check the data."
-            )
-
-
-def lw_step_sizes(optimizer) -> dict:
-    """LW-AS's latest per-layer step sizes (range) and joint rescale, for the log; {} for other optimizers."""
-    refresh = getattr(optimizer, "last_refresh", {})
-    if "step_size" not in refresh:
-        return {}
-    step_sizes = refresh["step_size"]
-    return {"lw_step_size_min": step_sizes.min().item(), "lw_step_size_max": step_sizes.max().item(),
-            "lw_joint_scale": refresh["joint_scale"].item()}
-
-
 def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
     """The model, lr multipliers, optimizer state and first step: from the newest checkpoint in out_dir,
     or fresh (measuring the multipliers). Checks everything before writing anything."""
-    prepare_out_dir(c)
+    outdir.prepare(c.out_dir)
     found = checkpoint.latest(c.out_dir, report=rt.print0)
     if c.init_from == "resume" and found is None:
         raise ConfigError(f"init_from=resume, but {c.out_dir} holds no complete checkpoint")
@@ -406,9 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     if finished(c, rt):
         return 0
     backend = choose_backend(c, rt)  # a failed self-check under optimizer_backend=triton stops here, out_dir untouched
-    prepare_out_dir(c)
+    outdir.prepare(c.out_dir)
     try:
-        with exclusive_out_dir(c, rt):
+        with outdir.exclusive(c.out_dir, rt):
             return run(c, rt, stop, val_batches, backend)
     except Preempted as signal_name:
         rt.print0(f"{signal_name} before the first log step: stopped at once, nothing saved; the same command starts "
@@ -421,26 +280,6 @@ def main(argv: list[str] | None = None) -> int:
         raise full from None
     finally:
         stop.immediate = False  # a signal after the run is no longer the run's to act on
-
-
-@contextlib.contextmanager
-def exclusive_out_dir(c: TrainConfig, rt):
-    """Rank 0 holds out_dir's lock for the run; the other ranks learn whether it could, and stop with it."""
-    with contextlib.ExitStack() as held:
-        refused = None
-        if rt.is_main:
-            try:
-                held.enter_context(outdir.lock(c.out_dir, log=rt.print0))
-            except outdir.OutDirInUseError as e:
-                refused = e
-        if rt.distributed:
-            shared = [str(refused) if refused else None]
-            dist.broadcast_object_list(shared, src=0)
-            if shared[0] and not rt.is_main:
-                raise SystemExit(2)  # rank 0 says why
-        if refused:
-            raise refused
-        yield
 
 
 def run(c: TrainConfig, rt, stop: StopRequest, val_batches: TokenBatches, backend: tuple[str, str]) -> int:

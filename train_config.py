@@ -15,7 +15,6 @@ import traceback
 import types
 from dataclasses import dataclass
 
-import lwlr
 from errors import UserError
 
 
@@ -26,6 +25,9 @@ class ConfigError(UserError):
 
 
 INIT_MODES = ("auto", "resume", "scratch")  # init_from's values other than a pretrained directory
+# lwlr.py's measurement inits and baseline rules, named here so that parsing a config needs no torch.
+MEASUREMENT_INITS = ("fan_out", "fan_in", "model")
+BASELINES = ("depth_increasing", "depth_decreasing", "fan_in")
 
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -117,10 +119,10 @@ class TrainConfig:
     max_steps: int = at_least(0, 200, help="optimizer steps in the run")
     lr_decay_steps: int = at_least(0, 0, help="the cosine reaches min_lr here; 0 = max_steps")
     # layer-wise learning rates (lwlr.py, multipliers.py)
-    lr_rule: str = choice("lwlr", "single", *lwlr.BASELINES,
+    lr_rule: str = choice("lwlr", "single", *BASELINES,
                           help="lwlr | single | depth_increasing | depth_decreasing | fan_in")
     lwlr_T: int = at_least(1, 100, help="batches the gradient magnitude is averaged over (the paper's T)")
-    lwlr_init: str = choice("fan_out", *lwlr.MEASUREMENT_INITS,
+    lwlr_init: str = choice("fan_out", *MEASUREMENT_INITS,
                             help="measurement init: fan_out (the paper's) | fan_in | model (the training init)")
     lwlr_power: float = at_least(0.0, 0.5, help="multiplier = (mean |g|)^-power, the paper's 1/2")
     lwlr_file: str = key("", "read multipliers from this lwlr.json instead of measuring")

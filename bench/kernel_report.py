@@ -51,8 +51,8 @@ MAX_REGISTERS = 64  # half occupancy or better at 8 warps on a 64K-register SM
 MIN_VECTOR_SHARE = 0.8
 
 # fp32 bytes an update must move per parameter: AdamW reads p, g, m, v and writes p, m, v.
-MINIMUM_BYTES = {"_adamw_kernel": 28, "_sgd_momentum_kernel": 20, "_lion_kernel": 20, "_sophiag_kernel": 24,
-                 "_ema_of_square_kernel": 12, "_adam_mini_kernel": 20, "_block_mean_square_kernel": 4}
+MINIMUM_BYTES = {"adamw_kernel": 28, "sgd_momentum_kernel": 20, "lion_kernel": 20, "sophiag_kernel": 24,
+                 "ema_of_square_kernel": 12, "adam_mini_kernel": 20, "block_mean_square_kernel": 4}
 
 # Peak HBM bandwidth from the vendors' datasheets; the achievable share is the one measured on this
 # project's H100 machine (device-to-device copy 3.0 TB/s of 3.35, shared/NOTES.md), assumed for the A100 too.
@@ -171,7 +171,7 @@ def kernel_rows(recorded) -> list[dict]:
                 variant = {**meta, "ALIGNED": aligned}
                 elements_per_thread = variant["BLOCK"] // (32 * variant["num_warps"])
                 row = {"kernel": name, "launched_by": optimizer_name, "aligned": aligned, "step_sizes": args[10] is not None
-                       if name in ("_adamw_kernel", "_sgd_momentum_kernel") else None,
+                       if name in ("adamw_kernel", "sgd_momentum_kernel") else None,
                        "BLOCK": variant["BLOCK"], "num_warps": variant["num_warps"], "targets": {}}
                 for arch in ARCHS:
                     compiled = compile_launch(kernel, args, variant, arch)

@@ -43,9 +43,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import build  # noqa: E402
-import lwlr  # noqa: E402
 import multipliers  # noqa: E402
 import train  # noqa: E402
+import train_config  # noqa: E402
 from common import fresh_trainer  # noqa: E402
 from model import GPT  # noqa: E402
 from progress import duration  # noqa: E402
@@ -287,7 +287,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", choices=PRESETS, default="tiny-cpu")
     parser.add_argument("--out_dir", default=None, help="default bench/results/overfit-<preset>")
     parser.add_argument("--optimizers", nargs="+")
-    parser.add_argument("--rules", nargs="+", help=f"from single, lwlr, {', '.join(lwlr.BASELINES)}")
+    parser.add_argument("--rules", nargs="+", help=f"from single, lwlr, {', '.join(train_config.BASELINES)}")
     parser.add_argument("--lrs", nargs="+", type=float, help="one grid for every optimizer")
     parser.add_argument("--residual_scales", nargs="+", choices=["false", "true"])
     parser.add_argument("--seeds", nargs="+", type=int)

@@ -169,13 +169,16 @@ def _write(path: str, text: str) -> str:
     return text
 
 
-def plot(results: dict, out_dir: str) -> None:
+def plot(results: dict, out_dir: str) -> dict:
+    """final_loss_vs_lr.png and best_curves.png in out_dir; what each draws, by line label: (lr, mean
+    final loss) points, and the best run's (step, loss) curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = rows_of(results)
+    drawn = {"final_loss_vs_lr": {}, "best_curves": {}}
     optimizers = list(dict.fromkeys(key[0] for key in rows))
     fig, axes = plt.subplots(1, len(optimizers), figsize=(5 * len(optimizers), 4), squeeze=False)
     for ax, optimizer in zip(axes[0], optimizers):
@@ -184,6 +187,7 @@ def plot(results: dict, out_dir: str) -> None:
                 continue
             by_lr = {lr: seed_statistics([r for r in runs if r["lr"] == lr]) for lr in sorted({r["lr"] for r in runs})}
             points = [(lr, stats[0], stats[1]) for lr, stats in by_lr.items() if stats]
+            drawn["final_loss_vs_lr"][row_label(opt, rule, rs)] = [(lr, mean) for lr, mean, _ in points]
             line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=row_label(opt, rule, rs))[0] if points else None
             if points and max(p[2] for p in points) > 0:  # several seeds: a band of +- one std
                 ax.fill_between([p[0] for p in points], [p[1] - p[2] for p in points], [p[1] + p[2] for p in points],
@@ -205,7 +209,9 @@ def plot(results: dict, out_dir: str) -> None:
         best_lr = best_by_row.get(key, (None,))[0]
         best = next((r for r in runs if r["lr"] == best_lr), None)
         if best:
-            ax.plot(*zip(*(best["val_curve"] if heldout else best["curve"])), label=f"{row_label(*key)}, lr {best['lr']:.3g}")
+            curve = best["val_curve"] if heldout else best["curve"]
+            drawn["best_curves"][row_label(*key)] = [tuple(point) for point in curve]
+            ax.plot(*zip(*curve), label=f"{row_label(*key)}, lr {best['lr']:.3g}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("val loss" if heldout else "train loss")
@@ -214,6 +220,7 @@ def plot(results: dict, out_dir: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "best_curves.png"), dpi=110)
     plt.close(fig)
+    return drawn
 
 
 def write_all(results: dict, out_dir: str) -> str:

@@ -4,7 +4,6 @@ fine-tuning from a directory of any shape."""
 
 import hashlib
 import io
-import json
 import os
 import re
 import subprocess

@@ -44,9 +44,9 @@ def plant(monkeypatch, kernel, fault: str) -> list:
 
 
 @pytest.mark.parametrize("optimizer, kernel", [
-    ("adamw", kernels._adamw_kernel), ("lion", kernels._lion_kernel), ("sophiag", kernels._sophiag_kernel),
-    ("sophiag", kernels._ema_of_square_kernel), ("adam_mini", kernels._block_mean_square_kernel),
-    ("adam_mini", kernels._adam_mini_kernel), ("sgdm_lw", kernels._sgd_momentum_kernel), ("adamw_lw", kernels._adamw_kernel),
+    ("adamw", kernels.adamw_kernel), ("lion", kernels.lion_kernel), ("sophiag", kernels.sophiag_kernel),
+    ("sophiag", kernels.ema_of_square_kernel), ("adam_mini", kernels.block_mean_square_kernel),
+    ("adam_mini", kernels.adam_mini_kernel), ("sgdm_lw", kernels.sgd_momentum_kernel), ("adamw_lw", kernels.adamw_kernel),
 ])
 def test_a_wrong_update_in_any_one_kernel_is_caught(optimizer, kernel, monkeypatch, tmp_path):
     assert kernel_check.check(optimizer, make_for(optimizer), CPU, str(tmp_path / "clean"))[0]
@@ -58,9 +58,9 @@ def test_a_wrong_update_in_any_one_kernel_is_caught(optimizer, kernel, monkeypat
 
 
 def test_a_launch_error_is_caught_and_named(monkeypatch, tmp_path):
-    plant(monkeypatch, kernels._lion_kernel, "raise")
+    plant(monkeypatch, kernels.lion_kernel, "raise")
     passed, finding = kernel_check.check("lion", make_for("lion"), CPU, str(tmp_path))
-    assert not passed and finding == "lion's Triton kernels (_lion_kernel) failed to run: RuntimeError: planted launch error"
+    assert not passed and finding == "lion's Triton kernels (lion_kernel) failed to run: RuntimeError: planted launch error"
 
 
 def test_a_pass_is_cached_and_a_change_to_the_kernels_source_checks_again(monkeypatch, tmp_path):
@@ -79,7 +79,7 @@ def test_a_pass_is_cached_and_a_change_to_the_kernels_source_checks_again(monkey
 
 
 def test_a_failure_is_not_cached(monkeypatch, tmp_path):
-    plant(monkeypatch, kernels._lion_kernel, "twice")
+    plant(monkeypatch, kernels.lion_kernel, "twice")
     assert not kernel_check.check("lion", make_for("lion"), CPU, str(tmp_path))[0]
     monkeypatch.undo()
     assert kernel_check.check("lion", make_for("lion"), CPU, str(tmp_path))[1].startswith("self-check passed in")
@@ -123,7 +123,7 @@ def test_each_backend_choice_says_why(monkeypatch, tmp_path):
 def test_a_run_whose_kernel_fails_the_check_trains_on_the_torch_path_to_the_same_weights(tmp_path, token_dir, monkeypatch, capsys):
     reference = tmp_path / "torch"
     assert train.main(tiny_run_args(reference, token_dir, max_steps=3, eval_interval=3, optimizer_backend="torch")) == 0
-    plant(monkeypatch, kernels._adamw_kernel, "twice")
+    plant(monkeypatch, kernels.adamw_kernel, "twice")
     checked = tmp_path / "checked"
     assert train.main(tiny_run_args(checked, token_dir, max_steps=3, eval_interval=3, kernel_check="force")) == 0
     printed = capsys.readouterr().out
@@ -142,7 +142,7 @@ def test_optimizer_backend_triton_stops_before_the_first_step_and_leaves_out_dir
         "import sys, optim, kernels, train, runtime\n"
         "real = optim._launch\n"
         "def faulty(kernel, grid, *args, **meta):\n"
-        "    if kernel is kernels._adamw_kernel:\n"
+        "    if kernel is kernels.adamw_kernel:\n"
         "        raise RuntimeError('planted launch error')\n"
         "    real(kernel, grid, *args, **meta)\n"
         "optim._launch = faulty\n"

@@ -186,7 +186,15 @@ def test_cli_writes_json_and_plot_and_is_reproducible(tmp_path, token_dir):
     assert (data["T"], data["init"], data["power"], data["model"], data["seed"]) == (4, "fan_out", 0.5, "gpt2-tiny", 1337)
     layer = data["layers"][0]
     assert set(layer) == {"name", "shape", "numel", "grad_mean_abs", "multiplier"}
-    assert (first / "lwlr.png").stat().st_size > 10_000
+    # The plot: every layer once, at its place in model order, with its multiplier; the Linear panel holds
+    # the q, k, v, attention-output and MLP weights alone (2 blocks x 6 of gpt2-tiny), in their order.
+    drawn = multipliers.plot(data, str(tmp_path / "again.png"))
+    everything = sorted(point for points in drawn["all layers"].values() for point in points)
+    assert everything == [(i, layer["multiplier"]) for i, layer in enumerate(data["layers"])]
+    assert [point[1] for point in drawn["all layers"]["q"]] == [layer["multiplier"] for layer in data["layers"]
+                                                                if layer["name"].endswith("attn.q_proj.weight")]
+    linear = sorted(point for points in drawn["Linear weights"].values() for point in points)
+    assert len(linear) == 12 and set(drawn["Linear weights"]) == {"q", "k", "v", "attn_out", "mlp_in", "mlp_out"}
 
 
 def test_two_process_measurement_equals_one_process(tmp_path, token_dir):

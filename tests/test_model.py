@@ -135,3 +135,27 @@ def test_a_tiny_batch_overfits():
         optimizer.step()
         optimizer.zero_grad()
     assert loss.item() < 0.05
+
+
+def test_every_parameter_has_the_role_its_name_says():
+    from model import ParamRole, param_role
+
+    expected = {  # by hand, for a 2-block model
+        "transformer.wte.weight": ParamRole("embedding", False, None),
+        "transformer.wpe.weight": ParamRole("position", False, None),
+        "transformer.h.1.attn.q_proj.weight": ParamRole("q", False, 1),
+        "transformer.h.0.attn.k_proj.bias": ParamRole("k", True, 0),
+        "transformer.h.0.attn.v_proj.weight": ParamRole("v", False, 0),
+        "transformer.h.1.attn.o_proj.bias": ParamRole("attn_out", True, 1),
+        "transformer.h.0.mlp.c_fc.weight": ParamRole("mlp_in", False, 0),
+        "transformer.h.1.mlp.c_proj.weight": ParamRole("mlp_out", False, 1),
+        "transformer.h.0.ln_1.weight": ParamRole("layernorm", False, 0),
+        "transformer.h.1.ln_2.bias": ParamRole("layernorm", True, 1),
+        "transformer.ln_f.weight": ParamRole("layernorm", False, None),
+    }
+    names = {name for name, _ in GPT(GPTConfig.from_preset("gpt2-tiny")).named_parameters()}
+    assert set(expected) <= names
+    assert {name: param_role(name) for name in expected} == expected
+    assert all(param_role(name) for name in names)  # every parameter has one
+    with pytest.raises(ValueError, match="no role for parameter 'transformer.h.0.mlp.gate.weight'"):
+        param_role("transformer.h.0.mlp.gate.weight")

@@ -23,8 +23,16 @@ def test_a_small_sweep_writes_json_table_and_plots_and_skips_finished_points(tmp
     assert saved["runs"].keys() == results["runs"].keys() and saved["env"]["torch"]
     table = (out / "table.md").read_text()
     assert "| adamw single |" in table and "| adamw lwlr |" in table and table.count("**") == 4  # one best per row
-    for plot in ("final_loss_vs_lr.png", "best_curves.png"):
-        assert (out / plot).stat().st_size > 10_000
+    # The table's best rate of each rule is the run with the lowest final loss, and its value is that loss.
+    for rule in ("single", "lwlr"):
+        best = min((run for run in results["runs"].values() if run["rule"] == rule), key=lambda run: run["final_loss"])
+        assert f"**{best['final_loss']:.4f}**" in next(line for line in table.splitlines() if f"| adamw {rule} |" in line)
+    drawn = overfit_report.plot(results, str(out))  # what the two plots show: every run's final loss, the best curves
+    for rule in ("single", "lwlr"):
+        runs = sorted((run["lr"], run["final_loss"]) for run in results["runs"].values() if run["rule"] == rule)
+        assert drawn["final_loss_vs_lr"][f"adamw {rule}"] == runs
+        best = min((run for run in results["runs"].values() if run["rule"] == rule), key=lambda run: run["final_loss"])
+        assert drawn["best_curves"][f"adamw {rule}"] == [tuple(point) for point in best["curve"]]
     (out / "table.md").unlink()
     overfit_report.main(str(out))  # redrawn from results.json alone
     assert (out / "table.md").read_text() == table
@@ -61,8 +69,12 @@ def test_heldout_mode_scores_val_loss_over_seeds_and_resumes(tmp_path, token_dir
     assert seeds[0] != seeds[1]  # the seed changes the init and the batches
     table = (tmp_path / "heldout" / "table.md").read_text()
     assert "## Each rule at its own best rate" in table and "| adamw | lwlr |" in table and "(2) |" in table
-    for plot in ("final_loss_vs_lr.png", "best_curves.png"):
-        assert (tmp_path / "heldout" / plot).stat().st_size > 10_000
+    import overfit_report
+
+    drawn = overfit_report.plot(results, str(tmp_path / "heldout"))  # each point: the mean val loss over the seeds
+    for lr in (1e-3, 3e-3):
+        losses = [run["final_loss"] for run in results["runs"].values() if run["rule"] == "lwlr" and run["lr"] == lr]
+        assert dict(drawn["final_loss_vs_lr"]["adamw lwlr"])[lr] == pytest.approx(sum(losses) / 2, rel=1e-12)
     capsys.readouterr()
     overfit.main(args)
     assert capsys.readouterr().out.count("done before, skipped") == 8

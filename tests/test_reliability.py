@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, read_log, tiny_run_args, torchrun
 
 import checkpoint
+import metrics
 import train
 from model import GPT
 from train_config import ConfigError
@@ -84,6 +85,7 @@ KILL_DURING_SAVE = """
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
 import checkpoint
+import metrics
 def save_then_die(obj, f, *a, **k):
     f.write(b"partial bytes")
     os.kill(os.getpid(), signal.SIGKILL)
@@ -184,7 +186,7 @@ def test_a_nan_step_is_skipped_and_logged(tmp_path, token_dir, monkeypatch):
 def test_consecutive_nan_steps_stop_the_run_without_a_checkpoint(tmp_path, token_dir, monkeypatch):
     nan_on_steps(monkeypatch, set(range(5, 100)))
     out = tmp_path / "run"
-    with pytest.raises(train.DivergedError, match="3 consecutive steps .*\\(max_bad_steps=3\\)"):
+    with pytest.raises(metrics.DivergedError, match="3 consecutive steps .*\\(max_bad_steps=3\\)"):
         train.main(tiny_run_args(out, token_dir, max_steps=20, eval_interval=2, max_bad_steps=3, lr_rule="single"))
     assert checkpoint.complete_steps(str(out)) == [2]  # the last good one; none after the NaNs began
     model, _ = final_state(out, 2)

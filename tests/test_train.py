@@ -34,10 +34,13 @@ def test_tiny_run_writes_config_log_and_checkpoints(tmp_path, token_dir):
 
 def test_schedule_warmup_cosine_and_constant():
     c = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
-    assert build.lr_at(0, c) == pytest.approx(0.1)
-    assert build.lr_at(9, c) == pytest.approx(1.0)
-    assert build.lr_at(60, c) == pytest.approx(0.1 + 0.5 * 0.9)  # halfway through the cosine
-    assert build.lr_at(110, c) == pytest.approx(0.1)
+    assert build.lr_at(0, c) == pytest.approx(0.1)  # step 0 takes 1/10 of the peak
+    assert build.lr_at(9, c) == pytest.approx(1.0)  # the last warmup step reaches it
+    assert build.lr_at(10, c) == pytest.approx(1.0)  # the cosine starts at the peak, never above it
+    assert build.lr_at(35, c) == pytest.approx(0.1 + 0.9 * (2 + 2**0.5) / 4)  # a quarter of the way: cos(pi/4)
+    assert build.lr_at(60, c) == pytest.approx(0.55)  # halfway through the cosine
+    assert build.lr_at(110, c) == pytest.approx(0.1)  # the end of the decay
+    assert build.lr_at(500, c) == pytest.approx(0.1)  # and beyond
     constant = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, schedule="constant")
     assert build.lr_at(100, constant) == 1.0
 
@@ -200,7 +203,10 @@ def test_the_schedule_reaches_the_optimizer_at_each_step(tmp_path, token_dir):
                          weight_decay=0.0)
     assert train.main(args) == 0
     c = parse_config(args)
-    assert [r["lr"] for r in read_log(tmp_path / "run", "train")] == [build.lr_at(step, c) for step in range(6)]
+    # By hand: warmup 1/3, 2/3, 1 of lr = 1e-2, then the cosine from lr to min_lr = 2e-4 over steps 3..6,
+    # min_lr + (lr - min_lr) * (1 + cos(pi * k / 3)) / 2 at k = 0, 1, 2.
+    expected = [1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2, 2e-4 + 9.8e-3 * 0.75, 2e-4 + 9.8e-3 * 0.25]
+    assert [r["lr"] for r in read_log(tmp_path / "run", "train")] == pytest.approx(expected, rel=1e-12)
     groups = checkpoint.load_tensors(checkpoint.step_dir(str(tmp_path / "run"), 6), "optimizer")["param_groups"]
     assert {g["lr"] for g in groups} == {build.lr_at(5, c)} and len({g["lr_scale"] for g in groups}) > 1
     trainer = fresh_trainer(c)
@@ -213,6 +219,22 @@ def test_the_schedule_reaches_the_optimizer_at_each_step(tmp_path, token_dir):
                 assert largest == pytest.approx(build.lr_at(0, c) * group["lr_scale"], rel=1e-3), name
 
 
+def test_one_or_two_accumulation_micro_steps_over_the_same_global_batch_give_the_same_weights(tmp_path, token_dir):
+    """tokens_per_step 256 of 32-token rows: 8 rows in one micro-step, or 4 and 4 in two. The two micro-steps'
+    gradients are averaged, so the steps are the same up to float rounding; gradients summed instead would be
+    twice as large, which AdamW's eps (1e-3 here, so that it matters) and the clipping turn into other steps."""
+    runs = {}
+    for micro_batch_size in (8, 4):
+        out = tmp_path / f"micro{micro_batch_size}"
+        args = tiny_run_args(out, token_dir, micro_batch_size=micro_batch_size, max_steps=5, eval_interval=5, eps=1e-3, grad_clip=0.5)
+        assert train.main(args) == 0
+        assert read_log(out, "start")[0]["grad_accum"] == 256 // (micro_batch_size * 32)
+        runs[micro_batch_size] = checkpoint.load_tensors(checkpoint.step_dir(str(out), 5), "model")
+    for name, weight in runs[8].items():
+        if not name.endswith("k_proj.bias"):  # a zero gradient by construction: rounding noise, normalized (docs/lwlr.md)
+            torch.testing.assert_close(runs[4][name], weight, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def fresh_trainer(c):
     torch.manual_seed(c.seed)
     model = GPT(build.gpt_config(c))
@@ -220,16 +242,18 @@ def fresh_trainer(c):
 
 
 def test_a_plain_torch_optimizer_trains_with_the_layer_wise_rates():
-    """optim.set_lr gives a torch.optim optimizer, which knows nothing of lr_scale, each group's lr * lr_scale."""
+    """optim.with_layer_lr gives a torch.optim optimizer, which knows nothing of lr_scale, each group's lr * lr_scale
+    in its step (SGD: p -= lr * lr_scale * g, by hand), and its groups keep the schedule's lr; unwrapped, set_lr refuses it."""
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    sgd = torch.optim.SGD([{"params": [a], "lr_scale": 0.5}, {"params": [b], "lr_scale": 2.0}], lr=1.0)
+    groups = [{"params": [a], "lr_scale": 0.5}, {"params": [b], "lr_scale": 2.0}]
+    sgd = optim.with_layer_lr(torch.optim.SGD)(groups, lr=1.0)
     optim.set_lr(sgd, 0.1)
     a.grad, b.grad = torch.ones(3), torch.ones(3)
     sgd.step()
     assert torch.equal(a.detach(), torch.full((3,), -0.05)) and torch.equal(b.detach(), torch.full((3,), -0.2))
-    ours = optim.AdamW([{"params": [a], "lr_scale": 0.5}], lr=1.0)
-    optim.set_lr(ours, 0.1)
-    assert ours.param_groups[0]["lr"] == 0.1  # ours apply lr_scale in their step: the group keeps the schedule's rate
+    assert [group["lr"] for group in sgd.param_groups] == [0.1, 0.1]
+    with pytest.raises(TypeError, match=r"SGD ignores lr_scale: build it from optim.with_layer_lr\(SGD\)"):
+        optim.set_lr(torch.optim.SGD([{"params": [a], "lr_scale": 0.5}], lr=1.0), 0.1)
 
 
 def test_compile_auto_is_on_where_it_repays_its_cost(monkeypatch):

@@ -1,0 +1,97 @@
+"""What the training loop reports between log steps, and its guard against a diverging run: the mean
+loss of the finite steps, the skipped ones, step time, throughput, MFU, memory and the time left, kept on
+the device so that the only host syncs are on log steps; one log line of them."""
+
+import time
+
+import torch
+
+from errors import UserError
+from progress import duration
+from runtime import peak_flops, peak_memory_gib
+from train_config import TrainConfig
+
+
+class DivergedError(UserError):
+    """max_bad_steps consecutive steps with a non-finite loss or gradient norm."""
+
+
+class StepStats:
+    """What the loop reports between log steps: the mean loss of the finite steps, the skipped steps, time
+    and throughput, and the guard's count of consecutive non-finite steps. Kept on the device, so the only
+    host syncs are on log steps."""
+
+    def __init__(self, rt, c: TrainConfig, flops_per_step: float):
+        self.rt, self.c, self.flops_per_step, self.peak = rt, c, flops_per_step, peak_flops(rt.device)
+        self.loss_sum, self.skipped = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
+        self.bad_run = torch.zeros((), device=rt.device)  # consecutive non-finite steps so far, and the longest run
+        self.longest_bad_run = torch.zeros((), device=rt.device)
+        self.steps = 0  # in this log interval
+        self.restart_timer()
+
+    def restart_timer(self) -> None:
+        """Time from here on (after a log line, an eval or a save, which the step time excludes). The
+        interval's loss keeps counting: an eval between two log lines splits the timing, not the loss."""
+        self.timed_steps, self.timer = 0, time.perf_counter()
+
+    def add(self, step_loss, found_inf) -> None:
+        self.loss_sum += torch.where(found_inf.bool(), 0.0, step_loss)
+        self.skipped += found_inf
+        self.bad_run.add_(1).mul_(found_inf)
+        torch.maximum(self.longest_bad_run, self.bad_run, out=self.longest_bad_run)
+        self.steps += 1
+        self.timed_steps += 1
+
+    def first_step_done(self) -> float:
+        """The seconds this process's first step took (compilation, kernel builds, allocator warm-up: up to
+        minutes), which ms/step then leaves out, as it does evals and saves."""
+        self.loss_sum.item()  # waits for the step to finish
+        seconds = time.perf_counter() - self.timer
+        self.first_step_seconds, self.timed_steps, self.timer = seconds, 0, time.perf_counter()
+        return seconds
+
+    def interval(self, step: int) -> dict:
+        """The interval's figures for the log (step: steps done so far), then a fresh interval."""
+        skipped = int(self.skipped.item())
+        good = self.steps - skipped
+        if self.timed_steps:
+            seconds = (time.perf_counter() - self.timer) / self.timed_steps
+        else:  # an interval of the first step alone: its time is the only one there is
+            seconds = self.first_step_seconds
+        figures = {"loss": self.loss_sum.item() / good if good else float("nan"), "ms_per_step": 1000 * seconds,
+                   "tokens_per_s": self.c.tokens_per_step / seconds,
+                   "mfu": self.flops_per_step / seconds / (self.peak * self.rt.world_size) if self.peak else None,
+                   "peak_mem_gib": peak_memory_gib(self.rt.device), "skipped_steps": skipped,
+                   "seconds_left": seconds * (self.c.max_steps - step)}  # steps only: evals and saves come on top
+        self.loss_sum.zero_(), self.skipped.zero_()
+        self.steps = 0
+        return figures
+
+    def line(self, r: dict) -> str:
+        mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+        skipped = f" | skipped {r['skipped_steps']} non-finite" if r["skipped_steps"] else ""
+        left = f" | {duration(r['seconds_left'])} left" if r["step"] < self.c.max_steps else ""
+        return (f"step {r['step']:>6}/{self.c.max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e}"
+                f" | grad_norm {r['grad_norm']:.3f} | {r['ms_per_step']:.0f} ms/step"
+                f" | {r['tokens_per_s']:,.0f} tok/s{mfu} | mem {r['peak_mem_gib']:.2f} GiB{skipped}{left}")
+
+    def last_step_bad(self) -> bool:
+        return self.bad_run.item() > 0  # the same on every rank: the guard's flag was all-reduced
+
+    def check_bad_steps(self, step: int) -> None:
+        if self.longest_bad_run.item() >= self.c.max_bad_steps:
+            raise DivergedError(
+                f"{int(self.longest_bad_run.item())} consecutive steps up to step {step} had a non-finite loss or "
+                f"gradient norm (max_bad_steps={self.c.max_bad_steps}); stopping, the last checkpoint is intact. "
+                "Lower lr or check the data."
+            )
+
+
+def lw_step_sizes(optimizer) -> dict:
+    """LW-AS's latest per-layer step sizes (range) and joint rescale, for the log; {} for other optimizers."""
+    refresh = getattr(optimizer, "last_refresh", {})
+    if "step_size" not in refresh:
+        return {}
+    step_sizes = refresh["step_size"]
+    return {"lw_step_size_min": step_sizes.min().item(), "lw_step_size_max": step_sizes.max().item(),
+            "lw_joint_scale": refresh["joint_scale"].item()}
