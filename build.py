@@ -30,8 +30,13 @@ def gpt_config(c: TrainConfig, vocab_size: int | None = None) -> GPTConfig:
     if c.model not in PRESETS:
         raise ConfigError(f"model={c.model!r}: choose a preset of model.py, one of {', '.join(PRESETS)}")
     vocab_size = vocab_size or vocab.load(data_dir(c)).size
-    config = GPTConfig.from_preset(c.model, vocab_size=vocab_size, dropout=c.dropout, residual_scale=c.residual_scale,
-                                   loss_chunk_rows=c.loss_chunk_rows)
+    config = GPTConfig.from_preset(
+        c.model,
+        vocab_size=vocab_size,
+        dropout=c.dropout,
+        residual_scale=c.residual_scale,
+        loss_chunk_rows=c.loss_chunk_rows,
+    )
     block_size = c.block_size or config.block_size
     # A pretrained directory's own positions govern a fine-tune (pretrained() checked block_size against them).
     from_preset = c.init_from in INIT_MODES
@@ -41,9 +46,18 @@ def gpt_config(c: TrainConfig, vocab_size: int | None = None) -> GPTConfig:
     return config
 
 
-def token_batches(c: TrainConfig, split: str, stream: str, model_config: GPTConfig, subset_batches: int = 0) -> TokenBatches:
+def token_batches(
+    c: TrainConfig, split: str, stream: str, model_config: GPTConfig, subset_batches: int = 0
+) -> TokenBatches:
     """Batches over data_dir (or data/<dataset>)/<split>.bin, from the named random stream."""
-    return TokenBatches(os.path.join(data_dir(c), f"{split}.bin"), stream, model_config.block_size, model_config.vocab_size, c.seed, subset_batches)
+    return TokenBatches(
+        os.path.join(data_dir(c), f"{split}.bin"),
+        stream,
+        model_config.block_size,
+        model_config.vocab_size,
+        c.seed,
+        subset_batches,
+    )
 
 
 def fit_micro_batch(c: TrainConfig, block_size: int, world_size: int, say=print) -> TrainConfig:
@@ -60,14 +74,20 @@ def fit_micro_batch(c: TrainConfig, block_size: int, world_size: int, say=print)
         counts = [n for n in range(1, 17) if c.tokens_per_step % (block_size * n) == 0]
         processes = f"; or run on {', '.join(map(str, counts))} processes" if counts else ""
         processes_word = "process" if world_size == 1 else "processes"
-        raise ConfigError(f"tokens_per_step={c.tokens_per_step:,} cannot be split over {world_size} {processes_word} of sequences of "
-                          f"block_size={block_size}: it must be a multiple of block_size * processes = {unit:,}. "
-                          f"tokens_per_step={nearest} would{processes}")
+        raise ConfigError(
+            f"tokens_per_step={c.tokens_per_step:,} cannot be split over {world_size} {processes_word} of sequences of "
+            f"block_size={block_size}: it must be a multiple of block_size * processes = {unit:,}. "
+            f"tokens_per_step={nearest} would{processes}"
+        )
     micro = max(m for m in range(1, min(c.micro_batch_size, rows_per_rank) + 1) if rows_per_rank % m == 0)
     if micro == c.micro_batch_size:
         return c
-    say(f"batch: micro_batch_size {c.micro_batch_size} -> {micro}, so that tokens_per_step={c.tokens_per_step:,} splits over "
-        f"{world_size} processes: {micro} batch * {block_size} block * {rows_per_rank // micro} accum * {world_size} processes")
+    say(
+        f"batch: micro_batch_size {c.micro_batch_size} -> {micro}, so that tokens_per_step={c.tokens_per_step:,} "
+        f"splits over "
+        f"{world_size} processes: {micro} batch * {block_size} block * {rows_per_rank // micro} accum * {world_size} "
+        f"processes"
+    )
     fitted = dataclasses.replace(c, micro_batch_size=micro, lw_micro_batch_size=min(c.lw_micro_batch_size, micro))
     fitted.given = c.given
     return fitted
@@ -98,9 +118,18 @@ def lr_at(step: int, c: TrainConfig) -> float:
 
 
 def _lwas_settings(c: TrainConfig) -> dict:
-    settings = dict(beta=c.lw_beta, damping=c.lw_damping, warmup_steps=c.lw_warmup_steps, joint_rescale=c.lw_joint_rescale,
-                    interval=c.lw_interval, curvature=c.lw_curvature, curvature_rows=c.lw_micro_batch_size)
-    settings.update({key: value for key, value in (("warmup_lr", c.lw_warmup_lr), ("alpha_max", c.lw_alpha_max)) if value > 0})
+    settings = dict(
+        beta=c.lw_beta,
+        damping=c.lw_damping,
+        warmup_steps=c.lw_warmup_steps,
+        joint_rescale=c.lw_joint_rescale,
+        interval=c.lw_interval,
+        curvature=c.lw_curvature,
+        curvature_rows=c.lw_micro_batch_size,
+    )
+    settings.update(
+        {key: value for key, value in (("warmup_lr", c.lw_warmup_lr), ("alpha_max", c.lw_alpha_max)) if value > 0}
+    )
     return settings
 
 
@@ -108,20 +137,32 @@ def _lwas_settings(c: TrainConfig) -> dict:
 # What an optimizer needs around its update (SophiaG's Hessian refresh, LW-AS's curvature pass) it asks
 # for itself through optim.StepHooks: the training step knows no optimizer by name.
 OPTIMIZERS = {
-    "adamw": lambda c, groups, n_head, backend: optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
-                                                            backend=backend),
+    "adamw": lambda c, groups, n_head, backend: optim.AdamW(
+        groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, backend=backend
+    ),
     "lion": lambda c, groups, n_head, backend: optim.Lion(groups, lr=c.lr, betas=(c.beta1, c.beta2), backend=backend),
-    "sophiag": lambda c, groups, n_head, backend: optim.SophiaG(groups, lr=c.lr, betas=(c.beta1, c.beta2), rho=c.rho,
-                                                                bs=c.tokens_per_step, hess_interval=c.hess_interval,
-                                                                backend=backend),
-    "adam_mini": lambda c, groups, n_head, backend: optim.AdamMini(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
-                                                                   n_head=n_head, backend=backend),
-    "sgdm_lw": lambda c, groups, n_head, backend: lwas.SGDMomentumLW(groups, lr=c.lr, momentum=c.beta1,
-                                                                     **_lwas_settings(c), backend=backend),
-    "adamw_lw": lambda c, groups, n_head, backend: lwas.AdamWLW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
-                                                                **_lwas_settings(c), backend=backend),
+    "sophiag": lambda c, groups, n_head, backend: optim.SophiaG(
+        groups,
+        lr=c.lr,
+        betas=(c.beta1, c.beta2),
+        rho=c.rho,
+        bs=c.tokens_per_step,
+        hess_interval=c.hess_interval,
+        backend=backend,
+    ),
+    "adam_mini": lambda c, groups, n_head, backend: optim.AdamMini(
+        groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, n_head=n_head, backend=backend
+    ),
+    "sgdm_lw": lambda c, groups, n_head, backend: lwas.SGDMomentumLW(
+        groups, lr=c.lr, momentum=c.beta1, **_lwas_settings(c), backend=backend
+    ),
+    "adamw_lw": lambda c, groups, n_head, backend: lwas.AdamWLW(
+        groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, **_lwas_settings(c), backend=backend
+    ),
     # torch's fused kernel on CPU and CUDA alike: one launch per group, and it honours found_inf
-    "adamw_torch": lambda c, groups, n_head, backend: optim.TorchAdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps),
+    "adamw_torch": lambda c, groups, n_head, backend: optim.TorchAdamW(
+        groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps
+    ),
 }
 
 
@@ -142,20 +183,28 @@ def compiles(c: TrainConfig, device: torch.device, vocab_size: int) -> tuple[boo
     if device.type == "cuda":
         return True, "compile=auto on CUDA"
     if precision(device, c.dtype)[0] != "bfloat16":
-        return False, ("compile=auto on a CPU: off in fp32, where the default run's compiled step was no faster than its "
-                       "~80 s compile")
+        return False, (
+            "compile=auto on a CPU: off in fp32, where the default run's compiled step was no faster than its "
+            "~80 s compile"
+        )
     if vocab_size < CPU_COMPILE_MIN_VOCAB or c.max_steps < CPU_COMPILE_MIN_STEPS:
-        return False, (f"compile=auto on a CPU: off below a {CPU_COMPILE_MIN_VOCAB:,}-token vocabulary or {CPU_COMPILE_MIN_STEPS} "
-                       "steps, where its ~45 s would not be repaid")
+        return False, (
+            f"compile=auto on a CPU: off below a {CPU_COMPILE_MIN_VOCAB:,}-token vocabulary or {CPU_COMPILE_MIN_STEPS} "
+            "steps, where its ~45 s would not be repaid"
+        )
     if not (shutil.which("c++") or shutil.which("g++")):
         return False, "compile=auto on a CPU: off, no C++ compiler on PATH for inductor"
     return True, "compile=auto on a CPU with bf16: a GPT-2-sized output layer over 200+ steps repays its ~45 s"
 
 
-def build_optimizer(c: TrainConfig, groups: list[dict], n_head: int, backend: str | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    c: TrainConfig, groups: list[dict], n_head: int, backend: str | None = None
+) -> torch.optim.Optimizer:
     """The config's optimizer over groups; backend (triton | torch, kernel_check.choose_backend's choice) or the
     config's optimizer_backend."""
-    return OPTIMIZERS[c.optimizer](c, groups, n_head, backend or c.optimizer_backend)  # choice() admits only these names
+    return OPTIMIZERS[c.optimizer](
+        c, groups, n_head, backend or c.optimizer_backend
+    )  # choice() admits only these names
 
 
 # A fine-tune's lwlr measurement: T=10 batches unless lwlr_T is given. In the ablation (docs/findings.md,
@@ -175,7 +224,8 @@ def pretrained(c: TrainConfig) -> TrainConfig:
     if not os.path.isdir(path):
         raise ConfigError(
             f"init_from={path!r} is neither {', '.join(INIT_MODES)} nor a local directory. Nothing is ever downloaded: "
-            "for GPT-2's weights, download a Hugging Face directory first (`hf download openai-community/gpt2 --local-dir "
+            "for GPT-2's weights, download a Hugging Face directory first (`hf download openai-community/gpt2 "
+            "--local-dir "
             "hf/gpt2`, from huggingface_hub; versions before 0.34 call it `huggingface-cli download`) and pass its path"
         )
     try:
@@ -184,14 +234,24 @@ def pretrained(c: TrainConfig) -> TrainConfig:
     except hf.PretrainedError as e:
         raise ConfigError(f"init_from: {e}") from None
     if "model" in c.given and c.model != preset:
-        raise ConfigError(f"model={c.model!r} disagrees with init_from={path}, which holds a {preset}: drop model or make it {preset!r}")
+        raise ConfigError(
+            f"model={c.model!r} disagrees with init_from={path}, which holds a {preset}: drop model or make it "
+            f"{preset!r}"
+        )
     dataset_vocab = vocab.load(data_dir(c)).size
     if weights.vocab_size != dataset_vocab:
-        raise ConfigError(f"init_from={path} has a vocabulary of {weights.vocab_size} tokens, the dataset {data_dir(c)} one of {dataset_vocab}")
+        raise ConfigError(
+            f"init_from={path} has a vocabulary of {weights.vocab_size} tokens, the dataset {data_dir(c)} one of "
+            f"{dataset_vocab}"
+        )
     if c.block_size > weights.block_size:
         raise ConfigError(f"block_size={c.block_size} exceeds the {weights.block_size} positions of init_from={path}")
-    fine_tune = dataclasses.replace(c, model=preset, block_size=c.block_size or weights.block_size,
-                                    lwlr_init=c.lwlr_init if "lwlr_init" in c.given else "model",
-                                    lwlr_T=c.lwlr_T if "lwlr_T" in c.given else FINETUNE_LWLR_T)
+    fine_tune = dataclasses.replace(
+        c,
+        model=preset,
+        block_size=c.block_size or weights.block_size,
+        lwlr_init=c.lwlr_init if "lwlr_init" in c.given else "model",
+        lwlr_T=c.lwlr_T if "lwlr_T" in c.given else FINETUNE_LWLR_T,
+    )
     fine_tune.given = c.given
     return fine_tune

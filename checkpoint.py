@@ -115,7 +115,11 @@ def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_las
         if full is None:
             raise
         kept = complete_steps(out_dir)
-        last = f"the last complete checkpoint, {step_dir(out_dir, kept[0])}, is intact" if kept else "no earlier checkpoint exists"
+        last = (
+            f"the last complete checkpoint, {step_dir(out_dir, kept[0])}, is intact"
+            if kept
+            else "no earlier checkpoint exists"
+        )
         raise outdir.DiskFullError(f"saving step {step}: {full} Nothing of this save is left; {last}.") from None
     for old in complete_steps(out_dir)[keep_last:]:
         try:
@@ -145,7 +149,9 @@ def verify(path: str) -> dict:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{meta_path}: format version {version}, expected {FORMAT_VERSION}")
     files = meta.get("files")
-    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"bytes", "sha256"} <= e.keys() for e in files.values()):
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and {"bytes", "sha256"} <= e.keys() for e in files.values()
+    ):
         raise CheckpointError(f"{meta_path}: no valid file list")
     for name, expected in files.items():
         file_path = os.path.join(path, name)
@@ -187,7 +193,11 @@ def export_safetensors(model: torch.nn.Module, path: str) -> None:
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        full = outdir.disk_full(e, os.path.dirname(path) or ".", needed=tensor_bytes(model.state_dict())) if isinstance(e, Exception) else None
+        full = (
+            outdir.disk_full(e, os.path.dirname(path) or ".", needed=tensor_bytes(model.state_dict()))
+            if isinstance(e, Exception)
+            else None
+        )
         if full is None:
             raise
         raise full from None

@@ -26,8 +26,10 @@ def export(model, hf_dir: str) -> None:
     """config.json and model.safetensors for model in hf_dir, which must be new or empty; written into a
     temporary folder first, so a failed export leaves nothing behind."""
     if model.config.vocab_size != VOCAB_SIZE:
-        raise PretrainedError(f"the model's vocabulary has {model.config.vocab_size} tokens, not GPT-2's {VOCAB_SIZE}: "
-                         "a Hugging Face GPT-2 directory implies GPT-2's tokenizer")
+        raise PretrainedError(
+            f"the model's vocabulary has {model.config.vocab_size} tokens, not GPT-2's {VOCAB_SIZE}: "
+            "a Hugging Face GPT-2 directory implies GPT-2's tokenizer"
+        )
     config = hf_config(model.config)
     if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
         raise PretrainedError(f"--hf_dir={hf_dir} exists and is not an empty folder: choose a new one")
@@ -47,7 +49,9 @@ def export(model, hf_dir: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default="out", help="a training run's folder: its newest complete checkpoint is exported")
+    parser.add_argument(
+        "--out_dir", default="out", help="a training run's folder: its newest complete checkpoint is exported"
+    )
     parser.add_argument("--checkpoint", default=None, help="a step-XXXXXXXX folder instead")
     parser.add_argument("--hf_dir", required=True, help="the Hugging Face directory to write (new or empty)")
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ import os
 import torch
 
 from errors import UserError
-from model import GPT, GPTConfig, PRESETS
+from model import GPT, PRESETS, GPTConfig
 
 
 class PretrainedError(UserError):
@@ -24,8 +24,10 @@ def read_config(path: str, **overrides) -> GPTConfig:
     """The GPTConfig of the GPT2LMHeadModel saved in directory `path`."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise PretrainedError(f"{config_path} not found: expected a Hugging Face GPT-2 directory (config.json and model.safetensors "
-                              "or pytorch_model.bin); nothing is downloaded, so download one first")
+        raise PretrainedError(
+            f"{config_path} not found: expected a Hugging Face GPT-2 directory (config.json and model.safetensors "
+            "or pytorch_model.bin); nothing is downloaded, so download one first"
+        )
     with open(config_path) as f:
         hf = json.load(f)
     if hf.get("model_type", "gpt2") != "gpt2":
@@ -33,8 +35,16 @@ def read_config(path: str, **overrides) -> GPTConfig:
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         raise PretrainedError(f"{config_path}: activation_function {activation!r} is not GPT-2's tanh GELU")
-    return GPTConfig(**{"block_size": hf.get("n_positions", 1024), "vocab_size": hf.get("vocab_size", 50257),
-                        "n_layer": hf["n_layer"], "n_head": hf["n_head"], "n_embd": hf["n_embd"], **overrides})
+    return GPTConfig(
+        **{
+            "block_size": hf.get("n_positions", 1024),
+            "vocab_size": hf.get("vocab_size", 50257),
+            "n_layer": hf["n_layer"],
+            "n_head": hf["n_head"],
+            "n_embd": hf["n_embd"],
+            **overrides,
+        }
+    )
 
 
 def preset_of(config: GPTConfig) -> str:
@@ -42,8 +52,10 @@ def preset_of(config: GPTConfig) -> str:
     for name, shape in PRESETS.items():
         if (shape["n_layer"], shape["n_head"], shape["n_embd"]) == (config.n_layer, config.n_head, config.n_embd):
             return name
-    raise PretrainedError(f"no preset in model.py has {config.n_layer} layers, {config.n_head} heads and width {config.n_embd}; "
-                          "add one to model.PRESETS")
+    raise PretrainedError(
+        f"no preset in model.py has {config.n_layer} layers, {config.n_head} heads and width {config.n_embd}; "
+        "add one to model.PRESETS"
+    )
 
 
 def load_weights(model: GPT, path: str) -> None:
@@ -52,7 +64,9 @@ def load_weights(model: GPT, path: str) -> None:
     state = _convert_hf_state_dict(_load_hf_state_dict(path), model.config.n_layer)
     positions = state["transformer.wpe.weight"]
     if positions.shape[0] < model.config.block_size:
-        raise PretrainedError(f"{path} covers {positions.shape[0]} positions, fewer than block_size={model.config.block_size}")
+        raise PretrainedError(
+            f"{path} covers {positions.shape[0]} positions, fewer than block_size={model.config.block_size}"
+        )
     state["transformer.wpe.weight"] = positions[: model.config.block_size]
     model.load_state_dict(state, strict=True)
 
@@ -67,16 +81,33 @@ def from_pretrained(path: str, **overrides) -> GPT:
 def hf_config(config: GPTConfig) -> dict:
     """config.json of the Hugging Face GPT2LMHeadModel that computes what this model computes."""
     if config.residual_scale:
-        raise PretrainedError("residual_scale is on: GPT-2 has no residual-branch scaling, so GPT2LMHeadModel would compute another "
-                              "function")
+        raise PretrainedError(
+            "residual_scale is on: GPT-2 has no residual-branch scaling, so GPT2LMHeadModel would compute another "
+            "function"
+        )
     if not config.bias:
         raise PretrainedError("bias=False: GPT-2 has a bias in every Linear and LayerNorm")
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
-        "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
-        "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "initializer_range": 0.02,
-        "scale_attn_weights": True, "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": "float32",
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "torch_dtype": "float32",
     }
 
 
@@ -84,11 +115,17 @@ def to_hf_state_dict(model: GPT) -> dict:
     """Our weights in GPT-2's own layout, the inverse of _convert_hf_state_dict: q, k, v fused into c_attn,
     Linear weights transposed into Conv1D's (in, out); the tied lm_head is left out (transformers ties it)."""
     ours = model.state_dict()
-    out = {f"transformer.{name}": ours[f"transformer.{name}"] for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    out = {
+        f"transformer.{name}": ours[f"transformer.{name}"]
+        for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")
+    }
     for i in range(model.config.n_layer):
         hf_block, block = f"transformer.h.{i}.", f"transformer.h.{i}."
         for ln in ("ln_1", "ln_2"):
-            out[hf_block + ln + ".weight"], out[hf_block + ln + ".bias"] = ours[block + ln + ".weight"], ours[block + ln + ".bias"]
+            out[hf_block + ln + ".weight"], out[hf_block + ln + ".bias"] = (
+                ours[block + ln + ".weight"],
+                ours[block + ln + ".bias"],
+            )
         qkv = ("q_proj", "k_proj", "v_proj")
         out[hf_block + "attn.c_attn.weight"] = torch.cat([ours[f"{block}attn.{n}.weight"] for n in qkv]).t()
         out[hf_block + "attn.c_attn.bias"] = torch.cat([ours[f"{block}attn.{n}.bias"] for n in qkv])

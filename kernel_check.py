@@ -61,10 +61,18 @@ KERNELS = {  # optimizer: the kernels its steps launch (kernels.py)
 
 # (name, shape, storage offset in elements): names give Adam-mini each block role (optim.ADAM_MINI_BLOCKS)
 # at n_head = 2; the first set takes the ALIGNED build, the second the unaligned one.
-ALIGNED_SET = (("transformer.wte.weight", (64, 32), 0), ("transformer.h.0.attn.q_proj.weight", (32, 32), 0),
-               ("transformer.h.0.ln_1.weight", (32,), 0), ("transformer.h.0.mlp.c_fc.bias", (128,), 0))
-UNALIGNED_SET = (("transformer.h.0.attn.k_proj.weight", (6, 5), 0), ("transformer.h.0.attn.v_proj.weight", (7, 5), 1),
-                 ("transformer.h.0.ln_2.weight", (1,), 0), ("transformer.h.0.mlp.c_proj.bias", (37,), 0))
+ALIGNED_SET = (
+    ("transformer.wte.weight", (64, 32), 0),
+    ("transformer.h.0.attn.q_proj.weight", (32, 32), 0),
+    ("transformer.h.0.ln_1.weight", (32,), 0),
+    ("transformer.h.0.mlp.c_fc.bias", (128,), 0),
+)
+UNALIGNED_SET = (
+    ("transformer.h.0.attn.k_proj.weight", (6, 5), 0),
+    ("transformer.h.0.attn.v_proj.weight", (7, 5), 1),
+    ("transformer.h.0.ln_2.weight", (1,), 0),
+    ("transformer.h.0.mlp.c_proj.bias", (37,), 0),
+)
 N_HEAD = 2
 
 
@@ -90,8 +98,11 @@ def two_steps(make_optimizer, backend: str, device: torch.device, spec) -> list[
     named = _tensors(spec, device, generator)
     matrices = [(n, p) for n, p in named if p.dim() >= 2]
     vectors = [(n, p) for n, p in named if p.dim() < 2]
-    groups = [{"params": [p for _, p in part], "names": [n for n, _ in part], "lr_scale": scale, "weight_decay": decay}
-              for part, scale, decay in ((matrices, 1.7, 0.1), (vectors, 0.6, 0.0)) if part]
+    groups = [
+        {"params": [p for _, p in part], "names": [n for n, _ in part], "lr_scale": scale, "weight_decay": decay}
+        for part, scale, decay in ((matrices, 1.7, 0.1), (vectors, 0.6, 0.0))
+        if part
+    ]
     optimizer = make_optimizer(groups, backend)
     for _ in range(2):
         for _, p in named:
@@ -130,8 +141,14 @@ def cache_key(device: torch.device) -> str:
     for path in SOURCES:
         with open(path, "rb") as f:
             source.update(f.read())
-    identity = {"version": CACHE_VERSION, "device": name, "capability": capability, "torch": torch.__version__,
-                "triton": triton.__version__, "source": source.hexdigest()}
+    identity = {
+        "version": CACHE_VERSION,
+        "device": name,
+        "capability": capability,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "source": source.hexdigest(),
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -190,16 +207,23 @@ def check(optimizer: str, make_optimizer, device: torch.device, cache_folder: st
             torch.cuda.synchronize(device)
     except Exception as e:  # a compile or launch error of the kernels: the torch path still works
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return False, (f"{optimizer}'s Triton kernels ({KERNELS[optimizer]}) failed to run: {type(e).__name__}: {message}")
+        return False, (
+            f"{optimizer}'s Triton kernels ({KERNELS[optimizer]}) failed to run: {type(e).__name__}: {message}"
+        )
     seconds = time.perf_counter() - start
     difference, ratio = max(error[0] for error in errors), max(error[1] for error in errors)
     if not ratio <= 1:
-        return False, (f"{optimizer}'s Triton kernels ({KERNELS[optimizer]}) differ from the torch path by up to {difference:.3g} "
-                       f"after two steps, beyond the tolerance rtol {rtol:g} / atol {atol:g}")
+        return False, (
+            f"{optimizer}'s Triton kernels ({KERNELS[optimizer]}) differ from the torch path by up to {difference:.3g} "
+            f"after two steps, beyond the tolerance rtol {rtol:g} / atol {atol:g}"
+        )
     cache.write(key, optimizer, {"passed": True, "largest_difference": difference, "seconds": seconds})
-    return True, (f"self-check passed in {seconds:.1f} s: the Triton path ({KERNELS[optimizer]}) matches the torch path after "
-                  f"two steps on aligned and unaligned tensors (largest difference {difference:.2g}, tolerance rtol {rtol:g} / atol {atol:g}; "
-                  f"cached in {cache.path})")
+    return True, (
+        f"self-check passed in {seconds:.1f} s: the Triton path ({KERNELS[optimizer]}) matches the torch path after "
+        f"two steps on aligned and unaligned tensors (largest difference {difference:.2g}, tolerance rtol {rtol:g} / "
+        f"atol {atol:g}; "
+        f"cached in {cache.path})"
+    )
 
 
 def all_ranks_pass(passed: bool, device: torch.device) -> bool:
@@ -221,22 +245,28 @@ def choose_backend(c, device: torch.device, make_optimizer, cache_folder: str, s
     interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not (interpreted and (c.optimizer_backend == "triton" or c.kernel_check == "force")):
         if c.optimizer_backend == "triton":
-            raise KernelCheckError(f"optimizer_backend=triton needs a CUDA device (this run's is {device.type}), or "
-                                   "TRITON_INTERPRET=1 to interpret the kernels on a CPU; use optimizer_backend=auto or torch")
+            raise KernelCheckError(
+                f"optimizer_backend=triton needs a CUDA device (this run's is {device.type}), or "
+                "TRITON_INTERPRET=1 to interpret the kernels on a CPU; use optimizer_backend=auto or torch"
+            )
         return "torch", f"optimizer_backend=auto on a {device.type}: the Triton kernels run on CUDA"
     where = "CUDA" if device.type == "cuda" else "the CPU through Triton's interpreter"
     chosen = f"optimizer_backend={c.optimizer_backend} on {where}"
     if c.kernel_check == "off" or (device.type != "cuda" and c.kernel_check != "force"):
         return "triton", f"{chosen}; kernel_check={c.kernel_check}, not checked"
     passed, finding = check(c.optimizer, make_optimizer, device, cache_folder, say)
-    if not passed and dist.is_initialized() and dist.get_rank() != 0:  # rank 0 speaks for the run, this rank for its GPU
+    if (
+        not passed and dist.is_initialized() and dist.get_rank() != 0
+    ):  # rank 0 speaks for the run, this rank for its GPU
         print(f"rank {dist.get_rank()}: warning: kernel self-check: {finding}", flush=True)
     if not all_ranks_pass(passed, device) and passed:
         passed, finding = False, "another rank's kernel self-check failed (that rank's warning says how)"
     if passed:
         return "triton", f"{chosen}; {finding}"
     if c.optimizer_backend == "triton":
-        raise KernelCheckError(f"kernel self-check: {finding}; optimizer_backend=triton stops here. Run with optimizer_backend=auto "
-                               f"(or torch) to train on the torch path, and {REPORT}")
+        raise KernelCheckError(
+            f"kernel self-check: {finding}; optimizer_backend=triton stops here. Run with optimizer_backend=auto "
+            f"(or torch) to train on the torch path, and {REPORT}"
+        )
     say(f"warning: kernel self-check: {finding}; this run uses the torch path instead. {REPORT[0].upper()}{REPORT[1:]}")
     return "torch", f"optimizer_backend=auto, the torch path: the kernel self-check failed ({finding})"

@@ -6,7 +6,7 @@ found through device tables (optim._LaunchPlan) that hold each tensor's pointers
 weight decay. All kernels open with `_chunk`, read tensors through `_tensor`, and the optimizer
 steps take their parameter (decayed) and gradient from `_param_and_grad`.
 
-Why BLOCK = 1024 at 8 warps, and the ALIGNED hints (figures from `python bench/kernel_report.py`, sm_90,
+Why BLOCK = 1024 at 8 warps, and the ALIGNED hints (figures from `python -m bench.kernel_report`, sm_90,
 Triton 3.6, static: compiled and assembled, not run):
   - A pointer read from a table carries no alignment, and a size read from memory no divisibility, so
     without hints every access is a scalar 32-bit load or store with its own 64-bit address. The first
@@ -82,9 +82,27 @@ def _sign(x):
 
 
 @triton.jit
-def adamw_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
-                  param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_size_ptrs,
-                  lr, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def adamw_kernel(
+    numel_ptr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    found_inf_ptr,
+    lr_scale_ptr,
+    weight_decay_ptr,
+    param_ptrs,
+    grad_ptrs,
+    exp_avg_ptrs,
+    exp_avg_sq_ptrs,
+    step_size_ptrs,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    bias_correction1,
+    bias_correction2_sqrt,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """torch.optim.AdamW: p *= 1 - lr*wd; m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g^2;
     p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
@@ -103,9 +121,22 @@ def adamw_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr
 
 
 @triton.jit
-def sgd_momentum_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
-                         param_ptrs, grad_ptrs, momentum_buffer_ptrs, step_size_ptrs, lr, momentum,
-                         BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def sgd_momentum_kernel(
+    numel_ptr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    found_inf_ptr,
+    lr_scale_ptr,
+    weight_decay_ptr,
+    param_ptrs,
+    grad_ptrs,
+    momentum_buffer_ptrs,
+    step_size_ptrs,
+    lr,
+    momentum,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """torch.optim.SGD's momentum (dampening 0, not Nesterov) with decoupled weight decay:
     p *= 1 - lr*wd; buf = momentum * buf + g; p -= lr * buf."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
@@ -119,8 +150,22 @@ def sgd_momentum_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_
 
 
 @triton.jit
-def lion_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
-                 param_ptrs, grad_ptrs, exp_avg_ptrs, lr, beta1, beta2, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def lion_kernel(
+    numel_ptr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    found_inf_ptr,
+    lr_scale_ptr,
+    weight_decay_ptr,
+    param_ptrs,
+    grad_ptrs,
+    exp_avg_ptrs,
+    lr,
+    beta1,
+    beta2,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """Lion (lion-pytorch): p *= 1 - lr*wd; p -= lr * sign(b1 m + (1 - b1) g); m = b2 m + (1 - b2) g."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
     lr_t = _tensor_lr(lr, lr_scale_ptr, None, t)
@@ -134,9 +179,25 @@ def lion_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_
 
 
 @triton.jit
-def sophiag_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
-                    param_ptrs, grad_ptrs, exp_avg_ptrs, hessian_ptrs, lr, beta1, rho_bs, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """SophiaG (the official code): p *= 1 - lr*wd; m = b1 m + (1 - b1) g; p -= lr sign(m) min(|m| / (rho bs h + 1e-15), 1)."""
+def sophiag_kernel(
+    numel_ptr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    found_inf_ptr,
+    lr_scale_ptr,
+    weight_decay_ptr,
+    param_ptrs,
+    grad_ptrs,
+    exp_avg_ptrs,
+    hessian_ptrs,
+    lr,
+    beta1,
+    rho_bs,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """SophiaG (the official code): p *= 1 - lr*wd; m = b1 m + (1 - b1) g;
+    p -= lr sign(m) min(|m| / (rho bs h + 1e-15), 1)."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
     lr_t = _tensor_lr(lr, lr_scale_ptr, None, t)
     param, p, g = _param_and_grad(param_ptrs, grad_ptrs, weight_decay_ptr, t, offs, mask, lr_t, ALIGNED)
@@ -151,8 +212,17 @@ def sophiag_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, 
 
 
 @triton.jit
-def ema_of_square_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, target_ptrs, grad_ptrs, beta,
-                          BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def ema_of_square_kernel(
+    numel_ptr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    found_inf_ptr,
+    target_ptrs,
+    grad_ptrs,
+    beta,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """target = beta * target + (1 - beta) * g * g: SophiaG's Hessian estimate update."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
     target = _tensor(target_ptrs, t, ALIGNED)
@@ -162,8 +232,17 @@ def ema_of_square_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf
 
 
 @triton.jit
-def block_mean_square_kernel(block_size_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr, grad_ptrs, exp_avg_sq_ptrs,
-                              beta2, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def block_mean_square_kernel(
+    block_size_ptr,
+    block_tensor_ptr,
+    block_index_ptr,
+    found_inf_ptr,
+    grad_ptrs,
+    exp_avg_sq_ptrs,
+    beta2,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """Adam-mini's second moment: one program per block (a head, a row or a whole tensor) reduces
     mean(g^2) over it in a loop, no atomics, so the result is deterministic; v = b2 * v + (1 - b2) * mean.
     ALIGNED here also promises that every block size is a multiple of 4, so each block starts 16-byte aligned."""
@@ -177,7 +256,9 @@ def block_mean_square_kernel(block_size_ptr, block_tensor_ptr, block_index_ptr, 
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     i = 0
     while i * BLOCK < size:  # a while loop: its bound is data (Triton's interpreter needs a static range bound)
-        offs = i * BLOCK + tl.arange(0, BLOCK)  # i * BLOCK, not a running offset: a multiple of BLOCK the compiler can see
+        offs = i * BLOCK + tl.arange(
+            0, BLOCK
+        )  # i * BLOCK, not a running offset: a multiple of BLOCK the compiler can see
         g = tl.load(grad + offs, mask=offs < size, other=0.0)
         total += g * g
         i += 1
@@ -188,9 +269,27 @@ def block_mean_square_kernel(block_size_ptr, block_tensor_ptr, block_index_ptr, 
 
 
 @triton.jit
-def adam_mini_kernel(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, lr_scale_ptr, weight_decay_ptr,
-                      param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, block_size_ptr,
-                      lr, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def adam_mini_kernel(
+    numel_ptr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    found_inf_ptr,
+    lr_scale_ptr,
+    weight_decay_ptr,
+    param_ptrs,
+    grad_ptrs,
+    exp_avg_ptrs,
+    exp_avg_sq_ptrs,
+    block_size_ptr,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    bias_correction1,
+    bias_correction2_sqrt,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """Adam-mini's update, each element's v read from its block (block size 1: plain Adam, v per element)."""
     t, offs, mask = _chunk(numel_ptr, chunk_tensor_ptr, chunk_start_ptr, found_inf_ptr, BLOCK, ALIGNED)
     lr_t = _tensor_lr(lr, lr_scale_ptr, None, t)

@@ -62,7 +62,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int
+) -> torch.Tensor:
     """Mean cross-entropy of the logits hidden @ weight.T (..., vocab) against targets (...), computed in
     chunks of chunk_rows rows; equals F.cross_entropy(logits, targets, ignore_index=-1) in value and gradients."""
     if chunk_rows < 1:

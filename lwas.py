@@ -86,7 +86,9 @@ class Curvature:
             self._grads = torch.autograd.grad(loss, params, create_graph=True)
         return self._grads
 
-    def block_terms(self, params: list[torch.Tensor], directions: list[torch.Tensor], signs: torch.Tensor | None = None) -> torch.Tensor:
+    def block_terms(
+        self, params: list[torch.Tensor], directions: list[torch.Tensor], signs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """q_l, an estimate of d_l . C_ll . d_l for every layer: a float32 vector of len(params).
         `signs` fixes rademacher's s_l (tests); by default they are drawn from torch's RNG."""
         if self.kind == "gauss_newton":
@@ -105,8 +107,12 @@ class Curvature:
             logits, _ = self.model(self.x)
         sampled_grads = torch.autograd.grad(sampled_label_loss(logits), params, allow_unused=True)
         tokens = logits.numel() // logits.size(-1)
-        return torch.stack([tokens * _dot(d, g).square() if g is not None else torch.zeros((), device=d.device)
-                            for d, g in zip(directions, sampled_grads)])
+        return torch.stack(
+            [
+                tokens * _dot(d, g).square() if g is not None else torch.zeros((), device=d.device)
+                for d, g in zip(directions, sampled_grads)
+            ]
+        )
 
     def joint_term(self, params: list[torch.Tensor], vectors: list[torch.Tensor]) -> torch.Tensor:
         """u . C . u for the whole-model vector u = vectors (one tensor per parameter in params)."""
@@ -122,8 +128,9 @@ def _hessian_vector_product(gradients, inputs, vectors):
     outputs = [(o, v) for o, v in zip(gradients, vectors) if o.requires_grad]
     if not outputs:
         return [torch.zeros_like(p) for p in inputs]
-    products = torch.autograd.grad([o for o, _ in outputs], inputs, grad_outputs=[v for _, v in outputs],
-                                   retain_graph=True, allow_unused=True)
+    products = torch.autograd.grad(
+        [o for o, _ in outputs], inputs, grad_outputs=[v for _, v in outputs], retain_graph=True, allow_unused=True
+    )
     return [torch.zeros_like(p) if h is None else h for p, h in zip(inputs, products)]
 
 
@@ -164,8 +171,21 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
 
     scalar_state = ("rho_avg", "curvature_avg", "direction_sq_avg", "refreshes")
 
-    def __init__(self, params, defaults: dict, backend: str, warmup_lr: float, alpha_max: float, beta: float, damping: float,
-                 warmup_steps: int, joint_rescale: bool, interval: int, curvature: str, curvature_rows: int = 0):
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        backend: str,
+        warmup_lr: float,
+        alpha_max: float,
+        beta: float,
+        damping: float,
+        warmup_steps: int,
+        joint_rescale: bool,
+        interval: int,
+        curvature: str,
+        curvature_rows: int = 0,
+    ):
         for name, value in (("warmup_lr", warmup_lr), ("alpha_max", alpha_max), ("damping", damping)):
             optim.check_nonnegative_finite(name, value)
         if not 0.0 <= beta < 1.0:
@@ -177,7 +197,12 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
         check_curvature(curvature)  # at construction, not at the first refresh
         super().__init__(params, defaults, backend)
         self.warmup_lr, self.alpha_max, self.beta, self.damping = warmup_lr, alpha_max, beta, damping
-        self.warmup_steps, self.joint_rescale, self.interval, self.curvature = warmup_steps, joint_rescale, interval, curvature
+        self.warmup_steps, self.joint_rescale, self.interval, self.curvature = (
+            warmup_steps,
+            joint_rescale,
+            interval,
+            curvature,
+        )
         self.curvature_rows = curvature_rows  # sequences of the first micro-batch in a curvature pass; 0 = all of them
         self.last_refresh: dict[str, torch.Tensor] = {}  # device tensors of the latest refresh, for logging
 
@@ -188,13 +213,24 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
         if step % self.interval == 0:
             x, y = context.micro_batches[0]
             rows = self.curvature_rows or len(x)
-            self.refresh(Curvature(self.curvature, context.raw_model, x[:rows], y[:rows], context.autocast, context.reduce_mean))
+            self.refresh(
+                Curvature(self.curvature, context.raw_model, x[:rows], y[:rows], context.autocast, context.reduce_mean)
+            )
 
     def _new_state(self, p) -> dict:
-        state = {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.state_names if name != "step_size"}
-        # The warmup's plain step size is absolute: the kernel multiplies by lr (eta), so it is stored over the peak eta.
-        state["step_size"] = torch.full((), self.warmup_lr / self.defaults["lr"] if self.defaults["lr"] > 0 else 0.0,
-                                        dtype=torch.float32, device=p.device)
+        state = {
+            name: torch.zeros_like(p, memory_format=torch.preserve_format)
+            for name in self.state_names
+            if name != "step_size"
+        }
+        # The warmup's plain step size is absolute: the kernel multiplies by lr (eta), so it is stored over the peak
+        # eta.
+        state["step_size"] = torch.full(
+            (),
+            self.warmup_lr / self.defaults["lr"] if self.defaults["lr"] > 0 else 0.0,
+            dtype=torch.float32,
+            device=p.device,
+        )
         state.update({name: torch.zeros((), dtype=torch.float32, device=p.device) for name in self.scalar_state})
         return state
 
@@ -221,14 +257,20 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
 
         # A non-finite sample leaves that layer's averages as they were; a skipped step (found_inf) leaves
         # every layer's state as it was, step sizes included. On the device: no host sync.
-        skip = self.found_inf.bool() if self.found_inf is not None else torch.zeros((), dtype=torch.bool, device=rho.device)
+        skip = (
+            self.found_inf.bool()
+            if self.found_inf is not None
+            else torch.zeros((), dtype=torch.bool, device=rho.device)
+        )
         finite = torch.isfinite(rho) & torch.isfinite(curvature_terms) & torch.isfinite(direction_sq) & ~skip
         refreshes = stacked("refreshes") + finite.float()
         bias_correction = torch.where(refreshes > 0, 1 - self.beta**refreshes, 1.0)
         averages = {}
         for name, sample in (("rho_avg", rho), ("curvature_avg", curvature_terms), ("direction_sq_avg", direction_sq)):
             average = stacked(name)
-            average = torch.where(finite, self.beta * average + (1 - self.beta) * torch.where(finite, sample, 0.0), average)
+            average = torch.where(
+                finite, self.beta * average + (1 - self.beta) * torch.where(finite, sample, 0.0), average
+            )
             torch._foreach_copy_([s[name] for s in states], list(average.unbind()))
             averages[name] = average / bias_correction
         torch._foreach_copy_([s["refreshes"] for s in states], list(refreshes.unbind()))
@@ -237,8 +279,9 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
         if step < self.warmup_steps:  # the averages fill; the plain step size stands
             self.last_refresh = {"curvature": averages["curvature_avg"], "rho": averages["rho_avg"]}
             return
-        step_size = damped_newton_step_size(averages["rho_avg"], averages["curvature_avg"], averages["direction_sq_avg"],
-                                            self.damping, self.alpha_max)
+        step_size = damped_newton_step_size(
+            averages["rho_avg"], averages["curvature_avg"], averages["direction_sq_avg"], self.damping, self.alpha_max
+        )
         step_size = torch.where(refreshes > 0, step_size, stacked("step_size"))
         joint_scale = torch.ones((), device=rho.device)
         if self.joint_rescale:
@@ -252,8 +295,12 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
             step_size = step_size * joint_scale
         step_size = torch.where(skip, stacked("step_size"), step_size)
         torch._foreach_copy_([s["step_size"] for s in states], list(step_size.unbind()))
-        self.last_refresh = {"step_size": step_size, "joint_scale": joint_scale,
-                             "curvature": averages["curvature_avg"], "rho": averages["rho_avg"]}
+        self.last_refresh = {
+            "step_size": step_size,
+            "joint_scale": joint_scale,
+            "curvature": averages["curvature_avg"],
+            "rho": averages["rho_avg"],
+        }
 
 
 def damped_newton_step_size(rho, curvature, direction_sq, damping: float, alpha_max: float) -> torch.Tensor:
@@ -272,12 +319,39 @@ class SGDMomentumLW(LayerwiseAdaptive):
     state_names = ("momentum_buffer", "step_size")
     scalar_keys = ("lr", "momentum")
 
-    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_lr=0.1, alpha_max=10.0, beta=0.5, damping=1e-8,
-                 warmup_steps=10, joint_rescale=True, interval=5, curvature="gauss_newton", curvature_rows=0, backend="auto"):
+    def __init__(
+        self,
+        params,
+        lr=1.0,
+        momentum=0.9,
+        weight_decay=0.0,
+        warmup_lr=0.1,
+        alpha_max=10.0,
+        beta=0.5,
+        damping=1e-8,
+        warmup_steps=10,
+        joint_rescale=True,
+        interval=5,
+        curvature="gauss_newton",
+        curvature_rows=0,
+        backend="auto",
+    ):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), backend,
-                         warmup_lr, alpha_max, beta, damping, warmup_steps, joint_rescale, interval, curvature, curvature_rows)
+        super().__init__(
+            params,
+            dict(lr=lr, momentum=momentum, weight_decay=weight_decay),
+            backend,
+            warmup_lr,
+            alpha_max,
+            beta,
+            damping,
+            warmup_steps,
+            joint_rescale,
+            interval,
+            curvature,
+            curvature_rows,
+        )
 
     def _direction(self, group, p):
         return self.state[p]["momentum_buffer"] * group["momentum"] + p.grad
@@ -293,8 +367,18 @@ class SGDMomentumLW(LayerwiseAdaptive):
 
     def _launch_step(self, plan, grads, found_inf, group):
         params, buffers, step_sizes = plan.tables("param", "momentum_buffer", "step_size")
-        plan.launch(kernels.sgd_momentum_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, buffers, step_sizes,
-                    group["lr"], group["momentum"])
+        plan.launch(
+            kernels.sgd_momentum_kernel,
+            found_inf,
+            plan.lr_scale,
+            plan.weight_decay,
+            params,
+            grads,
+            buffers,
+            step_sizes,
+            group["lr"],
+            group["momentum"],
+        )
 
 
 class AdamWLW(LayerwiseAdaptive):
@@ -304,12 +388,39 @@ class AdamWLW(LayerwiseAdaptive):
     state_names = ("exp_avg", "exp_avg_sq", "step_size")
     scalar_keys = ("lr", "betas", "eps")
 
-    def __init__(self, params, lr=1.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup_lr=1e-3, alpha_max=0.1, beta=0.5,
-                 damping=1e-8, warmup_steps=10, joint_rescale=True, interval=5, curvature="gauss_newton", curvature_rows=0,
-                 backend="auto"):
+    def __init__(
+        self,
+        params,
+        lr=1.0,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.1,
+        warmup_lr=1e-3,
+        alpha_max=0.1,
+        beta=0.5,
+        damping=1e-8,
+        warmup_steps=10,
+        joint_rescale=True,
+        interval=5,
+        curvature="gauss_newton",
+        curvature_rows=0,
+        backend="auto",
+    ):
         optim.check_nonnegative_finite("eps", eps)
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), backend,
-                         warmup_lr, alpha_max, beta, damping, warmup_steps, joint_rescale, interval, curvature, curvature_rows)
+        super().__init__(
+            params,
+            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
+            backend,
+            warmup_lr,
+            alpha_max,
+            beta,
+            damping,
+            warmup_steps,
+            joint_rescale,
+            interval,
+            curvature,
+            curvature_rows,
+        )
 
     def _direction(self, group, p):
         state, (beta1, beta2), step = self.state[p], group["betas"], group["step"] + 1
@@ -322,7 +433,6 @@ class AdamWLW(LayerwiseAdaptive):
 
     def _launch_step(self, plan, grads, found_inf, group):
         optim.launch_adamw(plan, grads, found_inf, group, step_sizes=plan.pointers["step_size"])
-
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,9 @@ from train_config import MEASUREMENT_INITS
 ZERO_GRADIENT_BY_CONSTRUCTION = ("k",)  # param_role layers whose bias this holds for
 
 
-def measure_grad_mean_abs(model: torch.nn.Module, batches, T: int = 100, init: str = "fan_out", ctx=None) -> dict[str, float]:
+def measure_grad_mean_abs(
+    model: torch.nn.Module, batches, T: int = 100, init: str = "fan_out", ctx=None
+) -> dict[str, float]:
     """G_i: each parameter's mean |gradient|, averaged over T batches, on a copy of the model
     re-initialized by `init`. In a torch.distributed run each rank passes its own batches and measures
     batches rank, rank + world, ... of the T; the sums are all-reduced, so every rank returns the
@@ -84,7 +86,8 @@ def measure_grad_mean_abs(model: torch.nn.Module, batches, T: int = 100, init: s
     if bad:
         raise ValueError(
             f"lwlr: mean |gradient| at init is zero or not finite for {', '.join(bad)}; such a layer gets no "
-            "gradient from the loss (unused or frozen) or the loss diverged. Freeze it (requires_grad=False) or fix the model."
+            "gradient from the loss (unused or frozen) or the loss diverged. Freeze it (requires_grad=False) or fix "
+            "the model."
         )
     return grad_mean_abs
 
@@ -105,14 +108,18 @@ def unmeasurable(name: str) -> bool:
     return role.is_bias and role.layer in ZERO_GRADIENT_BY_CONSTRUCTION
 
 
-def multipliers_from_grads(grad_mean_abs: dict[str, float], numels: dict[str, int], power: float = 0.5) -> dict[str, float]:
+def multipliers_from_grads(
+    grad_mean_abs: dict[str, float], numels: dict[str, int], power: float = 0.5
+) -> dict[str, float]:
     if not (math.isfinite(power) and power > 0):
         raise ValueError(f"lwlr power must be finite and > 0, got {power}")
     measured = normalize({name: g**-power for name, g in grad_mean_abs.items() if not unmeasurable(name)}, numels)
     return {name: measured.get(name, 1.0) for name in grad_mean_abs}  # model order
 
 
-def compute_multipliers(model: torch.nn.Module, batches, T: int = 100, init: str = "fan_out", power: float = 0.5, ctx=None) -> dict[str, float]:
+def compute_multipliers(
+    model: torch.nn.Module, batches, T: int = 100, init: str = "fan_out", power: float = 0.5, ctx=None
+) -> dict[str, float]:
     """Algorithm 1: name -> constant learning-rate multiplier, parameter-weighted mean 1."""
     return multipliers_from_grads(measure_grad_mean_abs(model, batches, T, init, ctx), numels_of(model), power)
 
@@ -123,8 +130,10 @@ def baseline_multipliers(model: torch.nn.Module, rule: str) -> dict[str, float]:
     if rule == "fan_in":
         # nn.Linear weights are (out, in); embeddings, biases and LayerNorm scales see one input each.
         embeddings = ("embedding", "position")
-        raw = {name: 1 / math.sqrt(p.shape[1] if p.dim() == 2 and param_role(name).layer not in embeddings else 1)
-               for name, p in params.items()}
+        raw = {
+            name: 1 / math.sqrt(p.shape[1] if p.dim() == 2 and param_role(name).layer not in embeddings else 1)
+            for name, p in params.items()
+        }
         return normalize(raw, numels_of(model))
     if rule not in ("depth_increasing", "depth_decreasing"):
         raise ValueError(f"unknown baseline rule {rule!r}")
@@ -132,7 +141,9 @@ def baseline_multipliers(model: torch.nn.Module, rule: str) -> dict[str, float]:
     first, last = (0.1, 1.0) if rule == "depth_increasing" else (2.0, 1.0)
     raw = {}
     for name in params:
-        block = param_role(name).block  # outside the blocks: the embeddings take the first block's rate, ln_f the last's
+        block = param_role(
+            name
+        ).block  # outside the blocks: the embeddings take the first block's rate, ln_f the last's
         depth = block if block is not None else (n_layer - 1 if param_role(name).layer == "layernorm" else 0)
         raw[name] = first + (last - first) * depth / max(1, n_layer - 1)
     return normalize(raw, numels_of(model))

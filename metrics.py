@@ -58,11 +58,15 @@ class StepStats:
             seconds = (time.perf_counter() - self.timer) / self.timed_steps
         else:  # an interval of the first step alone: its time is the only one there is
             seconds = self.first_step_seconds
-        figures = {"loss": self.loss_sum.item() / good if good else float("nan"), "ms_per_step": 1000 * seconds,
-                   "tokens_per_s": self.c.tokens_per_step / seconds,
-                   "mfu": self.flops_per_step / seconds / (self.peak * self.rt.world_size) if self.peak else None,
-                   "peak_mem_gib": peak_memory_gib(self.rt.device), "skipped_steps": skipped,
-                   "seconds_left": seconds * (self.c.max_steps - step)}  # steps only: evals and saves come on top
+        figures = {
+            "loss": self.loss_sum.item() / good if good else float("nan"),
+            "ms_per_step": 1000 * seconds,
+            "tokens_per_s": self.c.tokens_per_step / seconds,
+            "mfu": self.flops_per_step / seconds / (self.peak * self.rt.world_size) if self.peak else None,
+            "peak_mem_gib": peak_memory_gib(self.rt.device),
+            "skipped_steps": skipped,
+            "seconds_left": seconds * (self.c.max_steps - step),
+        }  # steps only: evals and saves come on top
         self.loss_sum.zero_(), self.skipped.zero_()
         self.steps = 0
         return figures
@@ -71,9 +75,11 @@ class StepStats:
         mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
         skipped = f" | skipped {r['skipped_steps']} non-finite" if r["skipped_steps"] else ""
         left = f" | {duration(r['seconds_left'])} left" if r["step"] < self.c.max_steps else ""
-        return (f"step {r['step']:>6}/{self.c.max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e}"
-                f" | grad_norm {r['grad_norm']:.3f} | {r['ms_per_step']:.0f} ms/step"
-                f" | {r['tokens_per_s']:,.0f} tok/s{mfu} | mem {r['peak_mem_gib']:.2f} GiB{skipped}{left}")
+        return (
+            f"step {r['step']:>6}/{self.c.max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e}"
+            f" | grad_norm {r['grad_norm']:.3f} | {r['ms_per_step']:.0f} ms/step"
+            f" | {r['tokens_per_s']:,.0f} tok/s{mfu} | mem {r['peak_mem_gib']:.2f} GiB{skipped}{left}"
+        )
 
     def last_step_bad(self) -> bool:
         return self.bad_run.item() > 0  # the same on every rank: the guard's flag was all-reduced
@@ -93,5 +99,8 @@ def lw_step_sizes(optimizer) -> dict:
     if "step_size" not in refresh:
         return {}
     step_sizes = refresh["step_size"]
-    return {"lw_step_size_min": step_sizes.min().item(), "lw_step_size_max": step_sizes.max().item(),
-            "lw_joint_scale": refresh["joint_scale"].item()}
+    return {
+        "lw_step_size_min": step_sizes.min().item(),
+        "lw_step_size_max": step_sizes.max().item(),
+        "lw_joint_scale": refresh["joint_scale"].item(),
+    }

@@ -33,7 +33,9 @@ class GPTConfig:
     dropout: float = 0.0  # 0 for pretraining; the published GPT-2 runs use none either
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
     residual_scale: bool = False  # x + f(x)/sqrt(n_layer) on both branches of every block
-    loss_chunk_rows: int = 0  # with targets: output layer + loss in chunks of this many rows, no full logits (loss.py); 0 = full logits
+    loss_chunk_rows: int = (
+        0  # with targets: output layer + loss in chunks of this many rows, no full logits (loss.py); 0 = full logits
+    )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -56,7 +58,9 @@ PRESETS = {
     "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # 7.3M, the default CPU run
     "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),  # 1.6M, for tests
     # The depth study at CPU scale (bench/overfit.py --preset depth-cpu): 64 wide, 2 heads, 2 to 32 blocks.
-    **{f"narrow-{n_layer}": dict(n_layer=n_layer, n_head=2, n_embd=64, block_size=256) for n_layer in (2, 4, 8, 16, 32)},
+    **{
+        f"narrow-{n_layer}": dict(n_layer=n_layer, n_head=2, n_embd=64, block_size=256) for n_layer in (2, 4, 8, 16, 32)
+    },
 }
 
 
@@ -79,9 +83,7 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
@@ -116,26 +118,36 @@ INIT_SCHEMES = ("gpt2", "fan_out", "fan_in")
 
 # What each parameter is, read from its name in this one place (initialization, lwlr's rules, Adam-mini's
 # blocks and the multipliers' plot all ask param_role): the module it belongs to, by its attribute name.
-LAYER_ROLES = {"wte": "embedding", "wpe": "position", "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "attn_out",
-               "c_fc": "mlp_in", "c_proj": "mlp_out", "ln_1": "layernorm", "ln_2": "layernorm", "ln_f": "layernorm"}
+LAYER_ROLES = {
+    "wte": "embedding",
+    "wpe": "position",
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "attn_out",
+    "c_fc": "mlp_in",
+    "c_proj": "mlp_out",
+    "ln_1": "layernorm",
+    "ln_2": "layernorm",
+    "ln_f": "layernorm",
+}
 # Linear layers that write into the residual stream; GPT-2 shrinks their init by 1/sqrt(2 * n_layer).
 RESIDUAL_PROJECTIONS = ("attn_out", "mlp_out")
 
 
 @dataclass(frozen=True)
 class ParamRole:
-    layer: str  # a value of LAYER_ROLES
+    layer: str  # a value of LAYER_ROLES, or "other"
     is_bias: bool
     block: int | None  # the transformer block's index; None for the embeddings and ln_f
 
 
 def param_role(name: str) -> ParamRole:
-    """What the parameter `name` of a GPT is: its layer's role, whether it is a bias, and its block."""
+    """What the parameter `name` of a GPT is: its layer's role, whether it is a bias, and its block. A name
+    this model does not have (another module's, in lwlr's generic use) has the layer "other"."""
     parts = name.split(".")
-    layer = LAYER_ROLES.get(parts[-2]) if len(parts) >= 2 else None
-    if layer is None or parts[-1] not in ("weight", "bias"):
-        raise ValueError(f"no role for parameter {name!r}: add its module's name to model.LAYER_ROLES")
-    block = int(parts[2]) if parts[:2] == ["transformer", "h"] else None
+    layer = LAYER_ROLES.get(parts[-2], "other") if len(parts) >= 2 else "other"
+    block = int(parts[2]) if parts[:2] == ["transformer", "h"] and len(parts) > 2 and parts[2].isdigit() else None
     return ParamRole(layer, parts[-1] == "bias", block)
 
 

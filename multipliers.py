@@ -24,11 +24,11 @@ import torch.distributed as dist
 import hf
 import outdir
 from build import gpt_config, token_batches
+from errors import UserError
 from lwlr import baseline_multipliers, measure_grad_mean_abs, multipliers_from_grads, numels_of
 from model import GPT, param_role
 from progress import Progress, counted
 from runtime import autocast, cache_dir, init_runtime, run_main
-from errors import UserError
 from train_config import INIT_MODES, ConfigError, parse_config
 
 
@@ -53,10 +53,16 @@ def load_multipliers(path: str, model: torch.nn.Module) -> tuple[dict[str, float
     if missing:
         raise LwlrFileError(f"lwlr_file {path}: no multiplier for the model's layer(s) {', '.join(missing)}")
     # Same names, other sizes (another n_embd or vocabulary): multipliers measured on a different model.
-    wrong = [f"{name} {list(shapes[name])} (model {list(p.shape)})" for name, p in params.items() if shapes[name] != tuple(p.shape)]
+    wrong = [
+        f"{name} {list(shapes[name])} (model {list(p.shape)})"
+        for name, p in params.items()
+        if shapes[name] != tuple(p.shape)
+    ]
     if wrong:
-        raise LwlrFileError(f"lwlr_file {path} was measured on another model: shapes differ for {', '.join(wrong[:3])}"
-                         + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+        raise LwlrFileError(
+            f"lwlr_file {path} was measured on another model: shapes differ for {', '.join(wrong[:3])}"
+            + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        )
     bad = [name for name, m in multipliers.items() if not (math.isfinite(m) and m > 0)]
     if bad:
         raise LwlrFileError(f"lwlr_file {path}: multipliers of {', '.join(bad)} are not positive finite numbers")
@@ -67,8 +73,13 @@ def report(module, multipliers: dict[str, float], grad_mean_abs: dict[str, float
     """The content of lwlr.json: per layer name, shape, numel, mean |g| and multiplier, plus how it was made."""
     params = dict(module.named_parameters())
     layers = [
-        {"name": name, "shape": list(params[name].shape), "numel": params[name].numel(),
-         "grad_mean_abs": grad_mean_abs[name] if grad_mean_abs else None, "multiplier": m}
+        {
+            "name": name,
+            "shape": list(params[name].shape),
+            "numel": params[name].numel(),
+            "grad_mean_abs": grad_mean_abs[name] if grad_mean_abs else None,
+            "multiplier": m,
+        }
         for name, m in multipliers.items()
     ]
     return {**meta, "layers": layers}
@@ -86,8 +97,19 @@ def layer_kind(name: str) -> str:
     return "bias" if role.is_bias else role.layer
 
 
-KIND_COLORS = {"q": "tab:blue", "k": "tab:cyan", "v": "tab:green", "attn_out": "tab:olive", "mlp_in": "tab:orange",
-               "mlp_out": "tab:red", "embedding": "tab:purple", "position": "tab:pink", "bias": "tab:gray", "layernorm": "black"}
+KIND_COLORS = {
+    "q": "tab:blue",
+    "k": "tab:cyan",
+    "v": "tab:green",
+    "attn_out": "tab:olive",
+    "mlp_in": "tab:orange",
+    "mlp_out": "tab:red",
+    "embedding": "tab:purple",
+    "position": "tab:pink",
+    "bias": "tab:gray",
+    "layernorm": "black",
+    "other": "tab:brown",
+}
 LINEAR = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
 
 
@@ -114,8 +136,10 @@ def plot(data: dict, path: str) -> dict:
         ax.axhline(1.0, color="gray", lw=0.5)
         ax.set_xlabel("layer, in model order")
         ax.set_ylabel("lr multiplier")
-        ax.set_title(f"{data.get('model', '')} {data.get('rule', 'lwlr')} multipliers ({title}; init {data.get('init')}, "
-                     f"T={data.get('T')}, power {data.get('power')})")
+        ax.set_title(
+            f"{data.get('model', '')} {data.get('rule', 'lwlr')} multipliers ({title}; init {data.get('init')}, "
+            f"T={data.get('T')}, power {data.get('power')})"
+        )
         ax.legend(fontsize=7, ncol=5)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")  # path may be an open file
@@ -148,7 +172,10 @@ def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float]
     cache_path = measurement_cache_path(c, model, batches.path, ctx)
     cached = _cached_report(cache_path, model, rank)
     if cached is not None:
-        log(f"lwlr: reusing the multipliers measured with these settings ({cache_path}); --lwlr_cache_dir=none measures again")
+        log(
+            f"lwlr: reusing the multipliers measured with these settings ({cache_path}); --lwlr_cache_dir=none "
+            f"measures again"
+        )
         return {layer["name"]: layer["multiplier"] for layer in cached["layers"]}, {**cached, "source": cache_path}
     device = next(model.parameters()).device
     mine = (batches.get(t, c.micro_batch_size, 0, c.micro_batch_size, device) for t in range(rank, c.lwlr_T, world))
@@ -159,8 +186,14 @@ def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float]
     seconds = time.perf_counter() - start
     multipliers = multipliers_from_grads(grads, numels_of(model), c.lwlr_power)
     log(f"lwlr: measured {len(grads)} layers over T={c.lwlr_T} batches of {c.micro_batch_size} in {seconds:.1f} s")
-    meta.update(T=c.lwlr_T, init=c.lwlr_init, power=c.lwlr_power, micro_batch_size=c.micro_batch_size, block_size=model.config.block_size,
-                world_size=world)
+    meta.update(
+        T=c.lwlr_T,
+        init=c.lwlr_init,
+        power=c.lwlr_power,
+        micro_batch_size=c.micro_batch_size,
+        block_size=model.config.block_size,
+        world_size=world,
+    )
     data = report(model, multipliers, grads, **meta)
     if cache_path and rank == 0:
         _write_atomically(cache_path, data)
@@ -179,9 +212,17 @@ def measurement_cache_path(c, model, data_path: str, ctx) -> str | None:
     directory = cache_dir() if c.lwlr_cache_dir == "auto" else c.lwlr_cache_dir
     stat = os.stat(data_path)
     precision = str(ctx.fast_dtype) if isinstance(ctx, torch.autocast) else "torch.float32"
-    settings = {"version": CACHE_VERSION, "model": dataclasses.asdict(model.config), "data": [os.path.realpath(data_path), stat.st_size, stat.st_mtime_ns],
-                "seed": c.seed, "T": c.lwlr_T, "init": c.lwlr_init, "power": c.lwlr_power, "micro_batch_size": c.micro_batch_size,
-                "precision": precision}
+    settings = {
+        "version": CACHE_VERSION,
+        "model": dataclasses.asdict(model.config),
+        "data": [os.path.realpath(data_path), stat.st_size, stat.st_mtime_ns],
+        "seed": c.seed,
+        "T": c.lwlr_T,
+        "init": c.lwlr_init,
+        "power": c.lwlr_power,
+        "micro_batch_size": c.micro_batch_size,
+        "precision": precision,
+    }
     if c.init_from not in INIT_MODES:  # fine-tuning: the measured network depends on the loaded weights
         weights = hf.weights_file(c.init_from)
         settings["init_from"] = [os.path.realpath(weights), os.path.getsize(weights), os.stat(weights).st_mtime_ns]
@@ -237,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     rt = init_runtime(c.device)
     torch.manual_seed(c.seed)
     model = GPT(gpt_config(c)).to(rt.device)
-    _, data = for_config(c, model, token_batches(c, "train", "lwlr", model.config), autocast(rt.device, c.dtype), log=rt.print0)
+    _, data = for_config(
+        c, model, token_batches(c, "train", "lwlr", model.config), autocast(rt.device, c.dtype), log=rt.print0
+    )
     if rt.is_main:
         os.makedirs(c.out_dir, exist_ok=True)
         save_report(data, c.out_dir)

@@ -63,7 +63,9 @@ class StepContext:
     raw_model: torch.nn.Module  # uncompiled and unwrapped: double backward and forward-mode AD (LW-AS)
     micro_batches: list  # this rank's (x, y) micro-batches of this step
     autocast: contextlib.AbstractContextManager  # the run's precision
-    sync: Callable[[bool], contextlib.AbstractContextManager]  # DDP's gradient all-reduce: sync(True) on the last micro-step
+    sync: Callable[
+        [bool], contextlib.AbstractContextManager
+    ]  # DDP's gradient all-reduce: sync(True) on the last micro-step
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None  # the mean over ranks, None in one process
     found_inf: torch.Tensor  # the step's non-finite flag, on the device
 
@@ -106,13 +108,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """The schedule's rate for every param group; each optimizer's step applies the group's lr_scale
     (layer_lr). A plain torch.optim optimizer knows nothing of lr_scale: with_layer_lr wraps its class, and
     one given here unwrapped is refused, so a layer-wise rate is never silently dropped."""
-    if not isinstance(optimizer, StepHooks) and any(group.get("lr_scale", 1.0) != 1.0 for group in optimizer.param_groups):
-        raise TypeError(f"{type(optimizer).__name__} ignores lr_scale: build it from optim.with_layer_lr({type(optimizer).__name__})")
+    if not isinstance(optimizer, StepHooks) and any(
+        group.get("lr_scale", 1.0) != 1.0 for group in optimizer.param_groups
+    ):
+        raise TypeError(
+            f"{type(optimizer).__name__} ignores lr_scale: build it from "
+            f"optim.with_layer_lr({type(optimizer).__name__})"
+        )
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
-def _launch(kernel, grid, *args, **meta):
+def launch_kernel(kernel, grid, *args, **meta):
     """Every kernel launch goes through here (tests and bench/kernel_report.py record launches by patching it)."""
     kernel[grid](*args, **meta)
 
@@ -127,7 +134,9 @@ def _aligned(tensors) -> bool:
     return _aligned_storage(tensors) and all(t.numel() % VECTOR_ELEMENTS == 0 for t in tensors)
 
 
-def param_groups(model: torch.nn.Module, multipliers: dict[str, float] | None, weight_decay: float, scale_decay: bool = True) -> list[dict]:
+def param_groups(
+    model: torch.nn.Module, multipliers: dict[str, float] | None, weight_decay: float, scale_decay: bool = True
+) -> list[dict]:
     """torch-style param groups, each carrying `lr_scale` (the timm convention) and its parameters' names.
 
     Parameters with the same (lr_scale, weight_decay) share a group: one global rate gives 2 groups,
@@ -144,7 +153,9 @@ def param_groups(model: torch.nn.Module, multipliers: dict[str, float] | None, w
         decay = weight_decay if p.dim() >= 2 else 0.0
         if not scale_decay:
             decay /= lr_scale
-        group = groups.setdefault((lr_scale, decay), {"params": [], "names": [], "lr_scale": lr_scale, "weight_decay": decay})
+        group = groups.setdefault(
+            (lr_scale, decay), {"params": [], "names": [], "lr_scale": lr_scale, "weight_decay": decay}
+        )
         group["params"].append(p)
         group["names"].append(name)
     return list(groups.values())
@@ -153,7 +164,9 @@ def param_groups(model: torch.nn.Module, multipliers: dict[str, float] | None, w
 def _owner_and_index(counts: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """For items counted per tensor (kernel chunks, Adam-mini blocks): each item's tensor and its index
     within that tensor, as int32 device tables a kernel's program looks itself up in."""
-    owner = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), torch.tensor(counts, dtype=torch.int64))
+    owner = torch.repeat_interleave(
+        torch.arange(len(counts), dtype=torch.int32), torch.tensor(counts, dtype=torch.int64)
+    )
     index = torch.cat([torch.arange(n, dtype=torch.int32) for n in counts])
     return owner.to(device), index.to(device)
 
@@ -171,7 +184,9 @@ class _LaunchPlan:
         self.chunk_tensor, chunk_index = _owner_and_index(chunks, device)
         self.chunk_start = chunk_index * BLOCK
         self.numel = torch.tensor(numels, dtype=torch.int32, device=device)
-        self.pointers = {name: self._pointer_table(tensors, device) for name, tensors in {"param": params, **states}.items()}
+        self.pointers = {
+            name: self._pointer_table(tensors, device) for name, tensors in {"param": params, **states}.items()
+        }
         self.lr_scale = torch.tensor(lr_scales, dtype=torch.float32, device=device)
         self.weight_decay = torch.tensor(weight_decays, dtype=torch.float32, device=device)
         self.params = params
@@ -204,8 +219,18 @@ class _LaunchPlan:
     def launch(self, kernel, found_inf, *args):
         """One launch over every tensor of the plan: the chunk tables and found_inf lead every elementwise
         kernel's arguments (kernels.py); the ALIGNED build is taken where the plan's tensors allow it."""
-        _launch(kernel, self.grid, self.numel, self.chunk_tensor, self.chunk_start, found_inf, *args,
-                BLOCK=BLOCK, ALIGNED=self.aligned, num_warps=NUM_WARPS)
+        launch_kernel(
+            kernel,
+            self.grid,
+            self.numel,
+            self.chunk_tensor,
+            self.chunk_start,
+            found_inf,
+            *args,
+            BLOCK=BLOCK,
+            ALIGNED=self.aligned,
+            num_warps=NUM_WARPS,
+        )
 
 
 def check_nonnegative_finite(name, value):
@@ -244,7 +269,7 @@ class FusedOptimizer(StepHooks, torch.optim.Optimizer):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"betas must lie in [0, 1), got {group['betas']}")
 
-    def _use_triton(self, device: torch.device) -> bool:
+    def use_triton(self, device: torch.device) -> bool:
         if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda"):
             return False
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -283,13 +308,18 @@ class FusedOptimizer(StepHooks, torch.optim.Optimizer):
             return loss
         for _, group, _ in active:
             group["step"] += 1
-        if self._use_triton(active[0][2][0].device):
+        if self.use_triton(active[0][2][0].device):
             for bucket in self._buckets(active, self.scalar_keys + ("step",)):
                 plan, grads, found_inf = self._bucket_plan("step", bucket, self.state_names)
                 self._launch_step(plan, grads, found_inf, bucket[0][1])
         elif self.found_inf is None or not self.found_inf.item():
             for _, group, params in active:
-                self._update_torch(group, params, [p.grad for p in params], [[self.state[p][n] for p in params] for n in self.state_names])
+                self._update_torch(
+                    group,
+                    params,
+                    [p.grad for p in params],
+                    [[self.state[p][n] for p in params] for n in self.state_names],
+                )
         else:
             for _, group, _ in active:
                 group["step"] -= 1
@@ -301,10 +331,14 @@ class FusedOptimizer(StepHooks, torch.optim.Optimizer):
             params = [p for _, ps in groups_params for p in ps]
             for p in params:
                 if p.dtype != torch.float32 or not p.is_contiguous():
-                    raise ValueError("backend='triton' needs contiguous fp32 parameters; use backend='torch' for others")
+                    raise ValueError(
+                        "backend='triton' needs contiguous fp32 parameters; use backend='torch' for others"
+                    )
             plan = _LaunchPlan(
-                params, {n: [self.state[p][n] for p in params] for n in state_names},
-                [g["lr_scale"] for g, ps in groups_params for _ in ps], [g["weight_decay"] for g, ps in groups_params for _ in ps],
+                params,
+                {n: [self.state[p][n] for p in params] for n in state_names},
+                [g["lr_scale"] for g, ps in groups_params for _ in ps],
+                [g["weight_decay"] for g, ps in groups_params for _ in ps],
             )
             self._extend_plan(plan)
             self._plans[key] = plan
@@ -334,7 +368,13 @@ class FusedOptimizer(StepHooks, torch.optim.Optimizer):
     def _bucket_plan(self, kind: str, bucket, state_names):
         """The launch plan of a bucket (built once, then cached), this step's gradient table and found_inf."""
         groups_params = [(group, params) for _, group, params in bucket]
-        key = (kind, tuple((index, tuple(map(id, params)), group["lr_scale"], group["weight_decay"]) for index, group, params in bucket))
+        key = (
+            kind,
+            tuple(
+                (index, tuple(map(id, params)), group["lr_scale"], group["weight_decay"])
+                for index, group, params in bucket
+            ),
+        )
         plan = self._plan(key, groups_params, state_names)
         grads = plan.grad_pointers([p.grad for _, ps in groups_params for p in ps])
         return plan, grads, self._found_inf_flag(plan.numel.device)
@@ -395,12 +435,23 @@ def update_adamw(group, params, grads, exp_avgs, exp_avg_sqs, step_sizes=None) -
     beta1, beta2 = group["betas"]
     lr = layer_lr(group)
     step = [torch.full((), float(group["step"]), device=params[0].device)] * len(params)
-    settings = dict(beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False)
+    settings = dict(
+        beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False
+    )
     if not step_sizes:
         torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], step, lr=lr, **settings)
         return
     for i, size in enumerate(torch.stack(step_sizes).tolist()):
-        torch._fused_adamw_(params[i:i + 1], grads[i:i + 1], exp_avgs[i:i + 1], exp_avg_sqs[i:i + 1], [], step[:1], lr=lr * size, **settings)
+        torch._fused_adamw_(
+            params[i : i + 1],
+            grads[i : i + 1],
+            exp_avgs[i : i + 1],
+            exp_avg_sqs[i : i + 1],
+            [],
+            step[:1],
+            lr=lr * size,
+            **settings,
+        )
 
 
 def launch_adamw(plan, grads, found_inf, group, step_sizes=None) -> None:
@@ -408,8 +459,23 @@ def launch_adamw(plan, grads, found_inf, group, step_sizes=None) -> None:
     beta1, beta2 = group["betas"]
     step = group["step"]
     params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
-    plan.launch(adamw_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, exp_avg_sqs, step_sizes,
-                group["lr"], beta1, beta2, group["eps"], 1 - beta1**step, math.sqrt(1 - beta2**step))
+    plan.launch(
+        adamw_kernel,
+        found_inf,
+        plan.lr_scale,
+        plan.weight_decay,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        step_sizes,
+        group["lr"],
+        beta1,
+        beta2,
+        group["eps"],
+        1 - beta1**step,
+        math.sqrt(1 - beta2**step),
+    )
 
 
 class AdamW(FusedOptimizer):
@@ -450,7 +516,9 @@ class Lion(FusedOptimizer):
     def _launch_step(self, plan, grads, found_inf, group):
         beta1, beta2 = group["betas"]
         params, exp_avgs = plan.tables("param", "exp_avg")
-        plan.launch(lion_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, group["lr"], beta1, beta2)
+        plan.launch(
+            lion_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, group["lr"], beta1, beta2
+        )
 
 
 class SophiaG(FusedOptimizer):
@@ -460,7 +528,17 @@ class SophiaG(FusedOptimizer):
     state_names = ("exp_avg", "hessian")
     scalar_keys = ("lr", "betas", "rho", "bs")
 
-    def __init__(self, params, lr=6e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, bs=5120, hess_interval=10, backend="auto"):
+    def __init__(
+        self,
+        params,
+        lr=6e-4,
+        betas=(0.965, 0.99),
+        rho=0.04,
+        weight_decay=0.1,
+        bs=5120,
+        hess_interval=10,
+        backend="auto",
+    ):
         check_nonnegative_finite("rho", rho)
         if not (math.isfinite(bs) and bs > 0):
             raise ValueError(f"bs must be a positive number of tokens, got {bs}")
@@ -496,8 +574,19 @@ class SophiaG(FusedOptimizer):
     def _launch_step(self, plan, grads, found_inf, group):
         beta1, _ = group["betas"]
         params, exp_avgs, hessians = plan.tables("param", "exp_avg", "hessian")
-        plan.launch(sophiag_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, hessians,
-                    group["lr"], beta1, group["rho"] * group["bs"])
+        plan.launch(
+            sophiag_kernel,
+            found_inf,
+            plan.lr_scale,
+            plan.weight_decay,
+            params,
+            grads,
+            exp_avgs,
+            hessians,
+            group["lr"],
+            beta1,
+            group["rho"] * group["bs"],
+        )
 
     @torch.no_grad()
     def update_hessian(self):
@@ -507,7 +596,7 @@ class SophiaG(FusedOptimizer):
         active = self._active()
         if not active:
             return
-        if not self._use_triton(active[0][2][0].device):
+        if not self.use_triton(active[0][2][0].device):
             if self.found_inf is not None and self.found_inf.item():
                 return
             for _, group, params in active:
@@ -525,12 +614,23 @@ class SophiaG(FusedOptimizer):
 # them: biases use Adam (a block per element); q and k one block per head; v, the attention output, the
 # MLP and the embedding one block per output row; LayerNorm scales and the position embedding one block
 # per tensor.
-ADAM_MINI_BLOCKS = {"q": "head", "k": "head", "v": "row", "attn_out": "row", "mlp_in": "row", "mlp_out": "row",
-                    "embedding": "row", "position": "tensor", "layernorm": "tensor"}
+ADAM_MINI_BLOCKS = {
+    "q": "head",
+    "k": "head",
+    "v": "row",
+    "attn_out": "row",
+    "mlp_in": "row",
+    "mlp_out": "row",
+    "embedding": "row",
+    "position": "tensor",
+    "layernorm": "tensor",
+}
 
 
 def adam_mini_block_size(name: str, p: torch.Tensor, n_head: int) -> int:
     role = param_role(name)
+    if role.layer not in ADAM_MINI_BLOCKS:
+        raise ValueError(f"AdamMini: no role for parameter {name!r}; add its module to model.LAYER_ROLES")
     block = "element" if role.is_bias else ADAM_MINI_BLOCKS[role.layer]
     if block == "element":
         return 1
@@ -557,13 +657,17 @@ class AdamMini(FusedOptimizer):
         for group in self.param_groups:
             names = group.get("names")
             if names is None or len(names) != len(group["params"]):
-                raise ValueError("AdamMini needs each param group's parameter names: use optim.param_groups(model, ...)")
+                raise ValueError(
+                    "AdamMini needs each param group's parameter names: use optim.param_groups(model, ...)"
+                )
             for name, p in zip(names, group["params"]):
                 self.block_size[p] = adam_mini_block_size(name, p, n_head)
 
     def _new_state(self, p) -> dict:  # one second-moment value per block
-        return {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros(p.numel() // self.block_size[p], dtype=p.dtype, device=p.device)}
+        return {
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros(p.numel() // self.block_size[p], dtype=p.dtype, device=p.device),
+        }
 
     def _update_torch(self, group, params, grads, states):
         beta1, beta2 = group["betas"]
@@ -590,15 +694,43 @@ class AdamMini(FusedOptimizer):
         counts = [p.numel() // size if size > 1 else 0 for p, size in zip(plan.params, sizes)]
         plan.block_size = torch.tensor(sizes, dtype=torch.int32, device=plan.numel.device)
         plan.block_tensor, plan.block_index = _owner_and_index(counts, plan.numel.device)
-        plan.blocks_aligned = all(size % VECTOR_ELEMENTS == 0 for size, count in zip(sizes, counts) if count)  # each block starts 16-byte aligned
+        plan.blocks_aligned = all(
+            size % VECTOR_ELEMENTS == 0 for size, count in zip(sizes, counts) if count
+        )  # each block starts 16-byte aligned
 
     def _launch_step(self, plan, grads, found_inf, group):
         beta1, beta2 = group["betas"]
         step = group["step"]
         params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
         if plan.block_tensor.numel():  # 1024 elements per loop trip at 4 warps: 8 per thread, two 128-bit loads
-            _launch(block_mean_square_kernel, (plan.block_tensor.numel(),), plan.block_size, plan.block_tensor, plan.block_index,
-                    found_inf, grads, exp_avg_sqs, beta2, BLOCK=1024, ALIGNED=plan.aligned and plan.blocks_aligned, num_warps=4)
-        plan.launch(adam_mini_kernel, found_inf, plan.lr_scale, plan.weight_decay, params, grads, exp_avgs, exp_avg_sqs,
-                    plan.block_size, group["lr"], beta1, beta2, group["eps"], 1 - beta1**step, math.sqrt(1 - beta2**step))
-
+            launch_kernel(
+                block_mean_square_kernel,
+                (plan.block_tensor.numel(),),
+                plan.block_size,
+                plan.block_tensor,
+                plan.block_index,
+                found_inf,
+                grads,
+                exp_avg_sqs,
+                beta2,
+                BLOCK=1024,
+                ALIGNED=plan.aligned and plan.blocks_aligned,
+                num_warps=4,
+            )
+        plan.launch(
+            adam_mini_kernel,
+            found_inf,
+            plan.lr_scale,
+            plan.weight_decay,
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            plan.block_size,
+            group["lr"],
+            beta1,
+            beta2,
+            group["eps"],
+            1 - beta1**step,
+            math.sqrt(1 - beta2**step),
+        )

@@ -61,8 +61,10 @@ def disk_full(error: BaseException, folder: str, needed: int | None = None) -> D
     if not (isinstance(error, OSError) and error.errno in NO_SPACE) and not (needed is not None and free < needed):
         return None
     wanted = f"needed {megabytes(needed)}, " if needed is not None else ""
-    return DiskFullError(f"no space left on the file system of {folder}: {wanted}{megabytes(free)} free "
-                         f"({type(error).__name__}: {error}). Free space and run the same command to resume.")
+    return DiskFullError(
+        f"no space left on the file system of {folder}: {wanted}{megabytes(free)} free "
+        f"({type(error).__name__}: {error}). Free space and run the same command to resume."
+    )
 
 
 def write_atomically(path: str, write, mode: str = "w") -> None:
@@ -95,8 +97,11 @@ def space_warning(out_dir: str, checkpoint_bytes: int, keep_last: int) -> str | 
     free = free_bytes(out_dir)
     if free >= needed:
         return None
-    return (f"warning: {out_dir} has {megabytes(free)} free, less than the {megabytes(needed)} that keep_last + 1 = {keep_last + 1} "
-            f"checkpoints of {megabytes(checkpoint_bytes)} need: a save will fail for lack of space")
+    return (
+        f"warning: {out_dir} has {megabytes(free)} free, less than the {megabytes(needed)} that keep_last + 1 = "
+        f"{keep_last + 1} "
+        f"checkpoints of {megabytes(checkpoint_bytes)} need: a save will fail for lack of space"
+    )
 
 
 @contextlib.contextmanager
@@ -108,14 +113,23 @@ def lock(out_dir: str, log=print):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutDirInUseError(f"out_dir {out_dir} is in use by another run ({holder(path)}); wait for it to end, or choose "
-                                   "another out_dir") from None
+            raise OutDirInUseError(
+                f"out_dir {out_dir} is in use by another run ({holder(path)}); wait for it to end, or choose "
+                "another out_dir"
+            ) from None
         except OSError as e:  # ENOLCK, EOPNOTSUPP: a file system without working locks
-            log(f"warning: cannot lock {path} ({e.strerror}): this file system has no working locks, so nothing stops a second "
-                "run from writing into the same out_dir")
+            log(
+                f"warning: cannot lock {path} ({e.strerror}): this file system has no working locks, so nothing stops "
+                f"a second "
+                "run from writing into the same out_dir"
+            )
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            ).encode(),
+        )
         yield
     finally:
         os.close(fd)  # releases the lock; the file stays, harmless, for the next run to lock

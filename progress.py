@@ -28,8 +28,9 @@ def duration(seconds: float) -> str:
 class Progress:
     """Counts `total` units of work named `what`; silent when not enabled (ranks other than 0)."""
 
-    def __init__(self, what: str, total: int, unit: str = "it", enabled: bool = True, every: float | None = None,
-                 stream=None):
+    def __init__(
+        self, what: str, total: int, unit: str = "it", enabled: bool = True, every: float | None = None, stream=None
+    ):
         self.what, self.total, self.unit = what, total, unit
         self.every = EVERY_SECONDS if every is None else every
         self.stream = stream or sys.stdout
@@ -37,8 +38,19 @@ class Progress:
         self.done = 0
         self.start = self.last_line = time.perf_counter()
         on_terminal = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = tqdm(total=total, desc=what, unit=unit, leave=False, dynamic_ncols=True, file=self.stream,
-                        delay=BAR_DELAY_SECONDS) if on_terminal else None
+        self.bar = (
+            tqdm(
+                total=total,
+                desc=what,
+                unit=unit,
+                leave=False,
+                dynamic_ncols=True,
+                file=self.stream,
+                delay=BAR_DELAY_SECONDS,
+            )
+            if on_terminal
+            else None
+        )
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -54,8 +66,10 @@ class Progress:
         elapsed = now - self.start
         rate = self.done / elapsed
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        return (f"{self.what}: {self.done}/{self.total} {self.unit} | {rate:.3g} {self.unit}/s"
-                f" | {duration(left) if left != float('inf') else '?'} left")
+        return (
+            f"{self.what}: {self.done}/{self.total} {self.unit} | {rate:.3g} {self.unit}/s"
+            f" | {duration(left) if left != float('inf') else '?'} left"
+        )
 
     def close(self) -> None:
         if self.bar is not None:

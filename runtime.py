@@ -71,7 +71,9 @@ def init_runtime(device: str = "auto") -> Runtime:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT, device_id=run_device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend, timeout=PROCESS_GROUP_TIMEOUT, device_id=run_device if backend == "nccl" else None
+        )
     return Runtime(rank, local_rank, world_size, run_device, distributed=True)
 
 
@@ -137,7 +139,9 @@ def git_commit() -> str:
         return os.environ["LWLR_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -146,8 +150,11 @@ def environment(device: torch.device) -> dict:
     """What a result depends on, recorded with every run and benchmark (Triton's version matters for the
     fused optimizers)."""
     return {
-        "device": device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-        "python": sys.version.split()[0], "commit": git_commit(),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": sys.version.split()[0],
+        "commit": git_commit(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -172,7 +179,15 @@ class RunLog:
     """Console lines plus the same records as JSON lines in out_dir/log.jsonl (rank 0 only), and
     wandb or tensorboard when asked for."""
 
-    def __init__(self, runtime: Runtime, out_dir: str, logger: str = "none", config: dict | None = None, project: str = "lwlr", echo=print):
+    def __init__(
+        self,
+        runtime: Runtime,
+        out_dir: str,
+        logger: str = "none",
+        config: dict | None = None,
+        project: str = "lwlr",
+        echo=print,
+    ):
         self.runtime, self.file, self.backend, self.echo = runtime, None, None, echo
         if not runtime.is_main:
             return

@@ -1,9 +1,9 @@
 """Sample text from a trained checkpoint or a local Hugging Face GPT-2 directory.
 
-    python sample.py --out_dir=out                    # newest complete checkpoint in out
-    python sample.py --checkpoint=out/step-00000250   # a specific one
-    python sample.py --pretrained=path/to/gpt2        # config.json + model.safetensors
-    python sample.py --prompt="ROMEO:" --num_samples=3 --max_new_tokens=200 --temperature=0.8 --top_k=200
+python sample.py --out_dir=out                    # newest complete checkpoint in out
+python sample.py --checkpoint=out/step-00000250   # a specific one
+python sample.py --pretrained=path/to/gpt2        # config.json + model.safetensors
+python sample.py --prompt="ROMEO:" --num_samples=3 --max_new_tokens=200 --temperature=0.8 --top_k=200
 """
 
 import argparse
@@ -28,8 +28,10 @@ def load_model(args):
     print(f"loaded {path} (step {meta['step']})", file=sys.stderr)
     vocabulary = vocab.load(data_dir(TrainConfig(**meta["config"])))
     if vocabulary.size != model.config.vocab_size:
-        raise vocab.VocabularyError(f"the model has {model.config.vocab_size} tokens but its dataset's vocabulary {vocabulary.size}: "
-                         "was the data folder prepared again or moved?")
+        raise vocab.VocabularyError(
+            f"the model has {model.config.vocab_size} tokens but its dataset's vocabulary {vocabulary.size}: "
+            "was the data folder prepared again or moved?"
+        )
     return model, vocabulary
 
 

@@ -70,8 +70,10 @@ def check_same_run(c: TrainConfig, meta: dict, path: str) -> None:
     """A resume continues the same optimization: the keys that define it must match."""
     for key in RESUME_MUST_MATCH:
         if meta["config"][key] != getattr(c, key):
-            raise ConfigError(f"cannot resume from {path}: checkpoint has {key}={meta['config'][key]!r}, "
-                              f"config has {key}={getattr(c, key)!r}")
+            raise ConfigError(
+                f"cannot resume from {path}: checkpoint has {key}={meta['config'][key]!r}, "
+                f"config has {key}={getattr(c, key)!r}"
+            )
 
 
 def check_resume(c: TrainConfig, meta: dict, rt, path: str, block_size: int) -> None:
@@ -82,8 +84,10 @@ def check_resume(c: TrainConfig, meta: dict, rt, path: str, block_size: int) -> 
     check_same_run(c, meta, path)
     if meta["world_size"] != rt.world_size:
         grad_accum = grad_accumulation(c, block_size, rt.world_size)
-        rt.print0(f"resuming a run of {meta['world_size']} processes on {rt.world_size}: the same "
-                  f"{c.tokens_per_step:,} tokens per step, grad_accum {grad_accum}")
+        rt.print0(
+            f"resuming a run of {meta['world_size']} processes on {rt.world_size}: the same "
+            f"{c.tokens_per_step:,} tokens per step, grad_accum {grad_accum}"
+        )
 
 
 @torch.no_grad()
@@ -108,8 +112,15 @@ def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx) -> float:
 class Trainer:
     """The model, its optimizer, and one optimizer step: what the loop below and bench/bench_train.py run."""
 
-    def __init__(self, c: TrainConfig, rt, model: GPT, lr_multipliers: dict[str, float] | None,
-                 optimizer_state: dict | None = None, backend: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        c: TrainConfig,
+        rt,
+        model: GPT,
+        lr_multipliers: dict[str, float] | None,
+        optimizer_state: dict | None = None,
+        backend: tuple[str, str] | None = None,
+    ):
         self.c, self.rt, self.raw_model = c, rt, model  # raw_model: uncompiled, unwrapped; what checkpoints hold
         self.lr_multipliers = lr_multipliers  # saved with every checkpoint: a resume never re-measures
         self.grad_accum = grad_accumulation(c, model.config.block_size, rt.world_size)
@@ -138,12 +149,17 @@ class Trainer:
         step was non-finite: then the previous checkpoint stands."""
         c, rt = self.c, self.rt
         if last_step_bad:
-            rt.print0(f"not saving at step {step} ({reason}): the last step was non-finite; the previous checkpoint "
-                      "stands")
+            rt.print0(
+                f"not saving at step {step} ({reason}): the last step was non-finite; the previous checkpoint stands"
+            )
             return
         if rt.is_main:
-            meta = {"config": dataclasses.asdict(c), "world_size": rt.world_size, "lr_multipliers": self.lr_multipliers,
-                    "data": {"seed": c.seed, "next_step": step}}
+            meta = {
+                "config": dataclasses.asdict(c),
+                "world_size": rt.world_size,
+                "lr_multipliers": self.lr_multipliers,
+                "data": {"seed": c.seed, "next_step": step},
+            }
             tensors = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()}
             rt.print0(f"saved {checkpoint.save(c.out_dir, step, tensors, meta, c.keep_last)} ({reason})")
         if rt.distributed:
@@ -186,8 +202,15 @@ class Trainer:
         self.optimizer.found_inf = self.found_inf
         # What an optimizer needs around its update (SophiaG's Hessian refresh, LW-AS's curvature) it takes
         # from this step's context.
-        context = optim.StepContext(self.model, self.raw_model, micro_batches, self.ctx, self.sync_context,
-                                    lwas.all_reduce_mean if rt.distributed else None, self.found_inf)
+        context = optim.StepContext(
+            self.model,
+            self.raw_model,
+            micro_batches,
+            self.ctx,
+            self.sync_context,
+            lwas.all_reduce_mean if rt.distributed else None,
+            self.found_inf,
+        )
         self.optimizer.before_step(step, context)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -197,6 +220,7 @@ class Trainer:
 
 def choose_backend(c: TrainConfig, rt) -> tuple[str, str]:
     """The optimizer's backend and why, after the kernels' self-check where it applies (kernel_check.py)."""
+
     def make_optimizer(groups, backend):  # the run's optimizer over the self-check's tensors
         return build_optimizer(c, groups, kernel_check.N_HEAD, backend)
 
@@ -211,17 +235,22 @@ def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
     if c.init_from == "resume" and found is None:
         raise ConfigError(f"init_from=resume, but {c.out_dir} holds no complete checkpoint")
     if c.init_from == "scratch" and found is not None:
-        raise ConfigError(f"init_from=scratch, but {c.out_dir} already holds {found[0]}: resume it or choose another "
-                          "out_dir")
+        raise ConfigError(
+            f"init_from=scratch, but {c.out_dir} already holds {found[0]}: resume it or choose another out_dir"
+        )
     torch.manual_seed(c.seed)
     model = GPT(gpt_config(c)).to(rt.device)
     if found is None and c.init_from not in INIT_MODES:  # a restart resumes from out_dir's checkpoints instead
         hf.load_weights(model, c.init_from)
-        measured = (f"; lwlr measures at them over T={c.lwlr_T} batches (lwlr_init={c.lwlr_init}; fan_out re-initializes "
-                    "as the paper does)")
+        measured = (
+            f"; lwlr measures at them over T={c.lwlr_T} batches (lwlr_init={c.lwlr_init}; fan_out re-initializes "
+            "as the paper does)"
+        )
         shape = model.config
-        rt.print0(f"init_from: the weights of {c.init_from} ({shape.n_layer} layers, {shape.n_head} heads, width "
-                  f"{shape.n_embd}, block_size {shape.block_size})" + (measured if c.lr_rule == "lwlr" else ""))
+        rt.print0(
+            f"init_from: the weights of {c.init_from} ({shape.n_layer} layers, {shape.n_head} heads, width "
+            f"{shape.n_embd}, block_size {shape.block_size})" + (measured if c.lr_rule == "lwlr" else "")
+        )
     if found is None:
         lwlr_batches = token_batches(c, "train", "lwlr", model.config)
         ctx = autocast(rt.device, c.dtype)
@@ -247,10 +276,12 @@ def finished(c: TrainConfig, rt) -> bool:
     if not os.path.isfile(os.path.join(c.out_dir, "model.safetensors")):
         return False  # stopped before its export: the run writes it
     decay = f" --lr_decay_steps={meta['step']}" if c.schedule == "cosine" and not c.lr_decay_steps else ""
-    rt.print0(f"{c.out_dir} holds a finished run: step {meta['step']} of max_steps={c.max_steps} ({path}); nothing to do, "
-              f"no file changed. To train it further, run the same command with --max_steps=MORE{decay}"
-              f"{' (so the cosine stays at min_lr past its end)' if decay else ''}; to start another run, "
-              "give another --out_dir")
+    rt.print0(
+        f"{c.out_dir} holds a finished run: step {meta['step']} of max_steps={c.max_steps} ({path}); nothing to do, "
+        f"no file changed. To train it further, run the same command with --max_steps=MORE{decay}"
+        f"{' (so the cosine stays at min_lr past its end)' if decay else ''}; to start another run, "
+        "give another --out_dir"
+    )
     return True
 
 
@@ -270,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         with outdir.exclusive(c.out_dir, rt):
             return run(c, rt, stop, val_batches, backend)
     except Preempted as signal_name:
-        rt.print0(f"{signal_name} before the first log step: stopped at once, nothing saved; the same command starts "
-                  "again")
+        rt.print0(
+            f"{signal_name} before the first log step: stopped at once, nothing saved; the same command starts again"
+        )
         return EXIT_PREEMPTED
     except OSError as e:  # a write no file-specific handler caught (log.jsonl, tensorboard): a full disk, or not ours
         full = outdir.disk_full(e, c.out_dir)
@@ -296,8 +328,9 @@ def run(c: TrainConfig, rt, stop: StopRequest, val_batches: TokenBatches, backen
     # A progress bar on a terminal (rank 0); log lines are written above it.
     on_terminal = rt.is_main and sys.stdout.isatty()
     bar = tqdm(total=c.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not on_terminal)
-    log = RunLog(rt, c.out_dir, c.logger, dataclasses.asdict(c), c.wandb_project,
-                 echo=bar.write if on_terminal else print)
+    log = RunLog(
+        rt, c.out_dir, c.logger, dataclasses.asdict(c), c.wandb_project, echo=bar.write if on_terminal else print
+    )
     name = c.model if c.init_from in INIT_MODES else f"init_from={c.init_from}"
     rt.print0(
         f"{name}: {model.num_params():,} parameters | {c.tokens_per_step:,} tokens per step"
@@ -308,9 +341,19 @@ def run(c: TrainConfig, rt, stop: StopRequest, val_batches: TokenBatches, backen
     compiling = "; compiling at the first step, which takes a while" if trainer.compiled else ""
     rt.print0(f"torch.compile: {'on' if trainer.compiled else 'off'} ({trainer.compile_reason}){compiling}")
     rt.print0(f"optimizer: {c.optimizer} on the {trainer.backend} path ({trainer.backend_reason})")
-    log.record("start", {"step": step, "config": dataclasses.asdict(c), "env": environment(rt.device),
-                         "grad_accum": trainer.grad_accum, "precision": chosen, "compiled": trainer.compiled,
-                         "optimizer_backend": trainer.backend, "optimizer_backend_reason": trainer.backend_reason})
+    log.record(
+        "start",
+        {
+            "step": step,
+            "config": dataclasses.asdict(c),
+            "env": environment(rt.device),
+            "grad_accum": trainer.grad_accum,
+            "precision": chosen,
+            "compiled": trainer.compiled,
+            "optimizer_backend": trainer.backend,
+            "optimizer_backend_reason": trainer.backend_reason,
+        },
+    )
 
     stats = StepStats(rt, c, model.flops_per_token() * c.tokens_per_step)
     first_step = step
@@ -334,8 +377,13 @@ def run(c: TrainConfig, rt, stop: StopRequest, val_batches: TokenBatches, backen
             stop_flag = torch.tensor(float(stop.requested), device=rt.device)
             if rt.distributed:
                 dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
-            record = {"step": step, **stats.interval(step), "lr": lr, "grad_norm": grad_norm.item(),
-                      **lw_step_sizes(trainer.optimizer)}
+            record = {
+                "step": step,
+                **stats.interval(step),
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                **lw_step_sizes(trainer.optimizer),
+            }
             log.record("train", record, stats.line(record))
             stats.check_bad_steps(step)
             stop.immediate = False  # from here on a stop saves first, at the next log step

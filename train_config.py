@@ -50,6 +50,8 @@ def at_least(minimum, default, help: str):
 
 @dataclass
 class TrainConfig:
+    # One key a line or two with its meaning beside it, as --help prints them: kept out of the formatter.
+    # fmt: off
     # I/O
     out_dir: str = key("out", "checkpoints (step-XXXXXXXX/), log.jsonl, config.json")
     init_from: str = key("auto", "auto (resume when out_dir holds a checkpoint) | resume | scratch | PATH of a local "
@@ -145,6 +147,7 @@ class TrainConfig:
                           help="auto (on for CUDA; on a CPU where it repays its ~45 s: a GPT-2-sized vocabulary and "
                                "200+ steps, build.compiles) | true | false: torch.compile the model")
     seed: int = key(1337, "model init and batch order")
+    # fmt: on
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -154,15 +157,18 @@ class TrainConfig:
             minimum = f.metadata.get("minimum")
             out_of_range = minimum is not None and not (math.isfinite(value) and minimum <= value <= FLOAT32_MAX)
             if isinstance(value, float) and out_of_range:
-                raise ConfigError(f"{f.name}={value} must be a finite number >= {minimum:g} and at most "
-                                  f"{FLOAT32_MAX:.3g} (float32)")
+                raise ConfigError(
+                    f"{f.name}={value} must be a finite number >= {minimum:g} and at most {FLOAT32_MAX:.3g} (float32)"
+                )
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{f.name}={value} must be >= {minimum}")
         if not 0 <= self.lw_beta < 1:
             raise ConfigError(f"lw_beta={self.lw_beta} must lie in [0, 1)")
         if self.lw_micro_batch_size > self.micro_batch_size:
-            raise ConfigError(f"lw_micro_batch_size={self.lw_micro_batch_size} exceeds micro_batch_size="
-                              f"{self.micro_batch_size}: the curvature pass uses part of a micro-batch")
+            raise ConfigError(
+                f"lw_micro_batch_size={self.lw_micro_batch_size} exceeds micro_batch_size="
+                f"{self.micro_batch_size}: the curvature pass uses part of a micro-batch"
+            )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -186,7 +192,7 @@ NANOGPT_NAMES = {
     "learning_rate": "lr",
     "batch_size": "micro_batch_size",
     "gradient_accumulation_steps": "tokens_per_step (the global batch in tokens, batch_size * block_size * "
-                                   "gradient_accumulation_steps * processes; the accumulation follows from it)",
+    "gradient_accumulation_steps * processes; the accumulation follows from it)",
     "eval_iters": "eval_steps",
     "warmup_iters": "warmup_steps",
     "lr_decay_iters": "lr_decay_steps",

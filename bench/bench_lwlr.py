@@ -1,8 +1,8 @@
 """What the layer-wise learning-rate measurement costs: the time of T measurement batches against the
 run it precedes.
 
-    python bench/bench_lwlr.py                           # gpt2, T=100, micro-batch 12 x 1024 (config/train_gpt2.py)
-    python bench/bench_lwlr.py --T 2 --micro_batch_size 12   # CPU: time 2 batches and extrapolate to T=100
+    python -m bench.bench_lwlr                           # gpt2, T=100, micro-batch 12 x 1024 (config/train_gpt2.py)
+    python -m bench.bench_lwlr --T 2 --micro_batch_size 12   # CPU: time 2 batches and extrapolate to T=100
 
 A measurement batch is one forward and backward of the model at the training micro-batch size, plus a
 mean |g| per layer; the run does grad_accum such micro-batches per step for max_steps steps, so the
@@ -12,18 +12,14 @@ token ids: the cost does not depend on the data. Writes bench/results/lwlr-<devi
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import RESULTS, results_base, sync  # noqa: E402
-
-import lwlr  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from runtime import autocast, environment  # noqa: E402
+import lwlr
+from bench.common import RESULTS, results_base, sync
+from model import GPT, GPTConfig
+from runtime import autocast, environment
 
 
 def main():
@@ -54,15 +50,25 @@ def main():
     estimate = per_batch * args.T_reported
     run_batches = args.grad_accum * args.max_steps
     result = {
-        "env": environment(device), "model": args.model, "micro_batch_size": args.micro_batch_size, "block_size": args.block_size,
-        "T_timed": args.T, "seconds_timed": seconds, "seconds_per_batch": per_batch, "T_reported": args.T_reported,
-        "seconds_for_T_reported": estimate, "run_micro_batches": run_batches,
+        "env": environment(device),
+        "model": args.model,
+        "micro_batch_size": args.micro_batch_size,
+        "block_size": args.block_size,
+        "T_timed": args.T,
+        "seconds_timed": seconds,
+        "seconds_per_batch": per_batch,
+        "T_reported": args.T_reported,
+        "seconds_for_T_reported": estimate,
+        "run_micro_batches": run_batches,
         "fraction_of_run_forward_backward": args.T_reported / run_batches,
     }
-    print(f"{result['env']['device']}: {args.model}, micro-batch {args.micro_batch_size} x {args.block_size}: "
-          f"{per_batch:.3f} s per measurement batch; T={args.T_reported}: {estimate:.1f} s "
-          f"({'measured' if args.T == args.T_reported else f'extrapolated from {args.T} batches'}), "
-          f"{100 * result['fraction_of_run_forward_backward']:.5f}% of a {args.max_steps:,}-step run's forward-backward work")
+    print(
+        f"{result['env']['device']}: {args.model}, micro-batch {args.micro_batch_size} x {args.block_size}: "
+        f"{per_batch:.3f} s per measurement batch; T={args.T_reported}: {estimate:.1f} s "
+        f"({'measured' if args.T == args.T_reported else f'extrapolated from {args.T} batches'}), "
+        f"{100 * result['fraction_of_run_forward_backward']:.5f}% of a {args.max_steps:,}-step run's "
+        f"forward-backward work"
+    )
     path = results_base(args.out, f"lwlr-{args.model}", result["env"]["device"]) + ".json"
     with open(path, "w") as f:
         json.dump(result, f, indent=2)

@@ -1,7 +1,7 @@
 """Optimizer step time and effective bandwidth on GPT-2 parameter shapes, ours against the peers.
 
-    python bench/bench_optim.py                          # gpt2 and gpt2-large on CUDA; gpt2 on CPU
-    python bench/bench_optim.py --models gpt2 --repeats 20
+    python -m bench.bench_optim                          # gpt2 and gpt2-large on CUDA; gpt2 on CPU
+    python -m bench.bench_optim --models gpt2 --repeats 20
 
 Each contender steps a fresh copy of the model's parameter shapes (fp32, random gradients) after
 warm-up; the median of `repeats` timed steps is reported. Effective GB/s counts the fp32 bytes a step
@@ -14,22 +14,19 @@ Writes bench/results/optim-<device>.json and .md (device, versions, commit).
 import argparse
 import gc
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import RESULTS, results_base, sync  # noqa: E402
+import lwas
+import optim
+from bench.common import RESULTS, results_base, sync
+from model import GPT, GPTConfig
+from runtime import environment
 
-import lwas  # noqa: E402
-import optim  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from runtime import environment  # noqa: E402
-
-# Adam-mini reads the gradient twice; LW-AS's step moves AdamW's bytes, or SGD-momentum's (param r/w, grad r, buffer r/w)
+# Adam-mini reads the gradient twice; LW-AS's step moves AdamW's bytes, or SGD-momentum's
+# (param r/w, grad r, buffer r/w)
 BYTES_PER_PARAM = {"adamw": 28, "lion": 20, "sophiag": 24, "adam_mini": 24, "adamw_lw": 28, "sgdm_lw": 20}
 
 
@@ -64,12 +61,25 @@ def contenders(device, named_shapes, config):
     entries = {
         "ours AdamW, 1 group": ("adamw", lambda ps: optim.AdamW(ps, lr=6e-4)),
         "ours AdamW, per-layer groups": ("adamw", lambda ps: optim.AdamW(per_layer(ps), lr=6e-4)),
-        "torch AdamW fused, 1 group": ("adamw", lambda ps: torch.optim.AdamW(ps, lr=6e-4, betas=(0.9, 0.95), fused=True)),
-        "torch AdamW fused, per-layer groups": ("adamw", lambda ps: torch.optim.AdamW(per_layer_torch(ps, 6e-4), lr=6e-4, betas=(0.9, 0.95), fused=True)),
+        "torch AdamW fused, 1 group": (
+            "adamw",
+            lambda ps: torch.optim.AdamW(ps, lr=6e-4, betas=(0.9, 0.95), fused=True),
+        ),
+        "torch AdamW fused, per-layer groups": (
+            "adamw",
+            lambda ps: torch.optim.AdamW(per_layer_torch(ps, 6e-4), lr=6e-4, betas=(0.9, 0.95), fused=True),
+        ),
         "ours Lion, per-layer groups": ("lion", lambda ps: optim.Lion(per_layer(ps), lr=1e-4, weight_decay=1.0)),
-        "ours SophiaG, per-layer groups": ("sophiag", lambda ps: optim.SophiaG(per_layer(ps), lr=6e-4, rho=0.05, weight_decay=0.2, bs=491_520)),
-        "ours Adam-mini, per-layer groups": ("adam_mini", lambda ps: optim.AdamMini(named_per_layer(ps), lr=6e-4, n_head=config.n_head)),
-        # LW-AS between refreshes (the refresh needs a model: bench_train.py times it): its step reads a step size per tensor
+        "ours SophiaG, per-layer groups": (
+            "sophiag",
+            lambda ps: optim.SophiaG(per_layer(ps), lr=6e-4, rho=0.05, weight_decay=0.2, bs=491_520),
+        ),
+        "ours Adam-mini, per-layer groups": (
+            "adam_mini",
+            lambda ps: optim.AdamMini(named_per_layer(ps), lr=6e-4, n_head=config.n_head),
+        ),
+        # LW-AS between refreshes (the refresh needs a model: bench_train.py times it): its step reads a
+        # step size per tensor
         "ours AdamW-LW step, per-layer groups": ("adamw_lw", lambda ps: lwas.AdamWLW(per_layer(ps), lr=0.1)),
         "ours SGD-m-LW step, per-layer groups": ("sgdm_lw", lambda ps: lwas.SGDMomentumLW(per_layer(ps), lr=1.0)),
     }
@@ -89,8 +99,18 @@ def contenders(device, named_shapes, config):
     try:
         from adam_mini import Adam_mini
 
-        entries["adam-mini (official)"] = ("adam_mini", lambda ps: Adam_mini(
-            list(zip(names, ps)), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, dim=config.n_embd, n_heads=config.n_head, verbose=False))
+        entries["adam-mini (official)"] = (
+            "adam_mini",
+            lambda ps: Adam_mini(
+                list(zip(names, ps)),
+                lr=6e-4,
+                betas=(0.9, 0.95),
+                weight_decay=0.1,
+                dim=config.n_embd,
+                n_heads=config.n_head,
+                verbose=False,
+            ),
+        )
     except ImportError:
         pass
     return entries
@@ -130,7 +150,9 @@ def copy_bandwidth(device, repeats: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", default=None, help="presets (default: gpt2 gpt2-large on CUDA, gpt2 on CPU)")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="presets (default: gpt2 gpt2-large on CUDA, gpt2 on CPU)"
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=RESULTS)
@@ -149,15 +171,32 @@ def main():
             optimizer = make(params)
             seconds = statistics.median(time_steps(optimizer.step, device, args.warmup, args.repeats))
             gbps = BYTES_PER_PARAM[family] * numel / seconds / 1e9
-            rows.append({"model": preset, "optimizer": name, "family": family, "params": numel, "tensors": len(shapes),
-                         "ms": 1000 * seconds, "GB/s": gbps, "fraction_of_copy_bandwidth": gbps / bandwidth})
-            print(f"{preset:10} {name:38} {1000 * seconds:9.2f} ms  {gbps:7.1f} GB/s  {100 * gbps / bandwidth:5.1f}% of copy")
+            rows.append(
+                {
+                    "model": preset,
+                    "optimizer": name,
+                    "family": family,
+                    "params": numel,
+                    "tensors": len(shapes),
+                    "ms": 1000 * seconds,
+                    "GB/s": gbps,
+                    "fraction_of_copy_bandwidth": gbps / bandwidth,
+                }
+            )
+            print(
+                f"{preset:10} {name:38} {1000 * seconds:9.2f} ms  {gbps:7.1f} GB/s  "
+                f"{100 * gbps / bandwidth:5.1f}% of copy"
+            )
             del params, optimizer
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     for row in rows:  # speed-up of ours over each peer of the same model and family
-        peers = [r for r in rows if r["model"] == row["model"] and r["family"] == row["family"] and not r["optimizer"].startswith("ours")]
+        peers = [
+            r
+            for r in rows
+            if r["model"] == row["model"] and r["family"] == row["family"] and not r["optimizer"].startswith("ours")
+        ]
         if row["optimizer"].startswith("ours"):
             row["speedup_vs"] = {peer["optimizer"]: peer["ms"] / row["ms"] for peer in peers}
     write_results(args.out, env, bandwidth, rows)
@@ -169,12 +208,17 @@ def write_results(out_dir, env, bandwidth, rows):
         json.dump({"env": env, "copy_GBps": bandwidth, "rows": rows}, f, indent=2)
     lines = [
         f"Optimizer step on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}); "
-        f"copy bandwidth {bandwidth:.0f} GB/s. Median of timed steps.", "",
-        "| model | optimizer | ms/step | GB/s | % of copy | speed-up of ours |", "|---|---|---:|---:|---:|---|",
+        f"copy bandwidth {bandwidth:.0f} GB/s. Median of timed steps.",
+        "",
+        "| model | optimizer | ms/step | GB/s | % of copy | speed-up of ours |",
+        "|---|---|---:|---:|---:|---|",
     ]
     for r in rows:
         speedups = ", ".join(f"{v:.2f}x vs {k}" for k, v in r.get("speedup_vs", {}).items())
-        lines.append(f"| {r['model']} | {r['optimizer']} | {r['ms']:.2f} | {r['GB/s']:.1f} | {100 * r['fraction_of_copy_bandwidth']:.1f} | {speedups} |")
+        lines.append(
+            f"| {r['model']} | {r['optimizer']} | {r['ms']:.2f} | {r['GB/s']:.1f} | "
+            f"{100 * r['fraction_of_copy_bandwidth']:.1f} | {speedups} |"
+        )
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {base}.json and {base}.md")

@@ -1,12 +1,14 @@
 """Full training steps (forward, backward, optimizer) as train.py runs them, timed after warm-up
 (compile excluded), for several optimizers and learning-rate rules in one run.
 
-    python bench/bench_train.py                                  # CUDA: gpt2 and gpt2-large, 1024 tokens, bf16, compiled
-    python bench/bench_train.py --models gpt2-mini --steps 5     # CPU
-    python bench/bench_train.py --models gpt2 --micro_batch_size 16 --steps 30
+    # CUDA: gpt2 and gpt2-large, 1024 tokens, bf16, compiled
+    python -m bench.bench_train
+    python -m bench.bench_train --models gpt2-mini --steps 5     # CPU
+    python -m bench.bench_train --models gpt2 --micro_batch_size 16 --steps 30
     # the default run's shapes (nanoGPT's CPU shapes: 4 layers x 128, GPT-2 vocab, 16 x 128 tokens, fp32),
     # the chunked output layer + loss against the full logits, in turns:
-    python bench/bench_train.py --models gpt2-mini --rows adamw:lwlr --compare loss_chunk_rows=0,128 --steps 3 --rounds 10
+    python -m bench.bench_train --models gpt2-mini --rows adamw:lwlr --compare loss_chunk_rows=0,128 \
+        --steps 3 --rounds 10
 
 Each row runs train.Trainer.step, the loop's own step, on random token ids (speed does not depend on
 the data): our AdamW with lr_rule=single and with lr_rule=lwlr (the multipliers' only cost is inside
@@ -21,21 +23,24 @@ and .md (device, versions, commit).
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import RESULTS, fresh_trainer, random_token_dir, results_base, sync  # noqa: E402
-
-from runtime import environment, peak_flops, peak_memory_gib  # noqa: E402
+from bench.common import RESULTS, fresh_trainer, random_token_dir, results_base, sync
+from runtime import environment, peak_flops, peak_memory_gib
 
 # (optimizer, lr_rule, LW-AS curvature or "")
-ROWS = (("adamw", "single", ""), ("adamw", "lwlr", ""), ("lion", "lwlr", ""), ("sophiag", "lwlr", ""),
-        ("adamw_lw", "single", "gauss_newton"), ("adamw_lw", "single", "rademacher"), ("adamw_torch", "single", ""))
+ROWS = (
+    ("adamw", "single", ""),
+    ("adamw", "lwlr", ""),
+    ("lion", "lwlr", ""),
+    ("sophiag", "lwlr", ""),
+    ("adamw_lw", "single", "gauss_newton"),
+    ("adamw_lw", "single", "rademacher"),
+    ("adamw_torch", "single", ""),
+)
 
 
 def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> list[dict]:
@@ -44,11 +49,21 @@ def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> lis
     the machine's speed (frequent on shared CPUs) falls on all variants alike."""
     key, values = args.compare if args.compare else (None, [None])
     overrides = dict(
-        model=preset, block_size=args.block_size, micro_batch_size=args.micro_batch_size,
-        tokens_per_step=args.micro_batch_size * args.block_size * args.grad_accum, optimizer=optimizer, lr_rule=rule,
-        lwlr_T=1, lwlr_cache_dir="none", data_dir=data_dir, device=str(device),
-        compile=args.compile if args.compile != "auto" else ("true" if device.type == "cuda" else "false"), hess_interval=10, warmup_steps=1,
-        max_steps=10**6, **({"lw_curvature": curvature} if curvature else {}),
+        model=preset,
+        block_size=args.block_size,
+        micro_batch_size=args.micro_batch_size,
+        tokens_per_step=args.micro_batch_size * args.block_size * args.grad_accum,
+        optimizer=optimizer,
+        lr_rule=rule,
+        lwlr_T=1,
+        lwlr_cache_dir="none",
+        data_dir=data_dir,
+        device=str(device),
+        compile=args.compile if args.compile != "auto" else ("true" if device.type == "cuda" else "false"),
+        hess_interval=10,
+        warmup_steps=1,
+        max_steps=10**6,
+        **({"lw_curvature": curvature} if curvature else {}),
     )
     # The lwlr measurement is not timed: once per run.
     trainers = [fresh_trainer({**overrides, **({key: value} if key else {})}, device) for value in values]
@@ -80,14 +95,26 @@ def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> lis
         optimizer_seconds = time_optimizer_alone(trainer, device, args.warmup + args.rounds * steps)
         peak = peak_flops(device)
         tokens_per_s = c.tokens_per_step / seconds
-        rows.append({
-            "model": preset, "optimizer": optimizer, "lr_rule": rule, "lw_curvature": curvature or None,
-            "variant": f"{key}={value}" if key else None, "param_groups": len(trainer.optimizer.param_groups),
-            "tokens_per_step": c.tokens_per_step, "ms_per_step": 1000 * seconds, "ms_per_round": [1000 * t for t in times],
-            "tokens_per_s": tokens_per_s, "mfu": trainer.raw_model.flops_per_token() * tokens_per_s / peak if peak else None,
-            "peak_mem_gib": peak_memory_gib(device), "optimizer_ms": 1000 * optimizer_seconds,
-            "optimizer_fraction": optimizer_seconds / seconds, "steps_timed": steps * args.rounds, "warmup_s": warmup_s,
-        })
+        rows.append(
+            {
+                "model": preset,
+                "optimizer": optimizer,
+                "lr_rule": rule,
+                "lw_curvature": curvature or None,
+                "variant": f"{key}={value}" if key else None,
+                "param_groups": len(trainer.optimizer.param_groups),
+                "tokens_per_step": c.tokens_per_step,
+                "ms_per_step": 1000 * seconds,
+                "ms_per_round": [1000 * t for t in times],
+                "tokens_per_s": tokens_per_s,
+                "mfu": trainer.raw_model.flops_per_token() * tokens_per_s / peak if peak else None,
+                "peak_mem_gib": peak_memory_gib(device),
+                "optimizer_ms": 1000 * optimizer_seconds,
+                "optimizer_fraction": optimizer_seconds / seconds,
+                "steps_timed": steps * args.rounds,
+                "warmup_s": warmup_s,
+            }
+        )
     return rows
 
 
@@ -113,18 +140,34 @@ def time_optimizer_alone(trainer, device, step, repeats=10) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", default=None, help="presets (default: gpt2 gpt2-large on CUDA, gpt2-mini on CPU)")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="presets (default: gpt2 gpt2-large on CUDA, gpt2-mini on CPU)"
+    )
     parser.add_argument("--block_size", type=int, default=None, help="default 1024 on CUDA, 128 on CPU")
     parser.add_argument("--micro_batch_size", type=int, default=None, help="default 16 on CUDA, 8 on CPU")
     parser.add_argument("--grad_accum", type=int, default=1)
-    parser.add_argument("--vocab_size", type=int, default=50257, help="random ids over this many tokens (82: the char-level config's)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (rounded up to whole refresh intervals for SophiaG and LW-AS)")
+    parser.add_argument(
+        "--vocab_size", type=int, default=50257, help="random ids over this many tokens (82: the char-level config's)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        help="timed steps (rounded up to whole refresh intervals for SophiaG and LW-AS)",
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--compile", default="auto", help="auto (on for CUDA) | true | false")
-    parser.add_argument("--rows", nargs="+", default=None, help="optimizer:rule[:curvature], e.g. adamw:single adamw_lw:lwlr:rademacher")
-    parser.add_argument("--compare", default=None, help="KEY=V1,V2,...: each row once per config value, timed in turns "
-                        "(e.g. loss_chunk_rows=0,128)")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of --steps steps per variant, in turns; the median round counts")
+    parser.add_argument(
+        "--rows", nargs="+", default=None, help="optimizer:rule[:curvature], e.g. adamw:single adamw_lw:lwlr:rademacher"
+    )
+    parser.add_argument(
+        "--compare",
+        default=None,
+        help="KEY=V1,V2,...: each row once per config value, timed in turns (e.g. loss_chunk_rows=0,128)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds of --steps steps per variant, in turns; the median round counts"
+    )
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     if args.compare:
@@ -133,7 +176,9 @@ def main(argv=None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.block_size = args.block_size or (1024 if cuda else 128)
-    args.micro_batch_size = args.micro_batch_size or 16  # on CPU with gpt2-mini: the default run's (and nanoGPT's) 16 x 128
+    args.micro_batch_size = (
+        args.micro_batch_size or 16
+    )  # on CPU with gpt2-mini: the default run's (and nanoGPT's) 16 x 128
     models = args.models or (["gpt2", "gpt2-large"] if cuda else ["gpt2-mini"])
     rows_wanted = [(*r.split(":"), "")[:3] for r in args.rows] if args.rows else ROWS
     env = environment(device)
@@ -144,8 +189,12 @@ def main(argv=None):
             for row in bench_row(preset, optimizer, rule, curvature, args, device, data_dir):
                 rows.append(row)
                 mfu = f"{100 * row['mfu']:5.1f}% MFU" if row["mfu"] else "MFU n/a"
-                print(f"{preset:10} {label(row):40} {rule:7} {row['ms_per_step']:9.1f} ms/step {row['tokens_per_s']:12,.0f} tok/s  {mfu}"
-                      f"  optimizer {row['optimizer_ms']:.2f} ms ({100 * row['optimizer_fraction']:.1f}%)  mem {row['peak_mem_gib']:.2f} GiB")
+                print(
+                    f"{preset:10} {label(row):40} {rule:7} {row['ms_per_step']:9.1f} ms/step "
+                    f"{row['tokens_per_s']:12,.0f} tok/s  {mfu}"
+                    f"  optimizer {row['optimizer_ms']:.2f} ms ({100 * row['optimizer_fraction']:.1f}%)  mem "
+                    f"{row['peak_mem_gib']:.2f} GiB"
+                )
             if cuda:
                 torch.cuda.empty_cache()
     ratios = compute_ratios(rows)
@@ -172,11 +221,20 @@ def compute_ratios(rows) -> list[str]:
             lines.append(f"{preset}: our AdamW step is {speedup:.3f}x torch.optim.AdamW(fused=True)")
         variants = [r for r in rows if r["model"] == preset and r.get("variant")]
         for row in variants:
-            base = next(r for r in variants if (r["optimizer"], r["lr_rule"], r["lw_curvature"]) == (row["optimizer"], row["lr_rule"], row["lw_curvature"]))
+            base = next(
+                r
+                for r in variants
+                if (r["optimizer"], r["lr_rule"], r["lw_curvature"])
+                == (row["optimizer"], row["lr_rule"], row["lw_curvature"])
+            )
             if row is not base:
-                lines.append(f"{preset}: {label(row)} ({row['lr_rule']}) takes {row['ms_per_step'] / base['ms_per_step']:.3f}x the step time of "
-                             f"{base['variant']}, median of {len(row['ms_per_round'])} rounds in turns; warm-up {row['warmup_s']:.1f} s "
-                             f"against {base['warmup_s']:.1f} s")
+                lines.append(
+                    f"{preset}: {label(row)} ({row['lr_rule']}) takes {row['ms_per_step'] / base['ms_per_step']:.3f}x "
+                    f"the step time of "
+                    f"{base['variant']}, median of {len(row['ms_per_round'])} rounds in turns; warm-up "
+                    f"{row['warmup_s']:.1f} s "
+                    f"against {base['warmup_s']:.1f} s"
+                )
         for (name, rule), row in by.items():
             if row["lw_curvature"] and ("adamw", rule) in by:
                 extra = row["ms_per_step"] / by[("adamw", rule)]["ms_per_step"] - 1
@@ -190,14 +248,21 @@ def write_results(out_dir, env, args, rows, ratios):
         json.dump({"env": env, "args": args, "rows": rows, "ratios": ratios}, f, indent=2)
     lines = [
         f"Training step on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}); "
-        f"micro-batch {args['micro_batch_size']} x {args['block_size']} tokens, {args['steps']} timed steps after {args['warmup']} warm-up"
-        + (f", {args['rounds']} rounds in turns (median)" if args["rounds"] > 1 else "") + ".", "",
-        "| model | optimizer | lr_rule | ms/step | tokens/s | MFU | optimizer ms (share) | peak GiB |", "|---|---|---|---:|---:|---:|---:|---:|",
+        f"micro-batch {args['micro_batch_size']} x {args['block_size']} tokens, {args['steps']} timed steps after "
+        f"{args['warmup']} warm-up"
+        + (f", {args['rounds']} rounds in turns (median)" if args["rounds"] > 1 else "")
+        + ".",
+        "",
+        "| model | optimizer | lr_rule | ms/step | tokens/s | MFU | optimizer ms (share) | peak GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-        lines.append(f"| {r['model']} | {label(r)} | {r['lr_rule']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
-                     f"{r['optimizer_ms']:.2f} ({100 * r['optimizer_fraction']:.1f}%) | {r['peak_mem_gib']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {label(r)} | {r['lr_rule']} | {r['ms_per_step']:.1f} | "
+            f"{r['tokens_per_s']:,.0f} | {mfu} | "
+            f"{r['optimizer_ms']:.2f} ({100 * r['optimizer_fraction']:.1f}%) | {r['peak_mem_gib']:.2f} |"
+        )
     lines += [""] + [f"- {line}" for line in ratios]
     if args["device"] == "cpu":
         lines += ["", "Peak GiB on a CPU is the process's largest resident set so far (getrusage), not the row's own."]

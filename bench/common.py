@@ -50,5 +50,7 @@ def fresh_trainer(overrides: dict, device: torch.device) -> train.Trainer:
     c = train.parse_config([f"--{key}={value}" for key, value in overrides.items()])
     torch.manual_seed(c.seed)
     model = GPT(build.gpt_config(c)).to(device)
-    lr_multipliers, _ = multipliers.for_config(c, model, build.token_batches(c, "train", "lwlr", model.config), log=lambda *_: None)
+    lr_multipliers, _ = multipliers.for_config(
+        c, model, build.token_batches(c, "train", "lwlr", model.config), log=lambda *_: None
+    )
     return train.Trainer(c, Runtime(0, 0, 1, device), model, lr_multipliers)

@@ -16,4 +16,4 @@
 # Runs $PYTHON (default python3). Exits non-zero if a part failed or was cut.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python3}" bench/gpu_kit.py check "$@"
+exec "${PYTHON:-python3}" -m bench.gpu_kit check "$@"

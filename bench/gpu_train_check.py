@@ -1,8 +1,8 @@
 """train.py as a user launches it, once per optimizer: a finite loss, a checkpoint, and a resume that
 continues the run. A part of the GPU kit (bench/gpu_check.sh), which runs it compiled and in bf16 on CUDA:
 
-    python bench/gpu_train_check.py --device=cuda --compile=true --dtype=bfloat16 --out=/tmp/check
-    python bench/gpu_train_check.py --device=cuda --launcher=torchrun --optimizers adamw --out=/tmp/check
+    python -m bench.gpu_train_check --device=cuda --compile=true --dtype=bfloat16 --out=/tmp/check
+    python -m bench.gpu_train_check --device=cuda --launcher=torchrun --optimizers adamw --out=/tmp/check
 
 For each optimizer, run A trains `--steps` steps and checkpoints half-way and at the end; run B starts
 from a copy of A's out_dir that holds only the half-way checkpoint, so it resumes there and trains to the
@@ -34,18 +34,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from common import random_token_dir  # noqa: E402
+from bench.common import random_token_dir
+from data import vocab
 
-from data import vocab  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OPTIMIZERS = ("adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch")
 # Each optimizer at a rate of its own scale, with its refresh (SophiaG's Hessian, LW-AS's step sizes)
 # due within the few steps of the run.
 SETTINGS = {
-    "adamw": dict(lr=1e-3), "adamw_torch": dict(lr=1e-3), "adam_mini": dict(lr=1e-3), "lion": dict(lr=1e-4),
-    "sophiag": dict(lr=1e-3, hess_interval=2), "sgdm_lw": dict(lr=1.0, lw_interval=2, lw_warmup_steps=2),
+    "adamw": dict(lr=1e-3),
+    "adamw_torch": dict(lr=1e-3),
+    "adam_mini": dict(lr=1e-3),
+    "lion": dict(lr=1e-4),
+    "sophiag": dict(lr=1e-3, hess_interval=2),
+    "sgdm_lw": dict(lr=1.0, lw_interval=2, lw_warmup_steps=2),
     "adamw_lw": dict(lr=0.1, lw_interval=2, lw_warmup_steps=2),
 }
 MAX_DEVIATION = 0.05  # |W_B - W_A| / |W_A - W_half| where bitwise equality is not required (see above)
@@ -53,24 +56,50 @@ MAX_DEVIATION = 0.05  # |W_B - W_A| / |W_A - W_half| where bitwise equality is n
 
 def train_args(args, optimizer: str, out_dir: str, data_dir: str) -> list[str]:
     values = dict(
-        out_dir=out_dir, data_dir=data_dir, model=args.model, block_size=64, micro_batch_size=8, tokens_per_step=8 * 64 * 2,
-        optimizer=optimizer, optimizer_backend=args.optimizer_backend, kernel_check=args.kernel_check, max_steps=args.steps,
+        out_dir=out_dir,
+        data_dir=data_dir,
+        model=args.model,
+        block_size=64,
+        micro_batch_size=8,
+        tokens_per_step=8 * 64 * 2,
+        optimizer=optimizer,
+        optimizer_backend=args.optimizer_backend,
+        kernel_check=args.kernel_check,
+        max_steps=args.steps,
         warmup_steps=2,
-        eval_interval=args.steps // 2, eval_steps=2, log_interval=1, keep_last=5, lwlr_T=4, lwlr_cache_dir="none",
-        device=args.device, compile=args.compile, dtype=args.dtype, **SETTINGS[optimizer],
+        eval_interval=args.steps // 2,
+        eval_steps=2,
+        log_interval=1,
+        keep_last=5,
+        lwlr_T=4,
+        lwlr_cache_dir="none",
+        device=args.device,
+        compile=args.compile,
+        dtype=args.dtype,
+        **SETTINGS[optimizer],
     )
     return [f"--{key}={value}" for key, value in values.items()]
 
 
 def launch(args, train_argv: list[str], log_path: str) -> int:
     if args.launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py", *train_argv]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            "train.py",
+            *train_argv,
+        ]
     else:
         command = [sys.executable, "train.py", *train_argv]
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        return subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=args.run_timeout).returncode
+        return subprocess.run(
+            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=args.run_timeout
+        ).returncode
 
 
 def log_records(out_dir: str, kind: str) -> list[dict]:
@@ -88,7 +117,13 @@ def deviation(resumed: dict, uninterrupted: dict, half: dict) -> tuple[bool, flo
 
 def check(args, optimizer: str, data_dir: str, work: str) -> dict:
     """Run A, then run B from A's half-way checkpoint; the record of what held, and its time."""
-    record = {"optimizer": optimizer, "launcher": args.launcher, "device": args.device, "compile": args.compile, "dtype": args.dtype}
+    record = {
+        "optimizer": optimizer,
+        "launcher": args.launcher,
+        "device": args.device,
+        "compile": args.compile,
+        "dtype": args.dtype,
+    }
     start = time.perf_counter()
     try:
         record.update(resume_check(args, optimizer, data_dir, work))
@@ -113,24 +148,49 @@ def resume_check(args, optimizer: str, data_dir: str, work: str) -> dict:
     saved = sorted(name for name in os.listdir(a_dir) if name.startswith("step-"))
     record.update(final_loss=losses[-1], finite=bool(np.isfinite(losses).all()), checkpoints=saved)
     dropped = {"log.jsonl", "model.safetensors"}  # B keeps only the half-way checkpoint (and config, lwlr.json)
-    shutil.copytree(a_dir, b_dir, ignore=lambda folder, names: [n for n in names if n in dropped
-                                                                 or (n.startswith("step-") and n != f"step-{half:08d}")])
+    shutil.copytree(
+        a_dir,
+        b_dir,
+        ignore=lambda folder, names: [
+            n for n in names if n in dropped or (n.startswith("step-") and n != f"step-{half:08d}")
+        ],
+    )
     code = launch(args, train_args(args, optimizer, b_dir, data_dir), b_dir + ".log")
     if code != 0:
         return {**record, "passed": False, "error": f"run B exited {code} (see {b_dir}.log)"}
     resumed_at = log_records(b_dir, "start")[0]["step"]
-    equal, dev = deviation(load_file(os.path.join(b_dir, "model.safetensors")), load_file(os.path.join(a_dir, "model.safetensors")),
-                           checkpoint.load_tensors(os.path.join(a_dir, f"step-{half:08d}"), "model"))
+    equal, dev = deviation(
+        load_file(os.path.join(b_dir, "model.safetensors")),
+        load_file(os.path.join(a_dir, "model.safetensors")),
+        checkpoint.load_tensors(os.path.join(a_dir, f"step-{half:08d}"), "model"),
+    )
     exact_required = args.device == "cpu" and args.compile == "false"
     kernels_trusted = "self-check failed" not in record["backend_reason"]
-    passed = kernels_trusted and record["finite"] and f"step-{end:08d}" in saved and resumed_at == half and (equal if exact_required else dev <= MAX_DEVIATION)
-    return {**record, "resumed_at": resumed_at, "bitwise_equal": equal, "deviation": dev, "exact_required": exact_required, "passed": passed}
+    passed = (
+        kernels_trusted
+        and record["finite"]
+        and f"step-{end:08d}" in saved
+        and resumed_at == half
+        and (equal if exact_required else dev <= MAX_DEVIATION)
+    )
+    return {
+        **record,
+        "resumed_at": resumed_at,
+        "bitwise_equal": equal,
+        "deviation": dev,
+        "exact_required": exact_required,
+        "passed": passed,
+    }
 
 
 def outcome(record: dict) -> str:
     if "error" in record:
         return record["error"]
-    same = "bitwise equal" if record["bitwise_equal"] else f"deviation {record['deviation']:.2e} of the second half's update"
+    same = (
+        "bitwise equal"
+        if record["bitwise_equal"]
+        else f"deviation {record['deviation']:.2e} of the second half's update"
+    )
     return f"loss {record['final_loss']:.4f}, resumed at step {record['resumed_at']}: {same}"
 
 
@@ -144,8 +204,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="even: run B resumes at steps / 2")
     parser.add_argument("--compile", default="true")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--optimizer_backend", default="auto", help="auto (triton on CUDA) | triton (on CPU: TRITON_INTERPRET=1)")
-    parser.add_argument("--kernel_check", default="auto", help="auto (the self-check on CUDA) | force (also interpreted on CPU)")
+    parser.add_argument(
+        "--optimizer_backend", default="auto", help="auto (triton on CUDA) | triton (on CPU: TRITON_INTERPRET=1)"
+    )
+    parser.add_argument(
+        "--kernel_check", default="auto", help="auto (the self-check on CUDA) | force (also interpreted on CPU)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="optimizers checked at once")
     parser.add_argument("--run_timeout", type=float, default=600)
     parser.add_argument("--out", required=True, help="folder for train_check.json, the runs and their logs")
@@ -158,7 +222,10 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         records = list(pool.map(lambda name: check(args, name, data_dir, work), args.optimizers))
     for r in records:
-        print(f"{r['launcher']:8} {r['optimizer']:12} {'ok' if r['passed'] else 'FAILED':6} {outcome(r)} ({r['seconds']:.0f} s)")
+        print(
+            f"{r['launcher']:8} {r['optimizer']:12} {'ok' if r['passed'] else 'FAILED':6} {outcome(r)} "
+            f"({r['seconds']:.0f} s)"
+        )
     with open(os.path.join(args.out, "train_check.json"), "w") as f:
         json.dump({"max_deviation": MAX_DEVIATION, "runs": records}, f, indent=1)
     return 0 if all(r["passed"] for r in records) else 1

@@ -1,8 +1,8 @@
 """Every Triton kernel the optimizers launch, compiled for real GPUs on a machine without one, and a
 roofline prediction of their step time. Static analysis, not a measurement.
 
-    python bench/kernel_report.py            # sm_80 and sm_90; writes bench/results/kernels.json and .md
-    python bench/kernel_report.py --check    # also exit 1 unless every kernel meets the targets below
+    python -m bench.kernel_report            # sm_80 and sm_90; writes bench/results/kernels.json and .md
+    python -m bench.kernel_report --check    # also exit 1 unless every kernel meets the targets below
 
 How: each optimizer (optim.py, lwas.py) takes a step on gpt2's parameters, a multiplier per tensor as
 under lr_rule=lwlr, on the CPU with the kernel launch intercepted, so every recorded launch carries real
@@ -39,26 +39,34 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import RESULTS  # noqa: E402
-
-import lwas  # noqa: E402
-import optim  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+import lwas
+import optim
+from bench.common import RESULTS
+from model import GPT, GPTConfig
 
 ARCHS = {80: "A100 (sm_80)", 90: "H100 (sm_90)"}
 MAX_REGISTERS = 64  # half occupancy or better at 8 warps on a 64K-register SM
 MIN_VECTOR_SHARE = 0.8
 
 # fp32 bytes an update must move per parameter: AdamW reads p, g, m, v and writes p, m, v.
-MINIMUM_BYTES = {"adamw_kernel": 28, "sgd_momentum_kernel": 20, "lion_kernel": 20, "sophiag_kernel": 24,
-                 "ema_of_square_kernel": 12, "adam_mini_kernel": 20, "block_mean_square_kernel": 4}
+MINIMUM_BYTES = {
+    "adamw_kernel": 28,
+    "sgd_momentum_kernel": 20,
+    "lion_kernel": 20,
+    "sophiag_kernel": 24,
+    "ema_of_square_kernel": 12,
+    "adam_mini_kernel": 20,
+    "block_mean_square_kernel": 4,
+}
 
 # Peak HBM bandwidth from the vendors' datasheets; the achievable share is the one measured on this
 # project's H100 machine (device-to-device copy 3.0 TB/s of 3.35, shared/NOTES.md), assumed for the A100 too.
 DEVICES = {
     "H100 SXM": {"bandwidth": 3.35e12, "source": "NVIDIA H100 Tensor Core GPU datasheet: 3.35 TB/s HBM3 (SXM5)"},
-    "A100 SXM 80GB": {"bandwidth": 2.039e12, "source": "NVIDIA A100 Tensor Core GPU datasheet: 2,039 GB/s HBM2e (80GB SXM)"},
+    "A100 SXM 80GB": {
+        "bandwidth": 2.039e12,
+        "source": "NVIDIA A100 Tensor Core GPU datasheet: 2,039 GB/s HBM2e (80GB SXM)",
+    },
 }
 ACHIEVABLE = 3.0 / 3.35
 LAUNCH_SECONDS = 5e-6  # one kernel launch from PyTorch (host dispatch + launch), an assumed round figure
@@ -81,9 +89,9 @@ def record_launches(preset: str = "gpt2") -> dict[str, list[tuple]]:
     launches, and the builds, that a real run of that model makes. Nothing is computed: storage is
     allocated uninitialized and the launches are only recorded."""
     launches: list[tuple] = []
-    real_launch, real_use_triton = optim._launch, optim.FusedOptimizer._use_triton
-    optim._launch = lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta))
-    optim.FusedOptimizer._use_triton = lambda self, device: True
+    real_launch, real_use_triton = optim.launch_kernel, optim.FusedOptimizer.use_triton
+    optim.launch_kernel = lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta))
+    optim.FusedOptimizer.use_triton = lambda self, device: True
     try:
         recorded = {}
         for name, make in OPTIMIZERS.items():
@@ -102,13 +110,16 @@ def record_launches(preset: str = "gpt2") -> dict[str, list[tuple]]:
             recorded[name] = list(launches)
         return recorded
     finally:
-        optim._launch, optim.FusedOptimizer._use_triton = real_launch, real_use_triton
+        optim.launch_kernel, optim.FusedOptimizer.use_triton = real_launch, real_use_triton
 
 
 def launched_builds(recorded) -> list[dict]:
     """Which build (ALIGNED or the scalar fallback) each recorded launch took."""
-    return [{"optimizer": name, "kernel": kernel.fn.__name__, "aligned": meta["ALIGNED"]}
-            for name, launches in recorded.items() for kernel, _, _, meta in launches]
+    return [
+        {"optimizer": name, "kernel": kernel.fn.__name__, "aligned": meta["ALIGNED"]}
+        for name, launches in recorded.items()
+        for kernel, _, _, meta in launches
+    ]
 
 
 def compile_launch(kernel, args, meta, arch: int):
@@ -126,8 +137,19 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        result = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", path,
-                                 "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [
+                get_ptxas(arch).path,
+                "-v",
+                f"--gpu-name={sm_arch_from_capability(arch)}",
+                path,
+                "-o",
+                os.path.join(tmp, "kernel.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     log = result.stdout + result.stderr
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)), "spill_bytes": sum(spills)}
@@ -170,20 +192,30 @@ def kernel_rows(recorded) -> list[dict]:
                 seen.add(key)
                 variant = {**meta, "ALIGNED": aligned}
                 elements_per_thread = variant["BLOCK"] // (32 * variant["num_warps"])
-                row = {"kernel": name, "launched_by": optimizer_name, "aligned": aligned, "step_sizes": args[10] is not None
-                       if name in ("adamw_kernel", "sgd_momentum_kernel") else None,
-                       "BLOCK": variant["BLOCK"], "num_warps": variant["num_warps"], "targets": {}}
+                row = {
+                    "kernel": name,
+                    "launched_by": optimizer_name,
+                    "aligned": aligned,
+                    "step_sizes": args[10] is not None if name in ("adamw_kernel", "sgd_momentum_kernel") else None,
+                    "BLOCK": variant["BLOCK"],
+                    "num_warps": variant["num_warps"],
+                    "targets": {},
+                }
                 for arch in ARCHS:
                     compiled = compile_launch(kernel, args, variant, arch)
                     ptx = compiled.asm["ptx"]
                     accesses = global_accesses(ptx)
                     total = sum(accesses["element_bytes_by_width"].values())
                     row["targets"][arch] = {
-                        **ptxas_usage(ptx, arch), "shared_bytes": compiled.metadata.shared, **accesses,
+                        **ptxas_usage(ptx, arch),
+                        "shared_bytes": compiled.metadata.shared,
+                        **accesses,
                         "vector_share": accesses["element_bytes_by_width"].get(16, 0) / total if total else 0.0,
                         "bytes_per_element": total / elements_per_thread,
                     }
-                    row["targets"][arch]["occupancy"] = occupancy(row["targets"][arch]["registers"], variant["num_warps"])
+                    row["targets"][arch]["occupancy"] = occupancy(
+                        row["targets"][arch]["registers"], variant["num_warps"]
+                    )
                 rows.append(row)
     return rows
 
@@ -200,10 +232,17 @@ def block_size_sweep(recorded) -> list[dict]:
         usage = ptxas_usage(compiled.asm["ptx"], 90)
         elements_per_thread = block // (32 * num_warps)
         warps = occupancy(usage["registers"], num_warps) * 64
-        rows.append({"BLOCK": block, "num_warps": num_warps, "elements_per_thread": elements_per_thread, **usage,
-                     "occupancy": warps / 64,
-                     # AdamW's 4 loads of 16 bytes per 4 elements, for every resident thread
-                     "load_bytes_in_flight_per_sm": int(warps * 32 * elements_per_thread * 16)})
+        rows.append(
+            {
+                "BLOCK": block,
+                "num_warps": num_warps,
+                "elements_per_thread": elements_per_thread,
+                **usage,
+                "occupancy": warps / 64,
+                # AdamW's 4 loads of 16 bytes per 4 elements, for every resident thread
+                "load_bytes_in_flight_per_sm": int(warps * 32 * elements_per_thread * 16),
+            }
+        )
     return rows
 
 
@@ -218,8 +257,13 @@ def roofline(recorded) -> list[dict]:
     launch once per step whatever the groups (Adam-mini twice; SophiaG's Hessian refresh every 10 steps
     adds 12 bytes and a launch, amortized). torch's fused AdamW launches per param group: under a
     layer-wise rate every tensor has its own lr, so one group (at least one launch) per tensor."""
-    per_step = {"adamw": (28, 1), "lion": (20, 1), "sophiag": (24 + 12 / 10, 1 + 1 / 10), "adam_mini": (24, 2),
-                "torch fused AdamW, one group per tensor": (28, None)}
+    per_step = {
+        "adamw": (28, 1),
+        "lion": (20, 1),
+        "sophiag": (24 + 12 / 10, 1 + 1 / 10),
+        "adam_mini": (24, 2),
+        "torch fused AdamW, one group per tensor": (28, None),
+    }
     assert {name for name in per_step if not name.startswith("torch")} <= set(recorded)
     rows = []
     for preset in MODELS:
@@ -228,13 +272,24 @@ def roofline(recorded) -> list[dict]:
             for name, (bytes_per_param, launches) in per_step.items():
                 launches = n_tensors if launches is None else launches
                 seconds = n_params * bytes_per_param / (spec["bandwidth"] * ACHIEVABLE) + launches * LAUNCH_SECONDS
-                rows.append({"model": preset, "params": n_params, "device": device, "optimizer": name,
-                             "bytes_per_param": bytes_per_param, "launches": launches, "predicted_ms": 1000 * seconds})
+                rows.append(
+                    {
+                        "model": preset,
+                        "params": n_params,
+                        "device": device,
+                        "optimizer": name,
+                        "bytes_per_param": bytes_per_param,
+                        "launches": launches,
+                        "predicted_ms": 1000 * seconds,
+                    }
+                )
     return rows
 
 
 def failures(rows, builds) -> list[str]:
-    problems = [f"{b['optimizer']} launches the scalar fallback of {b['kernel']} on gpt2" for b in builds if not b["aligned"]]
+    problems = [
+        f"{b['optimizer']} launches the scalar fallback of {b['kernel']} on gpt2" for b in builds if not b["aligned"]
+    ]
     for row in rows:
         for arch, result in row["targets"].items():
             label = f"{row['kernel']} (ALIGNED={row['aligned']}, sm_{arch})"
@@ -243,41 +298,77 @@ def failures(rows, builds) -> list[str]:
             if row["aligned"] and result["registers"] > MAX_REGISTERS:
                 problems.append(f"{label}: {result['registers']} registers > {MAX_REGISTERS}")
             if row["aligned"] and result["vector_share"] < MIN_VECTOR_SHARE:
-                problems.append(f"{label}: {100 * result['vector_share']:.0f}% of element bytes in 128-bit accesses < 80%")
+                problems.append(
+                    f"{label}: {100 * result['vector_share']:.0f}% of element bytes in 128-bit accesses < 80%"
+                )
     return problems
 
 
 def markdown(rows, builds, sweep, predictions) -> str:
-    lines = ["# Optimizer kernels, compiled for A100 and H100 (static analysis, no GPU)", "",
-             f"Triton {triton.__version__}, torch {torch.__version__}; `python bench/kernel_report.py`.", "",
-             "| kernel | build | BLOCK / warps | sm_80 regs | sm_90 regs | spills | occupancy (sm_90) | 128-bit share | bytes/element (min) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Optimizer kernels, compiled for A100 and H100 (static analysis, no GPU)",
+        "",
+        f"Triton {triton.__version__}, torch {torch.__version__}; `python -m bench.kernel_report`.",
+        "",
+        "| kernel | build | BLOCK / warps | sm_80 regs | sm_90 regs | spills | occupancy (sm_90) | 128-bit share | "
+        "bytes/element (min) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         a, h = row["targets"][80], row["targets"][90]
         build = "ALIGNED" if row["aligned"] else "fallback"
         if row["step_sizes"]:
             build += ", LW-AS step sizes"
-        lines.append(f"| `{row['kernel']}` | {build} | {row['BLOCK']} / {row['num_warps']} | {a['registers']} | {h['registers']} |"
-                     f" {a['spill_bytes'] + h['spill_bytes']} | {100 * h['occupancy']:.0f}% | {100 * h['vector_share']:.0f}% |"
-                     f" {h['bytes_per_element']:.0f} ({MINIMUM_BYTES[row['kernel']]}) |")
-    lines += ["", "128-bit share and bytes/element count each branch once (Adam-mini's bias and block paths both;",
-              "the reduction's per-block store). Occupancy counts registers only.", "",
-              "## Builds a gpt2 run launches (a multiplier per tensor, as lr_rule=lwlr)", "",
-              "| optimizer | kernel | build |", "|---|---|---|"]
+        lines.append(
+            f"| `{row['kernel']}` | {build} | {row['BLOCK']} / {row['num_warps']} | {a['registers']} | "
+            f"{h['registers']} |"
+            f" {a['spill_bytes'] + h['spill_bytes']} | {100 * h['occupancy']:.0f}% | {100 * h['vector_share']:.0f}% |"
+            f" {h['bytes_per_element']:.0f} ({MINIMUM_BYTES[row['kernel']]}) |"
+        )
+    lines += [
+        "",
+        "128-bit share and bytes/element count each branch once (Adam-mini's bias and block paths both;",
+        "the reduction's per-block store). Occupancy counts registers only.",
+        "",
+        "## Builds a gpt2 run launches (a multiplier per tensor, as lr_rule=lwlr)",
+        "",
+        "| optimizer | kernel | build |",
+        "|---|---|---|",
+    ]
     lines += [f"| {b['optimizer']} | `{b['kernel']}` | {'ALIGNED' if b['aligned'] else 'fallback'} |" for b in builds]
-    lines += ["",
-              "## Block size (AdamW, ALIGNED, sm_90)", "",
-              "| BLOCK | warps | elements/thread | registers | occupancy | load bytes in flight per SM |", "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['BLOCK']} | {r['num_warps']} | {r['elements_per_thread']} | {r['registers']} | {100 * r['occupancy']:.0f}% |"
-              f" {r['load_bytes_in_flight_per_sm'] // 1024} KiB |" for r in sweep]
-    lines += ["", "Little's law asks about 3.35 TB/s x ~1 us / 132 SMs = 25 KB in flight per SM of an H100.", "",
-              "## Predicted optimizer step time (a static prediction, not a measurement)", "",
-              f"bytes / ({100 * ACHIEVABLE:.0f}% of peak bandwidth) + launches x {LAUNCH_SECONDS * 1e6:.0f} us. Peak bandwidth: "
-              + "; ".join(spec["source"] for spec in DEVICES.values()) + ". The additive launch term is an upper bound where",
-              "launches overlap GPU work.", "",
-              "| model | device | optimizer | bytes/param | launches | predicted ms |", "|---|---|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Block size (AdamW, ALIGNED, sm_90)",
+        "",
+        "| BLOCK | warps | elements/thread | registers | occupancy | load bytes in flight per SM |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['BLOCK']} | {r['num_warps']} | {r['elements_per_thread']} | {r['registers']} | "
+        f"{100 * r['occupancy']:.0f}% |"
+        f" {r['load_bytes_in_flight_per_sm'] // 1024} KiB |"
+        for r in sweep
+    ]
+    lines += [
+        "",
+        "Little's law asks about 3.35 TB/s x ~1 us / 132 SMs = 25 KB in flight per SM of an H100.",
+        "",
+        "## Predicted optimizer step time (a static prediction, not a measurement)",
+        "",
+        f"bytes / ({100 * ACHIEVABLE:.0f}% of peak bandwidth) + launches x {LAUNCH_SECONDS * 1e6:.0f} us. Peak "
+        f"bandwidth: "
+        + "; ".join(spec["source"] for spec in DEVICES.values())
+        + ". The additive launch term is an upper bound where",
+        "launches overlap GPU work.",
+        "",
+        "| model | device | optimizer | bytes/param | launches | predicted ms |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for p in predictions:
-        lines.append(f"| {p['model']} | {p['device']} | {p['optimizer']} | {p['bytes_per_param']:g} | {p['launches']:g} | {p['predicted_ms']:.2f} |")
+        lines.append(
+            f"| {p['model']} | {p['device']} | {p['optimizer']} | {p['bytes_per_param']:g} | {p['launches']:g} | "
+            f"{p['predicted_ms']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -297,8 +388,18 @@ def main(argv=None) -> int:
     print(report)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump({"triton": triton.__version__, "torch": torch.__version__, "kernels": rows, "gpt2_builds": builds, "block_sizes": sweep,
-                   "predictions": predictions}, f, indent=1)
+        json.dump(
+            {
+                "triton": triton.__version__,
+                "torch": torch.__version__,
+                "kernels": rows,
+                "gpt2_builds": builds,
+                "block_sizes": sweep,
+                "predictions": predictions,
+            },
+            f,
+            indent=1,
+        )
     with open(args.out + ".md", "w") as f:
         f.write(report)
     problems = failures(rows, builds)

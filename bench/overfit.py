@@ -3,16 +3,18 @@ over, at a constant learning rate, for a sweep of learning rates, and compare th
 one global rate against layer-wise rates, for each optimizer. It measures how well each setting fits
 the training objective, apart from generalization.
 
-    python bench/overfit.py --preset tiny-cpu                  # ~15 min on 2 CPU cores
-    python bench/overfit.py --preset gpt2 --out_dir bench/results/overfit-gpt2
-    python bench/overfit.py --preset depth                     # gpt2-large, Lion, with and without residual scaling
-    python bench/overfit.py --preset tiny-cpu --optimizers adamw --lrs 1e-3 3e-3 --steps 50   # any setting overridden
-    python bench/overfit.py --preset heldout-quick   # held-out mode, char-level Shakespeare (prepare it first)
-    python bench/overfit.py --preset heldout-cpu     # the committed held-out comparison
-    python bench/overfit.py --preset heldout-gpt2    # the same on OpenWebText with GPT-2 124M, for a GPU
-    python bench/overfit.py --preset depth-cpu       # the depth study: narrow-2 ... narrow-32, +- residual scaling
-    python bench/overfit.py --preset overfit-gpt2-gpu   # GPT-2 124M on Shakespeare BPE: bench/gpu_science.sh runs it on one GPU
-    python bench/overfit.py --preset ablations-cpu   # lwlr's T, measurement init and power, one at a time, with their cost
+    python -m bench.overfit --preset tiny-cpu                  # ~15 min on 2 CPU cores
+    python -m bench.overfit --preset gpt2 --out_dir bench/results/overfit-gpt2
+    python -m bench.overfit --preset depth                     # gpt2-large, Lion, with and without residual scaling
+    python -m bench.overfit --preset tiny-cpu --optimizers adamw --lrs 1e-3 3e-3 --steps 50   # any setting overridden
+    python -m bench.overfit --preset heldout-quick   # held-out mode, char-level Shakespeare (prepare it first)
+    python -m bench.overfit --preset heldout-cpu     # the committed held-out comparison
+    python -m bench.overfit --preset heldout-gpt2    # the same on OpenWebText with GPT-2 124M, for a GPU
+    python -m bench.overfit --preset depth-cpu       # the depth study: narrow-2 ... narrow-32, +- residual scaling
+    # GPT-2 124M on Shakespeare BPE: bench/gpu_science.sh runs it on one GPU
+    python -m bench.overfit --preset overfit-gpt2-gpu
+    # lwlr's T, measurement init and power, one at a time, with their cost
+    python -m bench.overfit --preset ablations-cpu
 
 Held-out mode (`heldout=True`, issue #14): the question is not memorization but whether a rule trains
 a better model. Each run trains from scratch on the whole training split for a fixed token budget
@@ -36,21 +38,19 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import build  # noqa: E402
-import multipliers  # noqa: E402
-import train  # noqa: E402
-import train_config  # noqa: E402
-from common import fresh_trainer  # noqa: E402
-from model import GPT  # noqa: E402
-from progress import duration  # noqa: E402
-from overfit_report import write_all, write_depth_table  # noqa: E402
-from runtime import environment  # noqa: E402
+import build
+import multipliers
+import train
+import train_config
+from bench.common import fresh_trainer
+from bench.overfit_report import write_all, write_depth_table
+from model import GPT
+from progress import duration
+from runtime import environment
 
 DIVERGED_MARGIN = 1.0  # nats above the starting loss
 
@@ -88,59 +88,161 @@ class Sweep:
     heldout: bool = False  # held-out mode: whole train split, cosine to lr / 10, scored by val loss (see above)
     eval_every: int = 50  # held-out mode: val-loss curve resolution
     eval_steps: int = 20  # held-out mode: val batches per evaluation
-    depths: list[int] = dataclasses.field(default_factory=list)  # the depth study: one sweep per model f"narrow-{depth}"
+    depths: list[int] = dataclasses.field(
+        default_factory=list
+    )  # the depth study: one sweep per model f"narrow-{depth}"
     # The CPU presets' committed tables were made in fp32, before dtype=auto chose bf16 on CPUs that compute
     # it natively: they keep fp32, so they reproduce. The GPU presets take bf16 autocast (auto, on CUDA).
     dtype: str = "float32"
 
 
 PRESETS = {
-    # (4 optimizers x 6 lrs + 9 LW-AS etas) x 2 rules = 66 runs of 100 steps on gpt2-tiny: 4 fixed batches of 4 x 64 tokens.
-    "tiny-cpu": Sweep(model="gpt2-tiny", optimizers=["adamw", "adam_mini", "lion", "sophiag", "sgdm_lw", "adamw_lw"], rules=["single", "lwlr"], lrs=LR_GRIDS,
-                      residual_scales=[False], seeds=[0], steps=100, subset_batches=4, micro_batch_size=4, block_size=64,
-                      warmup_steps=10, lwlr_T=20),
+    # (4 optimizers x 6 lrs + 9 LW-AS etas) x 2 rules = 66 runs of 100 steps on gpt2-tiny: 4 fixed batches of 4 x 64
+    # tokens.
+    "tiny-cpu": Sweep(
+        model="gpt2-tiny",
+        optimizers=["adamw", "adam_mini", "lion", "sophiag", "sgdm_lw", "adamw_lw"],
+        rules=["single", "lwlr"],
+        lrs=LR_GRIDS,
+        residual_scales=[False],
+        seeds=[0],
+        steps=100,
+        subset_batches=4,
+        micro_batch_size=4,
+        block_size=64,
+        warmup_steps=10,
+        lwlr_T=20,
+    ),
     # GPT-2 124M. The published subset size, batch and steps are unknown; ours: 16 distinct batches of
     # 8 x 1024 tokens (131k tokens) for 2000 steps (125 passes), 100 warmup steps, lwlr T=100.
-    "gpt2": Sweep(model="gpt2", optimizers=["adamw", "adam_mini", "lion", "sophiag"], rules=["single", "lwlr"],
-                  lrs={"adamw": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3], "adam_mini": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3],
-                       "sophiag": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3],
-                       "lion": [1.5e-5, 3e-5, 6e-5, 1.2e-4, 2.4e-4]},
-                  residual_scales=[False], seeds=[0], steps=2000, subset_batches=16, micro_batch_size=8, block_size=1024,
-                  warmup_steps=100, lwlr_T=100, dataset="openwebtext", dtype="auto"),
+    "gpt2": Sweep(
+        model="gpt2",
+        optimizers=["adamw", "adam_mini", "lion", "sophiag"],
+        rules=["single", "lwlr"],
+        lrs={
+            "adamw": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3],
+            "adam_mini": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3],
+            "sophiag": [1e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3],
+            "lion": [1.5e-5, 3e-5, 6e-5, 1.2e-4, 2.4e-4],
+        },
+        residual_scales=[False],
+        seeds=[0],
+        steps=2000,
+        subset_batches=16,
+        micro_batch_size=8,
+        block_size=1024,
+        warmup_steps=100,
+        lwlr_T=100,
+        dataset="openwebtext",
+        dtype="auto",
+    ),
     # The depth study: gpt2-large (36 blocks), Lion, lr 3.75e-5 to 2.4e-4 (5 points a factor 1.59 apart),
     # single vs layer-wise, each without and with 1/sqrt(depth) residual scaling.
-    "depth": Sweep(model="gpt2-large", optimizers=["lion"], rules=["single", "lwlr"],
-                   lrs={"lion": [3.75e-5 * 6.4 ** (i / 4) for i in range(5)]}, residual_scales=[False, True], seeds=[0],
-                   steps=2000, subset_batches=16, micro_batch_size=4, block_size=1024, warmup_steps=100, lwlr_T=100,
-                   dataset="openwebtext", dtype="auto"),
+    "depth": Sweep(
+        model="gpt2-large",
+        optimizers=["lion"],
+        rules=["single", "lwlr"],
+        lrs={"lion": [3.75e-5 * 6.4 ** (i / 4) for i in range(5)]},
+        residual_scales=[False, True],
+        seeds=[0],
+        steps=2000,
+        subset_batches=16,
+        micro_batch_size=4,
+        block_size=1024,
+        warmup_steps=100,
+        lwlr_T=100,
+        dataset="openwebtext",
+        dtype="auto",
+    ),
     # Held-out comparisons (issue #14), char-level Shakespeare (data/shakespeare_char): gpt2-mini there is
     # 0.84M parameters, 95% of them in the blocks. 2,048 characters per step; 4 rules x 2 optimizers x 3 seeds.
     # quick: 2 lrs x 100 steps, about 10 min on 2 cores (predicted from 90 ms/step); cpu: 5 lrs x 300 steps
     # (614k characters, 0.13 epochs), about 60 min (predicted).
-    "heldout-quick": Sweep(model="gpt2-mini", optimizers=["adamw", "lion"], rules=["single", "lwlr", "fan_in", "depth_increasing"],
-                           lrs={"adamw": [1e-3, 3.16e-3], "lion": [1e-4, 3.16e-4]}, residual_scales=[False], seeds=[0, 1, 2],
-                           steps=100, subset_batches=0, micro_batch_size=16, block_size=128, warmup_steps=10, lwlr_T=100,
-                           dataset="shakespeare_char", heldout=True, eval_every=50),
-    "heldout-cpu": Sweep(model="gpt2-mini", optimizers=["adamw", "lion"], rules=["single", "lwlr", "fan_in", "depth_increasing"],
-                         lrs={"adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2], "lion": [3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3]},
-                         residual_scales=[False], seeds=[0, 1, 2], steps=300, subset_batches=0, micro_batch_size=16, block_size=128,
-                         warmup_steps=30, lwlr_T=100, dataset="shakespeare_char", heldout=True, eval_every=50),
+    "heldout-quick": Sweep(
+        model="gpt2-mini",
+        optimizers=["adamw", "lion"],
+        rules=["single", "lwlr", "fan_in", "depth_increasing"],
+        lrs={"adamw": [1e-3, 3.16e-3], "lion": [1e-4, 3.16e-4]},
+        residual_scales=[False],
+        seeds=[0, 1, 2],
+        steps=100,
+        subset_batches=0,
+        micro_batch_size=16,
+        block_size=128,
+        warmup_steps=10,
+        lwlr_T=100,
+        dataset="shakespeare_char",
+        heldout=True,
+        eval_every=50,
+    ),
+    "heldout-cpu": Sweep(
+        model="gpt2-mini",
+        optimizers=["adamw", "lion"],
+        rules=["single", "lwlr", "fan_in", "depth_increasing"],
+        lrs={"adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2], "lion": [3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3]},
+        residual_scales=[False],
+        seeds=[0, 1, 2],
+        steps=300,
+        subset_batches=0,
+        micro_batch_size=16,
+        block_size=128,
+        warmup_steps=30,
+        lwlr_T=100,
+        dataset="shakespeare_char",
+        heldout=True,
+        eval_every=50,
+    ),
     # The depth study at CPU scale: 64-wide models of 2 to 32 blocks, with and without 1/sqrt(depth) residual
     # scaling, single against lwlr at each cell's best of 3 rates, AdamW and Lion, one seed; held-out mode, so
     # each run reports the train loss (the paper's measure) and the val loss. 120 runs of 200 steps.
-    "depth-cpu": Sweep(model="narrow-2", optimizers=["adamw", "lion"], rules=["single", "lwlr"],
-                       lrs={"adamw": [1e-3, 3.16e-3, 1e-2], "lion": [1e-4, 3.16e-4, 1e-3]}, residual_scales=[False, True], seeds=[0],
-                       steps=200, subset_batches=0, micro_batch_size=16, block_size=128, warmup_steps=20, lwlr_T=50,
-                       dataset="shakespeare_char", heldout=True, eval_every=100, depths=[2, 4, 8, 16, 32]),
+    "depth-cpu": Sweep(
+        model="narrow-2",
+        optimizers=["adamw", "lion"],
+        rules=["single", "lwlr"],
+        lrs={"adamw": [1e-3, 3.16e-3, 1e-2], "lion": [1e-4, 3.16e-4, 1e-3]},
+        residual_scales=[False, True],
+        seeds=[0],
+        steps=200,
+        subset_batches=0,
+        micro_batch_size=16,
+        block_size=128,
+        warmup_steps=20,
+        lwlr_T=50,
+        dataset="shakespeare_char",
+        heldout=True,
+        eval_every=100,
+        depths=[2, 4, 8, 16, 32],
+    ),
     # Ablations the paper leaves open, one at a time around its defaults (T=100, fan_out init, power 1/2), on
     # val loss, AdamW, with the measuring cost beside each; the grid and budget are heldout-cpu's, so
-    # `--out_dir bench/results/overfit-heldout-cpu` reuses its single and lwlr points. 120 runs, about 60 min (predicted).
-    "ablations-cpu": Sweep(model="gpt2-mini", optimizers=["adamw"],
-                           rules=["single", "lwlr", "lwlr:T=1", "lwlr:T=10", "lwlr:init=fan_in", "lwlr:init=model", "lwlr:power=0.25",
-                                  "lwlr:power=0.75"],
-                           lrs={"adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2]}, residual_scales=[False], seeds=[0, 1, 2], steps=300,
-                           subset_batches=0, micro_batch_size=16, block_size=128, warmup_steps=30, lwlr_T=100, dataset="shakespeare_char",
-                           heldout=True, eval_every=50),
+    # `--out_dir bench/results/overfit-heldout-cpu` reuses its single and lwlr points. 120 runs, about 60 min
+    # (predicted).
+    "ablations-cpu": Sweep(
+        model="gpt2-mini",
+        optimizers=["adamw"],
+        rules=[
+            "single",
+            "lwlr",
+            "lwlr:T=1",
+            "lwlr:T=10",
+            "lwlr:init=fan_in",
+            "lwlr:init=model",
+            "lwlr:power=0.25",
+            "lwlr:power=0.75",
+        ],
+        lrs={"adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2]},
+        residual_scales=[False],
+        seeds=[0, 1, 2],
+        steps=300,
+        subset_batches=0,
+        micro_batch_size=16,
+        block_size=128,
+        warmup_steps=30,
+        lwlr_T=100,
+        dataset="shakespeare_char",
+        heldout=True,
+        eval_every=50,
+    ),
     # GPT-2 124M on one GPU in the 8 minutes of bench/gpu_science.sh, on the embedded Shakespeare in GPT-2
     # BPE (the only data that reaches the GPU machine; for memorizing a few fixed batches, any text does).
     # Sizes from a predicted step: 8 x 1024 tokens, about 7 TFLOP forward and backward, about 30 ms in
@@ -148,28 +250,85 @@ PRESETS = {
     # GPT-2 default = 24 runs of 300 steps (37 passes over 8 batches), about 270 s with each run's model
     # init. Not compiled: a cold compile (~60 s) plus a retrace per run (~10 s) would cost more than its
     # ~12 ms a step saves over 300 steps. lwlr measured once (T=100) and reused through the cache.
-    "overfit-gpt2-gpu": Sweep(model="gpt2", optimizers=["adamw", "lion", "sophiag", "adam_mini"], rules=["single", "lwlr"],
-                              lrs={"adamw": [3e-4, 6e-4, 1.2e-3], "sophiag": [3e-4, 6e-4, 1.2e-3], "adam_mini": [3e-4, 6e-4, 1.2e-3],
-                                   "lion": [3e-5, 6e-5, 1.2e-4]},
-                              residual_scales=[False], seeds=[0], steps=300, subset_batches=8, micro_batch_size=8, block_size=1024,
-                              warmup_steps=30, lwlr_T=100, dtype="auto"),
+    "overfit-gpt2-gpu": Sweep(
+        model="gpt2",
+        optimizers=["adamw", "lion", "sophiag", "adam_mini"],
+        rules=["single", "lwlr"],
+        lrs={
+            "adamw": [3e-4, 6e-4, 1.2e-3],
+            "sophiag": [3e-4, 6e-4, 1.2e-3],
+            "adam_mini": [3e-4, 6e-4, 1.2e-3],
+            "lion": [3e-5, 6e-5, 1.2e-4],
+        },
+        residual_scales=[False],
+        seeds=[0],
+        steps=300,
+        subset_batches=8,
+        micro_batch_size=8,
+        block_size=1024,
+        warmup_steps=30,
+        lwlr_T=100,
+        dtype="auto",
+    ),
     # Held-out at 124M: AdamW, 3 rules x 2 rates x 2 seeds = 12 runs of 100 steps of 8 x 1024 tokens (819k
     # tokens, 0.6 epochs of the 1.4M-token train split), cosine to lr / 10; about 80 s predicted.
-    "heldout-gpt2-gpu": Sweep(model="gpt2", optimizers=["adamw"], rules=["single", "lwlr", "fan_in"], lrs={"adamw": [6e-4, 1.2e-3]},
-                              residual_scales=[False], seeds=[0, 1], steps=100, subset_batches=0, micro_batch_size=8, block_size=1024,
-                              warmup_steps=10, lwlr_T=100, heldout=True, eval_every=50, eval_steps=10, dtype="auto"),
+    "heldout-gpt2-gpu": Sweep(
+        model="gpt2",
+        optimizers=["adamw"],
+        rules=["single", "lwlr", "fan_in"],
+        lrs={"adamw": [6e-4, 1.2e-3]},
+        residual_scales=[False],
+        seeds=[0, 1],
+        steps=100,
+        subset_batches=0,
+        micro_batch_size=8,
+        block_size=1024,
+        warmup_steps=10,
+        lwlr_T=100,
+        heldout=True,
+        eval_every=50,
+        eval_steps=10,
+        dtype="auto",
+    ),
     # GPT-2 124M on OpenWebText for a GPU: 2000 steps of 8 x 1024 tokens (16M tokens), not run here.
-    "heldout-gpt2": Sweep(model="gpt2", optimizers=["adamw", "lion"], rules=["single", "lwlr", "fan_in", "depth_increasing"],
-                          lrs={"adamw": [3e-4, 6e-4, 1.2e-3, 2.4e-3], "lion": [3e-5, 6e-5, 1.2e-4, 2.4e-4]}, residual_scales=[False],
-                          seeds=[0, 1, 2], steps=2000, subset_batches=0, micro_batch_size=8, block_size=1024, warmup_steps=100,
-                          lwlr_T=100, dataset="openwebtext", heldout=True, eval_every=250, eval_steps=50, dtype="auto"),
+    "heldout-gpt2": Sweep(
+        model="gpt2",
+        optimizers=["adamw", "lion"],
+        rules=["single", "lwlr", "fan_in", "depth_increasing"],
+        lrs={"adamw": [3e-4, 6e-4, 1.2e-3, 2.4e-3], "lion": [3e-5, 6e-5, 1.2e-4, 2.4e-4]},
+        residual_scales=[False],
+        seeds=[0, 1, 2],
+        steps=2000,
+        subset_batches=0,
+        micro_batch_size=8,
+        block_size=1024,
+        warmup_steps=100,
+        lwlr_T=100,
+        dataset="openwebtext",
+        heldout=True,
+        eval_every=250,
+        eval_steps=50,
+        dtype="auto",
+    ),
 }
 
 
 # Settings every run of a results file must share; the grid itself (optimizers, rules, lrs, seeds,
 # residual scales) may grow between invocations.
-RESULT_DEFINING = ("model", "steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps", "lwlr_T", "dataset", "data_dir",
-                   "heldout", "eval_steps", "dtype")
+RESULT_DEFINING = (
+    "model",
+    "steps",
+    "subset_batches",
+    "micro_batch_size",
+    "block_size",
+    "warmup_steps",
+    "lwlr_T",
+    "dataset",
+    "data_dir",
+    "heldout",
+    "eval_steps",
+    "dtype",
+)
 
 
 def run_key(optimizer, rule, lr, residual_scale, seed) -> str:
@@ -181,7 +340,7 @@ ABLATION_KEYS = {"T": ("lwlr_T", int), "init": ("lwlr_init", str), "power": ("lw
 
 
 def parse_rule(rule: str) -> tuple[str, dict]:
-    """"lwlr:T=10" -> ("lwlr", {"lwlr_T": 10}); a plain rule has no settings."""
+    """ "lwlr:T=10" -> ("lwlr", {"lwlr_T": 10}); a plain rule has no settings."""
     base, _, settings = rule.partition(":")
     overrides = {}
     for setting in filter(None, settings.split(",")):
@@ -193,25 +352,48 @@ def parse_rule(rule: str) -> tuple[str, dict]:
     return base, overrides
 
 
-def config_overrides(sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: bool, seed: int, device: torch.device) -> dict:
+def config_overrides(
+    sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: bool, seed: int, device: torch.device
+) -> dict:
     base_rule, settings = parse_rule(rule)
-    return dict(
-        model=sweep.model, block_size=sweep.block_size, micro_batch_size=sweep.micro_batch_size,
-        tokens_per_step=sweep.micro_batch_size * sweep.block_size, data_subset_batches=sweep.subset_batches,
-        dataset=sweep.dataset, data_dir=sweep.data_dir, optimizer=optimizer, lr_rule=base_rule, lr=lr, warmup_steps=sweep.warmup_steps,
-        schedule="cosine" if sweep.heldout else "constant", min_lr=lr / 10, eval_steps=sweep.eval_steps,
-        max_steps=sweep.steps, residual_scale=residual_scale, seed=seed, lwlr_T=sweep.lwlr_T, device=str(device),
-        compile="false", max_bad_steps=1, dtype=sweep.dtype,
-        # The full-logits loss the committed sweep points were made with: the chunked one agrees to 1e-6
-        # per step, but 100 steps at the edge of stability amplify that past the table's last digit.
-        loss_chunk_rows=0,
-    ) | settings  # an ablation's settings replace the sweep's (lwlr_T)
+    return (
+        dict(
+            model=sweep.model,
+            block_size=sweep.block_size,
+            micro_batch_size=sweep.micro_batch_size,
+            tokens_per_step=sweep.micro_batch_size * sweep.block_size,
+            data_subset_batches=sweep.subset_batches,
+            dataset=sweep.dataset,
+            data_dir=sweep.data_dir,
+            optimizer=optimizer,
+            lr_rule=base_rule,
+            lr=lr,
+            warmup_steps=sweep.warmup_steps,
+            schedule="cosine" if sweep.heldout else "constant",
+            min_lr=lr / 10,
+            eval_steps=sweep.eval_steps,
+            max_steps=sweep.steps,
+            residual_scale=residual_scale,
+            seed=seed,
+            lwlr_T=sweep.lwlr_T,
+            device=str(device),
+            compile="false",
+            max_bad_steps=1,
+            dtype=sweep.dtype,
+            # The full-logits loss the committed sweep points were made with: the chunked one agrees to 1e-6
+            # per step, but 100 steps at the edge of stability amplify that past the table's last digit.
+            loss_chunk_rows=0,
+        )
+        | settings
+    )  # an ablation's settings replace the sweep's (lwlr_T)
 
 
 def measurement_seconds(sweep: Sweep, rule: str, device: torch.device) -> float:
     """What a rule's multipliers cost to measure (seed 0, no cache): the price beside an ablation's effect."""
-    c = train.parse_config([f"--{k}={v}" for k, v in config_overrides(sweep, sweep.optimizers[0], rule, 1e-3, False, 0, device).items()]
-                           + ["--lwlr_cache_dir=none"])
+    c = train.parse_config(
+        [f"--{k}={v}" for k, v in config_overrides(sweep, sweep.optimizers[0], rule, 1e-3, False, 0, device).items()]
+        + ["--lwlr_cache_dir=none"]
+    )
     torch.manual_seed(c.seed)
     model = GPT(build.gpt_config(c)).to(device)
     start = time.perf_counter()
@@ -219,7 +401,9 @@ def measurement_seconds(sweep: Sweep, rule: str, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def run_one(sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: bool, seed: int, device: torch.device) -> dict:
+def run_one(
+    sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: bool, seed: int, device: torch.device
+) -> dict:
     overrides = config_overrides(sweep, optimizer, rule, lr, residual_scale, seed, device)
     trainer = fresh_trainer(overrides, device)  # the seed's init: the same for every run of this seed
     curve, val_curve, start_loss, diverged = [], [], None, False
@@ -238,8 +422,17 @@ def run_one(sweep: Sweep, optimizer: str, rule: str, lr: float, residual_scale: 
     final = None if diverged else (val_curve[-1][1] if sweep.heldout else subset_loss(trainer, device))
     if final is not None and not math.isfinite(final):
         diverged, final = True, None
-    run = {"optimizer": optimizer, "rule": rule, "lr": lr, "residual_scale": residual_scale, "seed": seed,
-           "final_loss": final, "diverged": diverged, "curve": curve, "steps_run": curve[-1][0] + 1 if curve else 0}
+    run = {
+        "optimizer": optimizer,
+        "rule": rule,
+        "lr": lr,
+        "residual_scale": residual_scale,
+        "seed": seed,
+        "final_loss": final,
+        "diverged": diverged,
+        "curve": curve,
+        "steps_run": curve[-1][0] + 1 if curve else 0,
+    }
     return {**run, "val_curve": val_curve} if sweep.heldout else run
 
 
@@ -264,13 +457,19 @@ def load_results(path: str, sweep: Sweep) -> dict:
     with open(path) as f:
         results = json.load(f)
     saved = results["sweep"]
-    changed = [key for key in RESULT_DEFINING if saved.get(key, getattr(Sweep, key, None)) != getattr(sweep, key)]  # older files lack newer keys
+    changed = [
+        key for key in RESULT_DEFINING if saved.get(key, getattr(Sweep, key, None)) != getattr(sweep, key)
+    ]  # older files lack newer keys
     if changed:
-        raise ValueError(f"{path} holds a sweep with other {', '.join(changed)}; its runs would not compare: use another --out_dir")
+        raise ValueError(
+            f"{path} holds a sweep with other {', '.join(changed)}; its runs would not compare: use another --out_dir"
+        )
     merged = dataclasses.asdict(sweep)  # a rerun may extend the grid: keep the union, earlier entries first
     for key in ("optimizers", "rules", "seeds", "residual_scales"):
         merged[key] = list(dict.fromkeys(saved[key] + merged[key]))
-    merged["lrs"] = {o: sorted(set(saved["lrs"].get(o, [])) | set(merged["lrs"].get(o, []))) for o in merged["optimizers"]}
+    merged["lrs"] = {
+        o: sorted(set(saved["lrs"].get(o, [])) | set(merged["lrs"].get(o, []))) for o in merged["optimizers"]
+    }
     results["sweep"] = merged
     return results
 
@@ -292,7 +491,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--residual_scales", nargs="+", choices=["false", "true"])
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--depths", nargs="+", type=int, help="the depth study: one sweep per narrow-<depth> model")
-    for name in ("steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps", "lwlr_T", "log_every", "eval_every", "eval_steps"):
+    for name in (
+        "steps",
+        "subset_batches",
+        "micro_batch_size",
+        "block_size",
+        "warmup_steps",
+        "lwlr_T",
+        "log_every",
+        "eval_every",
+        "eval_steps",
+    ):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--model")
     parser.add_argument("--dataset")
@@ -300,8 +509,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--device")
     args = parser.parse_args(argv)
     sweep = dataclasses.replace(PRESETS[args.preset])
-    for name in ("optimizers", "rules", "seeds", "depths", "steps", "subset_batches", "micro_batch_size", "block_size", "warmup_steps",
-                 "lwlr_T", "log_every", "eval_every", "eval_steps", "model", "dataset", "data_dir", "device"):
+    for name in (
+        "optimizers",
+        "rules",
+        "seeds",
+        "depths",
+        "steps",
+        "subset_batches",
+        "micro_batch_size",
+        "block_size",
+        "warmup_steps",
+        "lwlr_T",
+        "log_every",
+        "eval_every",
+        "eval_steps",
+        "model",
+        "dataset",
+        "data_dir",
+        "device",
+    ):
         if getattr(args, name) is not None:
             setattr(sweep, name, getattr(args, name))
     if args.lrs:
@@ -312,11 +538,17 @@ def main(argv=None) -> dict:
     if missing:
         raise ValueError(f"no lr grid for {missing}: pass --lrs")
     device = torch.device(sweep.device if sweep.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"overfit-{args.preset}")
+    out_dir = args.out_dir or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"overfit-{args.preset}"
+    )
     if not sweep.depths:
         return run_sweep(sweep, out_dir, device)
-    by_depth = {depth: run_sweep(dataclasses.replace(sweep, model=f"narrow-{depth}", depths=[]), os.path.join(out_dir, f"L{depth}"), device)
-                for depth in sweep.depths}
+    by_depth = {
+        depth: run_sweep(
+            dataclasses.replace(sweep, model=f"narrow-{depth}", depths=[]), os.path.join(out_dir, f"L{depth}"), device
+        )
+        for depth in sweep.depths
+    }
     print(write_depth_table(by_depth, os.path.join(out_dir, "depth.md")))
     return by_depth
 
@@ -327,8 +559,14 @@ def run_sweep(sweep: Sweep, out_dir: str, device: torch.device) -> dict:
     path = os.path.join(out_dir, "results.json")
     results = load_results(path, sweep)
     results["env"] = environment(device)
-    points = [(o, r, lr, rs, s) for o in sweep.optimizers for r in sweep.rules for lr in sweep.lrs[o]
-              for rs in sweep.residual_scales for s in sweep.seeds]
+    points = [
+        (o, r, lr, rs, s)
+        for o in sweep.optimizers
+        for r in sweep.rules
+        for lr in sweep.lrs[o]
+        for rs in sweep.residual_scales
+        for s in sweep.seeds
+    ]
     to_run = sum(run_key(*point) not in results["runs"] for point in points)
     ran_seconds, ran = 0.0, 0
     for i, point in enumerate(points):
@@ -344,8 +582,11 @@ def run_sweep(sweep: Sweep, out_dir: str, device: torch.device) -> dict:
         ran_seconds, ran = ran_seconds + run["seconds"], ran + 1
         outcome = "diverged" if run["diverged"] else f"final loss {run['final_loss']:.4f}"
         left = duration(ran_seconds / ran * (to_run - ran))
-        print(f"[{i + 1}/{len(points)}] {key}: {outcome} ({run['seconds']:.0f} s) | {to_run - ran} to run, about {left} left",
-              flush=True)
+        print(
+            f"[{i + 1}/{len(points)}] {key}: {outcome} ({run['seconds']:.0f} s) | {to_run - ran} to run, about {left} "
+            f"left",
+            flush=True,
+        )
     costs = results.setdefault("measurement_seconds", {})
     for rule in sweep.rules:
         if parse_rule(rule)[0] == "lwlr" and rule not in costs:

@@ -3,8 +3,8 @@ held-out mode each rule at its own best rate against `single`, with the seed noi
 depth study), final_loss_vs_lr.png and best_curves.png. overfit.py writes them after a sweep; this
 redraws them from the results.json files alone, without training:
 
-    python bench/overfit_report.py bench/results/overfit-heldout-cpu     # table.md and the plots
-    python bench/overfit_report.py bench/results/overfit-depth-cpu       # L*/ each, and depth.md
+    python -m bench.overfit_report bench/results/overfit-heldout-cpu     # table.md and the plots
+    python -m bench.overfit_report bench/results/overfit-depth-cpu       # L*/ each, and depth.md
 """
 
 import json
@@ -58,8 +58,11 @@ def rule_summary(results: dict) -> list[str]:
     """Each rule at its own best rate against `single`; a difference counts where it exceeds twice its
     standard error, sqrt(s_a^2 / n_a + s_b^2 / n_b), the seed noise."""
     best, costs = best_rates(results), results.get("measurement_seconds", {})
-    lines = ["| optimizer | rule | best lr | val loss, mean +- std (seeds) | vs single | beyond seed noise? | measuring, s |",
-             "|---|---|---:|---:|---:|---|---:|"]
+    lines = [
+        "| optimizer | rule | best lr | val loss, mean +- std (seeds) | vs single | beyond seed noise? | measuring, s "
+        "|",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
     for (optimizer, rule, rs), (lr, (mean, std, n)) in best.items():
         reference = best.get((optimizer, "single", rs))
         if rule == "single" or reference is None:
@@ -73,27 +76,42 @@ def rule_summary(results: dict) -> list[str]:
             else:
                 verdict = ("yes, better" if delta < 0 else "yes, worse") if abs(delta) > 2 * noise else "no"
         cost = f"{costs[rule]:.1f}" if rule in costs else ""
-        lines.append(f"| {optimizer} | {row_label(optimizer, rule, rs).split(' ', 1)[1]} | {lr:.3g} | {mean:.4f} +- {std:.4f} ({n}) |"
-                     f" {difference} | {verdict} | {cost} |")
+        lines.append(
+            f"| {optimizer} | {row_label(optimizer, rule, rs).split(' ', 1)[1]} | {lr:.3g} | {mean:.4f} +- {std:.4f} "
+            f"({n}) |"
+            f" {difference} | {verdict} | {cost} |"
+        )
     return lines
 
 
 # The paper's GPT-2 124M overfit table as the reviewers quoted it: lowest train loss, one global rate
 # against layer-wise rates. Its subset, batch and step count are unpublished.
-PAPER_GPT2_OVERFIT = {"adamw": (1.430, 0.560), "adam_mini": (1.903, 0.838), "lion": (0.704, 0.179), "sophiag": (0.989, 0.538)}
+PAPER_GPT2_OVERFIT = {
+    "adamw": (1.430, 0.560),
+    "adam_mini": (1.903, 0.838),
+    "lion": (0.704, 0.179),
+    "sophiag": (0.989, 0.538),
+}
 
 
 def paper_comparison(results: dict) -> list[str]:
     """Our lowest final train loss per optimizer x rule beside the paper's (gpt2 overfit sweeps only)."""
     best = best_rates(results)
-    lines = ["## Beside the paper's table (GPT-2 124M, lowest train loss)", "",
-             "| optimizer | single, ours | lwlr, ours | single, paper | lwlr, paper | ours: lwlr / single | paper: lwlr / single |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## Beside the paper's table (GPT-2 124M, lowest train loss)",
+        "",
+        "| optimizer | single, ours | lwlr, ours | single, paper | lwlr, paper | ours: lwlr / single | paper: lwlr / "
+        "single |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for optimizer, (paper_single, paper_lwlr) in PAPER_GPT2_OVERFIT.items():
         ours = [best.get((optimizer, rule, False)) for rule in ("single", "lwlr")]
         cells = [f"{point[1][0]:.3f} (lr {point[0]:.3g})" if point else "" for point in ours]
         ratio = f"{ours[1][1][0] / ours[0][1][0]:.2f}" if all(ours) else ""
-        lines.append(f"| {optimizer} | {cells[0]} | {cells[1]} | {paper_single:.3f} | {paper_lwlr:.3f} | {ratio} | {paper_lwlr / paper_single:.2f} |")
+        lines.append(
+            f"| {optimizer} | {cells[0]} | {cells[1]} | {paper_single:.3f} | {paper_lwlr:.3f} | {ratio} | "
+            f"{paper_lwlr / paper_single:.2f} |"
+        )
     return lines + [""]
 
 
@@ -101,18 +119,35 @@ def write_table(results: dict, path: str) -> str:
     """table.md of one sweep's results at path; its text."""
     sweep = results["sweep"]
     if sweep.get("heldout"):
-        lines = [f"Val loss after {sweep['steps']} steps of {sweep['micro_batch_size']} x {sweep['block_size']} tokens from scratch, cosine "
-                 f"to lr / 10 ({sweep['model']}, {sweep['dataset'] or sweep['data_dir']}), mean over seeds {sweep['seeds']}; best of each "
-                 "row in bold, `div` = a seed diverged.", "", "## Each rule at its own best rate", "", *rule_summary(results), "",
-                 "## Every point", ""]
+        lines = [
+            f"Val loss after {sweep['steps']} steps of {sweep['micro_batch_size']} x {sweep['block_size']} tokens "
+            f"from scratch, cosine "
+            f"to lr / 10 ({sweep['model']}, {sweep['dataset'] or sweep['data_dir']}), mean over seeds "
+            f"{sweep['seeds']}; best of each "
+            "row in bold, `div` = a seed diverged.",
+            "",
+            "## Each rule at its own best rate",
+            "",
+            *rule_summary(results),
+            "",
+            "## Every point",
+            "",
+        ]
     else:
-        lines = [f"Final train loss on {sweep['subset_batches']} fixed batches of {sweep['micro_batch_size']} x {sweep['block_size']} "
-                 f"tokens after {sweep['steps']} steps at a constant lr ({sweep['model']}); best of each row in bold, "
-                 "`div` = diverged.", ""]
+        lines = [
+            f"Final train loss on {sweep['subset_batches']} fixed batches of {sweep['micro_batch_size']} x "
+            f"{sweep['block_size']} "
+            f"tokens after {sweep['steps']} steps at a constant lr ({sweep['model']}); best of each row in bold, "
+            "`div` = diverged.",
+            "",
+        ]
     rows, best_by_row = rows_of(results), best_rates(results)  # a point's value is its mean over seeds
     for optimizer in dict.fromkeys(key[0] for key in rows):
         lrs = sorted({r["lr"] for r in results["runs"].values() if r["optimizer"] == optimizer})
-        lines += [f"| {optimizer} | " + " | ".join(f"lr {lr:.3g}" for lr in lrs) + " | best |", "|---" * (len(lrs) + 2) + "|"]
+        lines += [
+            f"| {optimizer} | " + " | ".join(f"lr {lr:.3g}" for lr in lrs) + " | best |",
+            "|---" * (len(lrs) + 2) + "|",
+        ]
         for (opt, rule, rs), runs in rows.items():
             if opt != optimizer:
                 continue
@@ -139,26 +174,54 @@ def write_depth_table(by_depth: dict[int, dict], path: str) -> str:
     as the final train loss (the paper's measure: the train curve's last point) and the val loss, and
     lwlr's gain (single minus lwlr; positive = lwlr better)."""
     depths = sorted(by_depth)
-    lines = ["Depth study: best-rate loss per depth (64-wide models); gain = single - lwlr, positive where lwlr is better.", ""]
+    lines = [
+        "Depth study: best-rate loss per depth (64-wide models); gain = single - lwlr, positive where lwlr is better.",
+        "",
+    ]
     first = by_depth[depths[0]]["sweep"]
     for optimizer in first["optimizers"]:
         for rs in first["residual_scales"]:
-            lines += [f"| {row_label(optimizer, 'rule', rs).replace(' rule', '')} | " + " | ".join(f"L={d}" for d in depths) + " |",
-                      "|---" * (len(depths) + 1) + "|"]
+            lines += [
+                f"| {row_label(optimizer, 'rule', rs).replace(' rule', '')} | "
+                + " | ".join(f"L={d}" for d in depths)
+                + " |",
+                "|---" * (len(depths) + 1) + "|",
+            ]
             cells = {}
             for measure in ("train", "val"):
                 for rule in first["rules"]:
                     row = []
                     for d in depths:
                         best = best_rates(by_depth[d]).get((optimizer, rule, rs))
-                        runs = [r for r in by_depth[d]["runs"].values() if best and (r["optimizer"], r["rule"], r["residual_scale"], r["lr"]) == (optimizer, rule, rs, best[0])]
-                        value = None if not runs else (best[1][0] if measure == "val" else sum(r["curve"][-1][1] for r in runs) / len(runs))
+                        runs = [
+                            r
+                            for r in by_depth[d]["runs"].values()
+                            if best
+                            and (r["optimizer"], r["rule"], r["residual_scale"], r["lr"])
+                            == (optimizer, rule, rs, best[0])
+                        ]
+                        value = (
+                            None
+                            if not runs
+                            else (best[1][0] if measure == "val" else sum(r["curve"][-1][1] for r in runs) / len(runs))
+                        )
                         row.append(value)
                     cells[(measure, rule)] = row
-                    lines.append(f"| {measure} loss, {rule} | " + " | ".join("div" if v is None else f"{v:.3f}" for v in row) + " |")
+                    lines.append(
+                        f"| {measure} loss, {rule} | "
+                        + " | ".join("div" if v is None else f"{v:.3f}" for v in row)
+                        + " |"
+                    )
                 if ("single" in first["rules"]) and ("lwlr" in first["rules"]):
-                    gains = [None if a is None or b is None else a - b for a, b in zip(cells[(measure, "single")], cells[(measure, "lwlr")])]
-                    lines.append(f"| {measure} gain of lwlr | " + " | ".join("" if g is None else f"{g:+.3f}" for g in gains) + " |")
+                    gains = [
+                        None if a is None or b is None else a - b
+                        for a, b in zip(cells[(measure, "single")], cells[(measure, "lwlr")])
+                    ]
+                    lines.append(
+                        f"| {measure} gain of lwlr | "
+                        + " | ".join("" if g is None else f"{g:+.3f}" for g in gains)
+                        + " |"
+                    )
             lines.append("")
     return _write(path, "\n".join(lines))
 
@@ -188,13 +251,27 @@ def plot(results: dict, out_dir: str) -> dict:
             by_lr = {lr: seed_statistics([r for r in runs if r["lr"] == lr]) for lr in sorted({r["lr"] for r in runs})}
             points = [(lr, stats[0], stats[1]) for lr, stats in by_lr.items() if stats]
             drawn["final_loss_vs_lr"][row_label(opt, rule, rs)] = [(lr, mean) for lr, mean, _ in points]
-            line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=row_label(opt, rule, rs))[0] if points else None
+            line = (
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=row_label(opt, rule, rs))[0]
+                if points
+                else None
+            )
             if points and max(p[2] for p in points) > 0:  # several seeds: a band of +- one std
-                ax.fill_between([p[0] for p in points], [p[1] - p[2] for p in points], [p[1] + p[2] for p in points],
-                                color=line.get_color(), alpha=0.2)
+                ax.fill_between(
+                    [p[0] for p in points],
+                    [p[1] - p[2] for p in points],
+                    [p[1] + p[2] for p in points],
+                    color=line.get_color(),
+                    alpha=0.2,
+                )
             for r in runs:
                 if r["diverged"]:
-                    ax.scatter([r["lr"]], [ax.get_ylim()[1] if points else 1.0], marker="x", color=line.get_color() if line else "red")
+                    ax.scatter(
+                        [r["lr"]],
+                        [ax.get_ylim()[1] if points else 1.0],
+                        marker="x",
+                        color=line.get_color() if line else "red",
+                    )
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("final val loss (mean over seeds)" if results["sweep"].get("heldout") else "final train loss")
@@ -247,5 +324,5 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python bench/overfit_report.py RESULTS_FOLDER")
+        sys.exit("usage: python -m bench.overfit_report RESULTS_FOLDER")
     main(sys.argv[1])

@@ -17,7 +17,8 @@ init_from = "hf/gpt2"
 dataset = "shakespeare"
 block_size = 1024
 micro_batch_size = 8  # fits gpt2-xl on one 80 GB GPU under bf16 autocast with fp32 states (lower it for CPU)
-tokens_per_step = 8192  # 8 batch * 1024 block * 1 accum * 1 process; 200 steps = 1.6M tokens, 1.2 passes over the 1.4M-token train split
+# 8 batch * 1024 block * 1 accum * 1 process; 200 steps = 1.6M tokens, 1.2 passes over the 1.4M-token train split
+tokens_per_step = 8192
 max_steps = 200
 schedule = "constant"
 warmup_steps = 10

@@ -10,5 +10,7 @@ min_lr = 0.01
 lw_alpha_max = 6e-3  # with eta = 0.1 no layer steps faster than nanoGPT's AdamW rate, 6e-4
 lw_warmup_lr = 6e-4  # nanoGPT's AdamW rate, for the steps before the curvature averages exist
 lw_warmup_steps = 100
-lw_interval = 10  # a sampled-label backward and a JVP on one micro-batch per 10 steps of 40 micro-batches: ~0.5% more work
+lw_interval = (
+    10  # a sampled-label backward and a JVP on one micro-batch per 10 steps of 40 micro-batches: ~0.5% more work
+)
 lw_beta = 0.9  # averages over ~10 refreshes (100 steps)

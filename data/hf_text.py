@@ -31,7 +31,9 @@ def tokenize(example: dict) -> dict:
     return {"ids": ids, "len": len(ids)}
 
 
-def prepare(dataset, out_dir: str, num_proc: int, val_fraction: float, split_seed: int, max_tokens: int = 0) -> dict[str, int]:
+def prepare(
+    dataset, out_dir: str, num_proc: int, val_fraction: float, split_seed: int, max_tokens: int = 0
+) -> dict[str, int]:
     """dataset: a `datasets.Dataset` with a "text" column; split into train/val, tokenized, written to
     out_dir/{train,val}.bin. max_tokens > 0 caps the train split (val is written whole)."""
     import datasets
@@ -46,8 +48,12 @@ def prepare(dataset, out_dir: str, num_proc: int, val_fraction: float, split_see
         with TokenFileWriter(os.path.join(out_dir, f"{split}.bin"), VOCAB_SIZE) as writer:
             for start in range(0, len(part), SLICE_DOCUMENTS):
                 documents = part.select(range(start, min(start + SLICE_DOCUMENTS, len(part))))
-                tokenized = documents.map(tokenize, remove_columns=part.column_names, num_proc=min(num_proc, len(documents)),
-                                          desc=f"tokenizing {split} {start:,}+").with_format("numpy")
+                tokenized = documents.map(
+                    tokenize,
+                    remove_columns=part.column_names,
+                    num_proc=min(num_proc, len(documents)),
+                    desc=f"tokenizing {split} {start:,}+",
+                ).with_format("numpy")
                 ids = np.concatenate(tokenized["ids"])
                 writer.write(ids[: cap - writer.count] if cap else ids)
                 if cap and writer.count >= cap:
@@ -66,7 +72,9 @@ def load(repo: str, revision: str, name: str | None, data_files: list[str] | Non
             raise DatasetError(f"--data_files: no such file: {', '.join(missing)}")
         formats = {LOCAL_FORMATS.get(os.path.splitext(path)[1].lower()) for path in data_files}
         if None in formats or len(formats) > 1:
-            raise DatasetError(f"--data_files must all be one of {', '.join(LOCAL_FORMATS)} (got {', '.join(data_files)})")
+            raise DatasetError(
+                f"--data_files must all be one of {', '.join(LOCAL_FORMATS)} (got {', '.join(data_files)})"
+            )
         kind = formats.pop()
         options = {"sample_by": "document"} if kind == "text" else {}  # a text file is one document
         return datasets.load_dataset(kind, data_files=data_files, split="train", **options)
@@ -75,18 +83,26 @@ def load(repo: str, revision: str, name: str | None, data_files: list[str] | Non
     except Exception as e:  # datasets and huggingface_hub raise many types; each becomes one line of what to do
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "scripts are no longer supported" in message:
-            raise DatasetError(f"{repo} at revision {revision} is a loading script, which datasets>=4 does not run: pass "
-                               "--revision=refs/convert/parquet (the Hub's parquet conversion), or --data_files with its parquet files") from None
-        raise DatasetError(f"could not load {repo} (revision {revision}) from the Hugging Face Hub: {message}. Check the network "
-                           "(or HF_ENDPOINT), or download the parquet files yourself and pass --data_files") from None
+            raise DatasetError(
+                f"{repo} at revision {revision} is a loading script, which datasets>=4 does not run: pass "
+                "--revision=refs/convert/parquet (the Hub's parquet conversion), or --data_files with its parquet files"
+            ) from None
+        raise DatasetError(
+            f"could not load {repo} (revision {revision}) from the Hugging Face Hub: {message}. Check the network "
+            "(or HF_ENDPOINT), or download the parquet files yourself and pass --data_files"
+        ) from None
 
 
 def main(description: str, defaults: dict, argv: list[str] | None = None) -> int:
     """A prepare script's command line: defaults holds out_dir, repo, revision, name, val_fraction, split_seed."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=defaults["out_dir"])
-    parser.add_argument("--repo", default=defaults["repo"], help="Hugging Face dataset repository (default %(default)s)")
-    parser.add_argument("--revision", default=defaults["revision"], help="its branch, tag or commit (default %(default)s)")
+    parser.add_argument(
+        "--repo", default=defaults["repo"], help="Hugging Face dataset repository (default %(default)s)"
+    )
+    parser.add_argument(
+        "--revision", default=defaults["revision"], help="its branch, tag or commit (default %(default)s)"
+    )
     parser.add_argument("--name", default=defaults["name"], help="its config name (default %(default)s)")
     parser.add_argument("--data_files", nargs="+", help="local .parquet, .jsonl or .txt files instead of the Hub")
     parser.add_argument("--max_tokens", type=int, default=0, help="stop the train split at this many tokens (0 = all)")
@@ -95,7 +111,9 @@ def main(description: str, defaults: dict, argv: list[str] | None = None) -> int
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         dataset = load(args.repo, args.revision, args.name, args.data_files, args.num_proc)
-        counts = prepare(dataset, args.out_dir, args.num_proc, defaults["val_fraction"], defaults["split_seed"], args.max_tokens)
+        counts = prepare(
+            dataset, args.out_dir, args.num_proc, defaults["val_fraction"], defaults["split_seed"], args.max_tokens
+        )
     except (DatasetError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,8 +23,11 @@ def gpt2_encoding() -> tiktoken.Encoding:
     # expected_hash makes tiktoken refuse a corrupted or replaced file.
     ranks = tiktoken.load.load_tiktoken_bpe(RANKS_PATH, expected_hash=RANKS_SHA256)
     return tiktoken.Encoding(
-        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=VOCAB_SIZE,
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT_TOKEN},
+        explicit_n_vocab=VOCAB_SIZE,
     )
 
 

@@ -56,7 +56,12 @@ def load(data_dir: str):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         chars = data["chars"]
-        if data.get("kind") != "char" or not chars or len(set(chars)) != len(chars) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+        if (
+            data.get("kind") != "char"
+            or not chars
+            or len(set(chars)) != len(chars)
+            or not all(isinstance(c, str) and len(c) == 1 for c in chars)
+        ):
             raise ValueError("expected {'kind': 'char', 'chars': [distinct single characters]}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise VocabularyError(f"{path}: not a vocabulary file ({e})") from None

@@ -18,12 +18,10 @@ if WORKERS > 1:
 # multipliers in a folder of this session's, never the user's ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lwlr-test-cache-")
 
-import numpy as np
-import pytest
+import numpy as np  # noqa: E402 (after the environment above, as everything the tests import)
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))  # the benchmark scripts, imported by their tests
 
 from data.tokenfile import write_tokens  # noqa: E402
 
@@ -43,9 +41,23 @@ def tiny_run_args(out_dir, data_dir, **overrides) -> list[str]:
     """A few-second train.py run of gpt2-tiny on CPU, in fp32 on any CPU: the tests compare against fp32
     references (dtype=auto's choice has tests of its own)."""
     values = dict(
-        out_dir=out_dir, data_dir=data_dir, model="gpt2-tiny", block_size=32, micro_batch_size=4,
-        tokens_per_step=256, max_steps=6, warmup_steps=2, eval_interval=3, eval_steps=2, log_interval=1,
-        device="cpu", compile="false", dtype="float32", lr=1e-3, lwlr_T=2, lwlr_cache_dir="none",
+        out_dir=out_dir,
+        data_dir=data_dir,
+        model="gpt2-tiny",
+        block_size=32,
+        micro_batch_size=4,
+        tokens_per_step=256,
+        max_steps=6,
+        warmup_steps=2,
+        eval_interval=3,
+        eval_steps=2,
+        log_interval=1,
+        device="cpu",
+        compile="false",
+        dtype="float32",
+        lr=1e-3,
+        lwlr_T=2,
+        lwlr_cache_dir="none",
     )
     values.update(overrides)
     return [f"--{k}={v}" for k, v in values.items()]
@@ -59,5 +71,15 @@ def read_log(out_dir, kind) -> list[dict]:
 
 def torchrun(nproc, args, timeout=300) -> subprocess.CompletedProcess:
     """train.py under torchrun with nproc CPU processes (gloo), one thread each."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "train.py",
+        *args,
+    ]
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )

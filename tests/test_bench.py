@@ -15,10 +15,21 @@ def only_file(directory, prefix, suffix):
 
 
 def test_bench_train_reports_every_row(tmp_path):
-    import bench_train
+    from bench import bench_train
 
-    rows = bench_train.main(["--device=cpu", "--models", "gpt2-tiny", "--steps=2", "--warmup=1", "--block_size=32",
-                             "--micro_batch_size=2", "--compile=false", f"--out={tmp_path}"])
+    rows = bench_train.main(
+        [
+            "--device=cpu",
+            "--models",
+            "gpt2-tiny",
+            "--steps=2",
+            "--warmup=1",
+            "--block_size=32",
+            "--micro_batch_size=2",
+            "--compile=false",
+            f"--out={tmp_path}",
+        ]
+    )
     assert [(r["optimizer"], r["lr_rule"], r["lw_curvature"] or "") for r in rows] == list(bench_train.ROWS)
     for row in rows:
         for key in ("ms_per_step", "tokens_per_s", "peak_mem_gib", "optimizer_ms", "optimizer_fraction"):
@@ -33,13 +44,36 @@ def test_bench_train_reports_every_row(tmp_path):
 
 
 def test_bench_optim_reports_ours_against_the_peers(tmp_path):
-    result = subprocess.run([sys.executable, "bench/bench_optim.py", "--device=cpu", "--models", "gpt2-tiny", "--repeats=2",
-                             "--warmup=1", f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_optim",
+            "--device=cpu",
+            "--models",
+            "gpt2-tiny",
+            "--repeats=2",
+            "--warmup=1",
+            f"--out={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(only_file(tmp_path, "optim-", ".json").read_text())
     names = {row["optimizer"] for row in report["rows"]}
-    assert {"torch AdamW fused, 1 group", "lion-pytorch", "sophia-opt", "adam-mini (official)", "ours SophiaG, per-layer groups",
-            "ours Adam-mini, per-layer groups", "ours AdamW-LW step, per-layer groups", "ours SGD-m-LW step, per-layer groups"} <= names
+    assert {
+        "torch AdamW fused, 1 group",
+        "lion-pytorch",
+        "sophia-opt",
+        "adam-mini (official)",
+        "ours SophiaG, per-layer groups",
+        "ours Adam-mini, per-layer groups",
+        "ours AdamW-LW step, per-layer groups",
+        "ours SGD-m-LW step, per-layer groups",
+    } <= names
     assert report["copy_GBps"] > 0 and all(row["GB/s"] > 0 for row in report["rows"])
     ours = next(row for row in report["rows"] if row["optimizer"] == "ours AdamW, per-layer groups")
     assert set(ours["speedup_vs"]) == {"torch AdamW fused, 1 group", "torch AdamW fused, per-layer groups"}
@@ -47,33 +81,85 @@ def test_bench_optim_reports_ours_against_the_peers(tmp_path):
 
 def test_bench_lwlr_extrapolates_the_measurement_cost(tmp_path):
     timed = 2
-    result = subprocess.run([sys.executable, "bench/bench_lwlr.py", "--device=cpu", "--model=gpt2-tiny", f"--T={timed}",
-                             "--micro_batch_size=2", "--block_size=32", f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_lwlr",
+            "--device=cpu",
+            "--model=gpt2-tiny",
+            f"--T={timed}",
+            "--micro_batch_size=2",
+            "--block_size=32",
+            f"--out={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(only_file(tmp_path, "lwlr-gpt2-tiny", ".json").read_text())
     assert report["T_timed"] == timed and report["T_reported"] == 100 and report["env"]["commit"]
 
 
 def test_bench_train_times_compared_variants_in_turns(tmp_path):
-    import bench_train
+    from bench import bench_train
 
-    rows = bench_train.main(["--device=cpu", "--models", "gpt2-tiny", "--rows", "adamw:lwlr", "--compare", "loss_chunk_rows=0,16",
-                             "--steps=1", "--rounds=3", "--warmup=1", "--block_size=32", "--micro_batch_size=2", "--compile=false",
-                             f"--out={tmp_path}"])
+    rows = bench_train.main(
+        [
+            "--device=cpu",
+            "--models",
+            "gpt2-tiny",
+            "--rows",
+            "adamw:lwlr",
+            "--compare",
+            "loss_chunk_rows=0,16",
+            "--steps=1",
+            "--rounds=3",
+            "--warmup=1",
+            "--block_size=32",
+            "--micro_batch_size=2",
+            "--compile=false",
+            f"--out={tmp_path}",
+        ]
+    )
     assert [r["variant"] for r in rows] == ["loss_chunk_rows=0", "loss_chunk_rows=16"]
     for row in rows:
-        assert len(row["ms_per_round"]) == 3 and row["ms_per_step"] == sorted(row["ms_per_round"])[1]  # the median round
+        assert (
+            len(row["ms_per_round"]) == 3 and row["ms_per_step"] == sorted(row["ms_per_round"])[1]
+        )  # the median round
     table = next(tmp_path.glob("train-*.md")).read_text()
     assert "adamw, loss_chunk_rows=16" in table and "3 rounds in turns" in table
     assert "gpt2-tiny: adamw, loss_chunk_rows=16 (lwlr) takes" in table
 
 
 def test_bench_precision_compares_bf16_with_fp32_over_seeds(tmp_path, token_dir):
-    import bench_precision
+    from bench import bench_precision
 
-    summary = bench_precision.main(["--seeds", "0", "1", "--max_steps=2", f"--out={tmp_path}", "--set", "model=gpt2-tiny", "lwlr_T=2",
-                                    f"data_dir={token_dir}", "block_size=32", "micro_batch_size=4", "tokens_per_step=128", "eval_steps=2"])
-    assert [(r["seed"], r["dtype"]) for r in summary["runs"]] == [(0, "float32"), (0, "bfloat16"), (1, "float32"), (1, "bfloat16")]
+    summary = bench_precision.main(
+        [
+            "--seeds",
+            "0",
+            "1",
+            "--max_steps=2",
+            f"--out={tmp_path}",
+            "--set",
+            "model=gpt2-tiny",
+            "lwlr_T=2",
+            f"data_dir={token_dir}",
+            "block_size=32",
+            "micro_batch_size=4",
+            "tokens_per_step=128",
+            "eval_steps=2",
+        ]
+    )
+    assert [(r["seed"], r["dtype"]) for r in summary["runs"]] == [
+        (0, "float32"),
+        (0, "bfloat16"),
+        (1, "float32"),
+        (1, "bfloat16"),
+    ]
     assert summary["runs"][0]["val_loss"] != summary["runs"][1]["val_loss"]  # really two precisions
     assert 0 < summary["multiplier_max_relative_difference"] < 0.2
     table = only_file(tmp_path, "precision-", ".md").read_text()

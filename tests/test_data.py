@@ -5,8 +5,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_run_args
 
+from conftest import ROOT, tiny_run_args
 from data.loader import TokenBatches
 from data.tokenfile import HEADER_BYTES, TokenFileError, read_tokens, write_tokens
 from data.tokenizer import EOT_TOKEN, gpt2_encoding
@@ -28,7 +28,8 @@ def test_shakespeare_prepare_round_trips(tmp_path):
     paths = shakespeare.play_paths()
     expected_val = "".join(
         shakespeare.markdown_to_text(open(p, encoding="utf-8").read()) + "<|endoftext|>"
-        for i, p in enumerate(paths) if i % shakespeare.VAL_EVERY == shakespeare.VAL_EVERY - 1
+        for i, p in enumerate(paths)
+        if i % shakespeare.VAL_EVERY == shakespeare.VAL_EVERY - 1
     )
     val = read_tokens(str(tmp_path / "val.bin"), 50257)
     assert enc.decode(val.tolist()) == expected_val
@@ -50,7 +51,9 @@ def decoded_documents(folder, counts=None) -> list[str]:
 
 def run_prepare(script, *args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no test may reach the Hub: offline mode fails at once instead
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 @pytest.mark.parametrize("script", ["data/openwebtext/prepare.py", "data/fineweb/prepare.py"])
@@ -59,7 +62,10 @@ def test_prepare_reads_local_files_offline(tmp_path, script, file_format):
     import datasets
 
     docs = [f"{script} document {i}: some words, repeated {i} times." for i in range(300)]
-    halves = [datasets.Dataset.from_dict({"text": docs[:150], "id": list(range(150))}), datasets.Dataset.from_dict({"text": docs[150:], "id": list(range(150))})]
+    halves = [
+        datasets.Dataset.from_dict({"text": docs[:150], "id": list(range(150))}),
+        datasets.Dataset.from_dict({"text": docs[150:], "id": list(range(150))}),
+    ]
     files = []
     for i, half in enumerate(halves):
         path = tmp_path / f"part{i}.{file_format}"
@@ -79,7 +85,9 @@ def test_max_tokens_caps_the_train_split(tmp_path):
     path = tmp_path / "docs.parquet"
     datasets.Dataset.from_dict({"text": [f"fineweb-like document {i} " * 20 for i in range(500)]}).to_parquet(str(path))
     out = tmp_path / "out"
-    result = run_prepare("data/fineweb/prepare.py", f"--out_dir={out}", "--num_proc=1", "--max_tokens=1000", "--data_files", path)
+    result = run_prepare(
+        "data/fineweb/prepare.py", f"--out_dir={out}", "--num_proc=1", "--max_tokens=1000", "--data_files", path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(read_tokens(str(out / "train.bin"), 50257)) == 1000
     assert len(read_tokens(str(out / "val.bin"), 50257)) > 0
@@ -90,16 +98,27 @@ def test_prepare_errors_are_one_line_saying_what_to_do(tmp_path):
 
     unreachable = run_prepare("data/openwebtext/prepare.py", f"--out_dir={tmp_path}")
     assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1, unreachable.stderr
-    assert "could not load Skylion007/openwebtext (revision refs/convert/parquet)" in unreachable.stderr and "--data_files" in unreachable.stderr
+    assert (
+        "could not load Skylion007/openwebtext (revision refs/convert/parquet)" in unreachable.stderr
+        and "--data_files" in unreachable.stderr
+    )
     script_dataset = tmp_path / "scripted"
     script_dataset.mkdir()
     (script_dataset / "scripted.py").write_text("import datasets\n")
-    scripted = run_prepare("data/openwebtext/prepare.py", f"--out_dir={tmp_path}", f"--repo={script_dataset}", "--revision=main")
-    assert scripted.returncode == 2 and "is a loading script" in scripted.stderr and "refs/convert/parquet" in scripted.stderr
+    scripted = run_prepare(
+        "data/openwebtext/prepare.py", f"--out_dir={tmp_path}", f"--repo={script_dataset}", "--revision=main"
+    )
+    assert (
+        scripted.returncode == 2
+        and "is a loading script" in scripted.stderr
+        and "refs/convert/parquet" in scripted.stderr
+    )
     missing = run_prepare("data/fineweb/prepare.py", f"--out_dir={tmp_path}", "--data_files", tmp_path / "nope.parquet")
     assert missing.returncode == 2 and "--data_files: no such file" in missing.stderr
     datasets.Dataset.from_dict({"content": ["a"]}).to_parquet(str(tmp_path / "no_text.parquet"))
-    no_text = run_prepare("data/fineweb/prepare.py", f"--out_dir={tmp_path}", "--data_files", tmp_path / "no_text.parquet")
+    no_text = run_prepare(
+        "data/fineweb/prepare.py", f"--out_dir={tmp_path}", "--data_files", tmp_path / "no_text.parquet"
+    )
     assert no_text.returncode == 2 and "no 'text' column" in no_text.stderr
     assert not list(tmp_path.glob("*.bin"))  # nothing half-written
 
@@ -175,13 +194,31 @@ def test_char_level_shakespeare_round_trips_through_prepare_train_and_sample(tmp
 
     out = tmp_path / "run"
     assert train.main(tiny_run_args(out, data, max_steps=3, eval_interval=3)) == 0
-    sample = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--prompt=ROMEO:", "--max_new_tokens=40",
-                             "--num_samples=1", "--device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    sample = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            f"--out_dir={out}",
+            "--prompt=ROMEO:",
+            "--max_new_tokens=40",
+            "--num_samples=1",
+            "--device=cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert sample.returncode == 0, sample.stderr
     text = sample.stdout.split("\n---------------")[0]
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 40 and set(text) <= set(vocabulary.chars)
-    export = subprocess.run([sys.executable, "export.py", f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf'}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    export = subprocess.run(
+        [sys.executable, "export.py", f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert export.returncode == 2 and f"{vocabulary.size} tokens, not GPT-2's 50257" in export.stderr
 
 

@@ -7,17 +7,19 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_run_args
 
 import checkpoint
 import export
 import hf
 import train
+from conftest import ROOT, tiny_run_args
 from model import GPT, GPTConfig
 
 
 def run_export(*args):
-    return subprocess.run([sys.executable, "export.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "export.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_a_trained_run_exports_to_a_directory_transformers_loads(tmp_path, token_dir):

@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, read_log, tiny_run_args
 
 import build
 import checkpoint
 import hf
 import train
+from conftest import ROOT, read_log, tiny_run_args
 from train_config import ConfigError, parse_config
 
 
@@ -65,7 +65,9 @@ def test_the_first_step_loss_is_transformers_loss_on_the_same_batch(tmp_path, to
     assert start["config"]["model"] == "gpt2-tiny" and start["config"]["lwlr_init"] == "model"
 
 
-def test_a_short_finetune_lowers_the_loss_and_measures_lwlr_at_the_loaded_weights(tmp_path, patterned_dir, gpt2_dir, capfd):
+def test_a_short_finetune_lowers_the_loss_and_measures_lwlr_at_the_loaded_weights(
+    tmp_path, patterned_dir, gpt2_dir, capfd
+):
     out = tmp_path / "run"
     assert train.main(finetune_args(out, patterned_dir, gpt2_dir, max_steps=12, eval_interval=6, lr=1e-2)) == 0
     losses = [r["loss"] for r in read_log(out, "train")]
@@ -92,8 +94,13 @@ def test_a_restart_resumes_from_its_own_checkpoint_not_from_the_directory(tmp_pa
 def test_the_finetuned_model_exports_and_round_trips(tmp_path, token_dir, gpt2_dir):
     out, exported = tmp_path / "run", tmp_path / "exported"
     assert train.main(finetune_args(out, token_dir, gpt2_dir, max_steps=2)) == 0
-    result = subprocess.run([sys.executable, "export.py", f"--out_dir={out}", f"--hf_dir={exported}"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "export.py", f"--out_dir={out}", f"--hf_dir={exported}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     ours = checkpoint.load_model(*checkpoint.latest(str(out)))
     back = hf.from_pretrained(str(exported))
@@ -101,8 +108,13 @@ def test_the_finetuned_model_exports_and_round_trips(tmp_path, token_dir, gpt2_d
 
 
 def test_a_hub_name_or_a_disagreeing_model_fails_in_one_line(tmp_path, token_dir, gpt2_dir):
-    result = subprocess.run([sys.executable, "train.py", *tiny_run_args(tmp_path / "run", token_dir, init_from="openai-community/gpt2")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train.py", *tiny_run_args(tmp_path / "run", token_dir, init_from="openai-community/gpt2")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "init_from='openai-community/gpt2' is neither auto, resume, scratch nor a local directory" in result.stderr
     assert "download a Hugging Face directory first" in result.stderr

@@ -12,19 +12,26 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, read_log, tiny_run_args, torchrun
 
 import build
 import progress
 import runtime
 import train
+from conftest import ROOT, read_log, tiny_run_args, torchrun
 from progress import Progress, counted, duration
 from train_config import ConfigError, TrainConfig, parse_config
 
 
 def test_durations_read_as_people_say_them():
     assert [duration(s) for s in (0, 42.4, 60, 185, 3599, 3600, 7620)] == [
-        "0 s", "42 s", "1 min 00 s", "3 min 05 s", "59 min 59 s", "1 h 00 min", "2 h 07 min"]
+        "0 s",
+        "42 s",
+        "1 min 00 s",
+        "3 min 05 s",
+        "59 min 59 s",
+        "1 h 00 min",
+        "2 h 07 min",
+    ]
 
 
 def test_progress_writes_plain_lines_with_the_count_rate_and_time_left_off_a_terminal(monkeypatch):
@@ -56,13 +63,18 @@ def test_progress_draws_a_bar_on_a_terminal():
 
 def test_a_run_reports_progress_through_the_measurement_and_the_evals(tmp_path, token_dir, capsys, monkeypatch):
     monkeypatch.setattr(progress, "EVERY_SECONDS", 0.0)  # a line after every unit of work
-    assert train.main(tiny_run_args(tmp_path / "run", token_dir, max_steps=2, eval_interval=2, lwlr_T=3, eval_steps=3)) == 0
+    assert (
+        train.main(tiny_run_args(tmp_path / "run", token_dir, max_steps=2, eval_interval=2, lwlr_T=3, eval_steps=3))
+        == 0
+    )
     out = capsys.readouterr().out
     assert "lwlr: 1/3 batches" in out and "lwlr: 2/3 batches" in out
     assert "eval: 1/3 batches" in out and "eval: 2/3 batches" in out
 
 
-def test_the_step_time_leaves_out_the_first_step_and_the_log_says_the_time_left(tmp_path, token_dir, monkeypatch, capsys):
+def test_the_step_time_leaves_out_the_first_step_and_the_log_says_the_time_left(
+    tmp_path, token_dir, monkeypatch, capsys
+):
     step = train.Trainer.step
 
     def slow_first_step(self, n):  # what compilation does to the first step
@@ -90,7 +102,9 @@ def test_the_step_time_leaves_out_the_first_step_and_the_log_says_the_time_left(
 def test_an_eval_between_log_lines_does_not_double_the_logged_loss(tmp_path, token_dir):
     # lr 0 on one repeated batch: every step's loss is the same number, so every interval's mean is too.
     out = tmp_path / "run"
-    args = tiny_run_args(out, token_dir, lr=0.0, min_lr=0.0, data_subset_batches=1, max_steps=6, log_interval=2, eval_interval=3)
+    args = tiny_run_args(
+        out, token_dir, lr=0.0, min_lr=0.0, data_subset_batches=1, max_steps=6, log_interval=2, eval_interval=3
+    )
     assert train.main(args) == 0
     losses = [r["loss"] for r in read_log(out, "train")]
     assert len(losses) == 3 and losses == pytest.approx([losses[0]] * 3, rel=1e-6)
@@ -106,8 +120,10 @@ def test_the_micro_batch_adapts_so_the_global_batch_splits_over_the_processes():
     assert build.fit_micro_batch(default, 128, 1, say=said.append) is default and said == []
     two = build.fit_micro_batch(default, 128, 2, say=said.append)
     assert (two.micro_batch_size, build.grad_accumulation(two, 128, 2)) == (8, 1)
-    assert said == ["batch: micro_batch_size 16 -> 8, so that tokens_per_step=2,048 splits over 2 processes: "
-                    "8 batch * 128 block * 1 accum * 2 processes"]
+    assert said == [
+        "batch: micro_batch_size 16 -> 8, so that tokens_per_step=2,048 splits over 2 processes: "
+        "8 batch * 128 block * 1 accum * 2 processes"
+    ]
     gpt2 = shipped("train_gpt2.py")  # 491,520 = 480 sequences of 1024: 160 per process on 3, and 12 does not divide 160
     three = build.fit_micro_batch(gpt2, 1024, 3, say=said.append)
     assert (three.micro_batch_size, build.grad_accumulation(three, 1024, 3)) == (10, 16)
@@ -127,9 +143,11 @@ def test_every_shipped_config_splits_its_batch_over_1_2_4_and_8_processes(name):
 def test_a_global_batch_no_split_fits_names_the_values_that_would():
     with pytest.raises(ConfigError) as error:
         build.fit_micro_batch(TrainConfig(), 128, 3)
-    assert str(error.value) == ("tokens_per_step=2,048 cannot be split over 3 processes of sequences of block_size=128: it must be "
-                                "a multiple of block_size * processes = 384. tokens_per_step=1,920 or 2,304 would; or run on "
-                                "1, 2, 4, 8, 16 processes")
+    assert str(error.value) == (
+        "tokens_per_step=2,048 cannot be split over 3 processes of sequences of block_size=128: it must be "
+        "a multiple of block_size * processes = 384. tokens_per_step=1,920 or 2,304 would; or run on "
+        "1, 2, 4, 8, 16 processes"
+    )
 
 
 def test_a_config_error_is_said_by_rank_0_alone(monkeypatch, capsys):
@@ -156,20 +174,38 @@ def shakespeare_dirs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("config, data", [("train_shakespeare.py", "bpe"), ("train_shakespeare_char.py", "char")])
-def test_the_default_and_char_level_configs_run_unchanged_under_torchrun_on_2_processes(tmp_path, shakespeare_dirs, config, data):
+def test_the_default_and_char_level_configs_run_unchanged_under_torchrun_on_2_processes(
+    tmp_path, shakespeare_dirs, config, data
+):
     out = tmp_path / "run"
-    args = [f"config/{config}", f"--data_dir={shakespeare_dirs / data}", f"--out_dir={out}", "--max_steps=2", "--eval_interval=2",
-            "--eval_steps=1", "--lwlr_T=2", "--lwlr_cache_dir=none", "--compile=false", "--dtype=float32"]
+    args = [
+        f"config/{config}",
+        f"--data_dir={shakespeare_dirs / data}",
+        f"--out_dir={out}",
+        "--max_steps=2",
+        "--eval_interval=2",
+        "--eval_steps=1",
+        "--lwlr_T=2",
+        "--lwlr_cache_dir=none",
+        "--compile=false",
+        "--dtype=float32",
+    ]
     result = torchrun(2, args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("batch: micro_batch_size 16 -> 8, so that tokens_per_step=2,048 splits over 2 processes") == 1
+    assert (
+        result.stdout.count("batch: micro_batch_size 16 -> 8, so that tokens_per_step=2,048 splits over 2 processes")
+        == 1
+    )
     start = read_log(out, "start")[0]
     assert start["grad_accum"] == 1 and start["config"]["micro_batch_size"] == 8
 
 
 def tree_digest(folder) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def test_a_finished_run_run_again_says_so_and_changes_no_file(tmp_path, token_dir):
@@ -177,8 +213,13 @@ def test_a_finished_run_run_again_says_so_and_changes_no_file(tmp_path, token_di
     args = tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)
     assert train.main(args) == 0
     before = tree_digest(out)
-    result = subprocess.run([sys.executable, "train.py", *args, "--micro_batch_size=2"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train.py", *args, "--micro_batch_size=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert f"{out} holds a finished run: step 3 of max_steps=3" in result.stdout
     assert "--max_steps=MORE --lr_decay_steps=3" in result.stdout and "another --out_dir" in result.stdout
@@ -187,15 +228,26 @@ def test_a_finished_run_run_again_says_so_and_changes_no_file(tmp_path, token_di
     assert read_log(out, "start")[-1]["step"] == 3 and read_log(out, "train")[-1]["step"] == 4
 
 
-@pytest.mark.parametrize("typed, meant", [("max_iters", "max_steps"), ("learning_rate", "lr"), ("batch_size", "micro_batch_size"),
-                                          ("gradient_accumulation_steps", "tokens_per_step"), ("eval_iters", "eval_steps"),
-                                          ("lr_decay_iters", "lr_decay_steps"), ("weight_decy", "weight_decay")])
+@pytest.mark.parametrize(
+    "typed, meant",
+    [
+        ("max_iters", "max_steps"),
+        ("learning_rate", "lr"),
+        ("batch_size", "micro_batch_size"),
+        ("gradient_accumulation_steps", "tokens_per_step"),
+        ("eval_iters", "eval_steps"),
+        ("lr_decay_iters", "lr_decay_steps"),
+        ("weight_decy", "weight_decay"),
+    ],
+)
 def test_an_unknown_key_names_the_one_meant(typed, meant, tmp_path):
     with pytest.raises(ConfigError, match=rf"unknown config key '{typed}'; .*\b{meant}\b"):
         parse_config([f"--{typed}=1"])
     config_file = tmp_path / "nanogpt.py"
     config_file.write_text(f"{typed} = 1\n")
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(config_file))}: unknown config key '{typed}'; .*\b{meant}\b"):
+    with pytest.raises(
+        ConfigError, match=rf"{re.escape(str(config_file))}: unknown config key '{typed}'; .*\b{meant}\b"
+    ):
         parse_config([str(config_file)])
 
 
@@ -206,28 +258,45 @@ def narrow_long_dir(tmp_path):
 
     torch.manual_seed(0)
     path = tmp_path / "hf-1024-positions"
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=50257)).save_pretrained(path)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=50257)).save_pretrained(
+        path
+    )
     return path
 
 
 def test_a_finetune_takes_the_directorys_positions_and_names_no_preset(tmp_path, token_dir, narrow_long_dir, capsys):
     out = tmp_path / "run"
-    args = tiny_run_args(out, token_dir, init_from=narrow_long_dir, block_size=384, micro_batch_size=1, tokens_per_step=384,
-                         max_steps=1, eval_interval=1, eval_steps=1)
-    args = [arg for arg in args if not arg.startswith(("--lwlr_T=", "--model="))]  # the directory's, and a fine-tune's default
+    args = tiny_run_args(
+        out,
+        token_dir,
+        init_from=narrow_long_dir,
+        block_size=384,
+        micro_batch_size=1,
+        tokens_per_step=384,
+        max_steps=1,
+        eval_interval=1,
+        eval_steps=1,
+    )
+    args = [
+        arg for arg in args if not arg.startswith(("--lwlr_T=", "--model="))
+    ]  # the directory's, and a fine-tune's default
     assert train.main(args) == 0
     printed = capsys.readouterr().out
     assert "narrow-2" not in printed and "preset" not in printed
     assert f"init_from: the weights of {narrow_long_dir} (2 layers, 2 heads, width 64, block_size 384)" in printed
     assert "over T=10 batches" in printed
-    whole = build.pretrained(parse_config([f"--init_from={narrow_long_dir}", f"--data_dir={token_dir}", "--block_size=0"]))
+    whole = build.pretrained(
+        parse_config([f"--init_from={narrow_long_dir}", f"--data_dir={token_dir}", "--block_size=0"])
+    )
     assert build.gpt_config(whole).block_size == 1024 and whole.lwlr_T == 10
     given = build.pretrained(parse_config([f"--init_from={narrow_long_dir}", f"--data_dir={token_dir}", "--lwlr_T=3"]))
     assert given.lwlr_T == 3
 
 
 def test_the_download_command_named_is_the_one_huggingface_hub_installs(tmp_path):
-    with pytest.raises(ConfigError, match=r"`hf download openai-community/gpt2 --local-dir hf/gpt2`.*before 0\.34.*huggingface-cli"):
+    with pytest.raises(
+        ConfigError, match=r"`hf download openai-community/gpt2 --local-dir hf/gpt2`.*before 0\.34.*huggingface-cli"
+    ):
         build.pretrained(parse_config(["--init_from=openai-community/gpt2"]))
     for path in ("README.md", "config/finetune_shakespeare.py"):
         text = open(os.path.join(ROOT, path)).read()

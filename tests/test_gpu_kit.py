@@ -12,12 +12,11 @@ import time
 
 import pytest
 import torch
+
+from bench import gpu_kit, gpu_train_check
 from conftest import ROOT
 
-import gpu_kit  # bench/ is on the path (conftest)
-import gpu_train_check
-
-FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool sends back
+FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # plain file names: a results folder any tool can copy
 
 
 @pytest.mark.parametrize("kit", list(gpu_kit.PLANS))
@@ -26,12 +25,19 @@ def test_each_gpu_plan_fits_eight_minutes_and_the_files_that_come_back(kit, tmp_
     assert sum(p.predicted_s for p in parts) <= 8 * 60 <= gpu_kit.GPU_BUDGET_S
     assert all(p.predicted_s <= p.cap_s for p in parts)
     out_names = ["summary.json"] + [f"{p.name}.log" for p in parts] + [name for p in parts for name in p.keep.values()]
-    assert len(set(out_names)) == len(out_names) <= gpu_kit.MAX_OUT_FILES and all(FILE_NAME.match(name) for name in out_names)
+    assert len(set(out_names)) == len(out_names) <= gpu_kit.MAX_OUT_FILES and all(
+        FILE_NAME.match(name) for name in out_names
+    )
     assert [p.name for p in gpu_kit.PLANS[kit]("python3", str(tmp_path), rehearse=True)] == [p.name for p in parts]
 
 
-@pytest.mark.parametrize("kit, reached", [("check", {"train.py", "tests/test_optim.py", "bench/bench_train.py", "bench/gpu_train_check.py"}),
-                                          ("science", {"bench/overfit.py"})])
+@pytest.mark.parametrize(
+    "kit, reached",
+    [
+        ("check", {"train.py", "tests/test_optim.py", "bench/bench_train.py", "bench/gpu_train_check.py"}),
+        ("science", {"bench/overfit.py"}),
+    ],
+)
 def test_each_kit_imports_only_what_the_gpu_image_has(kit, reached, tmp_path):
     for rehearse in (False, True):
         files = gpu_kit.kit_entry_files(gpu_kit.PLANS[kit]("python3", str(tmp_path), rehearse))
@@ -57,21 +63,35 @@ def test_the_import_walk_follows_project_modules_and_finds_a_missing_package(tmp
 
 
 def out_files(out):
-    return sorted(os.path.relpath(os.path.join(folder, name), out) for folder, _, names in os.walk(out) for name in names)
+    return sorted(
+        os.path.relpath(os.path.join(folder, name), out) for folder, _, names in os.walk(out) for name in names
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
 def test_without_a_gpu_the_kit_refuses_unless_rehearsing(tmp_path):
-    result = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OUT": str(tmp_path)})
+    result = subprocess.run(
+        ["bash", "bench/gpu_check.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )
     assert result.returncode == 1 and "torch sees no CUDA device" in result.stderr and "--rehearse" in result.stderr
     assert out_files(tmp_path) == []
 
 
 def test_a_rehearsed_part_writes_its_figures_only_under_out(tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run(["bash", "bench/gpu_check.sh", "--rehearse", "--parts=environment"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable})
+    result = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--rehearse", "--parts=environment"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OUT": str(out), "PYTHON": sys.executable},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert out_files(out) == ["environment.log", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
@@ -86,9 +106,18 @@ def test_a_rehearsed_part_writes_its_figures_only_under_out(tmp_path):
 
 def test_a_part_over_its_cap_is_cut_and_the_next_still_runs(tmp_path):
     python = sys.executable
-    parts = [gpu_kit.Part("slow", "sleeps past its cap", [[python, "-c", "import time; print('started', flush=True); time.sleep(60)"],
-                                                          [python, "-c", "print('never')"]], cap_s=2),
-             gpu_kit.Part("quick", "passes", [[python, "-c", "print('ok')"]], cap_s=30)]
+    parts = [
+        gpu_kit.Part(
+            "slow",
+            "sleeps past its cap",
+            [
+                [python, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                [python, "-c", "print('never')"],
+            ],
+            cap_s=2,
+        ),
+        gpu_kit.Part("quick", "passes", [[python, "-c", "print('ok')"]], cap_s=30),
+    ]
     env = {**os.environ, "PYTHON": python}
     start = time.monotonic()
     code = gpu_kit.run_plan("test", parts, str(tmp_path / "out"), str(tmp_path / "work"), env, budget=60, rehearse=True)
@@ -109,8 +138,18 @@ def test_the_resume_check_measures_the_deviation_against_the_second_half_update(
 
 
 def test_a_resumed_cpu_run_ends_bitwise_equal_to_the_uninterrupted_one(tmp_path):
-    code = gpu_train_check.main(["--device=cpu", "--optimizers", "adamw", "--compile=false", "--dtype=float32", "--vocab_size=64",
-                                 "--steps=4", f"--out={tmp_path}"])
+    code = gpu_train_check.main(
+        [
+            "--device=cpu",
+            "--optimizers",
+            "adamw",
+            "--compile=false",
+            "--dtype=float32",
+            "--vocab_size=64",
+            "--steps=4",
+            f"--out={tmp_path}",
+        ]
+    )
     record = json.loads((tmp_path / "train_check.json").read_text())["runs"][0]
     assert code == 0 and record["passed"] and record["bitwise_equal"] and record["resumed_at"] == 2
     assert record["checkpoints"] == ["step-00000002", "step-00000004"]

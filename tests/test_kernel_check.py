@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_run_args
 
 import build
 import checkpoint
@@ -17,6 +16,7 @@ import kernel_check
 import kernels
 import optim
 import train
+from conftest import ROOT, tiny_run_args
 from train_config import TrainConfig
 
 CPU = torch.device("cpu")
@@ -29,7 +29,7 @@ def make_for(optimizer: str):
 
 def plant(monkeypatch, kernel, fault: str) -> list:
     """Every launch of `kernel` runs twice ("twice": a wrong update) or raises ("raise"); returns the launch log."""
-    launched, real = [], optim._launch
+    launched, real = [], optim.launch_kernel
 
     def faulty(k, grid, *args, **meta):
         launched.append(k)
@@ -39,28 +39,42 @@ def plant(monkeypatch, kernel, fault: str) -> list:
         if k is kernel and fault == "twice":
             real(k, grid, *args, **meta)
 
-    monkeypatch.setattr(optim, "_launch", faulty)
+    monkeypatch.setattr(optim, "launch_kernel", faulty)
     return launched
 
 
-@pytest.mark.parametrize("optimizer, kernel", [
-    ("adamw", kernels.adamw_kernel), ("lion", kernels.lion_kernel), ("sophiag", kernels.sophiag_kernel),
-    ("sophiag", kernels.ema_of_square_kernel), ("adam_mini", kernels.block_mean_square_kernel),
-    ("adam_mini", kernels.adam_mini_kernel), ("sgdm_lw", kernels.sgd_momentum_kernel), ("adamw_lw", kernels.adamw_kernel),
-])
+@pytest.mark.parametrize(
+    "optimizer, kernel",
+    [
+        ("adamw", kernels.adamw_kernel),
+        ("lion", kernels.lion_kernel),
+        ("sophiag", kernels.sophiag_kernel),
+        ("sophiag", kernels.ema_of_square_kernel),
+        ("adam_mini", kernels.block_mean_square_kernel),
+        ("adam_mini", kernels.adam_mini_kernel),
+        ("sgdm_lw", kernels.sgd_momentum_kernel),
+        ("adamw_lw", kernels.adamw_kernel),
+    ],
+)
 def test_a_wrong_update_in_any_one_kernel_is_caught(optimizer, kernel, monkeypatch, tmp_path):
     assert kernel_check.check(optimizer, make_for(optimizer), CPU, str(tmp_path / "clean"))[0]
     launched = plant(monkeypatch, kernel, "twice")
     passed, finding = kernel_check.check(optimizer, make_for(optimizer), CPU, str(tmp_path / "planted"))
     assert kernel in launched and not passed
-    assert f"{optimizer}'s Triton kernels ({kernel_check.KERNELS[optimizer]}) differ from the torch path by up to" in finding
+    assert (
+        f"{optimizer}'s Triton kernels ({kernel_check.KERNELS[optimizer]}) differ from the torch path by up to"
+        in finding
+    )
     assert "beyond the tolerance rtol 1e-05 / atol 1e-06" in finding
 
 
 def test_a_launch_error_is_caught_and_named(monkeypatch, tmp_path):
     plant(monkeypatch, kernels.lion_kernel, "raise")
     passed, finding = kernel_check.check("lion", make_for("lion"), CPU, str(tmp_path))
-    assert not passed and finding == "lion's Triton kernels (lion_kernel) failed to run: RuntimeError: planted launch error"
+    assert (
+        not passed
+        and finding == "lion's Triton kernels (lion_kernel) failed to run: RuntimeError: planted launch error"
+    )
 
 
 def test_a_pass_is_cached_and_a_change_to_the_kernels_source_checks_again(monkeypatch, tmp_path):
@@ -72,10 +86,16 @@ def test_a_pass_is_cached_and_a_change_to_the_kernels_source_checks_again(monkey
     checked = len(launched)  # one launch per step, two steps, two sets of tensors
     assert passed and finding.startswith("self-check passed in") and checked == 4
     passed, finding = kernel_check.check("lion", make_for("lion"), CPU, str(tmp_path / "cache"))
-    assert passed and finding == f"self-check passed before on this machine (cached in {tmp_path / 'cache' / 'kernel-check.json'})"
+    assert (
+        passed
+        and finding
+        == f"self-check passed before on this machine (cached in {tmp_path / 'cache' / 'kernel-check.json'})"
+    )
     assert len(launched) == checked  # nothing launched
     source.write_text("# the kernels, version 2\n")
-    assert kernel_check.check("lion", make_for("lion"), CPU, str(tmp_path / "cache"))[0] and len(launched) == 2 * checked
+    assert (
+        kernel_check.check("lion", make_for("lion"), CPU, str(tmp_path / "cache"))[0] and len(launched) == 2 * checked
+    )
 
 
 def test_a_failure_is_not_cached(monkeypatch, tmp_path):
@@ -99,7 +119,9 @@ def test_a_corrupt_or_unwritable_cache_is_a_warning_never_an_error(tmp_path):
     said.clear()
     passed, _ = kernel_check.check("lion", make_for("lion"), CPU, str(blocked / "cache"), say=said.append)
     assert passed and len(said) == 1
-    assert said[0].startswith(f"warning: cannot write the kernel self-check cache {blocked / 'cache' / 'kernel-check.json'} (")
+    assert said[0].startswith(
+        f"warning: cannot write the kernel self-check cache {blocked / 'cache' / 'kernel-check.json'} ("
+    )
     assert said[0].endswith("); the next run checks again")
 
 
@@ -112,15 +134,21 @@ def test_each_backend_choice_says_why(monkeypatch, tmp_path):
     assert choose(optimizer_backend="torch", kernel_check="force") == ("torch", "optimizer_backend=torch")
     assert choose() == ("torch", "optimizer_backend=auto on a cpu: the Triton kernels run on CUDA")
     assert choose(optimizer_backend="triton") == (
-        "triton", "optimizer_backend=triton on the CPU through Triton's interpreter; kernel_check=auto, not checked")
+        "triton",
+        "optimizer_backend=triton on the CPU through Triton's interpreter; kernel_check=auto, not checked",
+    )
     backend, why = choose(optimizer="lion", kernel_check="force")
-    assert backend == "triton" and why.startswith("optimizer_backend=auto on the CPU through Triton's interpreter; self-check passed")
+    assert backend == "triton" and why.startswith(
+        "optimizer_backend=auto on the CPU through Triton's interpreter; self-check passed"
+    )
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(kernel_check.KernelCheckError, match="optimizer_backend=triton needs a CUDA device"):
         choose(optimizer_backend="triton")
 
 
-def test_a_run_whose_kernel_fails_the_check_trains_on_the_torch_path_to_the_same_weights(tmp_path, token_dir, monkeypatch, capsys):
+def test_a_run_whose_kernel_fails_the_check_trains_on_the_torch_path_to_the_same_weights(
+    tmp_path, token_dir, monkeypatch, capsys
+):
     reference = tmp_path / "torch"
     assert train.main(tiny_run_args(reference, token_dir, max_steps=3, eval_interval=3, optimizer_backend="torch")) == 0
     plant(monkeypatch, kernels.adamw_kernel, "twice")
@@ -128,9 +156,16 @@ def test_a_run_whose_kernel_fails_the_check_trains_on_the_torch_path_to_the_same
     assert train.main(tiny_run_args(checked, token_dir, max_steps=3, eval_interval=3, kernel_check="force")) == 0
     printed = capsys.readouterr().out
     warning = [line for line in printed.splitlines() if line.startswith("warning: kernel self-check:")]
-    assert len(warning) == 1 and "differ from the torch path by up to" in warning[0] and "uses the torch path instead" in warning[0]
+    assert (
+        len(warning) == 1
+        and "differ from the torch path by up to" in warning[0]
+        and "uses the torch path instead" in warning[0]
+    )
     assert "report it" in warning[0]
-    assert "optimizer: adamw on the torch path (optimizer_backend=auto, the torch path: the kernel self-check failed" in printed
+    assert (
+        "optimizer: adamw on the torch path (optimizer_backend=auto, the torch path: the kernel self-check failed"
+        in printed
+    )
     a, b = (checkpoint.load_tensors(checkpoint.step_dir(str(out), 3), "model") for out in (reference, checked))
     assert all(torch.equal(a[name], b[name]) for name in a)
 
@@ -140,18 +175,27 @@ def test_optimizer_backend_triton_stops_before_the_first_step_and_leaves_out_dir
     script = tmp_path / "planted.py"
     script.write_text(
         "import sys, optim, kernels, train, runtime\n"
-        "real = optim._launch\n"
+        "real = optim.launch_kernel\n"
         "def faulty(kernel, grid, *args, **meta):\n"
         "    if kernel is kernels.adamw_kernel:\n"
         "        raise RuntimeError('planted launch error')\n"
         "    real(kernel, grid, *args, **meta)\n"
-        "optim._launch = faulty\n"
-        "runtime.run_main(lambda: train.main(sys.argv[1:]))\n")
+        "optim.launch_kernel = faulty\n"
+        "runtime.run_main(lambda: train.main(sys.argv[1:]))\n"
+    )
     out = tmp_path / "run"
     args = tiny_run_args(out, token_dir, optimizer_backend="triton", kernel_check="force")
-    result = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT})
+    result = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT},
+    )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: kernel self-check: adamw's Triton kernels")
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+        "error: kernel self-check: adamw's Triton kernels"
+    )
     assert "planted launch error" in result.stderr and "optimizer_backend=auto" in result.stderr
     assert not out.exists()

@@ -7,15 +7,20 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
-
 import kernels
+from conftest import ROOT
 
 
 def test_every_kernel_compiles_for_a100_and_h100_within_the_targets(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "bench/kernel_report.py", "--check", f"--out={tmp_path / 'kernels'}"], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.kernel_report", "--check", f"--out={tmp_path / 'kernels'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "kernels.json").read_text())
     # Every kernel in kernels.py is launched by some optimizer, so every one was compiled.
@@ -43,16 +48,20 @@ PTX = """
 
 
 def test_ptx_accesses_are_split_into_element_bytes_by_width_and_table_reads():
-    import kernel_report  # bench/ is on the path (conftest)
+    from bench import kernel_report
 
     assert kernel_report.global_accesses(PTX) == {"element_bytes_by_width": {16: 32, 4: 8}, "table_reads": 2}
-    assert kernel_report.occupancy(32, 8) == 1.0 and kernel_report.occupancy(48, 8) == 0.625 and kernel_report.occupancy(220, 8) == 0.125
+    assert (
+        kernel_report.occupancy(32, 8) == 1.0
+        and kernel_report.occupancy(48, 8) == 0.625
+        and kernel_report.occupancy(220, 8) == 0.125
+    )
 
 
 def test_every_optimizer_launches_the_aligned_build_on_gpt2():
     """A state that is not read element by element (Adam-mini's one second moment per LayerNorm, LW-AS's
     0-dim step size) must not send a gpt2 run's launch to the scalar fallback."""
-    import kernel_report
+    from bench import kernel_report
 
     builds = kernel_report.launched_builds(kernel_report.record_launches("gpt2"))
     assert {b["optimizer"] for b in builds} == set(kernel_report.OPTIMIZERS)

@@ -5,8 +5,8 @@ GPT forward that uses it."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TEST_DEVICE
 
+from conftest import TEST_DEVICE
 from loss import linear_cross_entropy
 from model import GPT, GPTConfig
 
@@ -19,8 +19,10 @@ def reference_and_ours(rows, width, vocab, chunk_rows, ignored=(), dtype=torch.f
     targets[list(ignored)] = -1
     hidden, weight, targets = hidden.to(TEST_DEVICE), weight.to(TEST_DEVICE), targets.to(TEST_DEVICE)
     results = []
-    for compute in (lambda h, w: F.cross_entropy(h @ w.t(), targets, ignore_index=-1),
-                    lambda h, w: linear_cross_entropy(h, w, targets, chunk_rows)):
+    for compute in (
+        lambda h, w: F.cross_entropy(h @ w.t(), targets, ignore_index=-1),
+        lambda h, w: linear_cross_entropy(h, w, targets, chunk_rows),
+    ):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         loss = compute(h, w)
         (3.0 * loss).backward()  # a gradient that is not 1 reaches backward
@@ -28,21 +30,28 @@ def reference_and_ours(rows, width, vocab, chunk_rows, ignored=(), dtype=torch.f
     return results
 
 
-@pytest.mark.parametrize("rows, vocab, chunk_rows, ignored", [
-    (37, 101, 8, ()),  # 5 chunks, the last of 5 rows; 101 padded to 128
-    (64, 128, 64, ()),  # one chunk, no padding
-    (1, 7, 4, ()),  # a single row
-    (50, 257, 16, (0, 17, 49)),  # ignored targets leave the mean and gradients of the others
-])
+@pytest.mark.parametrize(
+    "rows, vocab, chunk_rows, ignored",
+    [
+        (37, 101, 8, ()),  # 5 chunks, the last of 5 rows; 101 padded to 128
+        (64, 128, 64, ()),  # one chunk, no padding
+        (1, 7, 4, ()),  # a single row
+        (50, 257, 16, (0, 17, 49)),  # ignored targets leave the mean and gradients of the others
+    ],
+)
 def test_values_and_gradients_equal_the_full_logits_loss(rows, vocab, chunk_rows, ignored):
-    (loss, grad_h, grad_w), (our_loss, our_grad_h, our_grad_w) = reference_and_ours(rows, 24, vocab, chunk_rows, ignored)
+    (loss, grad_h, grad_w), (our_loss, our_grad_h, our_grad_w) = reference_and_ours(
+        rows, 24, vocab, chunk_rows, ignored
+    )
     torch.testing.assert_close(our_loss, loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(our_grad_h, grad_h, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(our_grad_w, grad_w, rtol=1e-10, atol=1e-12)
 
 
 def test_fp32_on_gpt2_shapes_agrees_to_rounding():
-    (loss, grad_h, grad_w), (our_loss, our_grad_h, our_grad_w) = reference_and_ours(200, 64, 50257, 128, dtype=torch.float32)
+    (loss, grad_h, grad_w), (our_loss, our_grad_h, our_grad_w) = reference_and_ours(
+        200, 64, 50257, 128, dtype=torch.float32
+    )
     torch.testing.assert_close(our_loss, loss, rtol=1e-6, atol=0)
     for ours, reference in ((our_grad_h, grad_h), (our_grad_w, grad_w)):  # fp32 rounding, relative to the largest entry
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5 * reference.abs().max().item())

@@ -76,8 +76,17 @@ def first_step(model, optimizer, theta):
 def test_step_size_on_a_quadratic_equals_the_closed_form(joint_rescale):
     hessian, linear = coupled_quadratic()
     model = Quadratic(hessian, linear)
-    optimizer = lwas.SGDMomentumLW(model.parameters(), lr=1.0, momentum=0.9, warmup_steps=0, beta=0.0, damping=0.0,
-                                   alpha_max=1e6, joint_rescale=joint_rescale, backend="torch")
+    optimizer = lwas.SGDMomentumLW(
+        model.parameters(),
+        lr=1.0,
+        momentum=0.9,
+        warmup_steps=0,
+        beta=0.0,
+        damping=0.0,
+        alpha_max=1e6,
+        joint_rescale=joint_rescale,
+        backend="torch",
+    )
     # Near the minimum rho_l / delta_l is small, so alpha_l is close to each block's own Newton step, and
     # the blocks' coupling (the layers move against each other) makes the joint step overshoot.
     theta = np.linalg.solve(hessian, linear) + 0.01 * np.array([1.0, 1.0, 1.0, -1.0, -1.0])
@@ -93,13 +102,25 @@ def test_adamw_lw_step_on_a_quadratic_equals_the_closed_form(joint_rescale):
     hessian, linear = coupled_quadratic()
     model = Quadratic(hessian, linear)
     eta, eps = 1.0, 1e-8
-    optimizer = lwas.AdamWLW(model.parameters(), lr=eta, eps=eps, weight_decay=0.0, warmup_steps=0, beta=0.0, damping=0.0, alpha_max=1e6,
-                             joint_rescale=joint_rescale, backend="torch")
+    optimizer = lwas.AdamWLW(
+        model.parameters(),
+        lr=eta,
+        eps=eps,
+        weight_decay=0.0,
+        warmup_steps=0,
+        beta=0.0,
+        damping=0.0,
+        alpha_max=1e6,
+        joint_rescale=joint_rescale,
+        backend="torch",
+    )
     # Close to the minimum, where alpha_l nears each block's Newton step along d_l and the coupling
     # between the blocks makes the joint step overshoot (a scale of 0.69 here).
     theta = np.linalg.solve(hessian, linear) + 1e-4 * np.array([-1.0, -1.0, -1.0, 1.0, 1.0])
     gradient = hessian @ theta - linear
-    expected = first_step_by_hand(hessian, gradient, gradient / (np.abs(gradient) + eps), model.sizes, eta, joint_rescale)
+    expected = first_step_by_hand(
+        hessian, gradient, gradient / (np.abs(gradient) + eps), model.sizes, eta, joint_rescale
+    )
     # The step itself (~1e-4), so that it is not lost in theta's ~1.
     np.testing.assert_allclose(first_step(model, optimizer, theta), expected, rtol=1e-6)
 
@@ -108,8 +129,17 @@ def test_averages_are_bias_corrected_emas_over_refreshes():
     hessian, linear = coupled_quadratic()
     model = Quadratic(hessian, linear)
     beta = 0.5
-    optimizer = lwas.SGDMomentumLW(model.parameters(), lr=1.0, momentum=0.0, warmup_steps=0, beta=beta, damping=0.0,
-                                   alpha_max=1e6, joint_rescale=False, backend="torch")
+    optimizer = lwas.SGDMomentumLW(
+        model.parameters(),
+        lr=1.0,
+        momentum=0.0,
+        warmup_steps=0,
+        beta=beta,
+        damping=0.0,
+        alpha_max=1e6,
+        joint_rescale=False,
+        backend="torch",
+    )
     with torch.no_grad():
         model.a.fill_(1.0), model.b.fill_(-1.0)
     samples = []
@@ -124,7 +154,10 @@ def test_averages_are_bias_corrected_emas_over_refreshes():
         optimizer.step()
     (rho1, q1), (rho2, q2) = samples
     correction = 1 - beta**2
-    rho_avg, q_avg = (beta * (1 - beta) * rho1 + (1 - beta) * rho2) / correction, (beta * (1 - beta) * q1 + (1 - beta) * q2) / correction
+    rho_avg, q_avg = (
+        (beta * (1 - beta) * rho1 + (1 - beta) * rho2) / correction,
+        (beta * (1 - beta) * q1 + (1 - beta) * q2) / correction,
+    )
     expected = rho_avg / (np.sqrt(q_avg) * (np.sqrt(q_avg) + rho_avg))
     np.testing.assert_allclose(optimizer.last_refresh["step_size"].numpy(), expected, rtol=1e-6)
 
@@ -132,7 +165,9 @@ def test_averages_are_bias_corrected_emas_over_refreshes():
 def test_a_refresh_on_a_skipped_step_leaves_every_state_as_it_was():
     hessian, linear = coupled_quadratic()
     model = Quadratic(hessian, linear)
-    optimizer = lwas.SGDMomentumLW(model.parameters(), lr=1.0, warmup_steps=0, alpha_max=1e6, joint_rescale=True, backend="torch")
+    optimizer = lwas.SGDMomentumLW(
+        model.parameters(), lr=1.0, warmup_steps=0, alpha_max=1e6, joint_rescale=True, backend="torch"
+    )
     with torch.no_grad():
         model.a.fill_(1.0), model.b.fill_(-1.0)
     model()[1].backward()
@@ -160,7 +195,9 @@ def test_step_sizes_stay_finite_when_curvature_is_zero_or_negative():
 
     # On a concave quadratic (H negative definite) the optimizer steps by alpha_max, not by infinity.
     model = Quadratic(-np.eye(5), np.ones(5))
-    optimizer = lwas.SGDMomentumLW(model.parameters(), lr=1.0, warmup_steps=0, damping=0.0, alpha_max=0.25, joint_rescale=True, backend="torch")
+    optimizer = lwas.SGDMomentumLW(
+        model.parameters(), lr=1.0, warmup_steps=0, damping=0.0, alpha_max=0.25, joint_rescale=True, backend="torch"
+    )
     model()[1].backward()
     optimizer.refresh(lwas.Curvature("exact", model, None, None))
     optimizer.step()
@@ -191,7 +228,9 @@ def test_exact_block_term_equals_autograd_hvp_restricted_to_the_block(tiny_gpt):
 
         with sdpa_kernel(SDPBackend.MATH):
             _, block_product = torch.autograd.functional.hvp(loss_of_block, p.detach(), d)
-        torch.testing.assert_close(terms[index], torch.dot(d.flatten(), block_product.flatten()), rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            terms[index], torch.dot(d.flatten(), block_product.flatten()), rtol=1e-4, atol=1e-6, msg=name
+        )
 
 
 def test_rademacher_averages_to_the_exact_block_terms(tiny_gpt):
@@ -214,12 +253,15 @@ def test_rademacher_averages_to_the_exact_block_terms(tiny_gpt):
 
 def explicit_gauss_newton_block(model, x, name, p, d):
     """d . G . d = (1/N) sum_t z_t^T (diag(p_t) - p_t p_t^T) z_t with z = J d, J the full Jacobian of the logits."""
+
     def logits_of(value):
         return functional_call(model, {name: value}, (x,))[0].reshape(-1)
 
     with sdpa_kernel(SDPBackend.MATH):
         # forward mode: one JVP per parameter element, not one backward per logit
-        jacobian = torch.autograd.functional.jacobian(logits_of, p.detach(), vectorize=True, strategy="forward-mode").reshape(-1, p.numel())
+        jacobian = torch.autograd.functional.jacobian(
+            logits_of, p.detach(), vectorize=True, strategy="forward-mode"
+        ).reshape(-1, p.numel())
         probs = torch.softmax(model(x)[0].reshape(-1, model.config.vocab_size).detach(), dim=-1)
     z = (jacobian @ d.reshape(-1)).reshape(probs.shape)
     # z^T (diag(p) - p p^T) z per token, without the 50257 x 50257 matrix
@@ -228,18 +270,26 @@ def explicit_gauss_newton_block(model, x, name, p, d):
 
 def test_gauss_newton_estimate_averages_to_the_explicit_gauss_newton_block(tiny_gpt):
     model, _, _, all_params, all_directions = tiny_gpt
-    x = torch.randint(0, 50257, (1, 4), generator=torch.Generator().manual_seed(2))  # 4 tokens: the Jacobian stays small
+    x = torch.randint(
+        0, 50257, (1, 4), generator=torch.Generator().manual_seed(2)
+    )  # 4 tokens: the Jacobian stays small
     names = [name for name, _ in model.named_parameters()]
     chosen = [i for i, p in enumerate(all_params) if p.numel() <= 64][:3]  # LayerNorm scales and biases
     params, directions = [all_params[i] for i in chosen], [all_directions[i] for i in chosen]
-    explicit = torch.stack([explicit_gauss_newton_block(model, x, names[i], all_params[i], all_directions[i]) for i in chosen])
+    explicit = torch.stack(
+        [explicit_gauss_newton_block(model, x, names[i], all_params[i], all_directions[i]) for i in chosen]
+    )
     # The JVP form (the joint term's) is exact: one layer's tangent alone gives its block.
     for k, i in enumerate(chosen):
-        jvp_form = lwas.gauss_newton_quadratic_form(model, x, [all_params[i]], [all_directions[i]], torch.autocast("cpu", enabled=False))
+        jvp_form = lwas.gauss_newton_quadratic_form(
+            model, x, [all_params[i]], [all_directions[i]], torch.autocast("cpu", enabled=False)
+        )
         torch.testing.assert_close(jvp_form, explicit[k], rtol=1e-4, atol=1e-9)
     # The sampled-label estimate: never negative, and unbiased (mean of 400 draws within 5 standard errors).
     torch.manual_seed(0)
-    draws = torch.stack([lwas.Curvature("gauss_newton", model, x, None).block_terms(params, directions) for _ in range(400)])
+    draws = torch.stack(
+        [lwas.Curvature("gauss_newton", model, x, None).block_terms(params, directions) for _ in range(400)]
+    )
     assert (draws >= 0).all()
     standard_error = draws.std(0) / math.sqrt(len(draws))
     assert ((draws.mean(0) - explicit).abs() <= 5 * standard_error).all(), (draws.mean(0), explicit, standard_error)
@@ -266,7 +316,9 @@ def test_warmup_steps_equal_the_base_optimizer(name, backend):
         ours = lwas.AdamWLW(ours_params, lr=2.0, weight_decay=0.1, warmup_lr=5e-3, warmup_steps=100, backend=backend)
         reference = torch.optim.AdamW(reference_params, lr=5e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     else:  # torch's SGD couples weight decay into the gradient: compare without it
-        ours = lwas.SGDMomentumLW(ours_params, lr=2.0, momentum=0.9, weight_decay=0.0, warmup_lr=5e-3, warmup_steps=100, backend=backend)
+        ours = lwas.SGDMomentumLW(
+            ours_params, lr=2.0, momentum=0.9, weight_decay=0.0, warmup_lr=5e-3, warmup_steps=100, backend=backend
+        )
         reference = torch.optim.SGD(reference_params, lr=5e-3, momentum=0.9)
     generator = torch.Generator().manual_seed(2)
     for _ in range(10):
@@ -296,14 +348,28 @@ class ScaledNormCurvature:
 @pytest.mark.parametrize("shapes, aligned", [(SHAPES, False), (ALIGNED_SHAPES, True)])
 @pytest.mark.parametrize("name", ["adamw_lw", "sgdm_lw"])
 def test_triton_and_torch_backends_agree_through_refreshes_and_a_reload(name, shapes, aligned, monkeypatch):
-    make = {"adamw_lw": lambda ps, backend: lwas.AdamWLW([{"params": ps[:2], "lr_scale": 0.5}, {"params": ps[2:], "weight_decay": 0.0}],
-                                                           lr=0.8, warmup_steps=2, backend=backend),
-            "sgdm_lw": lambda ps, backend: lwas.SGDMomentumLW([{"params": ps[:2], "lr_scale": 0.5}, {"params": ps[2:], "weight_decay": 0.1}],
-                                                              lr=0.8, warmup_steps=2, backend=backend)}[name]
+    make = {
+        "adamw_lw": lambda ps, backend: lwas.AdamWLW(
+            [{"params": ps[:2], "lr_scale": 0.5}, {"params": ps[2:], "weight_decay": 0.0}],
+            lr=0.8,
+            warmup_steps=2,
+            backend=backend,
+        ),
+        "sgdm_lw": lambda ps, backend: lwas.SGDMomentumLW(
+            [{"params": ps[:2], "lr_scale": 0.5}, {"params": ps[2:], "weight_decay": 0.1}],
+            lr=0.8,
+            warmup_steps=2,
+            backend=backend,
+        ),
+    }[name]
     curvature = ScaledNormCurvature([300.0, -1.0, 50.0, 2000.0])
     builds = []
-    real_launch = optim._launch
-    monkeypatch.setattr(optim, "_launch", lambda kernel, grid, *args, **meta: (builds.append(meta["ALIGNED"]), real_launch(kernel, grid, *args, **meta)))
+    real_launch = optim.launch_kernel
+    monkeypatch.setattr(
+        optim,
+        "launch_kernel",
+        lambda kernel, grid, *args, **meta: (builds.append(meta["ALIGNED"]), real_launch(kernel, grid, *args, **meta)),
+    )
     runs, joint_scales = {}, []
     for backend in ("torch", "triton"):
         params = make_params(shapes=shapes)
@@ -326,7 +392,9 @@ def test_triton_and_torch_backends_agree_through_refreshes_and_a_reload(name, sh
     (torch_params, torch_optimizer), (triton_params, triton_optimizer) = runs["torch"], runs["triton"]
     for p, q in zip(torch_params, triton_params):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(triton_optimizer.state[q]["step_size"], torch_optimizer.state[p]["step_size"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            triton_optimizer.state[q]["step_size"], torch_optimizer.state[p]["step_size"], rtol=1e-5, atol=0
+        )
     # The rule acted: negative curvature gets the cap, the others their own sizes below it; the joint rescale acted.
     step_sizes = [torch_optimizer.state[p]["step_size"].item() for p in torch_params]
     cap = torch_optimizer.alpha_max * torch_optimizer.last_refresh["joint_scale"].item()

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TEST_DEVICE, tiny_run_args
 
 import build
 import lwlr
 import multipliers
 import optim
 import train
+from conftest import ROOT, TEST_DEVICE, tiny_run_args
 from model import GPT, GPTConfig
 from train_config import ConfigError, parse_config
 
@@ -75,8 +75,12 @@ def test_the_measurement_on_the_test_device_equals_the_cpu_one():
     would measure different networks): fp32 on both, other kernels and reduction orders. The largest
     relative difference seen in mean |g| is about 1e-5; a multiplier is its inverse square root."""
     cpu = lwlr.measure_grad_mean_abs(tiny_gpt(), gpt_batches(4), T=4, init="model")
-    on_device = lwlr.measure_grad_mean_abs(tiny_gpt().to(TEST_DEVICE), [(x.to(TEST_DEVICE), y.to(TEST_DEVICE)) for x, y in gpt_batches(4)],
-                                           T=4, init="model")
+    on_device = lwlr.measure_grad_mean_abs(
+        tiny_gpt().to(TEST_DEVICE),
+        [(x.to(TEST_DEVICE), y.to(TEST_DEVICE)) for x, y in gpt_batches(4)],
+        T=4,
+        init="model",
+    )
     assert set(on_device) == set(cpu)
     for name, g in cpu.items():
         if not lwlr.unmeasurable(name):
@@ -155,11 +159,20 @@ def test_bad_input_fails_clearly(tmp_path):
     model = tiny_gpt()
     layers = [{"name": n, "shape": list(p.shape), "multiplier": 1.0} for n, p in model.named_parameters()]
     path = tmp_path / "lwlr.json"
-    path.write_text(json.dumps({"layers": layers + [{"name": "transformer.h.9.attn.q_proj.weight", "shape": [64, 64], "multiplier": 1.0}]}))
-    with pytest.raises(multipliers.LwlrFileError, match="lwlr.json: layer\\(s\\) transformer.h.9.attn.q_proj.weight are not in the model"):
+    path.write_text(
+        json.dumps(
+            {"layers": layers + [{"name": "transformer.h.9.attn.q_proj.weight", "shape": [64, 64], "multiplier": 1.0}]}
+        )
+    )
+    with pytest.raises(
+        multipliers.LwlrFileError,
+        match="lwlr.json: layer\\(s\\) transformer.h.9.attn.q_proj.weight are not in the model",
+    ):
         multipliers.load_multipliers(str(path), model)
     path.write_text(json.dumps({"layers": layers[1:]}))
-    with pytest.raises(multipliers.LwlrFileError, match="no multiplier for the model's layer\\(s\\) transformer.wte.weight"):
+    with pytest.raises(
+        multipliers.LwlrFileError, match="no multiplier for the model's layer\\(s\\) transformer.wte.weight"
+    ):
         multipliers.load_multipliers(str(path), model)
     with pytest.raises(ConfigError, match="lr_rule='adaptive'"):
         multipliers.for_config(parse_config(["--lr_rule=adaptive"]), model, None)
@@ -174,7 +187,16 @@ def test_compare_reports_percent_deviation(tmp_path):
 
 
 def cli_args(out_dir, token_dir, T=4):
-    return [f"--out_dir={out_dir}", f"--data_dir={token_dir}", "--model=gpt2-tiny", "--block_size=32", "--micro_batch_size=2", f"--lwlr_T={T}", "--device=cpu", "--lwlr_cache_dir=none"]
+    return [
+        f"--out_dir={out_dir}",
+        f"--data_dir={token_dir}",
+        "--model=gpt2-tiny",
+        "--block_size=32",
+        "--micro_batch_size=2",
+        f"--lwlr_T={T}",
+        "--device=cpu",
+        "--lwlr_cache_dir=none",
+    ]
 
 
 def test_cli_writes_json_and_plot_and_is_reproducible(tmp_path, token_dir):
@@ -183,7 +205,13 @@ def test_cli_writes_json_and_plot_and_is_reproducible(tmp_path, token_dir):
     assert multipliers.main(cli_args(second, token_dir)) == 0
     assert (first / "lwlr.json").read_bytes() == (second / "lwlr.json").read_bytes()
     data = json.loads((first / "lwlr.json").read_text())
-    assert (data["T"], data["init"], data["power"], data["model"], data["seed"]) == (4, "fan_out", 0.5, "gpt2-tiny", 1337)
+    assert (data["T"], data["init"], data["power"], data["model"], data["seed"]) == (
+        4,
+        "fan_out",
+        0.5,
+        "gpt2-tiny",
+        1337,
+    )
     layer = data["layers"][0]
     assert set(layer) == {"name", "shape", "numel", "grad_mean_abs", "multiplier"}
     # The plot: every layer once, at its place in model order, with its multiplier; the Linear panel holds
@@ -191,8 +219,9 @@ def test_cli_writes_json_and_plot_and_is_reproducible(tmp_path, token_dir):
     drawn = multipliers.plot(data, str(tmp_path / "again.png"))
     everything = sorted(point for points in drawn["all layers"].values() for point in points)
     assert everything == [(i, layer["multiplier"]) for i, layer in enumerate(data["layers"])]
-    assert [point[1] for point in drawn["all layers"]["q"]] == [layer["multiplier"] for layer in data["layers"]
-                                                                if layer["name"].endswith("attn.q_proj.weight")]
+    assert [point[1] for point in drawn["all layers"]["q"]] == [
+        layer["multiplier"] for layer in data["layers"] if layer["name"].endswith("attn.q_proj.weight")
+    ]
     linear = sorted(point for points in drawn["Linear weights"].values() for point in points)
     assert len(linear) == 12 and set(drawn["Linear weights"]) == {"q", "k", "v", "attn_out", "mlp_in", "mlp_out"}
 
@@ -201,10 +230,22 @@ def test_two_process_measurement_equals_one_process(tmp_path, token_dir):
     outputs = {}
     for nproc in (1, 2):
         out = tmp_path / f"p{nproc}"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "multipliers.py", *cli_args(out, token_dir, T=5)]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "multipliers.py",
+            *cli_args(out, token_dir, T=5),
+        ]
+        result = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         assert result.returncode == 0, result.stderr[-3000:]
-        outputs[nproc] = {layer["name"]: layer["multiplier"] for layer in json.loads((out / "lwlr.json").read_text())["layers"]}
+        outputs[nproc] = {
+            layer["name"]: layer["multiplier"] for layer in json.loads((out / "lwlr.json").read_text())["layers"]
+        }
     # Equal up to fp32 rounding: one process runs its matmuls on 2 threads, each of two processes on 1,
     # which changes the order of the sums inside them.
     for name, value in outputs[1].items():
@@ -240,15 +281,25 @@ def test_a_rerun_with_the_same_settings_reuses_the_measurement_and_says_so(tmp_p
         c = train.parse_config(args)
         torch.manual_seed(c.seed)
         model = GPT(build.gpt_config(c))
-        measured, _ = multipliers.for_config(c, model, build.token_batches(c, "train", "lwlr", model.config), log=lines.append)
+        measured, _ = multipliers.for_config(
+            c, model, build.token_batches(c, "train", "lwlr", model.config), log=lines.append
+        )
         return measured, " ".join(lines)
 
     first, log = run("first")
     assert "measured" in log and len(list(cache.iterdir())) == 1
     again, log = run("again")
-    assert "reusing the multipliers measured with these settings" in log and "measured" not in log.replace("measured with", "")
+    assert "reusing the multipliers measured with these settings" in log and "measured" not in log.replace(
+        "measured with", ""
+    )
     assert again == first
-    for key, value in (("seed", 7), ("lwlr_T", 4), ("lwlr_power", 0.25), ("micro_batch_size", 2), ("residual_scale", "true")):
+    for key, value in (
+        ("seed", 7),
+        ("lwlr_T", 4),
+        ("lwlr_power", 0.25),
+        ("micro_batch_size", 2),
+        ("residual_scale", "true"),
+    ):
         _, log = run(f"other-{key}", **{key: value})
         assert "reusing" not in log, key  # any setting that changes the measurement measures again
     for path in cache.iterdir():

@@ -13,16 +13,22 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, read_log, tiny_run_args, torchrun
 
 import checkpoint
 import outdir
 import train
+from conftest import ROOT, read_log, tiny_run_args, torchrun
 
 
 def start_train(*args, **popen):
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **popen)
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def wait_for_line(child, prefix, timeout=120):
@@ -38,7 +44,9 @@ def wait_for_line(child, prefix, timeout=120):
 def small_file_system(path, megabytes):
     """A tmpfs of the given size at path (root only: skipped elsewhere)."""
     path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], capture_output=True
+    ).returncode:
         pytest.skip("mounting a tmpfs needs root")
     try:
         yield path
@@ -50,22 +58,36 @@ def test_a_full_disk_is_one_error_line_exit_74_and_a_resume_after_space_is_freed
     args = dict(max_steps=6, eval_interval=3, keep_last=2)
     straight = tmp_path / "straight"
     assert train.main(tiny_run_args(straight, token_dir, **args)) == 0
-    size = sum(os.path.getsize(os.path.join(checkpoint.step_dir(str(straight), 3), name))
-               for name in os.listdir(checkpoint.step_dir(str(straight), 3)))
+    size = sum(
+        os.path.getsize(os.path.join(checkpoint.step_dir(str(straight), 3), name))
+        for name in os.listdir(checkpoint.step_dir(str(straight), 3))
+    )
     with small_file_system(tmp_path / "disk", 64) as disk:
         ballast = disk / "ballast"  # leaves room for one checkpoint and a half
         free = outdir.free_bytes(str(disk))
         ballast.write_bytes(b"\0" * (free - int(1.5 * size)))
         out = disk / "run"
-        result = subprocess.run([sys.executable, "train.py", *tiny_run_args(out, token_dir, **args)], cwd=ROOT, capture_output=True,
-                                text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "train.py", *tiny_run_args(out, token_dir, **args)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == outdir.EXIT_DISK_FULL, result.stderr[-3000:]
         error = result.stderr.strip()
         assert error.count("\n") == 0 and "Traceback" not in error
         assert error.startswith("error: saving step 6: no space left on the file system of") and str(out) in error
         assert "needed" in error and "MB free" in error and "step-00000003, is intact" in error
         assert "warning:" in result.stdout and "keep_last + 1 = 3 checkpoints" in result.stdout  # said at the start
-        assert sorted(os.listdir(out)) == [".lock", "config.json", "log.jsonl", "lwlr.json", "lwlr.png", "step-00000003"]
+        assert sorted(os.listdir(out)) == [
+            ".lock",
+            "config.json",
+            "log.jsonl",
+            "lwlr.json",
+            "lwlr.png",
+            "step-00000003",
+        ]
         checkpoint.verify(checkpoint.step_dir(str(out), 3))
         ballast.unlink()  # space freed: the same command resumes and ends where the uninterrupted run did
         assert train.main(tiny_run_args(out, token_dir, **args)) == 0
@@ -79,10 +101,18 @@ def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_holds_it(tm
     try:
         wait_for_line(first, "step ")
         start = time.monotonic()
-        second = subprocess.run([sys.executable, "train.py", *tiny_run_args(out, token_dir)], cwd=ROOT, capture_output=True, text=True,
-                                timeout=120)
+        second = subprocess.run(
+            [sys.executable, "train.py", *tiny_run_args(out, token_dir)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert time.monotonic() - start < 30 and second.returncode == 2
-        assert f"error: out_dir {out} is in use by another run (pid {first.pid} on {socket.gethostname()}, started " in second.stderr
+        assert (
+            f"error: out_dir {out} is in use by another run (pid {first.pid} on {socket.gethostname()}, started "
+            in second.stderr
+        )
         assert second.stderr.count("\n") == 1
     finally:
         first.kill()  # kill -9: the lock goes with its holder
@@ -96,12 +126,19 @@ def test_a_run_resumes_on_another_number_of_processes(tmp_path, token_dir, befor
     up to the order of float additions: DDP averages the ranks' gradients where one process accumulates
     micro-steps, about 1e-7 relative per step. The key biases are left out: their gradient is zero by
     construction, rounding noise that Adam normalizes into full-size steps (docs/lwlr.md, "The key bias")."""
-    args = dict(tokens_per_step=256, micro_batch_size=4, block_size=32, eval_interval=3, lr_decay_steps=6)  # 8 rows a step
+    args = dict(
+        tokens_per_step=256, micro_batch_size=4, block_size=32, eval_interval=3, lr_decay_steps=6
+    )  # 8 rows a step
 
     def launch(nproc, out, steps):
         run_args = tiny_run_args(out, token_dir, max_steps=steps, **args)
-        result = torchrun(nproc, run_args) if nproc > 1 else subprocess.run([sys.executable, "train.py", *run_args], cwd=ROOT,
-                                                                            capture_output=True, text=True, timeout=300)
+        result = (
+            torchrun(nproc, run_args)
+            if nproc > 1
+            else subprocess.run(
+                [sys.executable, "train.py", *run_args], cwd=ROOT, capture_output=True, text=True, timeout=300
+            )
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
@@ -109,20 +146,32 @@ def test_a_run_resumes_on_another_number_of_processes(tmp_path, token_dir, befor
     launch(before, straight, 6)
     launch(before, elastic, 3)
     resumed = launch(after, elastic, 6)
-    assert f"resuming a run of {before} processes on {after}: the same 256 tokens per step, grad_accum {2 // after}" in resumed.stdout
+    assert (
+        f"resuming a run of {before} processes on {after}: the same 256 tokens per step, grad_accum {2 // after}"
+        in resumed.stdout
+    )
     a, b = (checkpoint.load_tensors(checkpoint.step_dir(str(out), 6), "model") for out in (straight, elastic))
     for name in a:
         if not name.endswith("k_proj.bias"):
             torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert [r["loss"] for r in read_log(elastic, "train")][3:] == pytest.approx([r["loss"] for r in read_log(straight, "train")][3:], rel=1e-5)
+    assert [r["loss"] for r in read_log(elastic, "train")][3:] == pytest.approx(
+        [r["loss"] for r in read_log(straight, "train")][3:], rel=1e-5
+    )
 
 
 def test_another_tokens_per_step_is_still_refused_on_resume(tmp_path, token_dir):
     out = tmp_path / "run"
     assert train.main(tiny_run_args(out, token_dir, max_steps=2, eval_interval=2)) == 0
-    result = subprocess.run([sys.executable, "train.py", *tiny_run_args(out, token_dir, max_steps=4, tokens_per_step=512)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "checkpoint has tokens_per_step=256, config has tokens_per_step=512" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "train.py", *tiny_run_args(out, token_dir, max_steps=4, tokens_per_step=512)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        result.returncode == 2 and "checkpoint has tokens_per_step=256, config has tokens_per_step=512" in result.stderr
+    )
 
 
 def test_sigterm_during_the_lwlr_measurement_exits_75_at_once_and_leaves_no_file(tmp_path, token_dir):

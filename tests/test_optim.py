@@ -22,12 +22,18 @@ BS = 100
 TRITON_TOLERANCE = dict(rtol=1e-6, atol=1e-6)
 
 REFERENCES = {  # name -> (reference from param groups, ours from param groups and a backend)
-    "adamw": (lambda groups: torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, fused=True),
-              lambda groups, backend: optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, backend=backend)),
-    "lion": (lambda groups: pytest.importorskip("lion_pytorch").Lion(groups, lr=LR, betas=(0.9, 0.99)),
-             lambda groups, backend: optim.Lion(groups, lr=LR, betas=(0.9, 0.99), backend=backend)),
-    "sophiag": (lambda groups: pytest.importorskip("sophia_opt").SophiaG(groups, lr=LR, betas=(0.965, 0.99), rho=0.05),
-                lambda groups, backend: optim.SophiaG(groups, lr=LR, betas=(0.965, 0.99), rho=0.05, bs=BS, backend=backend)),
+    "adamw": (
+        lambda groups: torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, fused=True),
+        lambda groups, backend: optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, backend=backend),
+    ),
+    "lion": (
+        lambda groups: pytest.importorskip("lion_pytorch").Lion(groups, lr=LR, betas=(0.9, 0.99)),
+        lambda groups, backend: optim.Lion(groups, lr=LR, betas=(0.9, 0.99), backend=backend),
+    ),
+    "sophiag": (
+        lambda groups: pytest.importorskip("sophia_opt").SophiaG(groups, lr=LR, betas=(0.965, 0.99), rho=0.05),
+        lambda groups, backend: optim.SophiaG(groups, lr=LR, betas=(0.965, 0.99), rho=0.05, bs=BS, backend=backend),
+    ),
 }
 
 
@@ -109,15 +115,20 @@ def test_one_launch_for_a_gpt2_shaped_parameter_list(monkeypatch):
     for p in params:
         p.grad = torch.empty_like(p)
     launches = []
-    monkeypatch.setattr(optim, "_launch", lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args)))
+    monkeypatch.setattr(
+        optim, "launch_kernel", lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args))
+    )
     optimizer.step()
-    for group in optimizer.param_groups:  # the schedule moves lr: still one launch, the same plan, the new lr as an argument
+    for (
+        group
+    ) in optimizer.param_groups:  # the schedule moves lr: still one launch, the same plan, the new lr as an argument
         group["lr"] = 5e-4
     optimizer.step()
     assert len(launches) == 2 and launches[0][0] is optim.adamw_kernel
     assert launches[0][1][0] == sum(math.ceil(math.prod(s) / optim.BLOCK) for s in shapes)
     assert len(optimizer._plans) == 1
-    lr_argument = 11  # after 3 chunk tables, found_inf, lr_scale, weight_decay, 4 tensor tables, step_sizes (kernels.adamw_kernel)
+    # after 3 chunk tables, found_inf, lr_scale, weight_decay, 4 tensor tables, step_sizes (kernels.adamw_kernel)
+    lr_argument = 11
     assert (launches[0][2][lr_argument], launches[1][2][lr_argument]) == (1e-3, 5e-4)
 
 
@@ -145,8 +156,12 @@ def test_each_storage_layout_takes_a_correct_build(layout, aligned, monkeypatch)
     reference = torch.optim.AdamW(reference_params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
     ours = optim.AdamW(our_params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1, backend="triton")
     builds = []
-    real_launch = optim._launch
-    monkeypatch.setattr(optim, "_launch", lambda kernel, grid, *args, **meta: (builds.append(meta["ALIGNED"]), real_launch(kernel, grid, *args, **meta)))
+    real_launch = optim.launch_kernel
+    monkeypatch.setattr(
+        optim,
+        "launch_kernel",
+        lambda kernel, grid, *args, **meta: (builds.append(meta["ALIGNED"]), real_launch(kernel, grid, *args, **meta)),
+    )
     for _ in range(10):
         grads = [torch.randn(shape, generator=generator) for shape in shapes]
         set_grads(reference_params, grads), set_grads(our_params, grads)
@@ -237,12 +252,23 @@ def test_adam_mini_matches_the_official_code_over_20_steps_with_a_reload(backend
     reference_model, our_model = (model.to(TEST_DEVICE) for model in adam_mini_models())
     names = [n for n, p in our_model.named_parameters() if p.requires_grad]
     scales = {name: 0.5 + (i % 5) / 4 for i, name in enumerate(names)}
-    reference = Adam_mini(reference_model.named_parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, dim=32, n_heads=2, verbose=False)
+    reference = Adam_mini(
+        reference_model.named_parameters(),
+        lr=LR,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.1,
+        dim=32,
+        n_heads=2,
+        verbose=False,
+    )
     for group in reference.param_groups:  # the official code has one group per parameter
         group["lr"] = LR * scales[group["name"]]
 
     def ours_from(state=None):
-        optimizer = optim.AdamMini(optim.param_groups(our_model, scales, 0.1), lr=LR, betas=(0.9, 0.95), n_head=2, backend=backend)
+        optimizer = optim.AdamMini(
+            optim.param_groups(our_model, scales, 0.1), lr=LR, betas=(0.9, 0.95), n_head=2, backend=backend
+        )
         if state is not None:
             optimizer.load_state_dict(state)
         return optimizer
@@ -277,6 +303,6 @@ def test_adam_mini_takes_two_launches(monkeypatch):
     for p in model.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     launches = []
-    monkeypatch.setattr(optim, "_launch", lambda kernel, grid, *args, **meta: launches.append(kernel))
+    monkeypatch.setattr(optim, "launch_kernel", lambda kernel, grid, *args, **meta: launches.append(kernel))
     optimizer.step()
     assert launches == [optim.block_mean_square_kernel, optim.adam_mini_kernel]

@@ -9,11 +9,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, read_log, tiny_run_args, torchrun
 
 import checkpoint
 import metrics
+import optim
+import outdir
 import train
+from conftest import ROOT, read_log, tiny_run_args, torchrun
 from model import GPT
 from train_config import ConfigError
 
@@ -34,11 +36,27 @@ def assert_identical_states(a, b):
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (index, key)
 
 
-@pytest.mark.parametrize("optimizer, lr_rule", [("adamw", "lwlr"), ("lion", "single"), ("sophiag", "fan_in"), ("adamw_lw", "lwlr"),
-                                               ("adamw_torch", "depth_decreasing")])
+@pytest.mark.parametrize(
+    "optimizer, lr_rule",
+    [
+        ("adamw", "lwlr"),
+        ("lion", "single"),
+        ("sophiag", "fan_in"),
+        ("adamw_lw", "lwlr"),
+        ("adamw_torch", "depth_decreasing"),
+    ],
+)
 def test_stop_and_resume_equals_a_straight_run(tmp_path, token_dir, optimizer, lr_rule):
-    common = dict(optimizer=optimizer, lr_rule=lr_rule, lwlr_T=2, hess_interval=3, eval_interval=4, log_interval=1,
-                  lw_interval=3, lw_warmup_steps=2)
+    common = dict(
+        optimizer=optimizer,
+        lr_rule=lr_rule,
+        lwlr_T=2,
+        hess_interval=3,
+        eval_interval=4,
+        log_interval=1,
+        lw_interval=3,
+        lw_warmup_steps=2,
+    )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train.main(tiny_run_args(straight, token_dir, max_steps=8, **common)) == 0
     assert train.main(tiny_run_args(resumed, token_dir, max_steps=4, lr_decay_steps=8, **common)) == 0
@@ -56,8 +74,19 @@ def test_stop_and_resume_equals_a_straight_run(tmp_path, token_dir, optimizer, l
 def test_stop_and_resume_equals_a_straight_run_under_ddp(tmp_path, token_dir, optimizer):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for out, steps in ((straight, 6), (resumed, 3), (resumed, 6)):
-        result = torchrun(2, tiny_run_args(out, token_dir, max_steps=steps, lr_decay_steps=6, eval_interval=3, optimizer=optimizer,
-                                           lw_interval=2, lw_warmup_steps=2))
+        result = torchrun(
+            2,
+            tiny_run_args(
+                out,
+                token_dir,
+                max_steps=steps,
+                lr_decay_steps=6,
+                eval_interval=3,
+                optimizer=optimizer,
+                lw_interval=2,
+                lw_warmup_steps=2,
+            ),
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     assert [r["loss"] for r in read_log(straight, "train")] == [r["loss"] for r in read_log(resumed, "train")]
     assert_identical_states(final_state(straight, 6), final_state(resumed, 6))
@@ -82,10 +111,8 @@ def test_a_save_that_fails_leaves_the_previous_checkpoint(tmp_path, token_dir, m
 
 
 KILL_DURING_SAVE = """
-import os, signal, sys, torch
-sys.path.insert(0, {root!r})
+import os, signal, torch
 import checkpoint
-import metrics
 def save_then_die(obj, f, *a, **k):
     f.write(b"partial bytes")
     os.kill(os.getpid(), signal.SIGKILL)
@@ -97,7 +124,11 @@ checkpoint.save({out!r}, 6, {{"model": {{"w": torch.zeros(3)}}}}, {{}}, keep_las
 def test_a_save_killed_midway_is_never_picked_up(tmp_path, token_dir):
     out = tmp_path / "run"
     assert train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)) == 0
-    child = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE.format(root=ROOT, out=str(out))], capture_output=True)
+    child = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE.format(out=str(out))],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     assert child.returncode == -signal.SIGKILL
     assert any(name.startswith(".tmp-step-00000006") for name in os.listdir(out))  # the partial folder is there
     path, meta = checkpoint.latest(str(out))
@@ -152,8 +183,12 @@ def test_resume_with_another_config_says_what_differs(tmp_path, token_dir):
 
 
 def test_explicit_resume_without_a_checkpoint_exits_nonzero(tmp_path, token_dir):
-    result = subprocess.run([sys.executable, "train.py", *tiny_run_args(tmp_path / "empty", token_dir, init_from="resume")],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "train.py", *tiny_run_args(tmp_path / "empty", token_dir, init_from="resume")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "holds no complete checkpoint" in result.stderr
 
 
@@ -197,8 +232,13 @@ def test_sigterm_saves_exits_75_and_the_run_resumes_exactly(tmp_path, token_dir)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     args = dict(max_steps=40, eval_interval=40)
     assert train.main(tiny_run_args(straight, token_dir, **args)) == 0
-    child = subprocess.Popen([sys.executable, "train.py", *tiny_run_args(stopped, token_dir, **args)], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "train.py", *tiny_run_args(stopped, token_dir, **args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in child.stdout:  # wait until training is under way
         if line.startswith("step      3/"):
             break
@@ -215,7 +255,7 @@ def test_sigterm_saves_exits_75_and_the_run_resumes_exactly(tmp_path, token_dir)
 def test_unwritable_out_dir_and_missing_val_split_fail_fast(tmp_path, token_dir):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match="out_dir=.*a_file/run.* is not writable"):
+    with pytest.raises(outdir.OutDirNotWritableError, match="out_dir=.*a_file/run.* is not writable"):
         train.main(tiny_run_args(blocker / "run", token_dir))
     os.remove(token_dir / "val.bin")
     from data.tokenfile import TokenFileError
@@ -241,7 +281,9 @@ def test_safetensors_export_keeps_the_tied_weights(tmp_path):
 
 def run_train(args, timeout=300):
     """train.py as a user runs it: a subprocess, its exit code and output."""
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_one_line_error(result, *fragments):
@@ -280,11 +322,15 @@ DIVERGING = {"sophiag": dict(lr=1e8), "adamw_lw": dict(lr=1e20, lw_alpha_max=1e1
 
 @pytest.mark.parametrize("optimizer", sorted(DIVERGING))
 def test_a_diverging_run_with_curvature_refreshes_stops_on_the_guard_and_restarts(tmp_path, token_dir, optimizer):
-    common = dict(optimizer=optimizer, hess_interval=2, lw_interval=2, lw_warmup_steps=2, eval_interval=4, lr_rule="single")
+    common = dict(
+        optimizer=optimizer, hess_interval=2, lw_interval=2, lw_warmup_steps=2, eval_interval=4, lr_rule="single"
+    )
     straight, diverged = tmp_path / "straight", tmp_path / "diverged"
     assert train.main(tiny_run_args(straight, token_dir, max_steps=8, **common)) == 0
     assert run_train(tiny_run_args(diverged, token_dir, max_steps=4, lr_decay_steps=8, **common)).returncode == 0
-    blowup = run_train(tiny_run_args(diverged, token_dir, max_steps=8, max_bad_steps=2, **common, **DIVERGING[optimizer]))
+    blowup = run_train(
+        tiny_run_args(diverged, token_dir, max_steps=8, max_bad_steps=2, **common, **DIVERGING[optimizer])
+    )
     assert_one_line_error(blowup, "consecutive steps", "max_bad_steps=2")
     assert checkpoint.complete_steps(str(diverged)) == [4]  # nothing saved after the blow-up
     restart = run_train(tiny_run_args(diverged, token_dir, max_steps=8, **common))
@@ -292,18 +338,26 @@ def test_a_diverging_run_with_curvature_refreshes_stops_on_the_guard_and_restart
     assert_identical_states(final_state(straight, 8), final_state(diverged, 8))
 
 
-def test_a_transient_nan_at_a_hessian_refresh_is_a_skipped_step_not_a_poisoned_hessian(tmp_path, token_dir, monkeypatch):
-    real_loss, calls = train.sampled_label_loss, {"n": 0}
+def test_a_transient_nan_at_a_hessian_refresh_is_a_skipped_step_not_a_poisoned_hessian(
+    tmp_path, token_dir, monkeypatch
+):
+    real_loss, calls = optim.sampled_label_loss, {"n": 0}
 
     def nan_on_the_second_refresh(logits):
         calls["n"] += 1
         loss = real_loss(logits)
         return loss * float("nan") if calls["n"] in (3, 4) else loss  # 2 micro-batches per refresh
 
-    monkeypatch.setattr(train, "sampled_label_loss", nan_on_the_second_refresh)
+    monkeypatch.setattr(optim, "sampled_label_loss", nan_on_the_second_refresh)
     out = tmp_path / "run"
-    assert train.main(tiny_run_args(out, token_dir, optimizer="sophiag", hess_interval=2, max_steps=6, eval_interval=6,
-                                    lr_rule="single")) == 0
+    assert (
+        train.main(
+            tiny_run_args(
+                out, token_dir, optimizer="sophiag", hess_interval=2, max_steps=6, eval_interval=6, lr_rule="single"
+            )
+        )
+        == 0
+    )
     assert [r["skipped_steps"] for r in read_log(out, "train")] == [0, 0, 0, 1, 0, 0]  # the refresh after step 4
     model, optimizer_state = final_state(out, 6)
     assert all(torch.isfinite(t).all() for t in model.values())
@@ -330,5 +384,9 @@ def test_multipliers_measured_on_another_model_are_refused(tmp_path, token_dir):
     other.write_text(json.dumps(data))
     out = tmp_path / "run"
     result = run_train(tiny_run_args(out, token_dir, lwlr_file=other))
-    assert_one_line_error(result, f"lwlr_file {other} was measured on another model", "transformer.wte.weight [50257, 64] (model [50257, 32])")
+    assert_one_line_error(
+        result,
+        f"lwlr_file {other} was measured on another model",
+        "transformer.wte.weight [50257, 64] (model [50257, 32])",
+    )
     assert not checkpoint.complete_steps(str(out))

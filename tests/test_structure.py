@@ -53,7 +53,7 @@ def find_cycle(graph) -> list[str] | None:
         state[node] = "active"
         for neighbour in sorted(graph.get(node, ())):
             if state.get(neighbour) == "active":
-                return path[path.index(neighbour):] + [neighbour]
+                return path[path.index(neighbour) :] + [neighbour]
             if neighbour not in state:
                 cycle = visit(neighbour, path + [neighbour])
                 if cycle:

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, read_log, tiny_run_args, torchrun
 
 import build
 import checkpoint
@@ -14,6 +13,7 @@ import lwlr
 import optim
 import runtime
 import train
+from conftest import ROOT, read_log, tiny_run_args, torchrun
 from model import GPT
 from train_config import ConfigError, TrainConfig, parse_config
 
@@ -49,10 +49,19 @@ def test_torch_adamw_applies_lr_scale_like_ours():
     """optim.TorchAdamW at lr with lr_scale 2 steps exactly as torch.optim.AdamW at 2 lr, and its groups keep lr."""
     generator = torch.Generator().manual_seed(0)
     values = [torch.randn(5, 3, generator=generator), torch.randn(4, generator=generator)]
-    ours_params, reference_params = [torch.nn.Parameter(v.clone()) for v in values], [torch.nn.Parameter(v.clone()) for v in values]
+    ours_params, reference_params = (
+        [torch.nn.Parameter(v.clone()) for v in values],
+        [torch.nn.Parameter(v.clone()) for v in values],
+    )
     ours = optim.TorchAdamW([{"params": ours_params[:1], "lr_scale": 2.0}, {"params": ours_params[1:]}], lr=1.0)
-    reference = torch.optim.AdamW([{"params": reference_params[:1], "lr": 0.2}, {"params": reference_params[1:], "lr": 0.1}],
-                                  lr=1.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    reference = torch.optim.AdamW(
+        [{"params": reference_params[:1], "lr": 0.2}, {"params": reference_params[1:], "lr": 0.1}],
+        lr=1.0,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.1,
+        fused=True,
+    )
     for _ in range(3):
         for group in ours.param_groups:  # as train.Trainer.step sets the schedule's rate
             group["lr"] = 0.1
@@ -82,8 +91,11 @@ def test_config_files_and_overrides(tmp_path):
 
 
 def test_inconsistent_values_fail_clearly(tmp_path, token_dir):
-    with pytest.raises(ConfigError, match="tokens_per_step=100 cannot be split over 1 process of sequences of block_size=32: "
-                                          "it must be a multiple of block_size \\* processes = 32. tokens_per_step=96 or 128 would"):
+    with pytest.raises(
+        ConfigError,
+        match="tokens_per_step=100 cannot be split over 1 process of sequences of block_size=32: "
+        "it must be a multiple of block_size \\* processes = 32. tokens_per_step=96 or 128 would",
+    ):
         train.main(tiny_run_args(tmp_path / "a", token_dir, tokens_per_step=100))
     with pytest.raises(ConfigError, match="block_size=128 exceeds the gpt2-tiny preset's 64"):
         train.main(tiny_run_args(tmp_path / "b", token_dir, block_size=128))
@@ -122,8 +134,18 @@ def test_every_optimizer_trains(tmp_path, token_dir, optimizer):
     # Lion: sign updates, each element moves by lr per step. LW-AS: lr is the multiplier eta on its step sizes.
     lr = {"lion": 2e-3, "sgdm_lw": 1.0, "adamw_lw": 0.3}.get(optimizer, 3e-3)
     out = tmp_path / optimizer
-    args = tiny_run_args(out, token_dir, optimizer=optimizer, lr=lr, max_steps=12, eval_interval=12, hess_interval=2, data_subset_batches=1,
-                         lw_interval=2, lw_warmup_steps=4)
+    args = tiny_run_args(
+        out,
+        token_dir,
+        optimizer=optimizer,
+        lr=lr,
+        max_steps=12,
+        eval_interval=12,
+        hess_interval=2,
+        data_subset_batches=1,
+        lw_interval=2,
+        lw_warmup_steps=4,
+    )
     assert train.main(args) == 0
     losses = [r["loss"] for r in read_log(out, "train")]
     assert losses[-1] < losses[0] - 0.5, losses  # one repeated batch: the loss must fall
@@ -132,19 +154,38 @@ def test_every_optimizer_trains(tmp_path, token_dir, optimizer):
 def test_sample_reads_the_newest_checkpoint(tmp_path, token_dir):
     out = tmp_path / "run"
     assert train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)) == 0
-    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--prompt=ROMEO:", "--max_new_tokens=5",
-                             "--num_samples=1", "--device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            f"--out_dir={out}",
+            "--prompt=ROMEO:",
+            "--max_new_tokens=5",
+            "--num_samples=1",
+            "--device=cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ROMEO:") and "step-00000003" in result.stderr
-    missing = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'none'}"], cwd=ROOT, capture_output=True, text=True)
-    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "holds no complete checkpoint" in missing.stderr
+    missing = subprocess.run(
+        [sys.executable, "sample.py", f"--out_dir={tmp_path / 'none'}"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert (
+        missing.returncode == 2
+        and missing.stderr.startswith("error: ")
+        and "holds no complete checkpoint" in missing.stderr
+    )
 
 
 def test_bfloat16_autocast_and_torch_compile_compose_with_the_fused_kernels_and_lwlr(tmp_path):
     """The GPU configuration (bf16 autocast, torch.compile, the Triton optimizer) on a CPU: the kernels run
     interpreted, autocast and Inductor run for real. Losses and multipliers stay near the fp32 eager run's.
     A 64-token vocabulary: the interpreter takes seconds per launch over GPT-2's 50,257-row embedding."""
-    from common import random_token_dir
+    from bench.common import random_token_dir
 
     token_dir = random_token_dir(64, str(tmp_path / "data"), train_tokens=20_000)
     common = dict(optimizer_backend="triton", max_steps=4, eval_interval=4, lwlr_T=4)
@@ -153,7 +194,9 @@ def test_bfloat16_autocast_and_torch_compile_compose_with_the_fused_kernels_and_
     assert train.main(tiny_run_args(gpu_like, token_dir, **common, dtype="bfloat16", compile="true")) == 0
     assert read_log(gpu_like, "start")[0]["config"]["dtype"] == "bfloat16"
     eager_losses, bf16_losses = ([r["loss"] for r in read_log(out, "train")] for out in (eager, gpu_like))
-    assert bf16_losses == pytest.approx(eager_losses, abs=2e-2) and bf16_losses != eager_losses  # close, and really bf16
+    assert (
+        bf16_losses == pytest.approx(eager_losses, abs=2e-2) and bf16_losses != eager_losses
+    )  # close, and really bf16
     eager_lwlr, bf16_lwlr = (json.loads((out / "lwlr.json").read_text())["layers"] for out in (eager, gpu_like))
     for a, b in zip(eager_lwlr, bf16_lwlr):
         assert b["multiplier"] == pytest.approx(a["multiplier"], rel=5e-2), a["name"]
@@ -161,22 +204,43 @@ def test_bfloat16_autocast_and_torch_compile_compose_with_the_fused_kernels_and_
     assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in weights.values())  # fp32 master weights
 
 
+# Each shipped config as its comment says to run it, and the model it trains, by hand: the preset, the
+# sequence length, and the parameter count with GPT-2's vocabulary (gpt2 124,439,808 with the tied head
+# counted once; gpt2-mini at 128 positions 7,242,624, the default run's first line).
+SHIPPED = {
+    "finetune_shakespeare.py": ([], "gpt2", 1024, 124_439_808),
+    "train_gpt2.py": ([], "gpt2", 1024, 124_439_808),
+    "train_gpt2_adamw_lw.py": (["train_gpt2.py"], "gpt2", 1024, 124_439_808),
+    "train_gpt2_lion.py": (["train_gpt2.py"], "gpt2", 1024, 124_439_808),
+    "train_gpt2_sophiag.py": (["train_gpt2.py"], "gpt2", 1024, 124_439_808),
+    "train_shakespeare.py": ([], "gpt2-mini", 128, 7_242_624),
+    "train_shakespeare_char.py": ([], "gpt2-mini", 128, 7_242_624),
+}
+
+
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "config"))))
 def test_every_shipped_config_parses_and_builds_its_model(name, tmp_path):
-    c = parse_config([os.path.join(ROOT, "config", name)])
-    if c.init_from not in ("auto", "resume", "scratch"):  # a fine-tuning config: GPT-2's config.json stands in for the directory
-        (tmp_path / "config.json").write_text(json.dumps({"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}))
-        c = build.pretrained(parse_config([os.path.join(ROOT, "config", name), f"--init_from={tmp_path}"]))
-        assert c.model == "gpt2"
+    assert name in SHIPPED, f"config/{name}: add what it trains to SHIPPED"
+    base, preset, block_size, params = SHIPPED[name]
+    files = [os.path.join(ROOT, "config", f) for f in [*base, name]]
+    c = parse_config(files)
+    if c.init_from not in ("auto", "resume", "scratch"):  # a fine-tune: GPT-2's config.json stands in for the directory
+        (tmp_path / "config.json").write_text(
+            json.dumps({"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024})
+        )
+        c = build.pretrained(parse_config([*files, f"--init_from={tmp_path}"]))
     with torch.device("meta"):
-        model = GPT(build.gpt_config(c))
-    assert model.config.block_size == (c.block_size or model.config.block_size)
+        model = GPT(build.gpt_config(c, vocab_size=50257))
+    assert (c.model, model.config.block_size, model.num_params()) == (preset, block_size, params)
 
 
 def test_dtype_auto_takes_bf16_where_the_processor_computes_it(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: True)
-    assert runtime.precision(cpu, "auto") == ("bfloat16", "dtype=auto on a CPU that computes bf16 natively (AVX512-BF16 or AMX)")
+    assert runtime.precision(cpu, "auto") == (
+        "bfloat16",
+        "dtype=auto on a CPU that computes bf16 natively (AVX512-BF16 or AMX)",
+    )
     assert isinstance(runtime.autocast(cpu, "auto"), torch.autocast)
     assert runtime.precision(cpu, "float32")[0] == "float32"
     monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: False)
@@ -192,15 +256,25 @@ def test_the_run_says_first_which_precision_it_chose_and_why(tmp_path, token_dir
     assert train.main(tiny_run_args(tmp_path / "run", token_dir, max_steps=1, eval_interval=1, dtype="auto")) == 0
     chosen = "bfloat16" if runtime.cpu_computes_bf16() else "float32"
     first = capfd.readouterr().out.splitlines()[0]
-    assert first.startswith("precision: bf16 autocast, with fp32 weights" if chosen == "bfloat16" else "precision: fp32 (dtype=auto")
+    assert first.startswith(
+        "precision: bf16 autocast, with fp32 weights" if chosen == "bfloat16" else "precision: fp32 (dtype=auto"
+    )
     assert read_log(tmp_path / "run", "start")[0]["precision"] == chosen
 
 
 def test_the_schedule_reaches_the_optimizer_at_each_step(tmp_path, token_dir):
     """Warmup then cosine: the logged lr, the lr in a checkpoint's param groups and the size of AdamW's first
     update (sign-like: lr * lr_scale per element) all follow build.lr_at, group by group."""
-    args = tiny_run_args(tmp_path / "run", token_dir, max_steps=6, warmup_steps=3, eval_interval=6, lr=1e-2, lr_rule="fan_in",
-                         weight_decay=0.0)
+    args = tiny_run_args(
+        tmp_path / "run",
+        token_dir,
+        max_steps=6,
+        warmup_steps=3,
+        eval_interval=6,
+        lr=1e-2,
+        lr_rule="fan_in",
+        weight_decay=0.0,
+    )
     assert train.main(args) == 0
     c = parse_config(args)
     # By hand: warmup 1/3, 2/3, 1 of lr = 1e-2, then the cosine from lr to min_lr = 2e-4 over steps 3..6,
@@ -222,28 +296,43 @@ def test_the_schedule_reaches_the_optimizer_at_each_step(tmp_path, token_dir):
 def test_one_or_two_accumulation_micro_steps_over_the_same_global_batch_give_the_same_weights(tmp_path, token_dir):
     """tokens_per_step 256 of 32-token rows: 8 rows in one micro-step, or 4 and 4 in two. The two micro-steps'
     gradients are averaged, so the steps are the same up to float rounding; gradients summed instead would be
-    twice as large, which AdamW's eps (1e-3 here, so that it matters) and the clipping turn into other steps."""
-    runs = {}
+    twice as large: another logged gradient norm, and other steps through AdamW's eps (1e-3 here, so that it matters)."""
+    runs, norms = {}, {}
     for micro_batch_size in (8, 4):
         out = tmp_path / f"micro{micro_batch_size}"
-        args = tiny_run_args(out, token_dir, micro_batch_size=micro_batch_size, max_steps=5, eval_interval=5, eps=1e-3, grad_clip=0.5)
+        args = tiny_run_args(  # fan_in's layer-wise rates: lwlr would measure over batches of micro_batch_size rows
+            out,
+            token_dir,
+            micro_batch_size=micro_batch_size,
+            max_steps=5,
+            eval_interval=5,
+            eps=1e-3,
+            grad_clip=0.0,  # clipping would scale a doubled gradient back
+            lr_rule="fan_in",
+        )
         assert train.main(args) == 0
         assert read_log(out, "start")[0]["grad_accum"] == 256 // (micro_batch_size * 32)
         runs[micro_batch_size] = checkpoint.load_tensors(checkpoint.step_dir(str(out), 5), "model")
+        norms[micro_batch_size] = [r["grad_norm"] for r in read_log(out, "train")]
+    assert norms[4] == pytest.approx(norms[8], rel=1e-5)  # the same gradient, step by step
     for name, weight in runs[8].items():
-        if not name.endswith("k_proj.bias"):  # a zero gradient by construction: rounding noise, normalized (docs/lwlr.md)
+        # The key bias has a zero gradient by construction: rounding noise, which Adam normalizes (docs/lwlr.md).
+        if not name.endswith("k_proj.bias"):
             torch.testing.assert_close(runs[4][name], weight, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def fresh_trainer(c):
     torch.manual_seed(c.seed)
     model = GPT(build.gpt_config(c))
-    return train.Trainer(c, runtime.Runtime(0, 0, 1, torch.device("cpu")), model, lwlr.baseline_multipliers(model, c.lr_rule))
+    return train.Trainer(
+        c, runtime.Runtime(0, 0, 1, torch.device("cpu")), model, lwlr.baseline_multipliers(model, c.lr_rule)
+    )
 
 
 def test_a_plain_torch_optimizer_trains_with_the_layer_wise_rates():
-    """optim.with_layer_lr gives a torch.optim optimizer, which knows nothing of lr_scale, each group's lr * lr_scale
-    in its step (SGD: p -= lr * lr_scale * g, by hand), and its groups keep the schedule's lr; unwrapped, set_lr refuses it."""
+    """optim.with_layer_lr gives a torch.optim optimizer, which knows nothing of lr_scale, each group's
+    lr * lr_scale in its step (SGD: p -= lr * lr_scale * g, by hand), and its groups keep the schedule's lr;
+    unwrapped, set_lr refuses it."""
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
     groups = [{"params": [a], "lr_scale": 0.5}, {"params": [b], "lr_scale": 2.0}]
     sgd = optim.with_layer_lr(torch.optim.SGD)(groups, lr=1.0)
@@ -262,7 +351,10 @@ def test_compile_auto_is_on_where_it_repays_its_cost(monkeypatch):
     monkeypatch.setattr(build.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: False)  # fp32: compiling measured no faster
     assert build.compiles(default, cpu, 50257) == (
-        False, "compile=auto on a CPU: off in fp32, where the default run's compiled step was no faster than its ~80 s compile")
+        False,
+        "compile=auto on a CPU: off in fp32, where the default run's compiled step was no faster than its ~80 s "
+        "compile",
+    )
     monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: True)  # bf16 autocast: 0.66x a step
     assert build.compiles(default, cpu, 50257)[0]
     assert not build.compiles(default, cpu, 82)[0]  # char-level: 7.6 ms a step saved, 5,300 steps to repay
@@ -270,4 +362,7 @@ def test_compile_auto_is_on_where_it_repays_its_cost(monkeypatch):
     assert build.compiles(parse_config(["--max_steps=100"]), cuda, 82)[0]
     assert not build.compiles(parse_config(["--compile=false"]), cuda, 50257)[0]
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
-    assert build.compiles(default, cpu, 50257) == (False, "compile=auto on a CPU: off, no C++ compiler on PATH for inductor")
+    assert build.compiles(default, cpu, 50257) == (
+        False,
+        "compile=auto on a CPU: off, no C++ compiler on PATH for inductor",
+    )

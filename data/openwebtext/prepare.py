@@ -15,8 +15,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from data import hf_text  # noqa: E402
 
-DEFAULTS = dict(out_dir=os.path.dirname(os.path.abspath(__file__)), repo="Skylion007/openwebtext", revision="refs/convert/parquet",
-                name=None, val_fraction=0.0005, split_seed=2357)
+DEFAULTS = dict(
+    out_dir=os.path.dirname(os.path.abspath(__file__)),
+    repo="Skylion007/openwebtext",
+    revision="refs/convert/parquet",
+    name=None,
+    val_fraction=0.0005,
+    split_seed=2357,
+)
 
 if __name__ == "__main__":
     sys.exit(hf_text.main(__doc__, DEFAULTS))

@@ -28,7 +28,9 @@ def prepare(out_dir: str = HERE) -> dict[str, int]:
     texts = {"train": [], "val": []}
     for i, path in enumerate(play_paths()):
         with open(path, encoding="utf-8") as f:
-            texts["val" if i % VAL_EVERY == VAL_EVERY - 1 else "train"].append(markdown_to_text(f.read()).strip() + "\n\n")
+            texts["val" if i % VAL_EVERY == VAL_EVERY - 1 else "train"].append(
+                markdown_to_text(f.read()).strip() + "\n\n"
+            )
     chars = sorted(set("".join(texts["train"] + texts["val"])))
     lookup = np.zeros(max(map(ord, chars)) + 1, dtype=np.int64)
     lookup[[ord(ch) for ch in chars]] = np.arange(len(chars))
