@@ -296,7 +296,8 @@ def test_the_schedule_reaches_the_optimizer_at_each_step(tmp_path, token_dir):
 def test_one_or_two_accumulation_micro_steps_over_the_same_global_batch_give_the_same_weights(tmp_path, token_dir):
     """tokens_per_step 256 of 32-token rows: 8 rows in one micro-step, or 4 and 4 in two. The two micro-steps'
     gradients are averaged, so the steps are the same up to float rounding; gradients summed instead would be
-    twice as large: another logged gradient norm, and other steps through AdamW's eps (1e-3 here, so that it matters)."""
+    twice as large: another logged gradient norm, and other steps through AdamW's eps (1e-3 here, so that it
+    matters)."""
     runs, norms = {}, {}
     for micro_batch_size in (8, 4):
         out = tmp_path / f"micro{micro_batch_size}"
