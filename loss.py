@@ -3,7 +3,7 @@
 
 With GPT-2's vocabulary the logits are the largest tensor of a step: 2,048 rows x 50,257 fp32 is 412 MB,
 built and read several times over (the matmul, log-softmax, its gradient), and on a CPU most of the
-step's time is the output layer and the loss (85% of the default run's, issue #17). Here each chunk of
+step's time is the output layer and the loss (85% of the default run's). Here each chunk of
 `chunk_rows` rows computes its logits, its loss and, when a gradient is wanted, its gradients with
 respect to the hidden states and the weight at once (as Liger-Kernel's fused linear cross-entropy
 does), so backward has only to scale them. The matmuls run on the weight padded with zero rows to a

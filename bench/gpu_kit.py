@@ -230,7 +230,7 @@ CHECK_TIMES = {  # part: (predicted on an H200, cap there, rehearsal measured he
 
 
 def check_parts(python: str, work: str, rehearse: bool) -> list[Part]:
-    """The kit (issue: the first GPU run). Rehearsal: the same commands on CPU at small sizes, the
+    """The acceptance check of a GPU machine. Rehearsal: the same commands on CPU at small sizes, the
     Triton kernels interpreted. Each part writes in its own folder work/<part>."""
     w = lambda *path: os.path.join(work, *path)  # noqa: E731
     device = "cpu" if rehearse else "cuda"
@@ -407,7 +407,7 @@ SCIENCE_DATA = os.path.join("data", "shakespeare")  # GPT-2 BPE token files: car
 
 
 def science_parts(python: str, work: str, rehearse: bool) -> list[Part]:
-    """GPT-2 124M on one GPU (issue: the reviewers' overfit table): bench/overfit.py's overfit-gpt2-gpu
+    """GPT-2 124M on one GPU (the reviewers' overfit table): bench/overfit.py's overfit-gpt2-gpu
     and heldout-gpt2-gpu presets. Rehearsal: gpt2-tiny, a few steps, on CPU."""
     w = lambda *path: os.path.join(work, *path)  # noqa: E731
     small = (

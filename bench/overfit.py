@@ -16,7 +16,7 @@ the training objective, apart from generalization.
     # lwlr's T, measurement init and power, one at a time, with their cost
     python -m bench.overfit --preset ablations-cpu
 
-Held-out mode (`heldout=True`, issue #14): the question is not memorization but whether a rule trains
+Held-out mode (`heldout=True`): the question is not memorization but whether a rule trains
 a better model. Each run trains from scratch on the whole training split for a fixed token budget
 with a cosine decay to lr / 10, and its score is the val loss at the end (and its curve). Several
 seeds per point; the table gives each rule at its own best rate, mean +- std over seeds, and whether
@@ -154,7 +154,7 @@ PRESETS = {
         dataset="openwebtext",
         dtype="auto",
     ),
-    # Held-out comparisons (issue #14), char-level Shakespeare (data/shakespeare_char): gpt2-mini there is
+    # Held-out comparisons, char-level Shakespeare (data/shakespeare_char): gpt2-mini there is
     # 0.84M parameters, 95% of them in the blocks. 2,048 characters per step; 4 rules x 2 optimizers x 3 seeds.
     # quick: 2 lrs x 100 steps, about 10 min on 2 cores (predicted from 90 ms/step); cpu: 5 lrs x 300 steps
     # (614k characters, 0.13 epochs), about 60 min (predicted).

@@ -15,7 +15,7 @@ WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 # Runs that keep the default lwlr_cache_dir (the benchmarks' and sweeps' tests) cache measured
-# multipliers in a folder of this session's, never the user's ~/.cache.
+# multipliers in a folder of this test run's, never the user's ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lwlr-test-cache-")
 
 import numpy as np  # noqa: E402 (after the environment above, as everything the tests import)
