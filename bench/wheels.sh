@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The pure-Python peer libraries the GPU machine's image lacks (and cannot fetch), as wheels in .whl/
-# (git-ignored), for the GPU scripts to install there: carry .whl with the run. Versions as
+# The pure-Python peer libraries a bare GPU image lacks (and, without network, cannot fetch), as wheels in
+# .whl/ (git-ignored), for the GPU scripts to install there: copy .whl with the checkout. Versions as
 # requirements-dev.txt pins them; their only dependency, torch, is in the image.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -153,3 +153,15 @@ def test_a_resumed_cpu_run_ends_bitwise_equal_to_the_uninterrupted_one(tmp_path)
     record = json.loads((tmp_path / "train_check.json").read_text())["runs"][0]
     assert code == 0 and record["passed"] and record["bitwise_equal"] and record["resumed_at"] == 2
     assert record["checkpoints"] == ["step-00000002", "step-00000004"]
+
+
+def test_the_kits_pytest_runs_without_pytest_xdist(tmp_path):
+    """pyproject.toml's addopts asks for pytest-xdist's workers; a bare GPU image has pytest alone."""
+    pytest_runs = []
+    for kit, plan in gpu_kit.PLANS.items():
+        for rehearse in (False, True):
+            for part in plan("python3", str(tmp_path), rehearse):
+                pytest_runs += [command for command in part.commands if command[1:3] == ["-m", "pytest"]]
+    assert len(pytest_runs) == 2  # the check's correctness part, on a GPU and rehearsed
+    for command in pytest_runs:
+        assert command[command.index("addopts=") - 1] == "-o"
