@@ -129,12 +129,18 @@ def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_las
     return final
 
 
+STALE_FILE = re.compile(r"\.tmp-\d+$|^\.write-test-\d+$")  # write_atomically's, the export's and outdir.prepare's
+
+
 def remove_stale_temporaries(out_dir: str) -> None:
-    """Folders left by saves that were killed; never complete, safe to delete."""
+    """What writes that were killed left behind (a checkpoint's folder, the export's model.safetensors.tmp-PID,
+    config.json.tmp-PID): never complete, safe to delete once this run holds out_dir."""
     if os.path.isdir(out_dir):
         for name in os.listdir(out_dir):
             if name.startswith(TMP_PREFIX):
                 shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+            elif STALE_FILE.search(name) and os.path.isfile(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
 
 
 def verify(path: str) -> dict:
@@ -189,6 +195,7 @@ def export_safetensors(model: torch.nn.Module, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_model(model, tmp)
+        os.chmod(tmp, outdir.file_mode())  # safetensors creates it 0600; the run's other files are 0644
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):

@@ -67,6 +67,13 @@ def disk_full(error: BaseException, folder: str, needed: int | None = None) -> D
     )
 
 
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomically(path: str, write, mode: str = "w") -> None:
     """path gets what write(file) writes, whole: a temporary file beside it is renamed into place, and
     removed on any failure (a full disk, a signal)."""

@@ -239,8 +239,14 @@ class Preempted(BaseException):
     `except Exception` on the way swallows it)."""
 
 
+# What schedulers and shells send before they stop a job: SIGTERM (Slurm, Kubernetes, torchrun), SIGINT
+# (Ctrl-C), SIGHUP (a dropped ssh session), SIGUSR1 (Slurm's --signal=USR1@90 early warning). Each means:
+# save and exit 75.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop acts on it at the next log step, on all ranks together. Until
+    """A stop signal (STOP_SIGNALS) sets a flag; the loop acts on it at the next log step, on all ranks together. Until
     the first log step (the lwlr measurement, compilation, the first steps: minutes, while schedulers
     grant about 30 s between SIGTERM and SIGKILL) the signal stops the run at once instead: Preempted
     unwinds whatever runs, every file being written is removed or left whole, and the run exits 75."""
@@ -248,7 +254,7 @@ class StopRequest:
     def __init__(self):
         self.requested = False
         self.immediate = True
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):

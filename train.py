@@ -12,8 +12,8 @@
 A run writes out_dir/config.json, out_dir/log.jsonl (one JSON record per log line) and checkpoints in
 out_dir/step-XXXXXXXX/. Started again with the same out_dir it resumes from the newest complete
 checkpoint (init_from=auto), so a torchrun restart continues where it stopped, on as many processes
-as it gets (the global batch is tokens_per_step). SIGTERM or SIGINT saves a checkpoint at the next log
-step and exits with code 75 (EX_TEMPFAIL: try again); before the first log step it exits 75 at once,
+as it gets (the global batch is tokens_per_step). SIGTERM, SIGINT, SIGHUP or SIGUSR1 saves a checkpoint
+at the next log step and exits with code 75 (EX_TEMPFAIL: try again); before the first log step it exits 75 at once,
 saving nothing. One run at a time holds an out_dir (outdir.py); a full disk ends the run with code 74.
 """
 

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -174,22 +175,46 @@ def test_another_tokens_per_step_is_still_refused_on_resume(tmp_path, token_dir)
     )
 
 
-def test_sigterm_during_the_lwlr_measurement_exits_75_at_once_and_leaves_no_file(tmp_path, token_dir):
+@pytest.mark.parametrize(
+    "stop", ["SIGTERM", "SIGHUP", "SIGUSR1"]
+)  # a scheduler's, a dropped ssh session's, Slurm's warning
+def test_a_stop_signal_during_the_lwlr_measurement_exits_75_at_once_and_leaves_no_file(tmp_path, token_dir, stop):
     out = tmp_path / "run"
     child = start_train(*tiny_run_args(out, token_dir, lwlr_T=100_000))  # a measurement of minutes
     try:
         wait_for_line(child, "lwlr: measuring")
         time.sleep(1)
         sent = time.monotonic()
-        child.send_signal(signal.SIGTERM)
+        child.send_signal(getattr(signal, stop))
         stdout, stderr = child.communicate(timeout=30)
     finally:
         child.kill()  # no stray run if the stop failed
     assert time.monotonic() - sent < 5, "a stop before the first log step must not wait for it"
     assert child.returncode == train.EXIT_PREEMPTED, stderr[-3000:]
-    assert "SIGTERM before the first log step: stopped at once, nothing saved" in stdout
+    assert f"{stop} before the first log step: stopped at once, nothing saved" in stdout
     assert sorted(os.listdir(out)) == [".lock"]  # no lwlr.json, no config.json, no temporary file
-    assert train.main(tiny_run_args(out, token_dir, max_steps=2, eval_interval=2)) == 0  # the restart measures again
+    if stop == "SIGTERM":
+        assert (
+            train.main(tiny_run_args(out, token_dir, max_steps=2, eval_interval=2)) == 0
+        )  # the restart measures again
+
+
+def test_a_killed_export_leaves_nothing_a_restart_keeps_and_the_export_has_the_files_mode(tmp_path, token_dir):
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=2, eval_interval=2)) == 0
+    for stale in ("model.safetensors.tmp-99999", "config.json.tmp-4242", ".write-test-77"):  # kill -9 mid-write
+        (out / stale).write_bytes(b"partial")
+    assert train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)) == 0
+    names = sorted(os.listdir(out))
+    assert not [name for name in names if "tmp-" in name or "write-test" in name], names
+    mode = stat.S_IMODE((out / "config.json").stat().st_mode)
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == mode == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def test_the_lock_holder_is_named_and_a_dead_holder_releases_it(tmp_path):
