@@ -35,6 +35,10 @@ PEAK_BF16_FLOPS = (
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # longer than any eval or checkpoint save
 
 
+class DeviceError(UserError):
+    """A device the config asks for that this machine does not have."""
+
+
 @dataclass
 class Runtime:
     rank: int
@@ -59,6 +63,11 @@ def init_runtime(device: str = "auto") -> Runtime:
     NCCL across GPUs, gloo across CPU processes."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(
+            f"device={device}, but torch sees no CUDA device here (torch {torch.__version__}); use device=cpu "
+            "or device=auto"
+        )
     if "RANK" not in os.environ:
         return Runtime(0, 0, 1, torch.device(device))
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))

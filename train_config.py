@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import runpy
 import sys
 import traceback
@@ -89,7 +90,7 @@ class TrainConfig:
                                    "LayerNorms")
     beta1: float = key(0.9, "also sgdm_lw's momentum")
     beta2: float = key(0.95, "nanoGPT's GPT-2 value (0.999 is unstable at this scale)")
-    eps: float = key(1e-8, "AdamW")
+    eps: float = at_least(0.0, 1e-8, help="AdamW, Adam-mini, AdamW-LW")
     rho: float = at_least(0.0, 0.05, help="SophiaG's clipping scale (Sophia's GPT-2 small value)")
     hess_interval: int = at_least(1, 10, help="SophiaG: refresh the Hessian estimate every this many steps "
                                               "(Sophia's k)")
@@ -146,7 +147,7 @@ class TrainConfig:
     compile: str = choice("auto", "true", "false",
                           help="auto (on for CUDA; on a CPU where it repays its ~45 s: a GPT-2-sized vocabulary and "
                                "200+ steps, build.compiles) | true | false: torch.compile the model")
-    seed: int = key(1337, "model init and batch order")
+    seed: int = at_least(0, 1337, help="model init and batch order")
     # fmt: on
 
     def __post_init__(self):
@@ -162,8 +163,11 @@ class TrainConfig:
                 )
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{f.name}={value} must be >= {minimum}")
-        if not 0 <= self.lw_beta < 1:
-            raise ConfigError(f"lw_beta={self.lw_beta} must lie in [0, 1)")
+        for name in ("lw_beta", "beta1", "beta2", "dropout"):  # averages' decay rates and a probability: below 1
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must lie in [0, 1)")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device={self.device!r}: choose auto, cpu, cuda or cuda:N")
         if self.lw_micro_batch_size > self.micro_batch_size:
             raise ConfigError(
                 f"lw_micro_batch_size={self.lw_micro_batch_size} exceeds micro_batch_size="

@@ -367,3 +367,34 @@ def test_compile_auto_is_on_where_it_repays_its_cost(monkeypatch):
         False,
         "compile=auto on a CPU: off, no C++ compiler on PATH for inductor",
     )
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--dropout=1.5", "dropout=1.5 must lie in [0, 1)"),
+        ("--beta1=-0.1", "beta1=-0.1 must lie in [0, 1)"),
+        ("--beta2=1.5", "beta2=1.5 must lie in [0, 1)"),
+        ("--eps=-1", "eps=-1.0 must be a finite number >= 0"),
+        ("--seed=-1", "seed=-1 must be >= 0"),
+        ("--device=tpu", "device='tpu': choose auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_out_of_range_values_are_refused_as_the_config_is_read(flag, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config([flag])
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_device_cuda_without_cuda_is_one_line_before_out_dir_is_touched(tmp_path, token_dir):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", *tiny_run_args(out, token_dir, device="cuda")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert result.stderr.startswith("error: device=cuda, but torch sees no CUDA device here") and not out.exists()
