@@ -158,19 +158,21 @@ class Cache:
 
     def __init__(self, folder: str, say):
         self.path, self.say = os.path.join(folder, CACHE_FILE), say
+        self.data = None  # the file as read once
 
     def read(self) -> dict:
-        if not os.path.exists(self.path):
-            return {}
-        try:
-            with open(self.path) as f:
-                data = json.load(f)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            return data
-        except (OSError, ValueError) as e:
-            self.say(f"warning: kernel self-check cache {self.path} is unreadable ({e}); checking again")
-            return {}
+        if self.data is None:
+            self.data = {}
+            try:
+                if os.path.exists(self.path):
+                    with open(self.path) as f:
+                        data = json.load(f)
+                    if not isinstance(data, dict):
+                        raise ValueError("not a JSON object")
+                    self.data = data
+            except (OSError, ValueError) as e:
+                self.say(f"warning: kernel self-check cache {self.path} is unreadable ({e}); checking again")
+        return self.data
 
     def passed(self, key: str, optimizer: str) -> bool:
         entry = self.read().get(key)
@@ -221,8 +223,7 @@ def check(optimizer: str, make_optimizer, device: torch.device, cache_folder: st
     return True, (
         f"self-check passed in {seconds:.1f} s: the Triton path ({KERNELS[optimizer]}) matches the torch path after "
         f"two steps on aligned and unaligned tensors (largest difference {difference:.2g}, tolerance rtol {rtol:g} / "
-        f"atol {atol:g}; "
-        f"cached in {cache.path})"
+        f"atol {atol:g}; cached in {cache.path})"
     )
 
 
