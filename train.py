@@ -227,11 +227,13 @@ def choose_backend(c: TrainConfig, rt) -> tuple[str, str]:
     return kernel_check.choose_backend(c, rt.device, make_optimizer, cache_dir(), say=rt.print0)
 
 
-def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
-    """The model, lr multipliers, optimizer state and first step: from the newest checkpoint in out_dir,
-    or fresh (measuring the multipliers). Checks everything before writing anything."""
-    outdir.prepare(c.out_dir)
-    found = checkpoint.latest(c.out_dir, report=rt.print0)
+def start(c: TrainConfig, rt, found: tuple[str, dict] | None) -> tuple[GPT, dict | None, dict | None, int]:
+    """The model, lr multipliers, optimizer state and first step: from the newest checkpoint in out_dir
+    (`found`, verified before the lock was taken), or fresh (measuring the multipliers). Checks everything
+    before writing anything."""
+    newest = [found[1]["step"]] if found else []
+    if checkpoint.complete_steps(c.out_dir)[:1] != newest:  # another run saved since: verify its checkpoint instead
+        found = checkpoint.latest(c.out_dir, report=rt.print0)
     if c.init_from == "resume" and found is None:
         raise ConfigError(f"init_from=resume, but {c.out_dir} holds no complete checkpoint")
     if c.init_from == "scratch" and found is not None:
@@ -265,11 +267,10 @@ def start(c: TrainConfig, rt) -> tuple[GPT, dict | None, dict | None, int]:
     return model, meta["lr_multipliers"], checkpoint.load_tensors(path, "optimizer"), meta["step"]
 
 
-def finished(c: TrainConfig, rt) -> bool:
+def finished(c: TrainConfig, rt, found: tuple[str, dict] | None) -> bool:
     """Whether out_dir already holds this run finished (a checkpoint at max_steps and its export): then
     the run says so and how to go on, and leaves every file as it is."""
-    found = checkpoint.latest(c.out_dir, report=rt.print0) if c.init_from != "scratch" else None
-    if found is None or found[1]["step"] < c.max_steps:
+    if c.init_from == "scratch" or found is None or found[1]["step"] < c.max_steps:
         return False
     path, meta = found
     check_same_run(c, meta, path)  # a finished run with other settings is refused as a resume is
@@ -293,13 +294,16 @@ def main(argv: list[str] | None = None) -> int:
     c = fit_micro_batch(c, model_config.block_size, rt.world_size, say=rt.print0)
     token_batches(c, "train", "train", model_config)
     val_batches = token_batches(c, "val", "val", model_config)
-    if finished(c, rt):
+    found = checkpoint.latest(
+        c.out_dir, report=rt.print0
+    )  # verified once: checksums of a 1.5B run's files take a while
+    if finished(c, rt, found):
         return 0
     backend = choose_backend(c, rt)  # a failed self-check under optimizer_backend=triton stops here, out_dir untouched
     outdir.prepare(c.out_dir)
     try:
         with outdir.exclusive(c.out_dir, rt):
-            return run(c, rt, stop, val_batches, backend)
+            return run(c, rt, stop, val_batches, backend, found)
     except Preempted as signal_name:
         rt.print0(
             f"{signal_name} before the first log step: stopped at once, nothing saved; the same command starts again"
@@ -314,12 +318,19 @@ def main(argv: list[str] | None = None) -> int:
         stop.immediate = False  # a signal after the run is no longer the run's to act on
 
 
-def run(c: TrainConfig, rt, stop: StopRequest, val_batches: TokenBatches, backend: tuple[str, str]) -> int:
+def run(
+    c: TrainConfig,
+    rt,
+    stop: StopRequest,
+    val_batches: TokenBatches,
+    backend: tuple[str, str],
+    found: tuple[str, dict] | None,
+) -> int:
     """The run in an out_dir this process holds: start or resume, train, evaluate, save."""
     chosen, why = precision(rt.device, c.dtype)
     said = "bf16 autocast, with fp32 weights, gradients, optimizer states and loss" if chosen == "bfloat16" else "fp32"
     rt.print0(f"precision: {said} ({why})")
-    model, lr_multipliers, optimizer_state, step = start(c, rt)
+    model, lr_multipliers, optimizer_state, step = start(c, rt, found)
     trainer = Trainer(c, rt, model, lr_multipliers, optimizer_state, backend)
     if rt.is_main:
         checkpoint.remove_stale_temporaries(c.out_dir)
