@@ -10,6 +10,7 @@ skips (and reports) any that fail. Tensors are read with torch.load(weights_only
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -186,7 +187,34 @@ def latest(out_dir: str, report=print) -> tuple[str, dict] | None:
 
 
 def load_tensors(path: str, name: str) -> dict:
-    return torch.load(os.path.join(path, f"{name}.pt"), map_location="cpu", weights_only=True)
+    """<name>.pt's tensors. weights_only refuses anything but plain tensors and containers: a file whose
+    checksums match but which carries other objects (written by other code, or poisoned) is a
+    CheckpointError in one line, its payload never run."""
+    file_path = os.path.join(path, f"{name}.pt")
+    try:
+        return torch.load(file_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]  # torch's reason is its second paragraph
+        reason = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
+        raise CheckpointError(f"{file_path}: holds more than tensors, so it is not loaded ({reason})") from None
+
+
+def restore_weights(model: torch.nn.Module, path: str) -> None:
+    """The checkpoint's weights into model, after checking that every tensor fits: a tensor of another shape
+    (the dataset's vocabulary changed, so vocab_size did) is a CheckpointError naming it."""
+    saved = load_tensors(path, "model")
+    own = model.state_dict()
+    wrong = [
+        f"{name} {list(saved[name].shape)} there, {list(own[name].shape)} in this run's model"
+        for name in own
+        if name in saved and saved[name].shape != own[name].shape
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{path}: the model does not fit this run's: {'; '.join(wrong[:3])}. Did the dataset's vocabulary "
+            "(vocab_size) or the model change? Resume with what the run started with, or give another out_dir"
+        )
+    model.load_state_dict(saved)
 
 
 def export_safetensors(model: torch.nn.Module, path: str) -> None:

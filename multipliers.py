@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     c = parse_config(argv)
     if c.lr_rule == "single":
         raise ConfigError("lr_rule=single has no multipliers to measure; use lwlr (the default) or a baseline rule")
-    rt = init_runtime(c.device)
+    rt = init_runtime(c.device, c.dist_timeout)
     torch.manual_seed(c.seed)
     model = GPT(gpt_config(c)).to(rt.device)
     _, data = for_config(

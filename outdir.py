@@ -67,6 +67,24 @@ def disk_full(error: BaseException, folder: str, needed: int | None = None) -> D
     )
 
 
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_failure(error: OSError, out_dir: str) -> UserError | None:
+    """What a failed write into out_dir amounts to for the user: a full disk (DiskFullError, exit 74), an
+    out_dir that stopped being writable mid-run (permissions changed, remounted read-only), or None: a
+    bug, which keeps its traceback."""
+    full = disk_full(error, out_dir)
+    if full is not None:
+        return full
+    if error.errno in NOT_WRITABLE:
+        return OutDirNotWritableError(
+            f"out_dir={out_dir!r} stopped being writable during the run ({error.strerror}: {error.filename}); "
+            "the last complete checkpoint stands. Make it writable and run the same command to resume"
+        )
+    return None
+
+
 def file_mode() -> int:
     """The mode a new file gets under this process's umask (0644 under the usual 022)."""
     umask = os.umask(0)
@@ -115,7 +133,12 @@ def space_warning(out_dir: str, checkpoint_bytes: int, keep_last: int) -> str | 
 def lock(out_dir: str, log=print):
     """Hold out_dir alone for the block: OutDirInUseError names the holder if another run has it."""
     path = os.path.join(out_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except IsADirectoryError:
+        raise OutDirNotWritableError(
+            f"{path} is a directory, where the run keeps its lock file: remove it (nothing of the run is in it)"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

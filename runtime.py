@@ -10,6 +10,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +33,14 @@ PEAK_BF16_FLOPS = (
     ("RTX 4090", 165e12),
     ("RTX 3090", 71e12),
 )
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # longer than any eval or checkpoint save
 
 
 class DeviceError(UserError):
     """A device the config asks for that this machine does not have."""
+
+
+class HungRankError(UserError):
+    """A collective that waited dist_timeout seconds for a rank that never came: frozen, dead, or far behind."""
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Runtime:
     # Launched by torchrun (a process group), even at world size 1: DDP and the all-reduces run, so one GPU
     # exercises the multi-GPU code path (bench/gpu_check.sh) at the cost of a no-op all-reduce per step.
     distributed: bool = False
+    timeout_s: int = 600  # how long a collective waits for every rank (dist_timeout)
 
     @property
     def is_main(self) -> bool:
@@ -57,10 +62,45 @@ class Runtime:
         if self.is_main:
             print(*args, **kwargs, flush=True)
 
+    def unanswering_ranks(self) -> list[int] | None:
+        """After a collective timed out: the ranks that did not time out with it. Each rank still alive reaches
+        its timeout within moments of the others and says so in the process group's store; the ranks that
+        say nothing within a few seconds are frozen, dead, or somewhere else entirely. None when the store
+        cannot be reached (it may live in the hung rank's process)."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set_timeout(datetime.timedelta(seconds=5))
+            store.set(f"lwlr/timed-out/{self.rank}", "1")
+            time.sleep(3)
+            return [rank for rank in range(self.world_size) if not store.check([f"lwlr/timed-out/{rank}"])]
+        except Exception:  # noqa: BLE001 (the store's errors share no type): the message says less, no more
+            return None
 
-def init_runtime(device: str = "auto") -> Runtime:
+    @contextlib.contextmanager
+    def waiting_for_ranks(self, collective: str):
+        """A RuntimeError after dist_timeout seconds inside this block is the process group's timeout (gloo
+        says "Timed out waiting ... for recv"): a HungRankError naming the collective and the ranks that did
+        not answer. On NCCL, torch's watchdog ends the process first, with a message naming the collective."""
+        start = time.monotonic()
+        try:
+            yield
+        except RuntimeError:
+            waited = time.monotonic() - start
+            if not self.distributed or waited < self.timeout_s:
+                raise
+            silent = self.unanswering_ranks()
+            ranks = f"rank{'s' * (len(silent or []) > 1)} {', '.join(map(str, silent or []))}"
+            named = f"{ranks}, which" if silent else "a rank that"
+            raise HungRankError(
+                f"rank {self.rank}: {collective} waited {waited:.0f} s (dist_timeout={self.timeout_s}) for {named} "
+                "did not answer; the run stops, the last checkpoint stands. Look at that rank's host (frozen, out "
+                "of memory, dead), then run the same command to resume"
+            ) from None
+
+
+def init_runtime(device: str = "auto", timeout_s: int = 600) -> Runtime:
     """Single process, or one rank of a torchrun launch (RANK/WORLD_SIZE/LOCAL_RANK in the environment):
-    NCCL across GPUs, gloo across CPU processes."""
+    NCCL across GPUs, gloo across CPU processes. A collective waits timeout_s for every rank."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -81,9 +121,9 @@ def init_runtime(device: str = "auto") -> Runtime:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         dist.init_process_group(
-            backend, timeout=PROCESS_GROUP_TIMEOUT, device_id=run_device if backend == "nccl" else None
+            backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=run_device if backend == "nccl" else None
         )
-    return Runtime(rank, local_rank, world_size, run_device, distributed=True)
+    return Runtime(rank, local_rank, world_size, run_device, distributed=True, timeout_s=timeout_s)
 
 
 def cache_dir() -> str:
@@ -172,16 +212,29 @@ def run_main(main) -> None:
     """Run a script's main(): a UserError (errors.py) prints one `error:` line and exits with its class's
     exit_code, 2 unless it says otherwise; anything else is a bug and keeps its traceback. The process
     group is always torn down so torchrun ranks exit cleanly."""
+    code = 1
     try:
         code = main()
     except UserError as e:
         if not (e.same_on_every_rank and int(os.environ.get("RANK", "0")) != 0):
             print(f"error: {e}", file=sys.stderr)
         code = e.exit_code
-    finally:
+    finally:  # code stays 1 for a bug, whose traceback follows
         if dist.is_initialized():
             dist.destroy_process_group()
+        report_exit_code(code)
     sys.exit(code)
+
+
+EXIT_CODE_FILE = "LWLR_EXIT_CODE_FILE"  # set by launch.py, which torchrun's own exit code cannot replace
+
+
+def report_exit_code(code: int) -> None:
+    """Rank 0 writes its exit code where launch.py reads it: torchrun itself exits 1 after any stop."""
+    path = os.environ.get(EXIT_CODE_FILE)
+    if path and int(os.environ.get("RANK", "0")) == 0:
+        with open(path, "w") as f:
+            f.write(str(code))
 
 
 class RunLog:
@@ -244,8 +297,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped by a signal, run the sa
 
 
 class Preempted(BaseException):
-    """A stop signal before the first log step: nothing worth saving yet (a BaseException, so that no
-    `except Exception` on the way swallows it)."""
+    """A stop signal before the first step is done, or anywhere in a sweep: nothing worth saving yet (a
+    BaseException, so that no `except Exception` on the way swallows it)."""
 
 
 # What schedulers and shells send before they stop a job: SIGTERM (Slurm, Kubernetes, torchrun), SIGINT
@@ -255,18 +308,63 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
 class StopRequest:
-    """A stop signal (STOP_SIGNALS) sets a flag; the loop acts on it at the next log step, on all ranks together. Until
-    the first log step (the lwlr measurement, compilation, the first steps: minutes, while schedulers
-    grant about 30 s between SIGTERM and SIGKILL) the signal stops the run at once instead: Preempted
-    unwinds whatever runs, every file being written is removed or left whole, and the run exits 75."""
+    """A stop signal (STOP_SIGNALS) sets a flag, which the training loop reads after every step and every
+    eval batch (StopVote), so a stop is answered within a step plus the save. Until the first step is done
+    (the lwlr measurement, the kernel self-check, compilation: minutes, while schedulers grant about 30 s
+    between SIGTERM and SIGKILL) the signal stops the run at once instead: Preempted unwinds whatever
+    runs, every file being written is removed or left whole, and the run exits 75."""
 
     def __init__(self):
         self.requested = False
+        self.reason = ""  # the signal's name, or why the run stops without one
         self.immediate = True
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str) -> None:
+        self.requested, self.reason = True, self.reason or reason
         if self.immediate:
-            raise Preempted(signal.Signals(signum).name)
+            raise Preempted(reason)
+
+
+class StopVote:
+    """Whether to stop now, the same answer on every rank at the same point, without stalling the device.
+
+    One process reads its own flag. Ranks must stop at the same step, and a host read of an all-reduced
+    flag at every step would wait for the device each time; so every call all-reduces this rank's vote
+    (asynchronous on NCCL) and answers with the previous call's result, copied to host memory behind
+    it: the host waits only for work the device finished a step ago, and every rank stops one poll
+    after the first one voted. A launcher that went away (kill -9 of torchrun) counts as a stop, so
+    orphaned ranks save, exit, and free out_dir's lock."""
+
+    def __init__(self, rt: Runtime, stop: StopRequest):
+        self.rt, self.stop = rt, stop
+        self.parent = os.getppid()
+        self.pending = None  # the last vote: (host copy, its CUDA event or None)
+
+    def poll(self, where: str) -> bool:
+        if os.getppid() != self.parent and self.rt.distributed:
+            self.stop.request(f"its launcher, pid {self.parent}, exited")
+        if not self.rt.distributed:
+            return self.stop.requested
+        vote = torch.full((), float(self.stop.requested), device=self.rt.device)
+        with self.rt.waiting_for_ranks(f"the stop vote at {where}"):
+            dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        previous, self.pending = self.pending, self._to_host(vote)
+        if previous is None:
+            return False
+        host, event = previous
+        if event is not None:
+            event.synchronize()
+        return bool(host.item())
+
+    def _to_host(self, vote: torch.Tensor):
+        if vote.device.type != "cuda":
+            return vote, None
+        host = vote.to("cpu", non_blocking=True)  # into pinned memory, behind the all-reduce on the stream
+        event = torch.cuda.Event()
+        event.record()
+        return host, event

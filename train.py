@@ -12,9 +12,11 @@
 A run writes out_dir/config.json, out_dir/log.jsonl (one JSON record per log line) and checkpoints in
 out_dir/step-XXXXXXXX/. Started again with the same out_dir it resumes from the newest complete
 checkpoint (init_from=auto), so a torchrun restart continues where it stopped, on as many processes
-as it gets (the global batch is tokens_per_step). SIGTERM, SIGINT, SIGHUP or SIGUSR1 saves a checkpoint
-at the next log step and exits with code 75 (EX_TEMPFAIL: try again); before the first log step it exits 75 at once,
-saving nothing. One run at a time holds an out_dir (outdir.py); a full disk ends the run with code 74.
+as it gets (the global batch is tokens_per_step), refusing changed settings or data (resume.py).
+SIGTERM, SIGINT, SIGHUP or SIGUSR1 saves a checkpoint within a step, an eval cut short, and exits with
+code 75 (EX_TEMPFAIL: try again); before the first step is done it exits 75 at once, saving nothing
+(launch.py carries the 75 through torchrun). One run at a time holds an out_dir (outdir.py); a full
+disk ends the run with code 74.
 """
 
 import contextlib
@@ -34,6 +36,7 @@ import lwas
 import multipliers
 import optim
 import outdir
+import resume
 from build import (
     build_optimizer,
     compiles,
@@ -53,6 +56,7 @@ from runtime import (
     Preempted,
     RunLog,
     StopRequest,
+    StopVote,
     autocast,
     cache_dir,
     environment,
@@ -62,26 +66,12 @@ from runtime import (
 )
 from train_config import INIT_MODES, ConfigError, TrainConfig, parse_config
 
-# Keys that change the optimization itself: a resume with other values would not continue the run.
-RESUME_MUST_MATCH = ("model", "block_size", "residual_scale", "optimizer", "lr_rule", "tokens_per_step", "dataset")
 
-
-def check_same_run(c: TrainConfig, meta: dict, path: str) -> None:
-    """A resume continues the same optimization: the keys that define it must match."""
-    for key in RESUME_MUST_MATCH:
-        if meta["config"][key] != getattr(c, key):
-            raise ConfigError(
-                f"cannot resume from {path}: checkpoint has {key}={meta['config'][key]!r}, "
-                f"config has {key}={getattr(c, key)!r}"
-            )
-
-
-def check_resume(c: TrainConfig, meta: dict, rt, path: str, block_size: int) -> None:
-    """check_same_run, and the number of processes may change (an elastic restart): batches are a pure
-    function of (seed, step) and tokens_per_step fixes the global batch, so grad_accum follows from the
-    new world size. What is drawn per rank (dropout masks, SophiaG's sampled labels, LW-AS's curvature
-    rows) then comes out otherwise, a statistically equivalent continuation rather than the same one."""
-    check_same_run(c, meta, path)
+def say_world_size_change(c: TrainConfig, meta: dict, rt, block_size: int) -> None:
+    """The number of processes may change on a resume (an elastic restart): batches are a pure function
+    of (seed, step) and tokens_per_step fixes the global batch, so grad_accum follows from the new world
+    size. What is drawn per rank (dropout masks, SophiaG's sampled labels, LW-AS's curvature rows) then
+    comes out otherwise, a statistically equivalent continuation rather than the same one."""
     if meta["world_size"] != rt.world_size:
         grad_accum = grad_accumulation(c, block_size, rt.world_size)
         rt.print0(
@@ -91,12 +81,16 @@ def check_resume(c: TrainConfig, meta: dict, rt, path: str, block_size: int) -> 
 
 
 @torch.no_grad()
-def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx) -> float:
-    """Mean loss over the same eval_steps val batches every time, split across ranks."""
+def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx, vote: StopVote | None = None) -> float | None:
+    """Mean loss over the same eval_steps val batches every time, split across ranks; None when a stop
+    (vote) came first: an eval of hundreds of batches must not outlast a scheduler's grace period."""
     model.eval()
     total = torch.zeros((), device=rt.device)
     with Progress("eval", c.eval_steps, "batches", enabled=rt.is_main) as progress:  # speaks only if it takes a while
         for i in range(c.eval_steps):
+            if vote is not None and vote.poll(f"eval batch {i}"):
+                model.train()
+                return None
             rows = c.micro_batch_size
             x, y = batches.get(i, rows * rt.world_size, rt.rank * rows, rows, rt.device)
             with ctx:
@@ -104,7 +98,8 @@ def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx) -> float:
             total += loss.float()
             progress.update()
     if rt.distributed:
-        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        with rt.waiting_for_ranks("the all-reduce of the val loss"):
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
     model.train()
     return total.item() / c.eval_steps
 
@@ -126,6 +121,7 @@ class Trainer:
         self.grad_accum = grad_accumulation(c, model.config.block_size, rt.world_size)
         self.global_rows = c.micro_batch_size * self.grad_accum * rt.world_size
         self.train_batches = token_batches(c, "train", "train", model.config, c.data_subset_batches)
+        self.data_fingerprints = resume.data_fingerprints(c)
         groups = optim.param_groups(model, lr_multipliers, c.weight_decay, c.lwlr_scale_decay)
         self.backend, self.backend_reason = backend or choose_backend(c, rt)
         self.optimizer = build_optimizer(c, groups, model.config.n_head, self.backend)
@@ -159,11 +155,13 @@ class Trainer:
                 "world_size": rt.world_size,
                 "lr_multipliers": self.lr_multipliers,
                 "data": {"seed": c.seed, "next_step": step},
+                "data_fingerprints": self.data_fingerprints,  # a resume on other token files is refused
             }
             tensors = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()}
             rt.print0(f"saved {checkpoint.save(c.out_dir, step, tensors, meta, c.keep_last)} ({reason})")
         if rt.distributed:
-            dist.barrier()
+            with rt.waiting_for_ranks(f"the barrier after the save at step {step}"):
+                dist.barrier()
 
     def checkpoint_bytes(self) -> int:
         """What one checkpoint of this model and optimizer takes on disk (its tensors; once the optimizer's
@@ -227,114 +225,139 @@ def choose_backend(c: TrainConfig, rt) -> tuple[str, str]:
     return kernel_check.choose_backend(c, rt.device, make_optimizer, cache_dir(), say=rt.print0)
 
 
-def start(c: TrainConfig, rt, found: tuple[str, dict] | None) -> tuple[GPT, dict | None, dict | None, int]:
-    """The model, lr multipliers, optimizer state and first step: from the newest checkpoint in out_dir
-    (`found`, verified before the lock was taken), or fresh (measuring the multipliers). Checks everything
-    before writing anything."""
-    newest = [found[1]["step"]] if found else []
-    if checkpoint.complete_steps(c.out_dir)[:1] != newest:  # another run saved since: verify its checkpoint instead
-        found = checkpoint.latest(c.out_dir, report=rt.print0)
+@dataclasses.dataclass
+class Start:
+    """Where a run begins, found and checked by start() before the run touches out_dir."""
+
+    model: GPT
+    step: int = 0
+    lr_multipliers: dict[str, float] | None = None  # a fresh run measures (or computes) them once out_dir is held
+    optimizer_state: dict | None = None
+    resumed_from: str | None = None  # the checkpoint's folder
+    changes: dict[str, tuple] | None = None  # what this resume changed (resume.check)
+
+
+def start(c: TrainConfig, rt, found: tuple[str, dict] | None, fingerprints: dict) -> Start:
+    """The model and, on a resume, the multipliers, optimizer state and step of the newest checkpoint
+    (`found`, verified), each checked against the config, so that a refused run leaves out_dir as it was."""
     if c.init_from == "resume" and found is None:
         raise ConfigError(f"init_from=resume, but {c.out_dir} holds no complete checkpoint")
     if c.init_from == "scratch" and found is not None:
         raise ConfigError(
             f"init_from=scratch, but {c.out_dir} already holds {found[0]}: resume it or choose another out_dir"
         )
+    changes = resume.check(c, found[1], found[0], fingerprints, say=rt.print0) if found else None
     torch.manual_seed(c.seed)
     model = GPT(gpt_config(c)).to(rt.device)
-    if found is None and c.init_from not in INIT_MODES:  # a restart resumes from out_dir's checkpoints instead
-        hf.load_weights(model, c.init_from)
-        measured = (
-            f"; lwlr measures at them over T={c.lwlr_T} batches (lwlr_init={c.lwlr_init}; fan_out re-initializes "
-            "as the paper does)"
-        )
-        shape = model.config
-        rt.print0(
-            f"init_from: the weights of {c.init_from} ({shape.n_layer} layers, {shape.n_head} heads, width "
-            f"{shape.n_embd}, block_size {shape.block_size})" + (measured if c.lr_rule == "lwlr" else "")
-        )
     if found is None:
-        lwlr_batches = token_batches(c, "train", "lwlr", model.config)
-        ctx = autocast(rt.device, c.dtype)
-        lr_multipliers, lwlr_report = multipliers.for_config(c, model, lwlr_batches, ctx, log=rt.print0)
-        if rt.is_main and lwlr_report is not None:
-            multipliers.save_report(lwlr_report, c.out_dir)
-        return model, lr_multipliers, None, 0
+        if c.init_from not in INIT_MODES:  # a restart resumes from out_dir's checkpoints instead
+            hf.load_weights(model, c.init_from)
+            measured = (
+                f"; lwlr measures at them over T={c.lwlr_T} batches (lwlr_init={c.lwlr_init}; fan_out "
+                "re-initializes as the paper does)"
+            )
+            shape = model.config
+            rt.print0(
+                f"init_from: the weights of {c.init_from} ({shape.n_layer} layers, {shape.n_head} heads, width "
+                f"{shape.n_embd}, block_size {shape.block_size})" + (measured if c.lr_rule == "lwlr" else "")
+            )
+        if c.lr_rule == "lwlr" and c.lwlr_file:
+            multipliers.load_multipliers(c.lwlr_file, model)  # checked now; read again once out_dir is held
+        return Start(model)
     path, meta = found  # multipliers come from the checkpoint: never re-measured on a resume
-    check_resume(c, meta, rt, path, model.config.block_size)
-    model.load_state_dict(checkpoint.load_tensors(path, "model"))
-    rt.print0(f"resuming from {path} at step {meta['step']}")
-    return model, meta["lr_multipliers"], checkpoint.load_tensors(path, "optimizer"), meta["step"]
+    say_world_size_change(c, meta, rt, model.config.block_size)
+    checkpoint.restore_weights(model, path)
+    optimizer_state = checkpoint.load_tensors(path, "optimizer")
+    return Start(model, meta["step"], meta["lr_multipliers"], optimizer_state, path, changes)
 
 
-def finished(c: TrainConfig, rt, found: tuple[str, dict] | None) -> bool:
+def finished(c: TrainConfig, rt, found: tuple[str, dict] | None, fingerprints: dict) -> bool:
     """Whether out_dir already holds this run finished (a checkpoint at max_steps and its export): then
     the run says so and how to go on, and leaves every file as it is."""
     if c.init_from == "scratch" or found is None or found[1]["step"] < c.max_steps:
         return False
     path, meta = found
-    check_same_run(c, meta, path)  # a finished run with other settings is refused as a resume is
+    resume.check(c, meta, path, fingerprints, say=lambda line: None)  # other settings are refused as a resume's
     if not os.path.isfile(os.path.join(c.out_dir, "model.safetensors")):
         return False  # stopped before its export: the run writes it
     decay = f" --lr_decay_steps={meta['step']}" if c.schedule == "cosine" and not c.lr_decay_steps else ""
     rt.print0(
         f"{c.out_dir} holds a finished run: step {meta['step']} of max_steps={c.max_steps} ({path}); nothing to do, "
-        f"no file changed. To train it further, run the same command with --max_steps=MORE{decay}"
-        f"{' (so the cosine stays at min_lr past its end)' if decay else ''}; to start another run, "
-        "give another --out_dir"
+        f"no file changed. To train it further, run the same command with --max_steps=MORE{decay} "
+        "--allow_resume_changes=max_steps"
+        f"{' (so the cosine stays at min_lr past its end)' if decay else ''}; to "
+        "start another run, give another --out_dir"
     )
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
     c = pretrained(parse_config(argv))
-    rt = init_runtime(c.device)
+    rt = init_runtime(c.device, c.dist_timeout)
     stop = StopRequest()
-    model_config = gpt_config(c)  # every check that can fail runs before out_dir is touched
-    c = fit_micro_batch(c, model_config.block_size, rt.world_size, say=rt.print0)
-    token_batches(c, "train", "train", model_config)
-    val_batches = token_batches(c, "val", "val", model_config)
-    found = checkpoint.latest(
-        c.out_dir, report=rt.print0
-    )  # verified once: checksums of a 1.5B run's files take a while
-    if finished(c, rt, found):
-        return 0
-    backend = choose_backend(c, rt)  # a failed self-check under optimizer_backend=triton stops here, out_dir untouched
-    outdir.prepare(c.out_dir)
     try:
-        with outdir.exclusive(c.out_dir, rt):
-            return run(c, rt, stop, val_batches, backend, found)
-    except Preempted as signal_name:
+        return checked_then_run(c, rt, stop)
+    except Preempted as reason:
         rt.print0(
-            f"{signal_name} before the first log step: stopped at once, nothing saved; the same command starts again"
+            f"{reason} before the first step was done: stopped at once, nothing saved; the same command starts again"
         )
         return EXIT_PREEMPTED
-    except OSError as e:  # a write no file-specific handler caught (log.jsonl, tensorboard): a full disk, or not ours
-        full = outdir.disk_full(e, c.out_dir)
-        if full is None:
+    except OSError as e:  # a write no file-specific handler caught (log.jsonl, tensorboard, a checkpoint)
+        problem = outdir.write_failure(e, c.out_dir)
+        if problem is None:
             raise
-        raise full from None
+        raise problem from None
     finally:
         stop.immediate = False  # a signal after the run is no longer the run's to act on
 
 
+def checked_then_run(c: TrainConfig, rt, stop: StopRequest) -> int:
+    """Every check that can refuse the run, then the run in out_dir, held alone. A refused run leaves
+    out_dir as it found it, byte for byte."""
+    model_config = gpt_config(c)
+    c = fit_micro_batch(c, model_config.block_size, rt.world_size, say=rt.print0)
+    token_batches(c, "train", "train", model_config)
+    val_batches = token_batches(c, "val", "val", model_config)
+    fingerprints = resume.data_fingerprints(c)
+    found = checkpoint.latest(c.out_dir, report=rt.print0)  # verified once: a 1.5B run's checksums take a while
+    if finished(c, rt, found, fingerprints):
+        return 0
+    begin = start(c, rt, found, fingerprints)
+    backend = choose_backend(c, rt)  # a failed self-check under optimizer_backend=triton stops here
+    if rt.distributed:
+        rt.print0(
+            f"process group: {dist.get_backend()}, {rt.world_size} ranks; a collective that waits {c.dist_timeout} s "
+            "for a rank ends the run, naming it (dist_timeout)"
+        )
+    outdir.prepare(c.out_dir)
+    with outdir.exclusive(c.out_dir, rt):
+        if checkpoint.complete_steps(c.out_dir)[:1] != ([begin.step] if begin.resumed_from else []):
+            # another run saved since the checks: begin from its checkpoint instead, checked the same way
+            begin = start(c, rt, checkpoint.latest(c.out_dir, report=rt.print0), fingerprints)
+        return run(c, rt, stop, val_batches, backend, begin)
+
+
 def run(
-    c: TrainConfig,
-    rt,
-    stop: StopRequest,
-    val_batches: TokenBatches,
-    backend: tuple[str, str],
-    found: tuple[str, dict] | None,
+    c: TrainConfig, rt, stop: StopRequest, val_batches: TokenBatches, backend: tuple[str, str], begin: Start
 ) -> int:
-    """The run in an out_dir this process holds: start or resume, train, evaluate, save."""
+    """The run in an out_dir this process holds: measure or resume, train, evaluate, save."""
     chosen, why = precision(rt.device, c.dtype)
     said = "bf16 autocast, with fp32 weights, gradients, optimizer states and loss" if chosen == "bfloat16" else "fp32"
     rt.print0(f"precision: {said} ({why})")
-    model, lr_multipliers, optimizer_state, step = start(c, rt, found)
-    trainer = Trainer(c, rt, model, lr_multipliers, optimizer_state, backend)
+    model, step, lr_multipliers = begin.model, begin.step, begin.lr_multipliers
+    if begin.resumed_from:
+        rt.print0(f"resuming from {begin.resumed_from} at step {step}")
+    else:
+        lwlr_batches = token_batches(c, "train", "lwlr", model.config)
+        ctx = autocast(rt.device, c.dtype)
+        lr_multipliers, lwlr_report = multipliers.for_config(c, model, lwlr_batches, ctx, log=rt.print0)
+        if rt.is_main and lwlr_report is not None:
+            multipliers.save_report(lwlr_report, c.out_dir)
+    trainer = Trainer(c, rt, model, lr_multipliers, begin.optimizer_state, backend)
     if rt.is_main:
         checkpoint.remove_stale_temporaries(c.out_dir)
-        outdir.write_atomically(os.path.join(c.out_dir, "config.json"), lambda f: f.write(c.to_json()))
+        resume.record_config(c.out_dir, c, step, begin.changes)
+        resume.trim_log(c.out_dir, step)  # the steps this run repeats were logged before a kill: once only
 
     # A progress bar on a terminal (rank 0); log lines are written above it.
     on_terminal = rt.is_main and sys.stdout.isatty()
@@ -367,14 +390,28 @@ def run(
     )
 
     stats = StepStats(rt, c, model.flops_per_token() * c.tokens_per_step)
+    vote = StopVote(rt, stop)
+
+    def stopped(at: int, during: str) -> int:
+        """Save the state after step `at` and exit 75, saying what a stop during an eval did not record."""
+        lost = " (its val loss is not recorded: the eval was cut short)" if during == "eval" else ""
+        rt.print0(f"stop ({stop.reason}) at step {at}, during {during}{lost}: saving, then exit {EXIT_PREEMPTED}")
+        log.record("stop", {"step": at, "reason": stop.reason, "during": during})
+        trainer.save(at, "stop requested", stats.last_step_bad())
+        bar.close()
+        log.close()
+        return EXIT_PREEMPTED
+
     first_step = step
     while step < c.max_steps:
         with heartbeat("torch.compile: compiling", enabled=trainer.compiled and rt.is_main and step == first_step):
-            lr, step_loss, grad_norm, found_inf = trainer.step(step)
+            with rt.waiting_for_ranks(f"step {step + 1}'s gradient and loss all-reduces"):
+                lr, step_loss, grad_norm, found_inf = trainer.step(step)
         stats.add(step_loss, found_inf)
         step += 1
         bar.update(1)
         if step == first_step + 1:
+            stop.immediate = False  # from here on a stop saves first, within a step (vote.poll)
             seconds = stats.first_step_done()
             if trainer.compiled:
                 rt.print0(f"torch.compile: compiled in {duration(seconds)} (the first step, which ms/step leaves out)")
@@ -385,9 +422,6 @@ def run(
 
         last = step == c.max_steps
         if step % c.log_interval == 0 or last:
-            stop_flag = torch.tensor(float(stop.requested), device=rt.device)
-            if rt.distributed:
-                dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
             record = {
                 "step": step,
                 **stats.interval(step),
@@ -397,15 +431,13 @@ def run(
             }
             log.record("train", record, stats.line(record))
             stats.check_bad_steps(step)
-            stop.immediate = False  # from here on a stop saves first, at the next log step
-            if stop_flag.item():
-                trainer.save(step, "stop requested", stats.last_step_bad())
-                bar.close()
-                log.close()
-                return EXIT_PREEMPTED
             stats.restart_timer()
+        if vote.poll(f"step {step}"):
+            return stopped(step, "training")
         if step % c.eval_interval == 0 or last:
-            val_loss = evaluate(trainer.model, val_batches, c, rt, trainer.ctx)
+            val_loss = evaluate(trainer.model, val_batches, c, rt, trainer.ctx, vote)
+            if val_loss is None:
+                return stopped(step, "eval")
             log.record("eval", {"step": step, "val_loss": val_loss}, f"step {step:>6} | val loss {val_loss:.4f}")
             trainer.save(step, "eval", stats.last_step_bad())
             stats.restart_timer()

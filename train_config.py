@@ -7,7 +7,6 @@ the wrong type fail with a message naming the file or flag. `--help` lists every
 
 import dataclasses
 import difflib
-import json
 import math
 import re
 import runpy
@@ -144,10 +143,15 @@ class TrainConfig:
     dtype: str = choice("auto", "bfloat16", "float32",
                         help="auto (bf16 autocast on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; else "
                              "fp32) | bfloat16 | float32")
+    dist_timeout: int = at_least(1, 600, help="seconds a collective waits for every rank before the run ends with the "
+                                 "collective's name: a hung or dead rank (NCCL's own default, 600)")
     compile: str = choice("auto", "true", "false",
                           help="auto (on for CUDA; on a CPU where it repays its ~45 s: a GPT-2-sized vocabulary and "
                                "200+ steps, build.compiles) | true | false: torch.compile the model")
     seed: int = at_least(0, 1337, help="model init and batch order")
+    allow_resume_changes: str = key("", "keys a resume may change although they define the run, comma-separated "
+                                    "(e.g. max_steps,lr_decay_steps to train a finished run further; data: other "
+                                    "token files)")
     # fmt: on
 
     def __post_init__(self):
@@ -168,14 +172,17 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must lie in [0, 1)")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device={self.device!r}: choose auto, cpu, cuda or cuda:N")
+        for name in self.resume_changes_allowed():
+            if name not in FIELDS and name != "data":
+                raise ConfigError(f"allow_resume_changes: unknown key {name!r}; {suggestion(name)}see --help")
         if self.lw_micro_batch_size > self.micro_batch_size:
             raise ConfigError(
                 f"lw_micro_batch_size={self.lw_micro_batch_size} exceeds micro_batch_size="
                 f"{self.micro_batch_size}: the curvature pass uses part of a micro-batch"
             )
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+    def resume_changes_allowed(self) -> list[str]:
+        return [name.strip() for name in self.allow_resume_changes.split(",") if name.strip()]
 
     # The keys a config file or flag set, as parse_config saw them (not a field: never saved). A default
     # can then give way where a setting implies another (init_from=PATH: the directory's model).
@@ -184,9 +191,41 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+# The keys that say only how or where a run executes, and why each may change when it resumes (resume.py
+# reports the change). Every other key defines the optimization (the model, the optimizer and its
+# hyperparameters, the schedule and its length, the rule, the seed that orders the batches, the
+# precision): a resume that changes one is refused unless allow_resume_changes names it, since the run
+# would no longer continue the one its checkpoint holds. The data's identity is checked by fingerprint.
+MAY_CHANGE_ON_RESUME = {
+    "out_dir": "a run may move",
+    "init_from": "a resume starts from the checkpoint whatever it says",
+    "dataset": "names where the data is; its fingerprint says what it is",
+    "data_dir": "names where the data is; its fingerprint says what it is",
+    "micro_batch_size": "tokens_per_step fixes the batch; accumulation follows",
+    "loss_chunk_rows": "the same loss, computed in other chunks",
+    "optimizer_backend": "the same update, computed by other code",
+    "kernel_check": "a check before the first step",
+    "max_bad_steps": "when to give up, not what a step does",
+    "lwlr_file": "a resume takes the multipliers from the checkpoint",
+    "lwlr_cache_dir": "a resume takes the multipliers from the checkpoint",
+    "eval_interval": "when to measure and save",
+    "eval_steps": "how much to measure",
+    "log_interval": "when to report",
+    "keep_last": "what to keep",
+    "logger": "where to report",
+    "wandb_project": "where to report",
+    "device": "where to compute",
+    "dist_timeout": "how long to wait for a rank",
+    "compile": "the same model, compiled or not",
+    "allow_resume_changes": "what this resume may change",
+}
+
 
 def help_text() -> str:
-    rows = [f"  --{name}={f.default!r}  {f.metadata['help']}".rstrip() for name, f in FIELDS.items()]
+    rows = [
+        f"  --{name}={f.default!r}  {f.metadata['help']}{'' if name in MAY_CHANGE_ON_RESUME else ' [fixed on resume]'}"
+        for name, f in FIELDS.items()
+    ]
     return "usage: [config/FILE.py ...] [--key=value ...]\n\nkeys:\n" + "\n".join(rows)
 
 

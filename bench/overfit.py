@@ -28,9 +28,10 @@ order; only the optimizer, the rule and the learning rate differ. The final trai
 loss over the K subset batches at the final weights (eval mode, no dropout). A run whose loss turns
 non-finite, or exceeds its starting loss by DIVERGED_MARGIN, stops there and is recorded as diverged.
 The folder gets results.json (every run: its settings, loss curve, final loss, diverged flag, after
-each run, so an interrupted sweep resumes and finished points are skipped), table.md (rows optimizer x
-rule, columns lr, the best of each row in bold) and two plots: final loss against lr, and the loss
-curves of each row's best run (bench/overfit_report.py, which also redraws them from results.json).
+each run, so an interrupted sweep resumes and finished points are skipped; a stop signal ends it at
+once with exit 75), table.md (rows optimizer x rule, columns lr, the best of each row in bold) and two
+plots: final loss against lr, and the loss curves of each row's best run (bench/overfit_report.py,
+which also redraws them from results.json).
 """
 
 import argparse
@@ -38,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -49,8 +51,9 @@ import train_config
 from bench.common import fresh_trainer
 from bench.overfit_report import write_all, write_depth_table
 from model import GPT
+from outdir import write_atomically
 from progress import duration
-from runtime import environment
+from runtime import EXIT_PREEMPTED, Preempted, StopRequest, environment
 
 DIVERGED_MARGIN = 1.0  # nats above the starting loss
 
@@ -475,10 +478,7 @@ def load_results(path: str, sweep: Sweep) -> dict:
 
 
 def save_results(path: str, results: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: json.dump(results, f, indent=1))
 
 
 def main(argv=None) -> dict:
@@ -598,4 +598,9 @@ def run_sweep(sweep: Sweep, out_dir: str, device: torch.device) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    StopRequest()  # a stop signal unwinds the sweep at once: results.json already holds every finished point
+    try:
+        main()
+    except Preempted as reason:
+        print(f"{reason}: the sweep stopped; the same command runs the points not in results.json", flush=True)
+        sys.exit(EXIT_PREEMPTED)

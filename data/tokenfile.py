@@ -6,11 +6,14 @@ the tokens as uint16 (GPT-2's 50,257 ids fit).
     header[2] token count  a truncated file is detected by its size
     header[3] vocab size   of the tokenizer that wrote it
     header[4] max token id recorded at write time, checked against the model's vocab on load
+    header[5:9] fingerprint the first 16 bytes of the tokens' SHA-256 (version 2 on): a checkpoint records it,
+               and a resume on other data is refused without reading the tokens again
 
 Files are written to a temporary name and renamed, so a crash never leaves a half-written file under
 the real name.
 """
 
+import hashlib
 import os
 
 import numpy as np
@@ -18,7 +21,8 @@ import numpy as np
 from errors import UserError
 
 MAGIC = 0x4C574C52  # b"RLWL" read as little-endian int32
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 files have no fingerprint
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
@@ -37,6 +41,7 @@ class TokenFileWriter:
         self.path, self.vocab_size = path, vocab_size
         self.tmp_path = f"{path}.tmp.{os.getpid()}"
         self.count, self.max_id = 0, -1
+        self.digest = hashlib.sha256()
         self.file = open(self.tmp_path, "wb")
         self.file.write(b"\0" * HEADER_BYTES)
 
@@ -46,13 +51,16 @@ class TokenFileWriter:
             return
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
             raise ValueError(f"{self.path}: token id outside [0, {self.vocab_size})")
-        self.file.write(tokens.astype(TOKEN_DTYPE).tobytes())
+        data = tokens.astype(TOKEN_DTYPE).tobytes()
+        self.file.write(data)
+        self.digest.update(data)
         self.count += tokens.size
         self.max_id = max(self.max_id, int(tokens.max()))
 
     def close(self) -> None:
         header = np.zeros(HEADER_INTS, dtype="<i4")
         header[:5] = (MAGIC, VERSION, self.count, self.vocab_size, self.max_id)
+        header[5:9] = np.frombuffer(self.digest.digest()[:16], dtype="<i4")
         self.file.seek(0)
         self.file.write(header.tobytes())
         self.file.flush()
@@ -76,19 +84,33 @@ def write_tokens(path: str, tokens, vocab_size: int) -> None:
         writer.write(tokens)
 
 
-def read_tokens(path: str, vocab_size: int, min_tokens: int = 1) -> np.memmap:
-    """Memory-map a token file after validating its header against its size and the model's vocab."""
+def read_header(path: str) -> np.ndarray:
+    """A token file's header, its magic and version checked."""
     if not os.path.isfile(path):
         raise TokenFileError(f"{path}: no such token file; run the dataset's prepare.py first")
     size = os.path.getsize(path)
     if size < HEADER_BYTES:
         raise TokenFileError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    magic, version, count, file_vocab, max_id = (int(v) for v in header[:5])
+    magic, version = int(header[0]), int(header[1])
     if magic != MAGIC:
         raise TokenFileError(f"{path}: not a token file (magic {magic:#x}, expected {MAGIC:#x})")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise TokenFileError(f"{path}: format version {version}, this code reads {VERSION}; re-run prepare.py")
+    return header
+
+
+def fingerprint(path: str) -> str | None:
+    """What the file holds, in 32 hex digits, from its header alone; None for a version 1 file."""
+    header = read_header(path)
+    return header[5:9].astype("<i4").tobytes().hex() if int(header[1]) >= 2 else None
+
+
+def read_tokens(path: str, vocab_size: int, min_tokens: int = 1) -> np.memmap:
+    """Memory-map a token file after validating its header against its size and the model's vocab."""
+    header = read_header(path)
+    size = os.path.getsize(path)
+    count, file_vocab, max_id = (int(v) for v in header[2:5])
     expected = HEADER_BYTES + count * TOKEN_DTYPE.itemsize
     if size != expected:
         raise TokenFileError(

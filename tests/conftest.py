@@ -1,5 +1,7 @@
+import hashlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,14 @@ def tiny_run_args(out_dir, data_dir, **overrides) -> list[str]:
     )
     values.update(overrides)
     return [f"--{k}={v}" for k, v in values.items()]
+
+
+def tree_digest(folder) -> dict[str, str]:
+    """Every file's SHA-256 and every folder under folder, to compare a folder before and after a run."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
+        for path in sorted(pathlib.Path(folder).rglob("*"))
+    }
 
 
 def read_log(out_dir, kind) -> list[dict]:

@@ -84,8 +84,9 @@ def test_a_short_finetune_lowers_the_loss_and_measures_lwlr_at_the_loaded_weight
 def test_a_restart_resumes_from_its_own_checkpoint_not_from_the_directory(tmp_path, token_dir, gpt2_dir):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert train.main(finetune_args(straight, token_dir, gpt2_dir, max_steps=4)) == 0
-    assert train.main(finetune_args(stopped, token_dir, gpt2_dir, max_steps=2)) == 0
-    assert train.main(finetune_args(stopped, token_dir, gpt2_dir, max_steps=4)) == 0
+    assert train.main(finetune_args(stopped, token_dir, gpt2_dir, max_steps=2, lr_decay_steps=4)) == 0
+    resumed = dict(max_steps=4, allow_resume_changes="max_steps")
+    assert train.main(finetune_args(stopped, token_dir, gpt2_dir, **resumed)) == 0
     assert read_log(stopped, "start")[1]["step"] == 2  # the second start resumed at step 2
     a, b = (checkpoint.load_tensors(checkpoint.step_dir(str(out), 4), "model") for out in (straight, stopped))
     assert all(torch.equal(a[name], b[name]) for name in a)

@@ -2,7 +2,6 @@
 compilation in it, torchrun on the first try, a finished run that says so, nanoGPT's names understood,
 fine-tuning from a directory of any shape."""
 
-import hashlib
 import io
 import os
 import re
@@ -17,7 +16,7 @@ import build
 import progress
 import runtime
 import train
-from conftest import ROOT, read_log, tiny_run_args, torchrun
+from conftest import ROOT, read_log, tiny_run_args, torchrun, tree_digest
 from progress import Progress, counted, duration
 from train_config import ConfigError, TrainConfig, parse_config
 
@@ -200,14 +199,6 @@ def test_the_default_and_char_level_configs_run_unchanged_under_torchrun_on_2_pr
     assert start["grad_accum"] == 1 and start["config"]["micro_batch_size"] == 8
 
 
-def tree_digest(folder) -> dict[str, str]:
-    return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
-
-
 def test_a_finished_run_run_again_says_so_and_changes_no_file(tmp_path, token_dir):
     out = tmp_path / "run"
     args = tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)
@@ -222,9 +213,11 @@ def test_a_finished_run_run_again_says_so_and_changes_no_file(tmp_path, token_di
     )
     assert result.returncode == 0, result.stderr
     assert f"{out} holds a finished run: step 3 of max_steps=3" in result.stdout
-    assert "--max_steps=MORE --lr_decay_steps=3" in result.stdout and "another --out_dir" in result.stdout
+    extend = "--max_steps=MORE --lr_decay_steps=3 --allow_resume_changes=max_steps"
+    assert extend in result.stdout and "another --out_dir" in result.stdout
     assert tree_digest(out) == before
-    assert train.main([*args, "--max_steps=4", "--lr_decay_steps=3"]) == 0  # extended as the message says
+    extended = ["--max_steps=4", "--lr_decay_steps=3", "--allow_resume_changes=max_steps"]  # as the message says
+    assert train.main([*args, *extended]) == 0
     assert read_log(out, "start")[-1]["step"] == 3 and read_log(out, "train")[-1]["step"] == 4
 
 

@@ -254,13 +254,14 @@ def test_two_process_measurement_equals_one_process(tmp_path, token_dir):
 
 def test_training_with_lwlr_saves_the_multipliers_and_resume_reuses_them(tmp_path, token_dir):
     out = tmp_path / "run"
-    args = tiny_run_args(out, token_dir, lr_rule="lwlr", lwlr_T=3, max_steps=4, eval_interval=2)
+    args = tiny_run_args(out, token_dir, lr_rule="lwlr", lwlr_T=3, max_steps=4, lr_decay_steps=6, eval_interval=2)
     assert train.main(args) == 0
     data = json.loads((out / "lwlr.json").read_text())
     measured = {layer["name"]: layer["multiplier"] for layer in data["layers"]}
     assert (out / "lwlr.png").exists()
     (out / "lwlr.json").unlink()  # a resume must not measure again
-    assert train.main(tiny_run_args(out, token_dir, lr_rule="lwlr", lwlr_T=3, max_steps=6, eval_interval=2)) == 0
+    further = dict(max_steps=6, lr_decay_steps=6, allow_resume_changes="max_steps")
+    assert train.main(tiny_run_args(out, token_dir, lr_rule="lwlr", lwlr_T=3, eval_interval=2, **further)) == 0
     assert not (out / "lwlr.json").exists()
     import checkpoint
 

@@ -1,12 +1,14 @@
 """Issue 4's guarantees, each by fault injection: a failing or killed save, corrupted files, NaN
 losses, SIGTERM, mismatched resumes, bad input. Every run here is gpt2-tiny on CPU."""
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ import metrics
 import optim
 import outdir
 import train
-from conftest import ROOT, read_log, tiny_run_args, torchrun
+from conftest import ROOT, read_log, tiny_run_args, torchrun, tree_digest
 from model import GPT
 from train_config import ConfigError
 
@@ -62,7 +64,8 @@ def test_stop_and_resume_equals_a_straight_run(tmp_path, token_dir, optimizer, l
     assert train.main(tiny_run_args(resumed, token_dir, max_steps=4, lr_decay_steps=8, **common)) == 0
     if lr_rule != "single":
         os.remove(resumed / "lwlr.json")  # the resume must take the multipliers from the checkpoint
-    assert train.main(tiny_run_args(resumed, token_dir, max_steps=8, **common, init_from="resume")) == 0
+    resume = dict(init_from="resume", allow_resume_changes="max_steps")
+    assert train.main(tiny_run_args(resumed, token_dir, max_steps=8, **common, **resume)) == 0
     assert not (resumed / "lwlr.json").exists()
     straight_losses = [r["loss"] for r in read_log(straight, "train")]
     resumed_losses = [r["loss"] for r in read_log(resumed, "train")]
@@ -81,6 +84,7 @@ def test_stop_and_resume_equals_a_straight_run_under_ddp(tmp_path, token_dir, op
                 token_dir,
                 max_steps=steps,
                 lr_decay_steps=6,
+                allow_resume_changes="max_steps",
                 eval_interval=3,
                 optimizer=optimizer,
                 lw_interval=2,
@@ -104,7 +108,9 @@ def test_a_save_that_fails_leaves_the_previous_checkpoint(tmp_path, token_dir, m
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        train.main(tiny_run_args(out, token_dir, max_steps=6, eval_interval=3))
+        train.main(
+            tiny_run_args(out, token_dir, max_steps=6, eval_interval=3, allow_resume_changes="max_steps,lr_decay_steps")
+        )
     assert checkpoint.complete_steps(str(out)) == [3]
     assert checkpoint.verify(checkpoint.step_dir(str(out), 3))["step"] == 3
     assert not [name for name in os.listdir(out) if name.startswith(".tmp")]
@@ -123,7 +129,7 @@ checkpoint.save({out!r}, 6, {{"model": {{"w": torch.zeros(3)}}}}, {{}}, keep_las
 
 def test_a_save_killed_midway_is_never_picked_up(tmp_path, token_dir):
     out = tmp_path / "run"
-    assert train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)) == 0
+    assert train.main(tiny_run_args(out, token_dir, max_steps=3, lr_decay_steps=6, eval_interval=3)) == 0
     child = subprocess.run(
         [sys.executable, "-c", KILL_DURING_SAVE.format(out=str(out))],
         capture_output=True,
@@ -133,7 +139,10 @@ def test_a_save_killed_midway_is_never_picked_up(tmp_path, token_dir):
     assert any(name.startswith(".tmp-step-00000006") for name in os.listdir(out))  # the partial folder is there
     path, meta = checkpoint.latest(str(out))
     assert meta["step"] == 3
-    assert train.main(tiny_run_args(out, token_dir, max_steps=4, lr_decay_steps=6, eval_interval=3)) == 0
+    resumed = tiny_run_args(
+        out, token_dir, max_steps=4, lr_decay_steps=6, eval_interval=3, allow_resume_changes="max_steps"
+    )
+    assert train.main(resumed) == 0
     assert not any(name.startswith(".tmp") for name in os.listdir(out))  # cleaned on the next start
 
 
@@ -166,20 +175,13 @@ def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_used(tmp_path, to
     assert len(messages) == 1 and "step-00000006" in messages[0]
 
 
-def test_resume_with_another_config_says_what_differs(tmp_path, token_dir):
+def test_init_from_scratch_on_an_out_dir_with_a_checkpoint_is_refused_and_changes_nothing(tmp_path, token_dir):
     out = tmp_path / "run"
     assert train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)) == 0
-    before = sorted(os.listdir(out))
-    for key, value, message in (
-        ("optimizer", "lion", "checkpoint has optimizer='adamw', config has optimizer='lion'"),
-        ("residual_scale", "true", "checkpoint has residual_scale=False, config has residual_scale=True"),
-        ("lr_rule", "single", "checkpoint has lr_rule='lwlr', config has lr_rule='single'"),
-    ):
-        with pytest.raises(ConfigError, match=message):
-            train.main(tiny_run_args(out, token_dir, max_steps=6, **{key: value}))
+    before = tree_digest(out)
     with pytest.raises(ConfigError, match="already holds .*step-00000003"):
         train.main(tiny_run_args(out, token_dir, max_steps=6, init_from="scratch"))
-    assert sorted(os.listdir(out)) == before  # a failed start changes nothing
+    assert tree_digest(out) == before
 
 
 def test_explicit_resume_without_a_checkpoint_exits_nonzero(tmp_path, token_dir):
@@ -190,6 +192,7 @@ def test_explicit_resume_without_a_checkpoint_exits_nonzero(tmp_path, token_dir)
         text=True,
     )
     assert result.returncode == 2 and "holds no complete checkpoint" in result.stderr
+    assert not (tmp_path / "empty").exists()  # a refused run leaves no folder, and no .lock in one
 
 
 def nan_on_steps(monkeypatch, bad_calls):
@@ -308,7 +311,7 @@ def test_a_damaged_newest_checkpoint_is_named_skipped_and_then_replaced(tmp_path
         assert run_train(tiny_run_args(damaged, token_dir, max_steps=3, lr_decay_steps=6)).returncode == 0
         with open(newest, "wb") as f:
             f.write(b"not a checkpoint")
-    restart = run_train(tiny_run_args(damaged, token_dir, max_steps=6))
+    restart = run_train(tiny_run_args(damaged, token_dir, max_steps=6, allow_resume_changes="max_steps"))
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert f"skipping corrupt checkpoint {newest}" in restart.stdout
     assert f"resuming from {checkpoint.step_dir(str(damaged), 3)} at step 3" in restart.stdout
@@ -328,12 +331,13 @@ def test_a_diverging_run_with_curvature_refreshes_stops_on_the_guard_and_restart
     straight, diverged = tmp_path / "straight", tmp_path / "diverged"
     assert train.main(tiny_run_args(straight, token_dir, max_steps=8, **common)) == 0
     assert run_train(tiny_run_args(diverged, token_dir, max_steps=4, lr_decay_steps=8, **common)).returncode == 0
+    allowed = dict(allow_resume_changes="max_steps,lr" + (",lw_alpha_max" if optimizer == "adamw_lw" else ""))
     blowup = run_train(
-        tiny_run_args(diverged, token_dir, max_steps=8, max_bad_steps=2, **common, **DIVERGING[optimizer])
+        tiny_run_args(diverged, token_dir, max_steps=8, max_bad_steps=2, **common, **DIVERGING[optimizer], **allowed)
     )
     assert_one_line_error(blowup, "consecutive steps", "max_bad_steps=2")
     assert checkpoint.complete_steps(str(diverged)) == [4]  # nothing saved after the blow-up
-    restart = run_train(tiny_run_args(diverged, token_dir, max_steps=8, **common))
+    restart = run_train(tiny_run_args(diverged, token_dir, max_steps=8, **common, allow_resume_changes="max_steps"))
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert_identical_states(final_state(straight, 8), final_state(diverged, 8))
 
@@ -389,4 +393,66 @@ def test_multipliers_measured_on_another_model_are_refused(tmp_path, token_dir):
         f"lwlr_file {other} was measured on another model",
         "transformer.wte.weight [50257, 64] (model [50257, 32])",
     )
-    assert not checkpoint.complete_steps(str(out))
+    assert not out.exists()  # refused before out_dir was made
+
+
+def test_a_lock_file_that_is_a_directory_is_one_error_line(tmp_path, token_dir):
+    out = tmp_path / "run"
+    (out / ".lock").mkdir(parents=True)
+    assert_one_line_error(run_train(tiny_run_args(out, token_dir, max_steps=1)), f"{out}/.lock is a directory")
+
+
+def test_a_changed_vocabulary_on_resume_is_one_error_naming_the_tensor(tmp_path):
+    from data.tokenfile import write_tokens
+    from data.vocab import save_chars
+
+    data, out = tmp_path / "chars", tmp_path / "run"
+    data.mkdir()
+    chars = [chr(ord("a") + i) for i in range(20)]
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 5000), ("val", 1000)):
+        write_tokens(str(data / f"{split}.bin"), rng.integers(0, 20, count), 20)
+    save_chars(str(data), chars)
+    assert train.main(tiny_run_args(out, data, max_steps=2, lr_decay_steps=4, lr_rule="single")) == 0
+    save_chars(str(data), [*chars, "!"])  # the same token files, a vocabulary one larger
+    before = tree_digest(out)
+    with pytest.raises(checkpoint.CheckpointError, match=r"transformer.wte.weight \[20, 32\] there, \[21, 32\]"):
+        train.main(
+            tiny_run_args(out, data, max_steps=4, lr_decay_steps=4, lr_rule="single", allow_resume_changes="max_steps")
+        )
+    assert tree_digest(out) == before
+
+
+def test_an_out_dir_that_stops_being_writable_mid_run_is_one_error(tmp_path, token_dir, monkeypatch):
+    def refused(*args, **kwargs):  # what a chmod or a read-only remount does to a non-root run's save
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "run" / ".tmp-step-00000002"))
+
+    monkeypatch.setattr(checkpoint, "save", refused)
+    with pytest.raises(outdir.OutDirNotWritableError, match="stopped being writable during the run"):
+        train.main(tiny_run_args(tmp_path / "run", token_dir, max_steps=2, eval_interval=2, lr_rule="single"))
+
+
+POISON = """
+import hashlib, json, os, sys, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+path = sys.argv[1]
+torch.save({"w": torch.zeros(2), "payload": Payload()}, os.path.join(path, "model.pt"))
+meta = json.load(open(os.path.join(path, "meta.json")))
+data = open(os.path.join(path, "model.pt"), "rb").read()
+meta["files"]["model.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
+"""
+
+
+def test_a_poisoned_checkpoint_with_matching_checksums_is_one_error_and_never_runs(tmp_path, token_dir):
+    out, marker = tmp_path / "run", tmp_path / "payload-ran"
+    first = dict(max_steps=2, lr_decay_steps=4, eval_interval=2, lr_rule="single")
+    assert train.main(tiny_run_args(out, token_dir, **first)) == 0
+    newest = checkpoint.step_dir(str(out), 2)
+    subprocess.run([sys.executable, "-c", POISON, newest, str(marker)], check=True, cwd=ROOT)
+    resumed = dict(max_steps=4, lr_decay_steps=4, lr_rule="single", allow_resume_changes="max_steps")
+    result = run_train(tiny_run_args(out, token_dir, **resumed))
+    assert_one_line_error(result, f"{newest}/model.pt: holds more than tensors", "posix.system")
+    assert not marker.exists()

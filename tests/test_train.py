@@ -21,7 +21,7 @@ from train_config import ConfigError, TrainConfig, parse_config
 def test_tiny_run_writes_config_log_and_checkpoints(tmp_path, token_dir):
     out = tmp_path / "out"
     assert train.main(tiny_run_args(out, token_dir)) == 0
-    assert json.loads((out / "config.json").read_text())["model"] == "gpt2-tiny"
+    assert json.loads((out / "config.json").read_text())["config"]["model"] == "gpt2-tiny"
     losses = [r["loss"] for r in read_log(out, "train")]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert [r["step"] for r in read_log(out, "eval")] == [3, 6]

@@ -1,0 +1,48 @@
+"""torchrun, exiting with the code a scheduler can act on.
+
+    python launch.py --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+
+takes torchrun's arguments and runs torchrun in this process. torchrun alone exits 1 after any stop of
+its workers: signalled itself, it raises while they save and exit 75 (EX_TEMPFAIL: run the same command
+again), and a worker's own exit code never reaches the scheduler. Here rank 0 writes its exit code
+where this wrapper reads it (runtime.report_exit_code), so the launch exits with it: 75 after a clean
+stop, 74 on a full disk, 2 on a user error, torchrun's own code otherwise. SIGUSR1 (Slurm's
+`--signal=USR1@90`) is passed to the workers like SIGTERM, SIGINT and SIGHUP (torchrun alone dies of it).
+"""
+
+import os
+import sys
+import tempfile
+
+from runtime import EXIT_CODE_FILE
+
+
+def main(argv: list[str] | None = None) -> int:
+    # torchrun's --signals-to-handle defaults to PET_SIGNALS_TO_HANDLE; versions before the flag read the other
+    for name in ("PET_SIGNALS_TO_HANDLE", "TORCHELASTIC_SIGNALS_TO_HANDLE"):
+        os.environ.setdefault(name, "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    from torch.distributed.run import main as torchrun
+
+    with tempfile.TemporaryDirectory(prefix="lwlr-launch-") as folder:
+        path = os.environ[EXIT_CODE_FILE] = os.path.join(folder, "exit-code")
+        try:
+            torchrun(argv)
+            code = 0
+        except SystemExit as e:  # torchrun's own argument errors
+            code = e.code if isinstance(e.code, int) else 1
+        except Exception as e:  # noqa: BLE001 ChildFailedError (a worker exited non-zero), SignalException (signalled)
+            print(
+                f"launch.py: torchrun ended with {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}",
+                file=sys.stderr,
+            )
+            code = 1
+        try:
+            with open(path) as f:
+                rank0 = int(f.read())
+        except (OSError, ValueError):  # rank 0 never got as far as exiting (killed, or never started)
+            rank0 = None
+    return rank0 if code != 0 and rank0 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

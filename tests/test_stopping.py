@@ -1,0 +1,174 @@
+"""Every stop answered within seconds, wherever the run is: a stop signal during a step or an eval, a
+rank that hangs, a launcher that dies, a scheduler waiting for exit code 75 through torchrun, a sweep.
+Each as the user meets it, a subprocess; gpt2-tiny on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import checkpoint
+import outdir
+import train
+from conftest import ROOT, read_log, tiny_run_args
+from test_operations import wait_for_line
+from test_reliability import assert_identical_states, final_state
+
+STOP_SECONDS = 10  # the promise: a stop is answered within a step plus the save
+
+
+def start(command, env=None):
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def stop_and_wait(child, sig, timeout=60):
+    """Send sig; (exit code, seconds to exit, rest of stdout, stderr)."""
+    sent = time.monotonic()
+    child.send_signal(sig)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    finally:
+        child.kill()
+    return child.returncode, time.monotonic() - sent, stdout, stderr
+
+
+@pytest.mark.parametrize(
+    "sig, during",
+    [("SIGHUP", "training"), ("SIGUSR1", "training"), ("SIGTERM", "eval")],  # ssh drop, Slurm's warning, scheduler
+)
+def test_a_stop_signal_during_a_step_or_an_eval_saves_exits_75_within_seconds_and_resumes_exactly(
+    tmp_path, token_dir, sig, during
+):
+    # An eval of 3,000 batches takes about a minute here: the stop must not wait for it. Log lines only
+    # every 5 steps: the stop comes between them. The eval batches change nothing in training, so the
+    # straight run evaluates 2.
+    args = dict(max_steps=12, eval_interval=6, log_interval=5, lr_rule="single")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train.main(tiny_run_args(straight, token_dir, **args)) == 0
+    long_eval = dict(eval_steps=3000) if during == "eval" else {}
+    child = start([sys.executable, "train.py", *tiny_run_args(stopped, token_dir, **args, **long_eval)])
+    wait_for_line(child, "step      5/")
+    if during == "eval":  # step 6's eval follows step 5's log line by a step
+        time.sleep(2)
+    code, seconds, stdout, stderr = stop_and_wait(child, getattr(signal, sig))
+    assert code == train.EXIT_PREEMPTED, stderr[-3000:]
+    assert seconds < STOP_SECONDS
+    assert f"stop ({sig}) at step" in stdout and f"during {during}" in stdout, stdout
+    stop_record = read_log(stopped, "stop")[-1]
+    assert stop_record["during"] == during and stop_record["reason"] == sig
+    assert checkpoint.complete_steps(str(stopped))[0] == stop_record["step"]
+    if during == "eval":  # the cut-short eval is said, not recorded
+        assert "its val loss is not recorded" in stdout
+        assert stop_record["step"] not in [r["step"] for r in read_log(stopped, "eval")]
+    assert train.main(tiny_run_args(stopped, token_dir, **args)) == 0
+    assert_identical_states(final_state(straight, 12), final_state(stopped, 12))
+
+
+def two_ranks(args, port, env=None):
+    """Two gloo ranks of train.py started directly (no torchrun), so a test can freeze one of them."""
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    return [
+        start([sys.executable, "train.py", *args], env={**common, "RANK": str(r), "LOCAL_RANK": str(r), **(env or {})})
+        for r in range(2)
+    ]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_frozen_rank_ends_the_run_within_the_timeout_naming_the_collective_and_the_rank(tmp_path, token_dir):
+    out = tmp_path / "run"
+    args = tiny_run_args(out, token_dir, max_steps=2000, eval_interval=1000, lr_rule="single", dist_timeout=3)
+    rank0, rank1 = two_ranks(args, free_port())
+    try:
+        wait_for_line(rank0, "step      3/")
+        frozen = time.monotonic()
+        rank1.send_signal(signal.SIGSTOP)
+        _, stderr = rank0.communicate(timeout=60)
+        seconds = time.monotonic() - frozen
+    finally:
+        for child in (rank0, rank1):
+            child.kill()
+            child.wait()
+    assert rank0.returncode == 2, stderr[-3000:]
+    error = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert "rank 0: " in error[0] and "waited 3 s (dist_timeout=3) for rank 1, which did not answer" in error[0]
+    assert "all-reduce" in error[0] or "stop vote" in error[0]  # the collective it waited in
+    assert seconds < 3 + 3 + 5  # the timeout, the few seconds that tell a silent rank, and slack
+
+
+def test_ranks_whose_launcher_died_save_stop_and_free_the_lock(tmp_path, token_dir):
+    out = tmp_path / "run"
+    args = tiny_run_args(out, token_dir, max_steps=2000, eval_interval=1000, lr_rule="single")
+    launcher = start(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
+    )
+    try:
+        wait_for_line(launcher, "step      3/")
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        killed = time.monotonic()
+        while time.monotonic() - killed < 30:  # the workers, orphans now, notice within a step
+            try:
+                with outdir.lock(str(out)):
+                    break
+            except outdir.OutDirInUseError:
+                time.sleep(0.2)
+        seconds = time.monotonic() - killed
+    finally:
+        launcher.kill()
+    assert seconds < STOP_SECONDS
+    stop_record = read_log(out, "stop")[-1]
+    assert "launcher" in stop_record["reason"] and stop_record["reason"].endswith("exited")
+    assert checkpoint.complete_steps(str(out))[0] == stop_record["step"] < 2000
+
+
+def test_launch_py_turns_a_clean_stop_under_torchrun_into_exit_75(tmp_path, token_dir):
+    """torchrun alone exits 1 here; SIGUSR1 would kill it outright."""
+    out = tmp_path / "run"
+    args = tiny_run_args(out, token_dir, max_steps=2000, eval_interval=1000, lr_rule="single")
+    launcher = start([sys.executable, "launch.py", "--standalone", "--nproc_per_node=2", "train.py", *args])
+    wait_for_line(launcher, "step      3/")
+    code, seconds, stdout, stderr = stop_and_wait(launcher, signal.SIGUSR1)
+    assert code == train.EXIT_PREEMPTED, stderr[-3000:]
+    assert seconds < STOP_SECONDS
+    assert checkpoint.complete_steps(str(out))[0] == read_log(out, "stop")[-1]["step"]
+
+
+def test_a_stop_signal_ends_an_overfit_sweep_at_once_keeping_its_finished_points(tmp_path, token_dir):
+    out = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        "-m",
+        "bench.overfit",
+        "--preset=tiny-cpu",
+        f"--out_dir={out}",
+        f"--data_dir={token_dir}",
+    ]
+    command += ["--optimizers", "adamw", "--rules", "single", "--lrs", "1e-3", "3e-3", "--steps=150"]
+    command += ["--subset_batches=2", "--micro_batch_size=2", "--block_size=32", "--device=cpu"]
+    child = start(command)
+    wait_for_line(child, "[1/2]")
+    time.sleep(1)  # inside the second point's run
+    code, seconds, stdout, stderr = stop_and_wait(child, signal.SIGTERM)
+    assert code == train.EXIT_PREEMPTED, stderr[-3000:]
+    assert seconds < STOP_SECONDS and "the sweep stopped" in stdout
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 1
