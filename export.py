@@ -5,8 +5,11 @@
     # then: transformers.GPT2LMHeadModel.from_pretrained("hf/my-gpt2"), or python sample.py --pretrained=hf/my-gpt2
 
 Writes config.json and model.safetensors in GPT-2's own layout (q, k and v fused into c_attn, Conv1D's
-(in, out) weights, the lm_head tied to wte). Refuses what GPT-2 cannot express: residual scaling, a
-vocabulary other than GPT-2's 50,257 tokens (a char-level model: GPT-2's tokenizer would not fit it).
+(in, out) weights, the lm_head tied to wte), and GPT-2's tokenizer (vocab.json, merges.txt,
+tokenizer_config.json, built offline from data/gpt2.tiktoken), so that transformers' AutoTokenizer and
+tools built on it, lm-evaluation-harness among them, take the directory as it is. Refuses what GPT-2
+cannot express: residual scaling, a vocabulary other than GPT-2's 50,257 tokens (a char-level model:
+GPT-2's tokenizer would not fit it).
 """
 
 import argparse
@@ -17,14 +20,14 @@ import shutil
 from safetensors.torch import save_file
 
 import checkpoint
-from data.tokenizer import VOCAB_SIZE
+from data.tokenizer import VOCAB_SIZE, hf_tokenizer_files
 from hf import PretrainedError, hf_config, to_hf_state_dict
 from runtime import run_main
 
 
 def export(model, hf_dir: str) -> None:
-    """config.json and model.safetensors for model in hf_dir, which must be new or empty; written into a
-    temporary folder first, so a failed export leaves nothing behind."""
+    """config.json, model.safetensors and the tokenizer's files for model in hf_dir, which must be new or
+    empty; written into a temporary folder first, so a failed export leaves nothing behind."""
     if model.config.vocab_size != VOCAB_SIZE:
         raise PretrainedError(
             f"the model's vocabulary has {model.config.vocab_size} tokens, not GPT-2's {VOCAB_SIZE}: "
@@ -39,6 +42,9 @@ def export(model, hf_dir: str) -> None:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         save_file(to_hf_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for name, text in hf_tokenizer_files(model.config.block_size).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
         if os.path.isdir(hf_dir):
             os.rmdir(hf_dir)  # empty, checked above
         os.replace(tmp, hf_dir)

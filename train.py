@@ -48,6 +48,7 @@ from build import (
     token_batches,
 )
 from data.loader import TokenBatches
+from eval import loss_only
 from metrics import StepStats, lw_step_sizes
 from model import GPT
 from progress import Progress, duration, heartbeat
@@ -294,6 +295,8 @@ def finished(c: TrainConfig, rt, found: tuple[str, dict] | None, fingerprints: d
 def main(argv: list[str] | None = None) -> int:
     c = pretrained(parse_config(argv))
     rt = init_runtime(c.device, c.dist_timeout)
+    if c.eval_only:
+        return loss_only(c, rt, evaluate)
     stop = StopRequest()
     try:
         return checked_then_run(c, rt, stop)

@@ -56,6 +56,8 @@ class TrainConfig:
     out_dir: str = key("out", "checkpoints (step-XXXXXXXX/), log.jsonl, config.json")
     init_from: str = key("auto", "auto (resume when out_dir holds a checkpoint) | resume | scratch | PATH of a local "
                          "Hugging Face GPT-2 directory to fine-tune")
+    eval_only: bool = key(False, "evaluate val and train loss over eval_steps batches of the model init_from names (a "
+                          "directory) or out_dir's newest checkpoint; write only a log record (eval.py)")
     # data
     dataset: str = key("shakespeare", "reads data/<dataset>/{train,val}.bin (run its prepare.py first)")
     data_dir: str = key("", "a folder holding train.bin and val.bin instead (\"\" = data/<dataset>)")
@@ -199,6 +201,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 MAY_CHANGE_ON_RESUME = {
     "out_dir": "a run may move",
     "init_from": "a resume starts from the checkpoint whatever it says",
+    "eval_only": "an evaluation never trains",
     "dataset": "names where the data is; its fingerprint says what it is",
     "data_dir": "names where the data is; its fingerprint says what it is",
     "micro_batch_size": "tokens_per_step fixes the batch; accumulation follows",

@@ -39,6 +39,20 @@ def token_dir(tmp_path):
     return data
 
 
+@pytest.fixture
+def gpt2_dir(tmp_path):
+    """A Hugging Face GPT-2 directory, offline: a randomly initialized GPT2LMHeadModel of gpt2-tiny's shape
+    saved by transformers itself."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257))
+    path = tmp_path / "hf-gpt2-tiny"
+    model.save_pretrained(path)
+    return path
+
+
 def tiny_run_args(out_dir, data_dir, **overrides) -> list[str]:
     """A few-second train.py run of gpt2-tiny on CPU, in fp32 on any CPU: the tests compare against fp32
     references (dtype=auto's choice has tests of its own)."""

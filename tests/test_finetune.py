@@ -18,17 +18,6 @@ from train_config import ConfigError, parse_config
 
 
 @pytest.fixture
-def gpt2_dir(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257))
-    path = tmp_path / "hf-gpt2-tiny"
-    model.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def patterned_dir(tmp_path):
     """Token files of a repeating 97-token cycle: text a model can learn in a few steps (random ids cannot
     go below ln 50257)."""

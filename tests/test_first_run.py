@@ -128,7 +128,10 @@ def test_the_micro_batch_adapts_so_the_global_batch_splits_over_the_processes():
     assert (three.micro_batch_size, build.grad_accumulation(three, 1024, 3)) == (10, 16)
 
 
-@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "config"))))
+TRAINING_CONFIGS = [name for name in sorted(os.listdir(os.path.join(ROOT, "config"))) if not name.startswith("eval_")]
+
+
+@pytest.mark.parametrize("name", TRAINING_CONFIGS)  # config/eval_*.py never train: eval_only
 def test_every_shipped_config_splits_its_batch_over_1_2_4_and_8_processes(name):
     c = shipped(name)
     block_size = c.block_size or 1024

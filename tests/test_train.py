@@ -14,7 +14,7 @@ import optim
 import runtime
 import train
 from conftest import ROOT, read_log, tiny_run_args, torchrun
-from model import GPT
+from model import GPT, GPTConfig
 from train_config import ConfigError, TrainConfig, parse_config
 
 
@@ -215,6 +215,10 @@ SHIPPED = {
     "train_gpt2_sophiag.py": (["train_gpt2.py"], "gpt2", 1024, 124_439_808),
     "train_shakespeare.py": ([], "gpt2-mini", 128, 7_242_624),
     "train_shakespeare_char.py": ([], "gpt2-mini", 128, 7_242_624),
+    "eval_gpt2.py": ([], "gpt2", 1024, 124_439_808),
+    "eval_gpt2_medium.py": ([], "gpt2-medium", 1024, 354_823_168),
+    "eval_gpt2_large.py": ([], "gpt2-large", 1024, 774_030_080),
+    "eval_gpt2_xl.py": ([], "gpt2-xl", 1024, 1_557_611_200),
 }
 
 
@@ -224,9 +228,10 @@ def test_every_shipped_config_parses_and_builds_its_model(name, tmp_path):
     base, preset, block_size, params = SHIPPED[name]
     files = [os.path.join(ROOT, "config", f) for f in [*base, name]]
     c = parse_config(files)
-    if c.init_from not in ("auto", "resume", "scratch"):  # a fine-tune: GPT-2's config.json stands in for the directory
+    if c.init_from not in ("auto", "resume", "scratch"):  # GPT-2's config.json stands in for the directory
+        shape = GPTConfig.from_preset(preset)
         (tmp_path / "config.json").write_text(
-            json.dumps({"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024})
+            json.dumps({"n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd, "n_positions": 1024})
         )
         c = build.pretrained(parse_config([*files, f"--init_from={tmp_path}"]))
     with torch.device("meta"):
