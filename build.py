@@ -12,6 +12,7 @@ import torch
 
 import hf
 import lwas
+import muon
 import optim
 from data import vocab
 from data.loader import TokenBatches
@@ -160,6 +161,15 @@ OPTIMIZERS = {
         groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, **_lwas_settings(c), backend=backend
     ),
     # torch's fused kernel on CPU and CUDA alike: one launch per group, and it honours found_inf
+    "muon": lambda c, groups, n_head, backend: muon.Muon(
+        groups,
+        lr=c.lr,
+        adamw_lr=c.adamw_lr or c.lr,
+        momentum=c.muon_momentum,
+        betas=(c.beta1, c.beta2),
+        eps=c.eps,
+        backend=backend,
+    ),
     "adamw_torch": lambda c, groups, n_head, backend: optim.TorchAdamW(
         groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps
     ),

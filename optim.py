@@ -105,7 +105,8 @@ def layer_lr(group: dict) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule's rate for every param group; each optimizer's step applies the group's lr_scale
+    """The schedule's rate for every param group (times its lr_ratio, where a part of the optimizer has a
+    peak rate of its own); each optimizer's step applies the group's lr_scale
     (layer_lr). A plain torch.optim optimizer knows nothing of lr_scale: with_layer_lr wraps its class, and
     one given here unwrapped is refused, so a layer-wise rate is never silently dropped."""
     if not isinstance(optimizer, StepHooks) and any(
@@ -116,7 +117,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             f"optim.with_layer_lr({type(optimizer).__name__})"
         )
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)  # a part with a rate of its own (muon.py's AdamW part)
 
 
 def launch_kernel(kernel, grid, *args, **meta):

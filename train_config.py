@@ -74,9 +74,10 @@ class TrainConfig:
     micro_batch_size: int = at_least(1, 16, help="sequences per forward/backward on one device")
     tokens_per_step: int = at_least(1, 2048, help="tokens per optimizer step over all ranks; sets grad_accum")
     # optimizer
-    optimizer: str = choice("adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch",
+    optimizer: str = choice("adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch", "muon",
                             help="adamw | lion | sophiag | adam_mini (optim.py) | sgdm_lw | adamw_lw (LW-AS, "
-                                 "lwas.py) | adamw_torch (torch.optim.AdamW fused, the baseline)")
+                                 "lwas.py) | adamw_torch (torch.optim.AdamW fused, the baseline) | muon (Muon for "
+                                 "the blocks' matrices, AdamW for the rest: muon.py)")
     optimizer_backend: str = choice("auto", "triton", "torch",
                                     help="auto (triton on CUDA once its self-check passes, torch elsewhere) | triton | "
                                          "torch")
@@ -93,6 +94,10 @@ class TrainConfig:
     beta2: float = key(0.95, "nanoGPT's GPT-2 value (0.999 is unstable at this scale)")
     eps: float = at_least(0.0, 1e-8, help="AdamW, Adam-mini, AdamW-LW")
     rho: float = at_least(0.0, 0.05, help="SophiaG's clipping scale (Sophia's GPT-2 small value)")
+    adamw_lr: float = at_least(0.0, 0.0, help="muon: the AdamW part's peak rate (embeddings, output layer, "
+                               "LayerNorms, biases) on the same schedule; 0 = lr")
+    muon_momentum: float = key(0.95, "muon: the Muon part's Nesterov momentum (torch.optim.Muon's and the "
+                               "speedrun's 0.95)")
     hess_interval: int = at_least(1, 10, help="SophiaG: refresh the Hessian estimate every this many steps "
                                               "(Sophia's k)")
     grad_clip: float = at_least(0.0, 1.0, help="clip the global gradient norm to this; 0 = off")
@@ -169,7 +174,13 @@ class TrainConfig:
                 )
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{f.name}={value} must be >= {minimum}")
-        for name in ("lw_beta", "beta1", "beta2", "dropout"):  # averages' decay rates and a probability: below 1
+        for name in (
+            "lw_beta",
+            "beta1",
+            "beta2",
+            "dropout",
+            "muon_momentum",
+        ):  # averages' decay rates and a probability: below 1
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must lie in [0, 1)")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -177,6 +188,8 @@ class TrainConfig:
         for name in self.resume_changes_allowed():
             if name not in FIELDS and name != "data":
                 raise ConfigError(f"allow_resume_changes: unknown key {name!r}; {suggestion(name)}see --help")
+        if self.optimizer == "muon" and self.lr <= 0:
+            raise ConfigError("optimizer=muon needs lr > 0: it is the Muon part's peak rate (adamw_lr the other's)")
         if self.lw_micro_batch_size > self.micro_batch_size:
             raise ConfigError(
                 f"lw_micro_batch_size={self.lw_micro_batch_size} exceeds micro_batch_size="

@@ -173,6 +173,9 @@ def train_check_figures(work: str) -> list[dict]:
             )
         if "final_loss" in r:
             rows.append(figure(f"{label} final loss", r["final_loss"], "nats"))
+        if "eval_only_val_loss" in r:  # the final checkpoint as eval_only reports it, beside the run's own eval
+            rows.append(figure(f"{label} eval_only val loss", r["eval_only_val_loss"], "nats"))
+            rows.append(figure(f"{label} its run's final val loss", r["run_val_loss"], "nats"))
         if "deviation" in r:
             rows.append(figure(f"{label} resume deviation", r["deviation"], "share of the second half's update"))
         if "error" in r:
@@ -224,7 +227,7 @@ CHECK_TIMES = {  # part: (predicted on an H200, cap there, rehearsal measured he
         80,
         300,
     ),  # the kernels' self-check: about 1 s per optimizer's first run (predicted), then cached
-    "torchrun": (45, 90, 85, 300),
+    "torchrun": (53, 90, 60, 300),  # eval_only's process: about 8 s (CUDA init, the checkpoint, 2 batches)
     "throughput": (170, 210, 10, 240),
 }
 
@@ -319,13 +322,14 @@ def check_parts(python: str, work: str, rehearse: bool) -> list[Part]:
         ),
         Part(
             "torchrun",
-            "torchrun --nproc_per_node=1 train.py: NCCL, DDP, compile, bf16; and its resume",
+            "torchrun --nproc_per_node=1 train.py: NCCL, DDP, compile, bf16; its resume; eval_only of its checkpoint",
             [
                 [
                     python,
                     "-m",
                     "bench.gpu_train_check",
                     "--launcher=torchrun",
+                    "--eval_only_check",
                     "--optimizers",
                     "adamw",
                     *train_check,

@@ -17,6 +17,11 @@ end. B's final weights are compared with A's:
 Under `--launcher=torchrun` (one process per GPU; one here) train.py runs its DDP path even at world
 size 1: the process group, the DDP wrapper, no_sync over accumulation, the all-reduces.
 
+With --eval_only_check, A's final checkpoint is then evaluated with `--eval_only=true`, as a user asks
+how good a model is (the kit does it under torchrun, where the eval is split over the ranks): its
+val loss must be the run's own final eval (the same batches), exactly on a CPU without torch.compile,
+within EVAL_ONLY_TOLERANCE where the run evaluated a compiled model in bf16 and eval_only an eager one.
+
 Writes OUT/train_check.json (one record per optimizer) and exits 1 if any run failed.
 """
 
@@ -52,6 +57,7 @@ SETTINGS = {
     "adamw_lw": dict(lr=0.1, lw_interval=2, lw_warmup_steps=2),
 }
 MAX_DEVIATION = 0.05  # |W_B - W_A| / |W_A - W_half| where bitwise equality is not required (see above)
+EVAL_ONLY_TOLERANCE = 0.02  # nats: bf16 rounds a loss of ~10 at about 2e-3 relative, compiled or not
 
 
 def train_args(args, optimizer: str, out_dir: str, data_dir: str) -> list[str]:
@@ -147,6 +153,16 @@ def resume_check(args, optimizer: str, data_dir: str, work: str) -> dict:
     half, end = args.steps // 2, args.steps
     saved = sorted(name for name in os.listdir(a_dir) if name.startswith("step-"))
     record.update(final_loss=losses[-1], finite=bool(np.isfinite(losses).all()), checkpoints=saved)
+    if args.eval_only_check:
+        evaluated = launch(
+            args, [*train_args(args, optimizer, a_dir, data_dir), "--eval_only=true"], a_dir + "-eval.log"
+        )
+        if evaluated != 0:
+            return {**record, "passed": False, "error": f"eval_only on run A exited {evaluated} (see {a_dir}-eval.log)"}
+        record.update(
+            eval_only_val_loss=log_records(a_dir, "eval_only")[-1]["val_loss"],
+            run_val_loss=log_records(a_dir, "eval")[-1]["val_loss"],
+        )
     dropped = {"log.jsonl", "model.safetensors"}  # B keeps only the half-way checkpoint (and config, lwlr.json)
     shutil.copytree(
         a_dir,
@@ -166,9 +182,11 @@ def resume_check(args, optimizer: str, data_dir: str, work: str) -> dict:
     )
     exact_required = args.device == "cpu" and args.compile == "false"
     kernels_trusted = "self-check failed" not in record["backend_reason"]
+    eval_gap = abs(record["eval_only_val_loss"] - record["run_val_loss"]) if args.eval_only_check else 0.0
     passed = (
         kernels_trusted
         and record["finite"]
+        and eval_gap <= (1e-6 if exact_required else EVAL_ONLY_TOLERANCE)
         and f"step-{end:08d}" in saved
         and resumed_at == half
         and (equal if exact_required else dev <= MAX_DEVIATION)
@@ -191,7 +209,12 @@ def outcome(record: dict) -> str:
         if record["bitwise_equal"]
         else f"deviation {record['deviation']:.2e} of the second half's update"
     )
-    return f"loss {record['final_loss']:.4f}, resumed at step {record['resumed_at']}: {same}"
+    evaluated = (
+        f", eval_only val loss {record['eval_only_val_loss']:.4f} (the run's {record['run_val_loss']:.4f})"
+        if "eval_only_val_loss" in record
+        else ""
+    )
+    return f"loss {record['final_loss']:.4f}{evaluated}, resumed at step {record['resumed_at']}: {same}"
 
 
 def main(argv=None) -> int:
@@ -211,6 +234,7 @@ def main(argv=None) -> int:
         "--kernel_check", default="auto", help="auto (the self-check on CUDA) | force (also interpreted on CPU)"
     )
     parser.add_argument("--jobs", type=int, default=1, help="optimizers checked at once")
+    parser.add_argument("--eval_only_check", action="store_true", help="also evaluate run A with eval_only")
     parser.add_argument("--run_timeout", type=float, default=600)
     parser.add_argument("--out", required=True, help="folder for train_check.json, the runs and their logs")
     args = parser.parse_args(argv)

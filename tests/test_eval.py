@@ -121,7 +121,7 @@ def test_hellaswag_agrees_with_lm_evaluation_harness_on_the_exported_model(tmp_p
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out, hf_dir, path = tmp_path / "run", tmp_path / "hf", tmp_path / "hellaswag.jsonl"
-    assert train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=3, lr_rule="single")) == 0
+    assert train.main(tiny_run_args(out, token_dir, max_steps=1, eval_interval=1, lr_rule="single")) == 0
     export = subprocess.run([sys.executable, "export.py", f"--out_dir={out}", f"--hf_dir={hf_dir}"], cwd=ROOT)
     assert export.returncode == 0
     write_hellaswag(path)

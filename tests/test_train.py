@@ -129,10 +129,13 @@ def test_two_process_ddp_matches_one_process(tmp_path, token_dir):
         torch.testing.assert_close(weights_two[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch"])
+@pytest.mark.parametrize(
+    "optimizer", ["adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch", "muon"]
+)
 def test_every_optimizer_trains(tmp_path, token_dir, optimizer):
     # Lion: sign updates, each element moves by lr per step. LW-AS: lr is the multiplier eta on its step sizes.
-    lr = {"lion": 2e-3, "sgdm_lw": 1.0, "adamw_lw": 0.3}.get(optimizer, 3e-3)
+    # Muon: lr is the orthogonalized matrices' rate (the speedrun's 0.05 scale); adamw_lr the rest's.
+    lr = {"lion": 2e-3, "sgdm_lw": 1.0, "adamw_lw": 0.3, "muon": 0.02}.get(optimizer, 3e-3)
     out = tmp_path / optimizer
     args = tiny_run_args(
         out,
@@ -145,6 +148,7 @@ def test_every_optimizer_trains(tmp_path, token_dir, optimizer):
         data_subset_batches=1,
         lw_interval=2,
         lw_warmup_steps=4,
+        adamw_lr=3e-3,  # muon's AdamW part; the others ignore it
     )
     assert train.main(args) == 0
     losses = [r["loss"] for r in read_log(out, "train")]

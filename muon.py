@@ -1,0 +1,109 @@
+"""optimizer=muon: Muon (Jordan et al., 2024), the GPT-2 speedruns' optimizer, as a peer of the others.
+
+Muon orthogonalizes each hidden matrix's momentum (five Newton-Schulz iterations in bf16) and so already
+rescales its update per layer; the question it answers here is whether a layer-wise learning rate still
+matters under it. The split is the speedrun's (modded-nanogpt): torch.optim.Muon for the transformer
+blocks' weight matrices (q, k, v, the attention output, both MLP matrices), this project's fused AdamW
+(optim.py) for everything else: the embeddings, the tied output layer, LayerNorms and biases. Every
+group steps at its layer_lr (lr * lr_scale, optim.py's one rule); the AdamW part's groups run at
+adamw_lr where the Muon part's run at lr, both on the one schedule (their lr_ratio, applied by set_lr).
+
+torch.optim.Muon has no device-side skip of a non-finite step, so its part reads the guard on the host
+(one sync per step, as the fused optimizers' torch path does); the AdamW part reads it on the device.
+"""
+
+import collections
+
+import torch
+
+from model import param_role
+from optim import AdamW, StepContext, StepHooks, with_layer_lr
+
+# The blocks' weight matrices: Muon's part. Everything else is AdamW's.
+MUON_LAYERS = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
+
+
+def is_muon_param(name: str, p: torch.Tensor) -> bool:
+    role = param_role(name)
+    return role.layer in MUON_LAYERS and not role.is_bias and p.dim() == 2
+
+
+class TorchMuon(with_layer_lr(torch.optim.Muon)):
+    """torch.optim.Muon (Nesterov momentum, its default lr adjustment sqrt(max(1, rows / cols))) at each
+    group's layer_lr, skipping a step the training loop's guard marked non-finite."""
+
+    found_inf = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.found_inf is not None and self.found_inf.item():
+            return None
+        return super().step(closure)
+
+
+class Muon(StepHooks):
+    """Muon for the blocks' matrices and the fused AdamW for the rest, as one optimizer: its param_groups
+    are both parts' (Muon's first), its state dict holds both, a step steps both."""
+
+    def __init__(self, groups, lr, adamw_lr, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, backend="auto"):
+        if lr <= 0:
+            raise ValueError(f"lr={lr}: Muon's rate must be positive (the AdamW part's is adamw_lr)")
+        muon_groups, adamw_groups = [], []
+        for group in groups:
+            chosen = [is_muon_param(name, p) for name, p in zip(group["names"], group["params"])]
+            for wanted, part in ((True, muon_groups), (False, adamw_groups)):
+                names = [name for name, c in zip(group["names"], chosen) if c == wanted]
+                params = [p for p, c in zip(group["params"], chosen) if c == wanted]
+                if params:
+                    part.append({**group, "names": names, "params": params})
+        for group in adamw_groups:
+            group["lr_ratio"] = adamw_lr / lr  # the schedule's shape at adamw_lr's height (set_lr)
+        self.muon = TorchMuon(muon_groups, lr=lr, momentum=momentum, nesterov=True) if muon_groups else None
+        self.adamw = AdamW(adamw_groups, lr=adamw_lr, betas=betas, eps=eps, backend=backend) if adamw_groups else None
+        self.parts = [part for part in (self.muon, self.adamw) if part is not None]
+
+    # Read through each time: a part's load_state_dict replaces its param_groups and state objects.
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in self.parts for group in part.param_groups]
+
+    @property
+    def state(self) -> collections.ChainMap:
+        return collections.ChainMap(*(part.state for part in self.parts))
+
+    @property
+    def found_inf(self):
+        return self.parts[0].found_inf
+
+    @found_inf.setter
+    def found_inf(self, flag):
+        for part in self.parts:
+            part.found_inf = flag
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon and self.muon.state_dict(), "adamw": self.adamw and self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("muon", "adamw"):
+            part = getattr(self, name)
+            if (part is None) != (state.get(name) is None):
+                raise ValueError(f"the saved Muon optimizer {'has' if state.get(name) else 'lacks'} a {name} part")
+            if part is not None:
+                part.load_state_dict(state[name])
+
+    def before_step(self, step: int, context: StepContext) -> None:
+        for part in self.parts:
+            part.before_step(step, context)
+
+    def after_step(self, step: int, context: StepContext) -> None:
+        for part in self.parts:
+            part.after_step(step, context)
