@@ -9,6 +9,7 @@ the training objective, apart from generalization.
     python -m bench.overfit --preset tiny-cpu --optimizers adamw --lrs 1e-3 3e-3 --steps 50   # any setting overridden
     python -m bench.overfit --preset heldout-quick   # held-out mode, char-level Shakespeare (prepare it first)
     python -m bench.overfit --preset heldout-cpu     # the committed held-out comparison
+    python -m bench.overfit --preset heldout-cpu --jobs 2   # two points at once, each in its own process
     python -m bench.overfit --preset heldout-gpt2    # the same on OpenWebText with GPT-2 124M, for a GPU
     python -m bench.overfit --preset depth-cpu       # the depth study: narrow-2 ... narrow-32, +- residual scaling
     # GPT-2 124M on Shakespeare BPE: bench/gpu_science.sh runs it on one GPU
@@ -23,6 +24,11 @@ seeds per point; the table gives each rule at its own best rate, mean +- std ove
 its difference from `single` exceeds twice the standard error of that difference. The grids and
 budgets of the presets were fixed before any of their results were seen.
 
+Points run one after another, or `--jobs N` at once, each in a process of its own at the preset's
+`--threads` (the thread count a committed table was made with: a point's numbers depend on it and on
+its settings, never on what runs beside it). A model this small does not spread over threads, so on
+more cores more jobs, not more threads, is what speeds a sweep up.
+
 Every run of a sweep starts from the same init (the seed) and sees the same K batches in the same
 order; only the optimizer, the rule and the learning rate differ. The final train loss is the mean
 loss over the K subset batches at the final weights (eval mode, no dropout). A run whose loss turns
@@ -36,9 +42,12 @@ which also redraws them from results.json).
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
+import multiprocessing
 import os
+import signal
 import sys
 import time
 
@@ -97,6 +106,9 @@ class Sweep:
     # The CPU presets' committed tables were made in fp32, before dtype=auto chose bf16 on CPUs that compute
     # it natively: they keep fp32, so they reproduce. The GPU presets take bf16 autocast (auto, on CUDA).
     dtype: str = "float32"
+    # torch threads per point. A point's numbers depend on it (the order of a matmul's sums), so the CPU
+    # presets pin the 2 their committed tables were made with on 2 cores; 0 = torch's default (GPU presets).
+    threads: int = 2
 
 
 PRESETS = {
@@ -138,6 +150,7 @@ PRESETS = {
         lwlr_T=100,
         dataset="openwebtext",
         dtype="auto",
+        threads=0,  # a GPU preset: torch's default
     ),
     # The depth study: gpt2-large (36 blocks), Lion, lr 3.75e-5 to 2.4e-4 (5 points a factor 1.59 apart),
     # single vs layer-wise, each without and with 1/sqrt(depth) residual scaling.
@@ -156,6 +169,7 @@ PRESETS = {
         lwlr_T=100,
         dataset="openwebtext",
         dtype="auto",
+        threads=0,  # a GPU preset: torch's default
     ),
     # Held-out comparisons, char-level Shakespeare (data/shakespeare_char): gpt2-mini there is
     # 0.84M parameters, 95% of them in the blocks. 2,048 characters per step; 4 rules x 2 optimizers x 3 seeds.
@@ -272,6 +286,7 @@ PRESETS = {
         warmup_steps=30,
         lwlr_T=100,
         dtype="auto",
+        threads=0,  # a GPU preset: torch's default
     ),
     # Held-out at 124M: AdamW, 3 rules x 2 rates x 2 seeds = 12 runs of 100 steps of 8 x 1024 tokens (819k
     # tokens, 0.6 epochs of the 1.4M-token train split), cosine to lr / 10; about 80 s predicted.
@@ -292,6 +307,7 @@ PRESETS = {
         eval_every=50,
         eval_steps=10,
         dtype="auto",
+        threads=0,  # a GPU preset: torch's default
     ),
     # GPT-2 124M on OpenWebText for a GPU: 2000 steps of 8 x 1024 tokens (16M tokens), not run here.
     "heldout-gpt2": Sweep(
@@ -312,6 +328,7 @@ PRESETS = {
         eval_every=250,
         eval_steps=50,
         dtype="auto",
+        threads=0,  # a GPU preset: torch's default
     ),
 }
 
@@ -507,6 +524,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dataset")
     parser.add_argument("--data_dir")
     parser.add_argument("--device")
+    parser.add_argument("--threads", type=int, help="torch threads per point (the preset's: its table was made so)")
+    parser.add_argument("--jobs", type=int, help="points at once, one process each (default: cores / threads)")
     args = parser.parse_args(argv)
     sweep = dataclasses.replace(PRESETS[args.preset])
     for name in (
@@ -527,6 +546,7 @@ def main(argv=None) -> dict:
         "dataset",
         "data_dir",
         "device",
+        "threads",
     ):
         if getattr(args, name) is not None:
             setattr(sweep, name, getattr(args, name))
@@ -541,11 +561,15 @@ def main(argv=None) -> dict:
     out_dir = args.out_dir or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"overfit-{args.preset}"
     )
+    jobs = args.jobs or default_jobs(sweep, device)
     if not sweep.depths:
-        return run_sweep(sweep, out_dir, device)
+        return run_sweep(sweep, out_dir, device, jobs)
     by_depth = {
         depth: run_sweep(
-            dataclasses.replace(sweep, model=f"narrow-{depth}", depths=[]), os.path.join(out_dir, f"L{depth}"), device
+            dataclasses.replace(sweep, model=f"narrow-{depth}", depths=[]),
+            os.path.join(out_dir, f"L{depth}"),
+            device,
+            jobs,
         )
         for depth in sweep.depths
     }
@@ -553,7 +577,40 @@ def main(argv=None) -> dict:
     return by_depth
 
 
-def run_sweep(sweep: Sweep, out_dir: str, device: torch.device) -> dict:
+def run_point(sweep: Sweep, point: tuple, device: torch.device) -> tuple[tuple, dict]:
+    """One point at sweep.threads torch threads, timed; what a worker process runs."""
+    if sweep.threads:
+        torch.set_num_threads(sweep.threads)
+    start = time.perf_counter()
+    run = run_one(sweep, *point, device)
+    return point, {**run, "seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone answers it
+
+
+def run_points(sweep: Sweep, points: list[tuple], device: torch.device, jobs: int):
+    """(point, run) for every point as it finishes: in this process when jobs is 1, else in `jobs` spawned
+    worker processes (fresh interpreters: nothing of one point's run reaches another's). A point's numbers
+    depend on its settings and thread count alone, never on jobs (tests/test_overfit.py checks bitwise).
+    A stop ends the workers with the sweep; the points they were running run again on the next start."""
+    if jobs <= 1:
+        for point in points:
+            yield run_point(sweep, point, device)
+        return
+    with multiprocessing.get_context("spawn").Pool(jobs, initializer=_worker_init) as pool:  # exit: terminate
+        yield from pool.imap_unordered(functools.partial(run_point, sweep, device=device), points)
+
+
+def default_jobs(sweep: Sweep, device: torch.device) -> int:
+    """As many points at once as the cores hold at sweep.threads each; one on a GPU."""
+    if device.type != "cpu":
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, sweep.threads or torch.get_num_threads()))
+
+
+def run_sweep(sweep: Sweep, out_dir: str, device: torch.device, jobs: int = 1) -> dict:
     """Every point of the sweep not in out_dir/results.json yet, then the table and plots of all of them."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
@@ -567,24 +624,20 @@ def run_sweep(sweep: Sweep, out_dir: str, device: torch.device) -> dict:
         for rs in sweep.residual_scales
         for s in sweep.seeds
     ]
-    to_run = sum(run_key(*point) not in results["runs"] for point in points)
-    ran_seconds, ran = 0.0, 0
+    pending = [point for point in points if run_key(*point) not in results["runs"]]
     for i, point in enumerate(points):
-        key = run_key(*point)
-        if key in results["runs"]:
-            print(f"[{i + 1}/{len(points)}] {key}: done before, skipped")
-            continue
-        start = time.perf_counter()
-        run = run_one(sweep, *point, device)
-        run["seconds"] = time.perf_counter() - start
-        results["runs"][key] = run
+        if point not in pending:
+            print(f"[{i + 1}/{len(points)}] {run_key(*point)}: done before, skipped")
+    started, ran = time.perf_counter(), 0
+    for point, run in run_points(sweep, pending, device, jobs):  # as each finishes; this process writes alone
+        results["runs"][run_key(*point)] = run
         save_results(path, results)
-        ran_seconds, ran = ran_seconds + run["seconds"], ran + 1
+        ran += 1
         outcome = "diverged" if run["diverged"] else f"final loss {run['final_loss']:.4f}"
-        left = duration(ran_seconds / ran * (to_run - ran))
+        left = duration((time.perf_counter() - started) / ran * (len(pending) - ran))
         print(
-            f"[{i + 1}/{len(points)}] {key}: {outcome} ({run['seconds']:.0f} s) | {to_run - ran} to run, about {left} "
-            f"left",
+            f"[{len(points) - len(pending) + ran}/{len(points)}] {run_key(*point)}: {outcome} ({run['seconds']:.0f} s) "
+            f"| {len(pending) - ran} to run, about {left} left",
             flush=True,
         )
     costs = results.setdefault("measurement_seconds", {})

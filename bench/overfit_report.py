@@ -84,6 +84,61 @@ def rule_summary(results: dict) -> list[str]:
     return lines
 
 
+def first_step_at(curve: list[list[float]], target: float) -> float | None:
+    """The step at which a val curve ([[step, loss], ...]) first reaches target, linear between evals;
+    None if it never does."""
+    for i, (step, loss) in enumerate(curve):
+        if loss <= target:
+            if i == 0:
+                return float(step)
+            previous_step, previous_loss = curve[i - 1]
+            return previous_step + (previous_loss - target) / (previous_loss - loss) * (step - previous_step)
+    return None
+
+
+def steps_to_target(results: dict) -> list[str]:
+    """The GPT-2 speedrun's optimization measure (modded-nanogpt ranks optimizers by the steps a fixed
+    model needs to first reach a target val loss): for each optimizer and rule at its own best rate, the
+    steps each seed needs to reach the val loss every seed of AdamW single at its best rate reaches by
+    the end (its worst seed's final loss), between evals by linear interpolation, and the speed-up
+    against the same optimizer's single."""
+    best, rows = best_rates(results), rows_of(results)
+    if ("adamw", "single", False) not in best:
+        return []
+    baseline_lr = best[("adamw", "single", False)][0]
+    target = max(r["final_loss"] for r in rows[("adamw", "single", False)] if r["lr"] == baseline_lr)
+    sweep = results["sweep"]
+    lines = [
+        f"## Steps to val loss {target:.4f}",
+        "",
+        f"The target is the final val loss of AdamW single's worst seed at its best rate ({baseline_lr:.3g}), so "
+        f"every seed of that baseline reaches it within {sweep['steps']} steps; each row at its own best rate "
+        f"(above), evals every {sweep['eval_every']} steps, linear between them.",
+        "",
+        "| optimizer | rule | best lr | seeds reaching it | steps, mean +- std | speed-up vs single |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    means = {}
+    for (optimizer, rule, rs), (lr, _) in best.items():
+        steps = [first_step_at(r["val_curve"], target) for r in rows[(optimizer, rule, rs)] if r["lr"] == lr]
+        reached = [s for s in steps if s is not None]
+        if len(reached) == len(steps):
+            mean = sum(reached) / len(reached)
+            std = math.sqrt(sum((s - mean) ** 2 for s in reached) / (len(reached) - 1)) if len(reached) > 1 else 0.0
+            means[(optimizer, rule, rs)] = mean
+            cell = f"{mean:.0f} +- {std:.0f}"
+        else:
+            cell = f"not every seed ({len(reached)} of {len(steps)})"
+        single = means.get((optimizer, "single", rs))
+        speedup = f"{single / means[(optimizer, rule, rs)]:.2f}x" if single and (optimizer, rule, rs) in means else ""
+        label = row_label(optimizer, rule, rs).split(" ", 1)[1]
+        lines.append(
+            f"| {optimizer} | {label} | {lr:.3g} | {len(reached)} of {len(steps)} | {cell} | "
+            f"{'' if rule == 'single' else speedup} |"
+        )
+    return lines + [""]
+
+
 # The paper's GPT-2 124M overfit table as the reviewers quoted it: lowest train loss, one global rate
 # against layer-wise rates. Its subset, batch and step count are unpublished.
 PAPER_GPT2_OVERFIT = {
@@ -130,6 +185,7 @@ def write_table(results: dict, path: str) -> str:
             "",
             *rule_summary(results),
             "",
+            *steps_to_target(results),
             "## Every point",
             "",
         ]

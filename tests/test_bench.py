@@ -2,8 +2,11 @@
 never asserted here: figures come from running the scripts themselves."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -164,3 +167,29 @@ def test_bench_precision_compares_bf16_with_fp32_over_seeds(tmp_path, token_dir)
     assert 0 < summary["multiplier_max_relative_difference"] < 0.2
     table = only_file(tmp_path, "precision-", ".md").read_text()
     assert "| bfloat16 |" in table and "twice the seed noise" in table
+
+
+def test_lwlr_against_fan_in_writes_both_multipliers_per_tensor_and_their_correlation(tmp_path, token_dir):
+    from bench import lwlr_vs_fan_in
+
+    results = lwlr_vs_fan_in.main(
+        [
+            "--models",
+            "gpt2-tiny",
+            "--T=1",
+            "--block_size=32",
+            f"--data_dir={token_dir}",
+            f"--out_dir={tmp_path / 'out'}",
+        ]
+    )
+    assert sorted(os.listdir(tmp_path / "out")) == ["figure.png", "results.json", "table.md"]
+    tensors = results["models"]["gpt2-tiny"]["tensors"]
+    fan_in = {t["name"]: t["fan_in"] for t in tensors}
+    # 1 / sqrt(fan_in): the MLP's output matrix sees 4 x n_embd inputs, q's n_embd, so half q's multiplier
+    q, mlp_out = fan_in["transformer.h.0.attn.q_proj.weight"], fan_in["transformer.h.0.mlp.c_proj.weight"]
+    assert q == pytest.approx(2 * mlp_out)
+    assert len({round(t["lwlr"], 6) for t in tensors}) > 10  # measured: not a rule of shapes
+    assert lwlr_vs_fan_in.pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
+    assert lwlr_vs_fan_in.pearson([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    kinds = results["models"]["gpt2-tiny"]["summary"]["kinds"]
+    assert sum(k["share_of_parameters"] for k in kinds.values()) == pytest.approx(1.0)

@@ -290,3 +290,26 @@ def test_ablations_are_rules_with_settings_and_carry_their_measuring_cost(tmp_pa
     assert set(results["measurement_seconds"]) == {"lwlr", "lwlr:T=1", "lwlr:power=0.25"}
     table = (tmp_path / "ablations" / "table.md").read_text()
     assert "| adamw | lwlr:T=1 | 0.003 |" in table and "| measuring, s |" in table
+
+
+def test_steps_to_target_interpolates_between_evals_by_hand():
+    from bench.overfit_report import first_step_at
+
+    curve = [[50, 3.0], [100, 2.0], [150, 1.5]]
+    assert first_step_at(curve, 2.5) == 75.0  # halfway from 3.0 at step 50 to 2.0 at step 100
+    assert first_step_at(curve, 3.2) == 50.0  # already there at the first eval
+    assert first_step_at(curve, 1.0) is None
+
+
+def test_a_point_comes_out_bitwise_the_same_whatever_runs_beside_it(tmp_path, token_dir):
+    from bench import overfit
+
+    alone = overfit.main(sweep_args(tmp_path / "alone", token_dir, "--lrs", "1e-3", "3e-3", "--threads=1", "--jobs=1"))
+    beside = overfit.main(
+        sweep_args(tmp_path / "beside", token_dir, "--lrs", "1e-3", "3e-3", "--threads=1", "--jobs=2")
+    )
+    assert alone["runs"].keys() == beside["runs"].keys() and len(alone["runs"]) == 4
+    for key, run in alone["runs"].items():
+        other = beside["runs"][key]
+        assert (run["curve"], run["final_loss"]) == (other["curve"], other["final_loss"]), key
+        assert run["threads"] == other["threads"] == 1
