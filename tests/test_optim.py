@@ -246,8 +246,12 @@ def adam_mini_models():
     return model, copy.deepcopy(model)
 
 
+# 20 steps where the kernels compile (the GPU check); 10 under the CPU interpreter, at 4 s a step
+ADAM_MINI_STEPS = 10 if TEST_DEVICE == "cpu" else 20
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_adam_mini_matches_the_official_code_over_20_steps_with_a_reload(backend):
+def test_adam_mini_matches_the_official_code_over_many_steps_with_a_reload(backend):
     Adam_mini = pytest.importorskip("adam_mini").Adam_mini
     reference_model, our_model = (model.to(TEST_DEVICE) for model in adam_mini_models())
     names = [n for n, p in our_model.named_parameters() if p.requires_grad]
@@ -275,13 +279,13 @@ def test_adam_mini_matches_the_official_code_over_20_steps_with_a_reload(backend
 
     ours = ours_from()
     generator = torch.Generator().manual_seed(1)
-    for step in range(20):
+    for step in range(ADAM_MINI_STEPS):
         x, y = torch.randint(0, 128, (2, 2, 16), generator=generator).to(TEST_DEVICE)
         for model in (reference_model, our_model):
             model(x, y)[1].backward()
         reference.step(), ours.step()
         reference.zero_grad(), ours.zero_grad()
-        if step == 9:
+        if step == ADAM_MINI_STEPS // 2 - 1:
             ours = ours_from(ours.state_dict())
     # Whole-model training: fp32 differences in the forward and backward compound over 20 steps (the
     # largest seen was 2.3e-6); the update itself matches per step to 1e-7.
