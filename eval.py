@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import checkpoint
 import hf
 import outdir
-from build import gpt_config, token_batches
+from build import data_dir, gpt_config, token_batches
 from data.tokenizer import VOCAB_SIZE, gpt2_encoding
 from errors import UserError
 from model import GPT
@@ -69,7 +69,7 @@ def loss_only(c: TrainConfig, rt, evaluate) -> int:
     losses = {
         split: evaluate(model, token_batches(c, split, "val", model.config), c, rt, ctx) for split in ("val", "train")
     }
-    data = c.data_dir or f"data/{c.dataset}"
+    data = data_dir(c)
     rt.print0(
         f"eval_only: {source} on {data}: val loss {losses['val']:.4f} | train loss {losses['train']:.4f} "
         f"({c.eval_steps} batches of {rows} x {model.config.block_size} tokens each)"

@@ -65,8 +65,8 @@ def check(c: TrainConfig, meta: dict, path: str, fingerprints: dict, say=print) 
     for key, (old, new) in found.items():
         why = MAY_CHANGE_ON_RESUME.get(key, "allowed by allow_resume_changes")
         say(f"resume: {describe(key, old, new)} ({why})")
-    unchecked = [split for split in SPLITS if not (meta.get("data_fingerprints") or {}).get(split)]
-    unchecked += [split for split in SPLITS if fingerprints[split] is None and split not in unchecked]
+    recorded = meta.get("data_fingerprints") or {}
+    unchecked = [split for split in SPLITS if not recorded.get(split) or fingerprints[split] is None]
     if unchecked:
         say(
             f"resume: the {' and '.join(unchecked)} data cannot be compared with the checkpoint's: its token file or "
@@ -96,8 +96,9 @@ def record_config(out_dir: str, c: TrainConfig, step: int, found: dict[str, tupl
     what it changed. A resume drops the entries past its checkpoint (a resume that was itself killed
     before its first save changed nothing that lasted)."""
     path = os.path.join(out_dir, "config.json")
-    history = []
-    if step > 0:
+    if step == 0:
+        history = [{"step": 0, "time": timestamp(), "event": "start"}]
+    else:
         try:
             with open(path) as f:
                 history = [entry for entry in json.load(f)["history"] if entry["step"] < step]
@@ -105,8 +106,6 @@ def record_config(out_dir: str, c: TrainConfig, step: int, found: dict[str, tupl
             history = []
         changed = {key: [old, new] for key, (old, new) in (found or {}).items()}
         history.append({"step": step, "time": timestamp(), "event": "resume", "changes": changed})
-    else:
-        history = [{"step": 0, "time": timestamp(), "event": "start"}]
     write_json(path, {"config": dataclasses.asdict(c), "history": history})
 
 

@@ -346,7 +346,7 @@ class StopVote:
         self.pending = None  # the last vote: (host copy, its CUDA event or None)
 
     def poll(self, where: str) -> bool:
-        if os.getppid() != self.parent and self.rt.distributed:
+        if self.rt.distributed and os.getppid() != self.parent:
             self.stop.request(f"its launcher, pid {self.parent}, exited")
         if not self.rt.distributed:
             return self.stop.requested

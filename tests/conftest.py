@@ -93,15 +93,15 @@ def read_log(out_dir, kind) -> list[dict]:
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
-def torchrun(nproc, args, timeout=300) -> subprocess.CompletedProcess:
-    """train.py under torchrun with nproc CPU processes (gloo), one thread each."""
+def torchrun(nproc, args, timeout=300, script="train.py") -> subprocess.CompletedProcess:
+    """A script (train.py by default) under torchrun with nproc CPU processes (gloo), one thread each."""
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
-        "train.py",
+        script,
         *args,
     ]
     return subprocess.run(

@@ -1,9 +1,6 @@
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ import lwlr
 import multipliers
 import optim
 import train
-from conftest import ROOT, TEST_DEVICE, tiny_run_args
+from conftest import TEST_DEVICE, tiny_run_args, torchrun
 from model import GPT, GPTConfig
 from train_config import ConfigError, parse_config
 
@@ -230,18 +227,7 @@ def test_two_process_measurement_equals_one_process(tmp_path, token_dir):
     outputs = {}
     for nproc in (1, 2):
         out = tmp_path / f"p{nproc}"
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "multipliers.py",
-            *cli_args(out, token_dir, T=5),
-        ]
-        result = subprocess.run(
-            command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
+        result = torchrun(nproc, cli_args(out, token_dir, T=5), script="multipliers.py")
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[nproc] = {
             layer["name"]: layer["multiplier"] for layer in json.loads((out / "lwlr.json").read_text())["layers"]
