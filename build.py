@@ -166,6 +166,7 @@ OPTIMIZERS = {
         lr=c.lr,
         adamw_lr=c.adamw_lr or c.lr,
         momentum=c.muon_momentum,
+        ns_dtype=getattr(torch, c.muon_ns_dtype),
         betas=(c.beta1, c.beta2),
         eps=c.eps,
         backend=backend,

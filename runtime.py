@@ -200,6 +200,8 @@ def environment(device: torch.device) -> dict:
     fused optimizers)."""
     return {
         "device": device_name(device),
+        # a CPU's vector width decides its speed and bf16, and so whether two machines' fp32 sums match
+        **({"cpu_capability": torch.backends.cpu.get_cpu_capability()} if device.type == "cpu" else {}),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": sys.version.split()[0],

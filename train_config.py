@@ -98,6 +98,9 @@ class TrainConfig:
                                "LayerNorms, biases) on the same schedule; 0 = lr")
     muon_momentum: float = key(0.95, "muon: the Muon part's Nesterov momentum (torch.optim.Muon's and the "
                                "speedrun's 0.95)")
+    muon_ns_dtype: str = choice("bfloat16", "float32", help="muon: Newton-Schulz's precision; bfloat16 is "
+                                "torch.optim.Muon's and the speedrun's, float32 the same iteration where bf16 is "
+                                "slow (a CPU without native bf16: 14-36x)")
     hess_interval: int = at_least(1, 10, help="SophiaG: refresh the Hessian estimate every this many steps "
                                               "(Sophia's k)")
     grad_clip: float = at_least(0.0, 1.0, help="clip the global gradient norm to this; 0 = off")

@@ -10,6 +10,7 @@ the training objective, apart from generalization.
     python -m bench.overfit --preset heldout-quick   # held-out mode, char-level Shakespeare (prepare it first)
     python -m bench.overfit --preset heldout-cpu     # the committed held-out comparison
     python -m bench.overfit --preset heldout-cpu --jobs 2   # two points at once, each in its own process
+    python -m bench.overfit --preset heldout-muon-cpu --out_dir bench/results/overfit-heldout-cpu  # Muon's rows
     python -m bench.overfit --preset heldout-gpt2    # the same on OpenWebText with GPT-2 124M, for a GPU
     python -m bench.overfit --preset depth-cpu       # the depth study: narrow-2 ... narrow-32, +- residual scaling
     # GPT-2 124M on Shakespeare BPE: bench/gpu_science.sh runs it on one GPU
@@ -109,6 +110,8 @@ class Sweep:
     # torch threads per point. A point's numbers depend on it (the order of a matmul's sums), so the CPU
     # presets pin the 2 their committed tables were made with on 2 cores; 0 = torch's default (GPU presets).
     threads: int = 2
+    # config keys an optimizer's points take beyond the sweep's (muon's AdamW-part rate), recorded with each run
+    optimizer_settings: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 PRESETS = {
@@ -208,6 +211,29 @@ PRESETS = {
         dataset="shakespeare_char",
         heldout=True,
         eval_every=50,
+    ),
+    # Muon beside heldout-cpu's AdamW and Lion rows: its model, data, budget and seeds, written into its folder
+    # (`--out_dir bench/results/overfit-heldout-cpu`). The grid was fixed before any run: 5 rates a factor 3.16
+    # apart around the speedrun's 0.05, the AdamW part (embeddings, output layer, LayerNorms, biases) at AdamW
+    # single's best rate there, 0.00316; Newton-Schulz in fp32 (muon.py: bf16 is emulated on these CPUs).
+    # 3 rules x 5 rates x 3 seeds = 45 runs.
+    "heldout-muon-cpu": Sweep(
+        model="gpt2-mini",
+        optimizers=["muon"],
+        rules=["single", "lwlr", "fan_in"],
+        lrs={"muon": [3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1]},
+        residual_scales=[False],
+        seeds=[0, 1, 2],
+        steps=300,
+        subset_batches=0,
+        micro_batch_size=16,
+        block_size=128,
+        warmup_steps=30,
+        lwlr_T=100,
+        dataset="shakespeare_char",
+        heldout=True,
+        eval_every=50,
+        optimizer_settings={"muon": {"adamw_lr": 3.16e-3, "muon_ns_dtype": "float32"}},
     ),
     # The depth study at CPU scale: 64-wide models of 2 to 32 blocks, with and without 1/sqrt(depth) residual
     # scaling, single against lwlr at each cell's best of 3 rates, AdamW and Lion, one seed; held-out mode, so
@@ -404,6 +430,7 @@ def config_overrides(
             # per step, but 100 steps at the edge of stability amplify that past the table's last digit.
             loss_chunk_rows=0,
         )
+        | sweep.optimizer_settings.get(optimizer, {})
         | settings
     )  # an ablation's settings replace the sweep's (lwlr_T)
 
@@ -452,6 +479,7 @@ def run_one(
         "diverged": diverged,
         "curve": curve,
         "steps_run": curve[-1][0] + 1 if curve else 0,
+        **({"settings": sweep.optimizer_settings[optimizer]} if optimizer in sweep.optimizer_settings else {}),
     }
     return {**run, "val_curve": val_curve} if sweep.heldout else run
 
@@ -583,7 +611,9 @@ def run_point(sweep: Sweep, point: tuple, device: torch.device) -> tuple[tuple, 
         torch.set_num_threads(sweep.threads)
     start = time.perf_counter()
     run = run_one(sweep, *point, device)
-    return point, {**run, "seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}
+    seconds = time.perf_counter() - start
+    # where it ran: a results.json may gather points from several machines (the Muon rows beside heldout-cpu's)
+    return point, {**run, "seconds": seconds, "threads": torch.get_num_threads(), "env": environment(device)}
 
 
 def _worker_init() -> None:

@@ -1,6 +1,8 @@
 """optimizer=muon (muon.py) step for step against torch.optim.Muon and torch.optim.AdamW run directly at
 lr * lr_scale, through a state-dict reload; its guard; and its DDP run against one process."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -18,8 +20,23 @@ def tiny_model() -> GPT:
     return GPT(GPTConfig.from_preset("gpt2-tiny", vocab_size=128)).to(TEST_DEVICE)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_muon_steps_as_torch_muon_and_adamw_do_at_each_layers_rate_through_a_reload(backend):
+def torch_newton_schulz_in_float32():
+    """torch.optim.Muon's own Newton-Schulz function with its one cast to bf16 made a cast to fp32."""
+    source = inspect.getsource(torch.optim._muon._zeropower_via_newtonschulz)
+    assert source.count(".bfloat16()") == 1
+    namespace = dict(vars(torch.optim._muon))
+    exec(source.replace(".bfloat16()", ".float()"), namespace)
+    return namespace["_zeropower_via_newtonschulz"]
+
+
+@pytest.mark.parametrize(
+    "backend, ns_dtype",
+    [("torch", torch.bfloat16), ("triton", torch.bfloat16), ("torch", torch.float32)],
+    ids=["torch-bf16", "triton-bf16", "torch-fp32"],
+)
+def test_muon_steps_as_torch_muon_and_adamw_do_at_each_layers_rate_through_a_reload(backend, ns_dtype, monkeypatch):
+    if ns_dtype == torch.float32:  # the references run torch.optim.Muon's step around an fp32 Newton-Schulz
+        monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", torch_newton_schulz_in_float32())
     ours_model, reference_model = tiny_model(), tiny_model()
     names = [name for name, _ in ours_model.named_parameters()]
     scales = {name: 0.5 + (i % 5) / 4 for i, name in enumerate(names)}  # a layer-wise rate per tensor
@@ -27,7 +44,9 @@ def test_muon_steps_as_torch_muon_and_adamw_do_at_each_layers_rate_through_a_rel
 
     def ours_from(state=None):
         groups = optim.param_groups(ours_model, scales, weight_decay=0.1)
-        optimizer = muon.Muon(groups, lr=lr, adamw_lr=adamw_lr, momentum=0.95, betas=betas, eps=eps, backend=backend)
+        optimizer = muon.Muon(
+            groups, lr=lr, adamw_lr=adamw_lr, momentum=0.95, betas=betas, eps=eps, ns_dtype=ns_dtype, backend=backend
+        )
         if state is not None:
             optimizer.load_state_dict(state)
         return optimizer
