@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch.distributed.tensor import DTensor
 
 from kernels import (
     BLOCK,
@@ -68,20 +69,24 @@ class StepContext:
     ]  # DDP's gradient all-reduce: sync(True) on the last micro-step
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None  # the mean over ranks, None in one process
     found_inf: torch.Tensor  # the step's non-finite flag, on the device
+    sharded: bool = False  # parallel=fsdp: parameters and gradients are DTensors, each rank holds a shard
 
 
 def sampled_label_gradients(context: StepContext) -> None:
     """Gradients of the loss against labels sampled from the model's own predictions over the step's
     micro-batches (SophiaG's Gauss-Newton-Bartlett estimator, Liu et al. 2023). A non-finite one counts the
-    step as bad (found_inf): on the device, and the same on every rank (DDP averaged it)."""
+    step as bad (found_inf): on the device, and the same on every rank (DDP averaged the gradients; under
+    fsdp each rank sees its own shard, so the flag is reduced)."""
     batches = context.micro_batches
     for micro, (x, _) in enumerate(batches):
         with context.autocast, context.sync(micro == len(batches) - 1):
             logits, _ = context.model(x)
             (sampled_label_loss(logits) / len(batches)).backward()
-    grads = [p.grad for p in context.raw_model.parameters() if p.grad is not None]
-    finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-    torch.logical_or(context.found_inf, finite.logical_not(), out=context.found_inf)
+    grads = [local(p.grad) for p in context.raw_model.parameters() if p.grad is not None]
+    non_finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()).logical_not().float()
+    if context.sharded:
+        non_finite = context.reduce_mean(non_finite)  # above 0 on every rank when any rank's shard is bad
+    torch.logical_or(context.found_inf, non_finite > 0, out=context.found_inf)
 
 
 class StepHooks:
@@ -123,6 +128,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def launch_kernel(kernel, grid, *args, **meta):
     """Every kernel launch goes through here (tests and bench/kernel_report.py record launches by patching it)."""
     kernel[grid](*args, **meta)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of a tensor this rank holds: a DTensor's local shard (parallel=fsdp), which shares its
+    storage, so an in-place update of it updates the parameter; any other tensor as it is. The optimizers
+    step on these: an elementwise step on every shard is the step on the whole tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _aligned_storage(tensors) -> bool:
@@ -178,6 +190,9 @@ class _LaunchPlan:
     only when the caching allocator handed out different addresses."""
 
     def __init__(self, params, states: dict[str, list[torch.Tensor]], lr_scales, weight_decays):
+        self.params = params  # as the optimizer holds them (a subclass's tables key on them)
+        params = [local(p) for p in params]
+        states = {name: [local(t) for t in tensors] for name, tensors in states.items()}
         device = params[0].device
         numels = [p.numel() for p in params]
         chunks = [triton.cdiv(n, BLOCK) for n in numels]
@@ -190,7 +205,6 @@ class _LaunchPlan:
         }
         self.lr_scale = torch.tensor(lr_scales, dtype=torch.float32, device=device)
         self.weight_decay = torch.tensor(weight_decays, dtype=torch.float32, device=device)
-        self.params = params
         # Parameters and states keep their storage for the plan's life; gradients are checked as they come.
         # The size hint concerns what the kernels read element by element: the parameters and the states
         # shaped like them (same sizes). A state read per tensor or per block (LW-AS's 0-dim step size,
@@ -205,6 +219,7 @@ class _LaunchPlan:
         return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
 
     def grad_pointers(self, grads):
+        grads = [local(g) for g in grads]
         key = tuple(g.data_ptr() for g in grads)
         if key != self._grad_key:
             for g in grads:
@@ -317,9 +332,9 @@ class FusedOptimizer(StepHooks, torch.optim.Optimizer):
             for _, group, params in active:
                 self._update_torch(
                     group,
-                    params,
-                    [p.grad for p in params],
-                    [[self.state[p][n] for p in params] for n in self.state_names],
+                    [local(p) for p in params],
+                    [local(p.grad) for p in params],
+                    [[local(self.state[p][n]) for p in params] for n in self.state_names],
                 )
         else:
             for _, group, _ in active:
@@ -601,8 +616,8 @@ class SophiaG(FusedOptimizer):
             if self.found_inf is not None and self.found_inf.item():
                 return
             for _, group, params in active:
-                hessians = [self.state[p]["hessian"] for p in params]
-                grads = [p.grad for p in params]
+                hessians = [local(self.state[p]["hessian"]) for p in params]
+                grads = [local(p.grad) for p in params]
                 torch._foreach_mul_(hessians, group["betas"][1])
                 torch._foreach_addcmul_(hessians, grads, grads, 1 - group["betas"][1])
             return

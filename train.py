@@ -36,6 +36,7 @@ import lwas
 import multipliers
 import optim
 import outdir
+import parallel
 import resume
 from build import (
     build_optimizer,
@@ -123,10 +124,15 @@ class Trainer:
         self.global_rows = c.micro_batch_size * self.grad_accum * rt.world_size
         self.train_batches = token_batches(c, "train", "train", model.config, c.data_subset_batches)
         self.data_fingerprints = resume.data_fingerprints(c)
+        self.sharded = parallel.shards(c, rt)
+        if self.sharded:  # before the optimizer: fully_shard replaces every parameter by its DTensor
+            parallel.fully_shard_gpt(model, rt.device)
         groups = optim.param_groups(model, lr_multipliers, c.weight_decay, c.lwlr_scale_decay)
         self.backend, self.backend_reason = backend or choose_backend(c, rt)
         self.optimizer = build_optimizer(c, groups, model.config.n_head, self.backend)
         if optimizer_state is not None:  # lr_scale comes back with the param groups
+            if self.sharded:  # a checkpoint holds full tensors: this rank's shard of each
+                optimizer_state = parallel.shard_optimizer_state(optimizer_state, self.optimizer)
             self.optimizer.load_state_dict(optimizer_state)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ctx = autocast(rt.device, c.dtype)
@@ -136,9 +142,14 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.model = model
         self.compiled, self.compile_reason = compiles(c, rt.device, model.config.vocab_size)
+        if self.sharded and self.compiled:
+            self.compiled, self.compile_reason = (
+                False,
+                (f"{self.compile_reason}, but off under parallel=fsdp: compiling sharded blocks is not wired up yet"),
+            )
         if self.compiled:
             self.model = torch.compile(self.model)
-        if rt.distributed:
+        if rt.distributed and not self.sharded:
             self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
     def save(self, step: int, reason: str, last_step_bad: bool) -> None:
@@ -150,6 +161,9 @@ class Trainer:
                 f"not saving at step {step} ({reason}): the last step was non-finite; the previous checkpoint stands"
             )
             return
+        tensors = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.sharded:  # every rank gathers, shard by shard; rank 0 keeps the full tensors
+            tensors = parallel.full(tensors, keep=rt.is_main)
         if rt.is_main:
             meta = {
                 "config": dataclasses.asdict(c),
@@ -158,11 +172,22 @@ class Trainer:
                 "data": {"seed": c.seed, "next_step": step},
                 "data_fingerprints": self.data_fingerprints,  # a resume on other token files is refused
             }
-            tensors = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()}
             rt.print0(f"saved {checkpoint.save(c.out_dir, step, tensors, meta, c.keep_last)} ({reason})")
         if rt.distributed:
             with rt.waiting_for_ranks(f"the barrier after the save at step {step}"):
                 dist.barrier()
+
+    def full_model(self) -> GPT | None:
+        """The whole model on rank 0 (None elsewhere): under fsdp gathered from every rank's shards, which
+        every rank takes part in."""
+        if not self.sharded:
+            return self.raw_model
+        weights = parallel.full(self.raw_model.state_dict(), keep=self.rt.is_main)
+        if not self.rt.is_main:
+            return None
+        model = GPT(self.raw_model.config).to(next(iter(weights.values())).dtype)
+        model.load_state_dict(weights)
+        return model
 
     def checkpoint_bytes(self) -> int:
         """What one checkpoint of this model and optimizer takes on disk (its tensors; once the optimizer's
@@ -170,8 +195,10 @@ class Trainer:
         return checkpoint.tensor_bytes({"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     def sync_context(self, sync: bool):
-        """DDP all-reduces gradients only on the last accumulation micro-step."""
-        return contextlib.nullcontext() if sync or not self.rt.distributed else self.model.no_sync()
+        """DDP all-reduces (fsdp reduce-scatters) gradients only on the last accumulation micro-step."""
+        if sync or not self.rt.distributed:
+            return contextlib.nullcontext()
+        return parallel.gradient_sync(self.model, False) if self.sharded else self.model.no_sync()
 
     def step(self, step: int):
         """Optimizer step number `step` (0-based): (lr, mean loss, grad norm, found_inf), all on the device
@@ -196,6 +223,8 @@ class Trainer:
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        if self.sharded:  # the norm over every rank's shards, the same on each
+            grad_norm = grad_norm.full_tensor()
         # The fused steps read found_inf on the device: no host sync.
         torch.logical_not(torch.isfinite(step_loss + grad_norm), out=self.found_inf)
         self.optimizer.found_inf = self.found_inf
@@ -209,6 +238,7 @@ class Trainer:
             self.sync_context,
             lwas.all_reduce_mean if rt.distributed else None,
             self.found_inf,
+            self.sharded,
         )
         self.optimizer.before_step(step, context)
         self.optimizer.step()
@@ -318,6 +348,7 @@ def checked_then_run(c: TrainConfig, rt, stop: StopRequest) -> int:
     """Every check that can refuse the run, then the run in out_dir, held alone. A refused run leaves
     out_dir as it found it, byte for byte."""
     model_config = gpt_config(c)
+    parallel.check(c, rt)
     c = fit_micro_batch(c, model_config.block_size, rt.world_size, say=rt.print0)
     token_batches(c, "train", "train", model_config)
     val_batches = token_batches(c, "val", "val", model_config)
@@ -332,6 +363,10 @@ def checked_then_run(c: TrainConfig, rt, stop: StopRequest) -> int:
             f"process group: {dist.get_backend()}, {rt.world_size} ranks; a collective that waits {c.dist_timeout} s "
             "for a rank ends the run, naming it (dist_timeout)"
         )
+    if rt.distributed:
+        rt.print0(parallel.memory_line(begin.model.num_params(), c.optimizer, rt.world_size, c.parallel))
+    elif c.parallel == "fsdp":
+        rt.print0("parallel=fsdp applies under torchrun; a single process holds the whole model")
     outdir.prepare(c.out_dir)
     with outdir.exclusive(c.out_dir, rt):
         if checkpoint.complete_steps(c.out_dir)[:1] != ([begin.step] if begin.resumed_from else []):
@@ -446,8 +481,9 @@ def run(
             stats.restart_timer()
     bar.close()
     log.close()
+    exported = trainer.full_model()
     if rt.is_main:  # the weights alone, tied wte / lm_head stored once: for sharing and for other tools
-        checkpoint.export_safetensors(model, os.path.join(c.out_dir, "model.safetensors"))
+        checkpoint.export_safetensors(exported, os.path.join(c.out_dir, "model.safetensors"))
     return 0
 
 

@@ -155,6 +155,9 @@ class TrainConfig:
                              "fp32) | bfloat16 | float32")
     dist_timeout: int = at_least(1, 600, help="seconds a collective waits for every rank before the run ends with the "
                                  "collective's name: a hung or dead rank (NCCL's own default, 600)")
+    parallel: str = choice("ddp", "fsdp", help="under torchrun: ddp (a replica of the model per rank) | fsdp "
+                           "(FSDP2: each rank holds 1/N of every parameter, gradient and optimizer state; "
+                           "parallel.py)")
     compile: str = choice("auto", "true", "false",
                           help="auto (on for CUDA; on a CPU where it repays its ~45 s: a GPT-2-sized vocabulary and "
                                "200+ steps, build.compiles) | true | false: torch.compile the model")
@@ -236,6 +239,7 @@ MAY_CHANGE_ON_RESUME = {
     "device": "where to compute",
     "dist_timeout": "how long to wait for a rank",
     "compile": "the same model, compiled or not",
+    "parallel": "the same step, sharded or replicated: checkpoints hold full tensors",
     "allow_resume_changes": "what this resume may change",
 }
 

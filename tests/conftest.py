@@ -93,8 +93,9 @@ def read_log(out_dir, kind) -> list[dict]:
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
-def torchrun(nproc, args, timeout=300, script="train.py") -> subprocess.CompletedProcess:
-    """A script (train.py by default) under torchrun with nproc CPU processes (gloo), one thread each."""
+def torchrun(nproc, args, timeout=300, script="train.py", env=None) -> subprocess.CompletedProcess:
+    """A script (train.py by default) under torchrun with nproc CPU processes (gloo), one thread each;
+    env adds to the environment."""
     command = [
         sys.executable,
         "-m",
@@ -105,5 +106,10 @@ def torchrun(nproc, args, timeout=300, script="train.py") -> subprocess.Complete
         *args,
     ]
     return subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )

@@ -1,0 +1,173 @@
+"""How a torchrun run spreads its model over the ranks: parallel=ddp or parallel=fsdp.
+
+    ddp   DistributedDataParallel: every rank holds the whole model, its gradients and its optimizer state,
+          and gradients are all-reduced.
+    fsdp  FSDP2 (torch.distributed.fsdp.fully_shard, torchtitan's engine): each transformer block, then the
+          root, is sharded along dim 0, so each rank holds 1/N of every parameter, gradient and optimizer
+          state; a block's weights are all-gathered for its forward and backward and its gradients
+          reduce-scattered. On CUDA the gathered weights compute in bf16 and gradients reduce in fp32 over
+          fp32 master weights; on CPU everything stays fp32.
+
+The optimizers step on each rank's shards (optim.local): elementwise updates need nothing more. What a
+checkpoint holds does not depend on the sharding: full tensors, gathered here, so a run saved under one
+mode and world size resumes under any other (restore() cuts a rank's shard back out of them).
+"""
+
+import contextlib
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from train_config import ConfigError
+
+# Optimizers whose step is elementwise, so it runs unchanged on a rank's shard of every tensor. Adam-mini's
+# blocks, LW-AS's per-tensor curvature and Muon's whole-matrix Newton-Schulz span shards: not yet.
+SHARDABLE_OPTIMIZERS = ("adamw", "lion", "sophiag", "adamw_torch")
+
+# Each optimizer's fp32 state per parameter, in parameters' worth (the memory line and README's table).
+STATE_PER_PARAMETER = {
+    "adamw": 2,
+    "adamw_torch": 2,
+    "lion": 1,
+    "sophiag": 2,
+    "adam_mini": 1,  # the first moment; the second is one value per block
+    "sgdm_lw": 1,
+    "adamw_lw": 2,
+    "muon": 2,  # at most: one momentum for the blocks' matrices, AdamW's two moments for the rest
+}
+
+
+def check(c, rt) -> None:
+    """A config fsdp cannot run, refused before any work: one ConfigError naming the key."""
+    if not shards(c, rt):
+        return
+    if c.optimizer not in SHARDABLE_OPTIMIZERS:
+        raise ConfigError(
+            f"parallel=fsdp with optimizer={c.optimizer}: its statistics span whole tensors, which fsdp splits over "
+            f"ranks; choose optimizer={', '.join(SHARDABLE_OPTIMIZERS)} or parallel=ddp"
+        )
+
+
+def shards(c, rt) -> bool:
+    """Whether the run shards: parallel=fsdp under torchrun, on one rank too (the code path a multi-GPU run
+    takes, on one GPU). A plain process holds the whole model whatever parallel says."""
+    return rt.distributed and c.parallel == "fsdp"
+
+
+def fully_shard_gpt(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Each block its own FSDP unit (one all-gather in flight at a time, prefetched), then the root, which
+    holds the embeddings, the tied output layer and the last LayerNorm."""
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if device.type == "cuda"
+        else MixedPrecisionPolicy()
+    )
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+@contextlib.contextmanager
+def gradient_sync(model, sync: bool):
+    """fsdp's no_sync: gradients stay unsharded and unreduced on the micro-steps before the last."""
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def full(value, keep: bool = True):
+    """A state dict with every DTensor gathered into a full CPU tensor, one at a time (a collective: every
+    rank calls it, in the same order, which a state dict's order gives); other values as they are. A rank
+    that does not keep them (not the one that writes) gets None for each."""
+    if isinstance(value, DTensor):
+        gathered = value.full_tensor()
+        return gathered.cpu() if keep else None
+    if isinstance(value, dict):
+        return {key: full(item, keep) for key, item in value.items()}
+    if isinstance(value, list):
+        return [full(item, keep) for item in value]
+    return value
+
+
+def shard_of(full_tensor: torch.Tensor, like: DTensor) -> DTensor:
+    """This rank's shard of a full tensor, laid out as `like` (a sharded parameter) is: dim 0 cut in
+    torch.chunk's pieces, one per rank, the last ones possibly shorter or empty, as fully_shard cuts."""
+    mesh, (placement,) = like.device_mesh, like.placements
+    rank, ranks = mesh.get_local_rank(), mesh.size()
+    pieces = torch.chunk(full_tensor, ranks, dim=placement.dim)
+    local = pieces[rank] if rank < len(pieces) else full_tensor.narrow(placement.dim, 0, 0)
+    expected = like.to_local().shape
+    if local.shape != expected:  # an internal invariant: fully_shard cut another way than torch.chunk
+        raise AssertionError(
+            f"shard of {tuple(full_tensor.shape)} came out {tuple(local.shape)}, not {tuple(expected)}"
+        )
+    return DTensor.from_local(
+        local.to(like.device, like.dtype).contiguous(),
+        mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A full optimizer state dict (as every checkpoint holds) with each tensor shaped like its parameter
+    cut to this rank's shard, ready for optimizer.load_state_dict."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {}
+    for index, values in state["state"].items():
+        p = params[int(index)]
+        sharded[index] = {
+            name: shard_of(v, p) if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+            for name, v in values.items()
+        }
+    return {**state, "state": sharded}
+
+
+def memory_per_rank(num_params: int, optimizer: str, world_size: int, mode: str) -> dict[str, float]:
+    """Bytes each rank holds for fp32 parameters, gradients and optimizer state (activations aside)."""
+    share = world_size if mode == "fsdp" else 1
+    return {
+        "parameters": 4 * num_params / share,
+        "gradients": 4 * num_params / share,
+        "optimizer state": 4 * num_params * STATE_PER_PARAMETER[optimizer] / share,
+    }
+
+
+def size_text(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def memory_line(num_params: int, optimizer: str, world_size: int, mode: str) -> str:
+    sizes = memory_per_rank(num_params, optimizer, world_size, mode)
+    parts = ", ".join(f"{name} {size_text(value)}" for name, value in sizes.items())
+    gathered = "; plus the blocks being gathered" if mode == "fsdp" else ""
+    return (
+        f"memory per rank ({mode}, {world_size} ranks, fp32, before activations{gathered}): {parts}; "
+        f"{size_text(sum(sizes.values()))} in all"
+    )
+
+
+# GPT-2's published parameter counts (vocabulary 50,257, tied head counted once).
+GPT2_SIZES = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+
+
+def memory_table(optimizer: str = "adamw", world_sizes=(2, 4, 8)) -> str:
+    """README's table: fp32 parameters + gradients + optimizer state per rank, in GiB. DDP holds all of it on
+    every rank at any count; fsdp a 1/N share."""
+    per_rank = lambda count, n, mode: sum(memory_per_rank(count, optimizer, n, mode).values()) / 2**30  # noqa: E731
+    header = " | ".join(f"fsdp, {n} GPUs" for n in world_sizes)
+    rows = [f"| model | parameters | ddp, any number | {header} |", "|---|---:|---:|" + "---:|" * len(world_sizes)]
+    for model, count in GPT2_SIZES.items():
+        cells = [f"{per_rank(count, 1, 'ddp'):.1f}"] + [f"{per_rank(count, n, 'fsdp'):.1f}" for n in world_sizes]
+        rows.append(f"| {model} | {count / 1e6:,.0f}M | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(memory_table())
