@@ -177,7 +177,10 @@ def train_check_figures(work: str) -> list[dict]:
             rows.append(figure(f"{label} eval_only val loss", r["eval_only_val_loss"], "nats"))
             rows.append(figure(f"{label} its run's final val loss", r["run_val_loss"], "nats"))
         if "deviation" in r:
-            rows.append(figure(f"{label} resume deviation", r["deviation"], "share of the second half's update"))
+            resumed = f" under {r['resume_parallel']}" if r.get("resume_parallel", "ddp") != "ddp" else ""
+            rows.append(
+                figure(f"{label} resume{resumed} deviation", r["deviation"], "share of the second half's update")
+            )
         if "error" in r:
             rows.append(figure(f"{label} error", r["error"], ""))
     return rows
@@ -227,7 +230,9 @@ CHECK_TIMES = {  # part: (predicted on an H200, cap there, rehearsal measured he
         80,
         300,
     ),  # the kernels' self-check: about 1 s per optimizer's first run (predicted), then cached
-    "torchrun": (53, 90, 60, 300),  # eval_only's process: about 8 s (CUDA init, the checkpoint, 2 batches)
+    # eval_only's process: about 8 s (CUDA init, the checkpoint, 2 batches); the resume under fsdp runs
+    # uncompiled (fsdp turns compile off), a few seconds less than the compiled one it replaced (predicted)
+    "torchrun": (53, 90, 60, 300),
     "throughput": (170, 210, 10, 240),
 }
 
@@ -322,7 +327,8 @@ def check_parts(python: str, work: str, rehearse: bool) -> list[Part]:
         ),
         Part(
             "torchrun",
-            "torchrun --nproc_per_node=1 train.py: NCCL, DDP, compile, bf16; its resume; eval_only of its checkpoint",
+            "torchrun --nproc_per_node=1 train.py: NCCL, DDP, compile, bf16; its resume under FSDP2 (parallel=fsdp); "
+            "eval_only of its checkpoint",
             [
                 [
                     python,
@@ -330,6 +336,7 @@ def check_parts(python: str, work: str, rehearse: bool) -> list[Part]:
                     "bench.gpu_train_check",
                     "--launcher=torchrun",
                     "--eval_only_check",
+                    "--resume_parallel=fsdp",
                     "--optimizers",
                     "adamw",
                     *train_check,

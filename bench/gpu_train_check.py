@@ -15,7 +15,9 @@ end. B's final weights are compared with A's:
     the optimizer state, the multipliers or the data position changes the second half's steps
     themselves, a deviation of the order of 1.
 Under `--launcher=torchrun` (one process per GPU; one here) train.py runs its DDP path even at world
-size 1: the process group, the DDP wrapper, no_sync over accumulation, the all-reduces.
+size 1: the process group, the DDP wrapper, no_sync over accumulation, the all-reduces. With
+`--resume_parallel=fsdp` run B resumes A's DDP checkpoint under parallel=fsdp: FSDP2's sharding, its
+all-gathers and reduce-scatters, the optimizer on DTensor shards, the gathered checkpoint and export.
 
 With --eval_only_check, A's final checkpoint is then evaluated with `--eval_only=true`, as a user asks
 how good a model is (the kit does it under torchrun, where the eval is split over the ranks): its
@@ -129,6 +131,7 @@ def check(args, optimizer: str, data_dir: str, work: str) -> dict:
         "device": args.device,
         "compile": args.compile,
         "dtype": args.dtype,
+        "resume_parallel": args.resume_parallel,
     }
     start = time.perf_counter()
     try:
@@ -171,7 +174,8 @@ def resume_check(args, optimizer: str, data_dir: str, work: str) -> dict:
             n for n in names if n in dropped or (n.startswith("step-") and n != f"step-{half:08d}")
         ],
     )
-    code = launch(args, train_args(args, optimizer, b_dir, data_dir), b_dir + ".log")
+    resume_argv = [*train_args(args, optimizer, b_dir, data_dir), f"--parallel={args.resume_parallel}"]
+    code = launch(args, resume_argv, b_dir + ".log")
     if code != 0:
         return {**record, "passed": False, "error": f"run B exited {code} (see {b_dir}.log)"}
     resumed_at = log_records(b_dir, "start")[0]["step"]
@@ -235,6 +239,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=1, help="optimizers checked at once")
     parser.add_argument("--eval_only_check", action="store_true", help="also evaluate run A with eval_only")
+    parser.add_argument(
+        "--resume_parallel",
+        default="ddp",
+        choices=("ddp", "fsdp"),
+        help="run B's parallel (torchrun): fsdp resumes A's DDP checkpoint sharded",
+    )
     parser.add_argument("--run_timeout", type=float, default=600)
     parser.add_argument("--out", required=True, help="folder for train_check.json, the runs and their logs")
     args = parser.parse_args(argv)
