@@ -71,12 +71,17 @@ def fully_shard_gpt(model: torch.nn.Module, device: torch.device) -> torch.nn.Mo
 
 @contextlib.contextmanager
 def gradient_sync(model, sync: bool):
-    """fsdp's no_sync: gradients stay unsharded and unreduced on the micro-steps before the last."""
+    """fsdp's no_sync, for the micro-steps before an accumulation's last: gradients accumulate unsharded
+    (in fp32) and unreduced, and the gathered weights stay gathered after the backward, so the next
+    micro-step's forward all-gathers nothing. One reduce-scatter and one all-gather per block a step saved
+    per extra micro-step, for the unsharded weights and gradients held in between."""
     model.set_requires_gradient_sync(sync)
+    model.set_reshard_after_backward(sync)
     try:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+        model.set_reshard_after_backward(True)
 
 
 def full(value, keep: bool = True):
