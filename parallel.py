@@ -55,15 +55,18 @@ def shards(c, rt) -> bool:
     return rt.distributed and c.parallel == "fsdp"
 
 
-def fully_shard_gpt(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def fully_shard_gpt(model: torch.nn.Module, device: torch.device, compile_blocks: bool = False) -> torch.nn.Module:
     """Each block its own FSDP unit (one all-gather in flight at a time, prefetched), then the root, which
-    holds the embeddings, the tied output layer and the last LayerNorm."""
+    holds the embeddings, the tied output layer and the last LayerNorm. compile_blocks compiles each
+    block's forward (torchtitan's way: the all-gathers and reduce-scatters stay outside the graphs)."""
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if device.type == "cuda"
         else MixedPrecisionPolicy()
     )
     for block in model.transformer.h:
+        if compile_blocks:
+            block.compile()
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model

@@ -125,8 +125,9 @@ class Trainer:
         self.train_batches = token_batches(c, "train", "train", model.config, c.data_subset_batches)
         self.data_fingerprints = resume.data_fingerprints(c)
         self.sharded = parallel.shards(c, rt)
+        self.compiled, self.compile_reason = compiles(c, rt.device, model.config.vocab_size)
         if self.sharded:  # before the optimizer: fully_shard replaces every parameter by its DTensor
-            parallel.fully_shard_gpt(model, rt.device)
+            parallel.fully_shard_gpt(model, rt.device, compile_blocks=self.compiled)
         groups = optim.param_groups(model, lr_multipliers, c.weight_decay, c.lwlr_scale_decay)
         self.backend, self.backend_reason = backend or choose_backend(c, rt)
         self.optimizer = build_optimizer(c, groups, model.config.n_head, self.backend)
@@ -141,13 +142,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
             torch.backends.cudnn.allow_tf32 = True
         self.model = model
-        self.compiled, self.compile_reason = compiles(c, rt.device, model.config.vocab_size)
-        if self.sharded and self.compiled:
-            self.compiled, self.compile_reason = (
-                False,
-                (f"{self.compile_reason}, but off under parallel=fsdp: compiling sharded blocks is not wired up yet"),
-            )
-        if self.compiled:
+        if self.compiled and self.sharded:
+            self.compile_reason += "; under fsdp each block is compiled on its own, between the all-gathers"
+        elif self.compiled:
             self.model = torch.compile(self.model)
         if rt.distributed and not self.sharded:
             self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)

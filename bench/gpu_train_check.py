@@ -17,7 +17,8 @@ end. B's final weights are compared with A's:
 Under `--launcher=torchrun` (one process per GPU; one here) train.py runs its DDP path even at world
 size 1: the process group, the DDP wrapper, no_sync over accumulation, the all-reduces. With
 `--resume_parallel=fsdp` run B resumes A's DDP checkpoint under parallel=fsdp: FSDP2's sharding, its
-all-gathers and reduce-scatters, the optimizer on DTensor shards, the gathered checkpoint and export.
+all-gathers and reduce-scatters, each block compiled on its own, the optimizer on DTensor shards, the
+gathered checkpoint and export.
 
 With --eval_only_check, A's final checkpoint is then evaluated with `--eval_only=true`, as a user asks
 how good a model is (the kit does it under torchrun, where the eval is split over the ranks): its
