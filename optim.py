@@ -53,6 +53,7 @@ from kernels import (
 )
 from loss import sampled_label_loss
 from model import param_role
+from parallel import local, shard_rows
 
 
 @dataclass
@@ -128,13 +129,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def launch_kernel(kernel, grid, *args, **meta):
     """Every kernel launch goes through here (tests and bench/kernel_report.py record launches by patching it)."""
     kernel[grid](*args, **meta)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The part of a tensor this rank holds: a DTensor's local shard (parallel=fsdp), which shares its
-    storage, so an in-place update of it updates the parameter; any other tensor as it is. The optimizers
-    step on these: an elementwise step on every shard is the step on the whole tensor."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _aligned_storage(tensors) -> bool:
@@ -670,6 +664,7 @@ class AdamMini(FusedOptimizer):
         check_nonnegative_finite("eps", eps)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), backend)
         self.block_size = {}
+        self._sharded_blocks = {}  # under fsdp: a sharded tensor (blocks above one element) -> its rows' blocks
         for group in self.param_groups:
             names = group.get("names")
             if names is None or len(names) != len(group["params"]):
@@ -678,20 +673,65 @@ class AdamMini(FusedOptimizer):
                 )
             for name, p in zip(names, group["params"]):
                 self.block_size[p] = adam_mini_block_size(name, p, n_head)
+                if isinstance(p, DTensor) and self.block_size[p] > 1:
+                    self._sharded_blocks[p] = self._blocks_of_rows(p)
 
     def _new_state(self, p) -> dict:  # one second-moment value per block
-        return {
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros(p.numel() // self.block_size[p], dtype=p.dtype, device=p.device),
-        }
+        size = self.block_size[p]
+        if p in self._sharded_blocks:  # under fsdp: every block's value on every rank (a few per row)
+            exp_avg_sq = torch.zeros(p.numel() // size, dtype=p.dtype, device=p.device)
+        else:  # a bias's v is per element, sharded like the bias
+            exp_avg_sq = (
+                torch.zeros_like(p) if size == 1 else torch.zeros(p.numel() // size, dtype=p.dtype, device=p.device)
+            )
+        return {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format), "exp_avg_sq": exp_avg_sq}
+
+    def _blocks_of_rows(self, p) -> torch.Tensor:
+        """The block of each row this rank holds of a sharded tensor: a block is block_size / row length
+        consecutive rows (a row, a head's rows, or all of them), which fsdp's cut along rows may split."""
+        rows = shard_rows(p)
+        rows_per_block = self.block_size[p] // (p.numel() // p.shape[0])
+        return torch.arange(rows.start, rows.stop, device=local(p).device) // rows_per_block
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._update_sharded_second_moments()
+        return super().step(closure)
+
+    def _update_sharded_second_moments(self) -> None:
+        """Under fsdp, before the update: each block's mean of g^2 over every rank's part of it (one
+        all-reduce of every tensor's block sums), then v's moving average, kept as it was while found_inf
+        is set. Unsharded tensors take theirs in the update, as before."""
+        sharded = [(g, p) for _, g, params in self._active() for p in params if p in self._sharded_blocks]
+        if not sharded:
+            return
+        sums = []
+        for _, p in sharded:
+            grad, rows = local(p.grad), self._sharded_blocks[p]
+            squares = (grad * grad).view(len(rows), -1).sum(dim=1)
+            sums.append(torch.zeros_like(self.state[p]["exp_avg_sq"]).index_add_(0, rows, squares))
+        totals = torch.cat(sums)
+        torch.distributed.all_reduce(totals, group=sharded[0][1].device_mesh.get_group())
+        for (group, p), block_total in zip(sharded, totals.split([s.numel() for s in sums])):
+            v, beta2 = self.state[p]["exp_avg_sq"], group["betas"][1]
+            averaged = (v * beta2).add_(block_total / self.block_size[p], alpha=1 - beta2)
+            v.copy_(averaged if self.found_inf is None else torch.where(self.found_inf > 0, v, averaged))
 
     def _update_torch(self, group, params, grads, states):
         beta1, beta2 = group["betas"]
         lr = layer_lr(group)
         step = group["step"]
         bias_correction1, bias_correction2_sqrt = 1 - beta1**step, math.sqrt(1 - beta2**step)
-        for p, g, m, v in zip(params, grads, *states):
-            size = self.block_size[p]
+        for held, p, g, m, v in zip(self._with_grads(group), params, grads, *states):  # held: the parameter itself
+            size = self.block_size[held]
+            if held in self._sharded_blocks:  # v is every block's, this step's already in (above)
+                rows = self._sharded_blocks[held]
+                if group["weight_decay"]:
+                    p.mul_(1 - lr * group["weight_decay"])
+                m.lerp_(g, 1 - beta1)
+                denom = (v[rows].sqrt() / bias_correction2_sqrt).add_(group["eps"])  # one per row held
+                p.view(len(rows), -1).addcdiv_(m.view(len(rows), -1), denom.view(-1, 1), value=-lr / bias_correction1)
+                continue
             mean_square = g * g if size == 1 else (g * g).view(-1, size).mean(dim=1)
             v.mul_(beta2).add_(mean_square.view(-1), alpha=1 - beta2)
             if group["weight_decay"]:
@@ -705,9 +745,24 @@ class AdamMini(FusedOptimizer):
 
     def _extend_plan(self, plan) -> None:
         """Each tensor's block size, and each reduction program's (tensor, block). Biases (block size 1)
-        get no reduction program: the update kernel keeps their per-element second moment."""
-        sizes = [self.block_size[p] for p in plan.params]
-        counts = [p.numel() // size if size > 1 else 0 for p, size in zip(plan.params, sizes)]
+        get no reduction program: the update kernel keeps their per-element second moment. A sharded
+        tensor's blocks were averaged before the launch (_update_sharded_second_moments): the kernel reads
+        its v from a copy with one value per row held, as a tensor of one-row blocks (or, one element per
+        row, of a single block: a size above its element count)."""
+        sizes, counts, row_values = [], [], []
+        for p, v in zip(plan.params, [self.state[p]["exp_avg_sq"] for p in plan.params]):
+            if p in self._sharded_blocks:
+                rows = self._sharded_blocks[p]
+                row_length = local(p).numel() // max(1, len(rows))
+                sizes.append(row_length if row_length > 1 else local(p).numel() + 1)
+                counts.append(0)
+                row_values.append(torch.empty(len(rows), dtype=v.dtype, device=v.device))
+            else:
+                sizes.append(self.block_size[p])
+                counts.append(p.numel() // sizes[-1] if sizes[-1] > 1 else 0)
+                row_values.append(local(v))
+        plan.row_values = [(p, rows) for p, rows in zip(plan.params, row_values) if p in self._sharded_blocks]
+        plan.pointers["exp_avg_sq"] = plan._pointer_table(row_values, plan.numel.device)
         plan.block_size = torch.tensor(sizes, dtype=torch.int32, device=plan.numel.device)
         plan.block_tensor, plan.block_index = _owner_and_index(counts, plan.numel.device)
         plan.blocks_aligned = all(
@@ -717,6 +772,8 @@ class AdamMini(FusedOptimizer):
     def _launch_step(self, plan, grads, found_inf, group):
         beta1, beta2 = group["betas"]
         step = group["step"]
+        for p, values in plan.row_values:  # each held row's block value, for the kernel to read
+            torch.index_select(self.state[p]["exp_avg_sq"], 0, self._sharded_blocks[p], out=values)
         params, exp_avgs, exp_avg_sqs = plan.tables("param", "exp_avg", "exp_avg_sq")
         if plan.block_tensor.numel():  # 1024 elements per loop trip at 4 warps: 8 per thread, two 128-bit loads
             launch_kernel(

@@ -8,7 +8,7 @@
           reduce-scattered. On CUDA the gathered weights compute in bf16 and gradients reduce in fp32 over
           fp32 master weights; on CPU everything stays fp32.
 
-The optimizers step on each rank's shards (optim.local): elementwise updates need nothing more. What a
+The optimizers step on each rank's shards (local()): elementwise updates need nothing more. What a
 checkpoint holds does not depend on the sharding: full tensors, gathered here, so a run saved under one
 mode and world size resumes under any other (restore() cuts a rank's shard back out of them).
 """
@@ -21,9 +21,10 @@ from torch.distributed.tensor import DTensor
 
 from train_config import ConfigError
 
-# Optimizers whose step is elementwise, so it runs unchanged on a rank's shard of every tensor. Adam-mini's
-# blocks, LW-AS's per-tensor curvature and Muon's whole-matrix Newton-Schulz span shards: not yet.
-SHARDABLE_OPTIMIZERS = ("adamw", "lion", "sophiag", "adamw_torch")
+# Optimizers that step on a rank's shards: the elementwise ones as they are, Adam-mini with its blocks'
+# statistics reduced over the ranks (optim.AdamMini). LW-AS's per-tensor curvature and Muon's whole-matrix
+# Newton-Schulz span shards: not yet.
+SHARDABLE_OPTIMIZERS = ("adamw", "lion", "sophiag", "adam_mini", "adamw_torch")
 
 # Each optimizer's fp32 state per parameter, in parameters' worth (the memory line and README's table).
 STATE_PER_PARAMETER = {
@@ -101,20 +102,37 @@ def full(value, keep: bool = True):
     return value
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of a tensor this rank holds: a DTensor's local shard, which shares its storage, so an
+    in-place update of it updates the parameter; any other tensor as it is. The optimizers step on these:
+    an elementwise step on every shard is the step on the whole tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_rows(p: torch.Tensor) -> range:
+    """The rows (dim 0) of the whole tensor this rank's shard holds: torch.chunk's pieces, one per rank,
+    ceil(rows / ranks) each, the last ones shorter or empty, as fully_shard cuts; all of them unsharded."""
+    rows = p.shape[0]
+    if not isinstance(p, DTensor):
+        return range(rows)
+    (placement,) = p.placements
+    assert placement.is_shard(0), placement  # fully_shard's layout, the only one made here
+    per_rank = -(-rows // p.device_mesh.size())
+    first = min(p.device_mesh.get_local_rank() * per_rank, rows)
+    return range(first, min(first + per_rank, rows))
+
+
 def shard_of(full_tensor: torch.Tensor, like: DTensor) -> DTensor:
-    """This rank's shard of a full tensor, laid out as `like` (a sharded parameter) is: dim 0 cut in
-    torch.chunk's pieces, one per rank, the last ones possibly shorter or empty, as fully_shard cuts."""
-    mesh, (placement,) = like.device_mesh, like.placements
-    rank, ranks = mesh.get_local_rank(), mesh.size()
-    pieces = torch.chunk(full_tensor, ranks, dim=placement.dim)
-    local = pieces[rank] if rank < len(pieces) else full_tensor.narrow(placement.dim, 0, 0)
+    """This rank's shard of a full tensor, laid out as `like` (a sharded parameter) is."""
+    mesh, rows = like.device_mesh, shard_rows(like)
+    local_rows = full_tensor.narrow(0, rows.start, len(rows))
     expected = like.to_local().shape
-    if local.shape != expected:  # an internal invariant: fully_shard cut another way than torch.chunk
+    if local_rows.shape != expected:  # an internal invariant: fully_shard cut another way than torch.chunk
         raise AssertionError(
-            f"shard of {tuple(full_tensor.shape)} came out {tuple(local.shape)}, not {tuple(expected)}"
+            f"shard of {tuple(full_tensor.shape)} came out {tuple(local_rows.shape)}, not {tuple(expected)}"
         )
     return DTensor.from_local(
-        local.to(like.device, like.dtype).contiguous(),
+        local_rows.to(like.device, like.dtype).contiguous(),
         mesh,
         like.placements,
         run_check=False,

@@ -18,7 +18,7 @@ import build  # noqa: E402
 import parallel  # noqa: E402
 import train  # noqa: E402
 from model import GPT  # noqa: E402
-from optim import local  # noqa: E402
+from parallel import local  # noqa: E402
 from runtime import Runtime, init_runtime  # noqa: E402
 
 STEPS = {"torch": 20, "triton": 6}  # Triton's interpreter takes about half a second a launch on CPU

@@ -17,7 +17,15 @@ from conftest import ROOT, read_log, tiny_run_args, torchrun
 from runtime import Runtime
 from train_config import ConfigError, parse_config
 
-CASES = ["adamw:torch", "lion:torch", "sophiag:torch", "adamw_torch:torch", "adamw:triton"]
+CASES = [
+    "adamw:torch",
+    "lion:torch",
+    "sophiag:torch",
+    "adam_mini:torch",
+    "adamw_torch:torch",
+    "adamw:triton",
+    "adam_mini:triton",
+]
 
 
 def test_fsdp_on_two_ranks_steps_as_ddp_and_one_process_with_half_the_optimizer_state(tmp_path):
@@ -33,7 +41,10 @@ def test_fsdp_on_two_ranks_steps_as_ddp_and_one_process_with_half_the_optimizer_
             for run, difference in report[case][measure].items():  # fsdp, and one process, against DDP
                 assert difference < bound, (case, measure, run, difference)
         state = report[case]["state_bytes"]  # every tensor's dim 0 splits evenly in two here
-        assert state["fsdp"] * 2 == state["ddp"], (case, state)
+        if case.startswith("adam_mini"):  # its few second-moment values per row stay whole on every rank
+            assert state["ddp"] / 2 < state["fsdp"] < 0.52 * state["ddp"], (case, state)
+        else:
+            assert state["fsdp"] * 2 == state["ddp"], (case, state)
 
 
 def test_fsdp_checkpoints_resume_in_one_process_and_the_reverse_with_lwlr_as_one_process_measures(tmp_path, token_dir):
@@ -80,7 +91,7 @@ def test_fsdp_checkpoints_resume_in_one_process_and_the_reverse_with_lwlr_as_one
         assert torch.equal(tensor, final[name]), name
 
 
-@pytest.mark.parametrize("optimizer", ["adam_mini", "sgdm_lw", "adamw_lw", "muon"])
+@pytest.mark.parametrize("optimizer", ["sgdm_lw", "adamw_lw", "muon"])
 def test_fsdp_refuses_an_optimizer_whose_statistics_span_a_whole_tensor(optimizer):
     c = parse_config([f"--optimizer={optimizer}", "--parallel=fsdp", "--lr=0.01"])
     ranks = Runtime(0, 0, 2, torch.device("cpu"), distributed=True)
