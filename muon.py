@@ -16,9 +16,11 @@ import collections
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from model import param_role
 from optim import AdamW, StepContext, StepHooks, with_layer_lr
+from parallel import local, shard_rows
 
 # The blocks' weight matrices: Muon's part. Everything else is AdamW's.
 MUON_LAYERS = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
@@ -29,11 +31,12 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
     return role.layer in MUON_LAYERS and not role.is_bias and p.dim() == 2
 
 
-def newton_schulz_float32(update: torch.Tensor, coefficients: tuple, steps: int, eps: float) -> torch.Tensor:
-    """torch.optim.Muon's orthogonalization (its quintic Newton-Schulz iteration) in fp32 instead of bf16."""
+def newton_schulz(update: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalization (its quintic Newton-Schulz iteration) at a chosen precision:
+    bf16 as torch (and the speedrun) run it, or fp32."""
     a, b, c = coefficients
     wide = update.size(0) > update.size(1)
-    x = update.float().T if wide else update.float()  # iterate on the short side: X @ X.T is the small Gram
+    x = update.to(dtype).T if wide else update.to(dtype)  # iterate on the short side: X @ X.T is the small Gram
     x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
     for _ in range(steps):
         gram = x @ x.T
@@ -42,15 +45,18 @@ def newton_schulz_float32(update: torch.Tensor, coefficients: tuple, steps: int,
 
 
 class MuonAtPrecision(torch.optim.Muon):
-    """torch.optim.Muon, or the same step with its Newton-Schulz in fp32 (ns_dtype=torch.float32): on a CPU
-    without native bf16 torch emulates bf16 matmuls, 14x to 36x slower than fp32 at gpt2-mini's shapes (measured
-    on 2 AVX2 cores: 1 s of a 1.1 s step), and fp32 is the same iteration, only more precise."""
+    """torch.optim.Muon; or the same step with its Newton-Schulz in fp32 (ns_dtype=torch.float32): on a CPU
+    without native bf16 torch emulates bf16 matmuls, 14x to 36x slower than fp32 at gpt2-mini's shapes
+    (measured on 2 AVX2 cores: 1 s of a 1.1 s step), and fp32 is the same iteration, only more precise.
+    Under fsdp (DTensor shards) each matrix's update is gathered whole, orthogonalized on every rank as one
+    process would, and each rank keeps its rows: Newton-Schulz mixes every row with every other."""
 
     ns_dtype = torch.bfloat16
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.ns_dtype == torch.bfloat16:
+        sharded = any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
+        if self.ns_dtype == torch.bfloat16 and not sharded:
             return super().step(closure)
         for group in self.param_groups:  # torch.optim.Muon's single-tensor step, line for line
             lr, momentum = group["lr"], group["momentum"]
@@ -58,11 +64,16 @@ class MuonAtPrecision(torch.optim.Muon):
                 if p.grad is None:
                     continue
                 buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                buffer.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                update = newton_schulz_float32(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))  # Muon's "original" rule
+                grad, held = local(p.grad), local(p)
+                local(buffer).lerp_(grad, 1 - momentum)
+                update = grad.lerp(local(buffer), momentum) if group["nesterov"] else local(buffer)
+                if isinstance(p, DTensor):
+                    update = DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                    update = update.full_tensor()
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                rows = shard_rows(p)
+                held.mul_(1 - lr * group["weight_decay"])
+                held.add_(update[rows.start : rows.stop], alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))
         return None
 
 

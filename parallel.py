@@ -22,9 +22,9 @@ from torch.distributed.tensor import DTensor
 from train_config import ConfigError
 
 # Optimizers that step on a rank's shards: the elementwise ones as they are, Adam-mini with its blocks'
-# statistics reduced over the ranks (optim.AdamMini). LW-AS's per-tensor curvature and Muon's whole-matrix
-# Newton-Schulz span shards: not yet.
-SHARDABLE_OPTIMIZERS = ("adamw", "lion", "sophiag", "adam_mini", "adamw_torch")
+# statistics reduced over the ranks (optim.AdamMini), Muon on each matrix's gathered update (muon.py).
+# LW-AS's per-tensor curvature (forward-mode and double-backward passes through the model): not yet.
+SHARDABLE_OPTIMIZERS = ("adamw", "lion", "sophiag", "adam_mini", "adamw_torch", "muon")
 
 # Each optimizer's fp32 state per parameter, in parameters' worth (the memory line and README's table).
 STATE_PER_PARAMETER = {

@@ -35,6 +35,14 @@ def trainer(c, rt, scales) -> train.Trainer:
     return train.Trainer(c, rt, model, scales, backend=(c.optimizer_backend, "test"))
 
 
+def state_tensors(state: dict) -> dict[tuple[str, str], torch.Tensor]:
+    """(parameter name, state name) -> tensor of an optimizer's full state dict; Muon's holds two parts."""
+    if "state" not in state:  # muon.Muon: {"muon": ..., "adamw": ...}
+        return {key: t for part in state.values() if part for key, t in state_tensors(part).items()}
+    names = [name for group in state["param_groups"] for name in group["names"]]
+    return {(names[int(i)], key): t for i, values in state["state"].items() for key, t in values.items() if t.dim()}
+
+
 def state_bytes(optimizer) -> int:
     """The optimizer state this rank holds: its shards under fsdp."""
     return sum(local(t).numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
@@ -62,6 +70,7 @@ def main(data_dir: str, out_path: str, cases: list[str]) -> None:
             lr=2e-3 if optimizer == "lion" else 3e-3,
             grad_clip=0.5,  # below the gradients' norm (about 1.7): the global norm acts on every step
             hess_interval=2,
+            muon_ns_dtype="float32",  # bf16 Newton-Schulz would round float64's agreement away
         )
         c = train.parse_config([f"--{k}={v}" for k, v in settings.items()])
         names = [name for name, _ in GPT(build.gpt_config(c)).named_parameters()]
@@ -78,8 +87,7 @@ def main(data_dir: str, out_path: str, cases: list[str]) -> None:
             for step in range(STEPS[backend]):
                 run.step(step)
         weights = {name: run.full_model() for name, run in runs.items()}
-        states = {name: parallel.full(run.optimizer.state_dict()) for name, run in runs.items()}
-        names_by_index = [name for group in states["ddp"]["param_groups"] for name in group["names"]]
+        states = {name: state_tensors(parallel.full(run.optimizer.state_dict())) for name, run in runs.items()}
         memory = {name: state_bytes(run.optimizer) for name, run in runs.items() if name != "one process"}
         if rt.is_main:
             reference = dict(weights["ddp"].named_parameters())
@@ -96,12 +104,10 @@ def main(data_dir: str, out_path: str, cases: list[str]) -> None:
                 "worst_state_relative": {
                     name: max(
                         (
-                            (value - states["ddp"]["state"][index][key]).abs().max()
-                            / states["ddp"]["state"][index][key].abs().max().clamp(min=1e-30)
+                            (value - states["ddp"][key]).abs().max() / states["ddp"][key].abs().max().clamp(min=1e-30)
                         ).item()
-                        for index, values in state["state"].items()
-                        for key, value in values.items()
-                        if value.dim() and not names_by_index[int(index)].endswith("k_proj.bias")
+                        for key, value in state.items()
+                        if not key[0].endswith("k_proj.bias")
                     )
                     for name, state in states.items()
                     if name != "ddp"
