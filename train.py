@@ -1,9 +1,10 @@
-"""Pretrain GPT-2 from scratch: one CPU or GPU, or many GPUs through torchrun (DDP).
+"""Pretrain GPT-2 from scratch: one CPU or GPU, or many GPUs through torchrun (DDP, or FSDP2: parallel.py).
 
     python train.py                                   # small GPT on Shakespeare, CPU or GPU, ~5 min on 2 cores
     python train.py config/train_gpt2.py              # GPT-2 124M on OpenWebText, one GPU
     python train.py config/finetune_shakespeare.py --init_from=hf/gpt2   # fine-tune a Hugging Face GPT-2 directory
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --model=gpt2-xl --parallel=fsdp
     # two nodes (run on each, NODE_RANK 0 and 1; MASTER the first node's address):
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \
         --rdzv_endpoint=$MASTER:29500 train.py config/train_gpt2.py
