@@ -637,6 +637,11 @@ ADAM_MINI_BLOCKS = {
 }
 
 
+def row_length(p: torch.Tensor) -> int:
+    """Elements per row (dim 0) of the whole tensor: 1 for a vector."""
+    return p.numel() // p.shape[0]
+
+
 def adam_mini_block_size(name: str, p: torch.Tensor, n_head: int) -> int:
     role = param_role(name)
     if role.layer not in ADAM_MINI_BLOCKS:
@@ -690,7 +695,7 @@ class AdamMini(FusedOptimizer):
         """The block of each row this rank holds of a sharded tensor: a block is block_size / row length
         consecutive rows (a row, a head's rows, or all of them), which fsdp's cut along rows may split."""
         rows = shard_rows(p)
-        rows_per_block = self.block_size[p] // (p.numel() // p.shape[0])
+        rows_per_block = self.block_size[p] // row_length(p)
         return torch.arange(rows.start, rows.stop, device=local(p).device) // rows_per_block
 
     @torch.no_grad()
@@ -708,7 +713,7 @@ class AdamMini(FusedOptimizer):
         sums = []
         for _, p in sharded:
             grad, rows = local(p.grad), self._sharded_blocks[p]
-            squares = (grad * grad).view(len(rows), -1).sum(dim=1)
+            squares = (grad * grad).view(len(rows), row_length(p)).sum(dim=1)
             sums.append(torch.zeros_like(self.state[p]["exp_avg_sq"]).index_add_(0, rows, squares))
         totals = torch.cat(sums)
         torch.distributed.all_reduce(totals, group=sharded[0][1].device_mesh.get_group())
@@ -730,7 +735,8 @@ class AdamMini(FusedOptimizer):
                     p.mul_(1 - lr * group["weight_decay"])
                 m.lerp_(g, 1 - beta1)
                 denom = (v[rows].sqrt() / bias_correction2_sqrt).add_(group["eps"])  # one per row held
-                p.view(len(rows), -1).addcdiv_(m.view(len(rows), -1), denom.view(-1, 1), value=-lr / bias_correction1)
+                shape = (len(rows), row_length(held))  # (rows held, row length): possibly no rows at all
+                p.view(shape).addcdiv_(m.view(shape), denom.view(-1, 1), value=-lr / bias_correction1)
                 continue
             mean_square = g * g if size == 1 else (g * g).view(-1, size).mean(dim=1)
             v.mul_(beta2).add_(mean_square.view(-1), alpha=1 - beta2)
@@ -753,8 +759,7 @@ class AdamMini(FusedOptimizer):
         for p, v in zip(plan.params, [self.state[p]["exp_avg_sq"] for p in plan.params]):
             if p in self._sharded_blocks:
                 rows = self._sharded_blocks[p]
-                row_length = local(p).numel() // max(1, len(rows))
-                sizes.append(row_length if row_length > 1 else local(p).numel() + 1)
+                sizes.append(row_length(p) if row_length(p) > 1 else local(p).numel() + 1)
                 counts.append(0)
                 row_values.append(torch.empty(len(rows), dtype=v.dtype, device=v.device))
             else:
