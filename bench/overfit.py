@@ -606,14 +606,19 @@ def main(argv=None) -> dict:
 
 
 def run_point(sweep: Sweep, point: tuple, device: torch.device) -> tuple[tuple, dict]:
-    """One point at sweep.threads torch threads, timed; what a worker process runs."""
+    """One point at sweep.threads torch threads, timed; what a worker process runs. The process's thread
+    count is put back after: a caller's own runs (a test's, in the same process) must not inherit it."""
+    before = torch.get_num_threads()
     if sweep.threads:
         torch.set_num_threads(sweep.threads)
-    start = time.perf_counter()
-    run = run_one(sweep, *point, device)
-    seconds = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        run = run_one(sweep, *point, device)
+        seconds, threads = time.perf_counter() - start, torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
     # where it ran: a results.json may gather points from several machines (the Muon rows beside heldout-cpu's)
-    return point, {**run, "seconds": seconds, "threads": torch.get_num_threads(), "env": environment(device)}
+    return point, {**run, "seconds": seconds, "threads": threads, "env": environment(device)}
 
 
 def _worker_init() -> None:

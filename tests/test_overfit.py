@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 
 def sweep_args(out_dir, token_dir, *extra):
@@ -29,8 +30,10 @@ def test_a_small_sweep_writes_json_table_and_plots_and_skips_finished_points(tmp
     from bench import overfit, overfit_report
 
     out = tmp_path / "sweep"
+    threads = torch.get_num_threads()
     results = overfit.main(sweep_args(out, token_dir, "--lrs", "1e-3", "3e-3"))
-    assert len(results["runs"]) == 4
+    assert torch.get_num_threads() == threads  # the points' 2 threads end with them: later runs here keep ours
+    assert len(results["runs"]) == 4 and all(run["threads"] == 2 for run in results["runs"].values())
     for run in results["runs"].values():
         assert (
             not run["diverged"] and run["final_loss"] < run["curve"][0][1]
