@@ -114,6 +114,26 @@ class Sweep:
     optimizer_settings: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
+# The committed held-out comparison's model, data, budget and seeds; the Muon rows and the ablations keep
+# them (the same points, so they share its results folder).
+HELDOUT_CPU = Sweep(
+    model="gpt2-mini",
+    optimizers=["adamw", "lion"],
+    rules=["single", "lwlr", "fan_in", "depth_increasing"],
+    lrs={"adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2], "lion": [3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3]},
+    residual_scales=[False],
+    seeds=[0, 1, 2],
+    steps=300,
+    subset_batches=0,
+    micro_batch_size=16,
+    block_size=128,
+    warmup_steps=30,
+    lwlr_T=100,
+    dataset="shakespeare_char",
+    heldout=True,
+    eval_every=50,
+)
+
 PRESETS = {
     # (4 optimizers x 6 lrs + 9 LW-AS etas) x 2 rules = 66 runs of 100 steps on gpt2-tiny: 4 fixed batches of 4 x 64
     # tokens.
@@ -195,44 +215,17 @@ PRESETS = {
         heldout=True,
         eval_every=50,
     ),
-    "heldout-cpu": Sweep(
-        model="gpt2-mini",
-        optimizers=["adamw", "lion"],
-        rules=["single", "lwlr", "fan_in", "depth_increasing"],
-        lrs={"adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2], "lion": [3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3]},
-        residual_scales=[False],
-        seeds=[0, 1, 2],
-        steps=300,
-        subset_batches=0,
-        micro_batch_size=16,
-        block_size=128,
-        warmup_steps=30,
-        lwlr_T=100,
-        dataset="shakespeare_char",
-        heldout=True,
-        eval_every=50,
-    ),
+    "heldout-cpu": HELDOUT_CPU,
     # Muon beside heldout-cpu's AdamW and Lion rows: its model, data, budget and seeds, written into its folder
     # (`--out_dir bench/results/overfit-heldout-cpu`). The grid was fixed before any run: 5 rates a factor 3.16
     # apart around the speedrun's 0.05, the AdamW part (embeddings, output layer, LayerNorms, biases) at AdamW
     # single's best rate there, 0.00316; Newton-Schulz in fp32 (muon.py: bf16 is emulated on these CPUs).
     # 3 rules x 5 rates x 3 seeds = 45 runs.
-    "heldout-muon-cpu": Sweep(
-        model="gpt2-mini",
+    "heldout-muon-cpu": dataclasses.replace(
+        HELDOUT_CPU,
         optimizers=["muon"],
         rules=["single", "lwlr", "fan_in"],
         lrs={"muon": [3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1]},
-        residual_scales=[False],
-        seeds=[0, 1, 2],
-        steps=300,
-        subset_batches=0,
-        micro_batch_size=16,
-        block_size=128,
-        warmup_steps=30,
-        lwlr_T=100,
-        dataset="shakespeare_char",
-        heldout=True,
-        eval_every=50,
         optimizer_settings={"muon": {"adamw_lr": 3.16e-3, "muon_ns_dtype": "float32"}},
     ),
     # The depth study at CPU scale: 64-wide models of 2 to 32 blocks, with and without 1/sqrt(depth) residual
@@ -260,8 +253,8 @@ PRESETS = {
     # val loss, AdamW, with the measuring cost beside each; the grid and budget are heldout-cpu's, so
     # `--out_dir bench/results/overfit-heldout-cpu` reuses its single and lwlr points. 120 runs, about 60 min
     # (predicted).
-    "ablations-cpu": Sweep(
-        model="gpt2-mini",
+    "ablations-cpu": dataclasses.replace(
+        HELDOUT_CPU,
         optimizers=["adamw"],
         rules=[
             "single",
@@ -274,17 +267,6 @@ PRESETS = {
             "lwlr:power=0.75",
         ],
         lrs={"adamw": [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2]},
-        residual_scales=[False],
-        seeds=[0, 1, 2],
-        steps=300,
-        subset_batches=0,
-        micro_batch_size=16,
-        block_size=128,
-        warmup_steps=30,
-        lwlr_T=100,
-        dataset="shakespeare_char",
-        heldout=True,
-        eval_every=50,
     ),
     # GPT-2 124M on one GPU in the 8 minutes of bench/gpu_science.sh, on the embedded Shakespeare in GPT-2
     # BPE (the only data that reaches the GPU machine; for memorizing a few fixed batches, any text does).
