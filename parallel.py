@@ -10,7 +10,7 @@
 
 The optimizers step on each rank's shards (local()): elementwise updates need nothing more. What a
 checkpoint holds does not depend on the sharding: full tensors, gathered here, so a run saved under one
-mode and world size resumes under any other (restore() cuts a rank's shard back out of them).
+mode and world size resumes under any other (shard_optimizer_state cuts a rank's shard back out of them).
 """
 
 import contextlib
@@ -143,7 +143,10 @@ def shard_of(full_tensor: torch.Tensor, like: DTensor) -> DTensor:
 
 def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
     """A full optimizer state dict (as every checkpoint holds) with each tensor shaped like its parameter
-    cut to this rank's shard, ready for optimizer.load_state_dict."""
+    cut to this rank's shard, ready for optimizer.load_state_dict. An optimizer of parts (muon.Muon:
+    {"muon": ..., "adamw": ...}) has each part's state dict cut by that part."""
+    if "state" not in state:
+        return {name: part and shard_optimizer_state(part, getattr(optimizer, name)) for name, part in state.items()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sharded = {}
     for index, values in state["state"].items():

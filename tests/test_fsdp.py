@@ -49,7 +49,17 @@ def test_fsdp_on_two_ranks_steps_as_ddp_and_one_process_with_half_the_optimizer_
 
 
 def test_fsdp_checkpoints_resume_in_one_process_and_the_reverse_with_lwlr_as_one_process_measures(tmp_path, token_dir):
-    settings = dict(lr_rule="lwlr", eval_interval=3, lr_decay_steps=6, allow_resume_changes="max_steps")
+    # Muon: its optimizer state is two parts, each cut to the shards on a resume (its AdamW part takes the rest)
+    settings = dict(
+        lr_rule="lwlr",
+        optimizer="muon",
+        lr=0.02,
+        adamw_lr=1e-3,
+        muon_ns_dtype="float32",
+        eval_interval=3,
+        lr_decay_steps=6,
+        allow_resume_changes="max_steps",
+    )
 
     def launch(nproc, out, steps, mode, **more):
         args = tiny_run_args(out, token_dir, max_steps=steps, parallel=mode, **settings, **more)
