@@ -683,12 +683,11 @@ class AdamMini(FusedOptimizer):
 
     def _new_state(self, p) -> dict:  # one second-moment value per block
         size = self.block_size[p]
-        if p in self._sharded_blocks:  # under fsdp: every block's value on every rank (a few per row)
-            exp_avg_sq = torch.zeros(p.numel() // size, dtype=p.dtype, device=p.device)
-        else:  # a bias's v is per element, sharded like the bias
-            exp_avg_sq = (
-                torch.zeros_like(p) if size == 1 else torch.zeros(p.numel() // size, dtype=p.dtype, device=p.device)
-            )
+        # A bias's v is per element (sharded like the bias under fsdp); a block's is one value, kept whole on
+        # every rank under fsdp (a few per row).
+        exp_avg_sq = (
+            torch.zeros_like(p) if size == 1 else torch.zeros(p.numel() // size, dtype=p.dtype, device=p.device)
+        )
         return {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format), "exp_avg_sq": exp_avg_sq}
 
     def _blocks_of_rows(self, p) -> torch.Tensor:
@@ -707,6 +706,8 @@ class AdamMini(FusedOptimizer):
         """Under fsdp, before the update: each block's mean of g^2 over every rank's part of it (one
         all-reduce of every tensor's block sums), then v's moving average, kept as it was while found_inf
         is set. Unsharded tensors take theirs in the update, as before."""
+        if not self._sharded_blocks:  # not under fsdp: nothing to do before the update
+            return
         sharded = [(g, p) for _, g, params in self._active() for p in params if p in self._sharded_blocks]
         if not sharded:
             return
