@@ -217,10 +217,10 @@ def throughput_figures(work: str) -> list[dict]:
 # ---- the plans ----------------------------------------------------------------------------------
 
 
-# Seconds per part: on one H200, predicted before any GPU ran this project (compile dominates the train
-# and throughput parts: a cold inductor compile of gpt2's forward and backward, about a minute, then
-# cache hits); on this 2-core machine, the rehearsal's measured times.
-CHECK_TIMES = {  # part: (predicted on an H200, cap there, rehearsal measured here, cap here)
+# Seconds per part: on one H200, predictions until a measured run is committed under bench/results/gpu/
+# (compile dominates the train and throughput parts: a cold inductor compile of gpt2's forward and
+# backward, about a minute, then cache hits); the rehearsal's, measured on 2 x86_64 CPU cores.
+CHECK_TIMES = {  # part: (predicted on an H200, cap there, rehearsal measured on 2 CPU cores, cap there)
     "environment": (20, 45, 5, 120),
     "correctness": (70, 120, 95, 300),
     "optimizers": (45, 90, 5, 120),
@@ -410,7 +410,8 @@ def sweep_figures(kind: str):
     return read
 
 
-# part: (predicted on an H200, cap there, rehearsal measured here, cap here); the presets' comments derive them
+# part: (predicted on an H200, cap there, rehearsal measured on 2 CPU cores, cap there); the presets' comments
+# derive the GPU predictions
 SCIENCE_TIMES = {
     "environment": (20, 45, 2, 120),
     "overfit": (290, 330, 17, 300),
@@ -488,7 +489,7 @@ REQUIRED_FILES = {"science": [os.path.join(SCIENCE_DATA, "train.bin"), os.path.j
 
 
 def print_plan(kit: str, parts: list[Part], budget: float, rehearse: bool) -> None:
-    where = "this CPU machine (rehearsal; measured here)" if rehearse else "one H200 (predicted)"
+    where = "a CPU (rehearsal; as measured on 2 cores)" if rehearse else "one H200 (predicted)"
     print(f"{kit}: {len(parts)} parts, times on {where}; budget {budget:.0f} s")
     for part in parts:
         print(f"  {part.name:12} {part.predicted_s:5.0f} s (cap {part.cap_s:4.0f} s)  {part.title}")
