@@ -26,7 +26,11 @@ Ours, where the abstract says nothing:
     step overshoot when no layer's own step does. With u = (eta eta_l alpha_l d_l) over all layers,
     c = min(1, g.u / u.C.u), the Newton step along u, scales every alpha_l until the next refresh;
   - DDP: rho_l from the all-reduced gradient (the same on every rank); the curvature terms are measured
-    on each rank's own batch and averaged over the ranks.
+    on each rank's own batch and averaged over the ranks, gauss_newton's block terms from the gradient of
+    all ranks' sampled labels together (Curvature);
+  - fsdp (gauss_newton only): rho_l, |d_l|^2 and the block terms' d_l . g_hat_l are sums over the shards,
+    summed over the ranks; g_hat comes from the sharded model's own backward, and the joint term's JVP runs
+    on the whole model gathered on every rank, so every number is DDP's on the same ranks.
 
 The step itself is the fused step of optim.py: the AdamW and SGD-momentum kernels read each tensor's step
 size from a device scalar (its "step_size" state), so a refresh costs no host sync and no recompile.
@@ -42,7 +46,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
 import optim
+import parallel
 from loss import sampled_label_loss
+from parallel import local
 
 CURVATURES = ("gauss_newton", "rademacher", "exact")
 
@@ -65,18 +71,33 @@ class Curvature:
                   mean loss over N tokens; N (d_l . g_hat_l)^2 is unbiased for d_l . G_ll . d_l (the sampled
                   residuals have covariance softmax's Hessian and are independent across tokens), is never
                   negative, and costs one forward and backward: no double backward, no forward-mode AD.
+                  Over R ranks g_hat is the mean gradient over all R N tokens (the mean of the ranks'
+                  d_l . g_hat_l, times R N): one estimate from the whole batch, however it is spread.
     joint_term(u) is u . C . u along a whole-model vector: one more HVP for exact and rademacher; for
     gauss_newton (J u)^T H_out (J u) / N, exact, from one forward-mode JVP of the logits.
 
     Double backward and forward-mode AD run under the math SDPA kernel (flash attention implements neither)
-    and need the uncompiled model. `reduce` averages a result over DDP ranks.
+    and need the uncompiled model. `reduce` averages a result over DDP ranks. `sharded`: the model is
+    fsdp's (its parameters DTensors, the directions this rank's shards of them); gauss_newton only.
     """
 
-    def __init__(self, kind: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx=None, reduce=None):
+    def __init__(
+        self,
+        kind: str,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        ctx=None,
+        reduce=None,
+        sharded: bool = False,
+    ):
         check_curvature(kind)
-        self.kind, self.model, self.x, self.y = kind, model, x, y
+        if sharded and kind not in parallel.SHARDABLE_CURVATURES:  # the config refuses it first (parallel.check)
+            raise ValueError(f"curvature={kind!r} cannot run on a sharded model")
+        self.kind, self.model, self.x, self.y, self.sharded = kind, model, x, y, sharded
         self.ctx = ctx if ctx is not None else nullcontext()
         self.reduce = reduce or (lambda t: t)
+        self.ranks = dist.get_world_size() if reduce is not None else 1
         self._grads = None  # the loss gradient with its graph (exact, rademacher)
 
     def _loss_gradients(self, params):
@@ -103,23 +124,55 @@ class Curvature:
         return self.reduce(torch.stack([s * _dot(d, h) for s, d, h in zip(signs, directions, products)]))
 
     def _gauss_newton_blocks(self, params, directions):
-        with self.ctx:
-            logits, _ = self.model(self.x)
-        sampled_grads = torch.autograd.grad(sampled_label_loss(logits), params, allow_unused=True)
-        tokens = logits.numel() // logits.size(-1)
-        return torch.stack(
+        """N (d_l . g_hat_l)^2 per layer, N the tokens of every rank's batch and g_hat their mean gradient:
+        the mean of the ranks' dots under DDP (each rank differentiates its own batch), the sum of the
+        shards' dots under fsdp (whose backward reduce-scatters the ranks' mean gradient)."""
+        sampled_grads = self._sampled_label_gradients(params)
+        dots = torch.stack(
             [
-                tokens * _dot(d, g).square() if g is not None else torch.zeros((), device=d.device)
+                _dot(d, g) if g is not None else torch.zeros((), dtype=torch.float32, device=d.device)
                 for d, g in zip(directions, sampled_grads)
             ]
         )
+        dots = parallel.sum_over_shards(dots, params) if self.sharded else self.reduce(dots)
+        return (self.x.numel() * self.ranks) * dots.square()  # x (B, T): one token a position
+
+    def _sampled_label_gradients(self, params) -> list[torch.Tensor | None]:
+        """g_hat for each of params (this rank's shard under fsdp): the gradient of the mean loss against
+        labels sampled from the model's predictions on x."""
+        if not self.sharded:
+            with self.ctx:
+                logits, _ = self.model(self.x)
+            return list(torch.autograd.grad(sampled_label_loss(logits), params, allow_unused=True))
+        # fsdp: autograd.grad cannot reach a sharded parameter (the forward runs on gathered copies), so the
+        # model's own backward reduce-scatters g_hat into .grad while the step's gradients wait aside.
+        everything = list(self.model.parameters())
+        step_grads = [p.grad for p in everything]
+        for p in everything:
+            p.grad = None
+        with self.ctx:
+            logits, _ = self.model(self.x)
+        sampled_label_loss(logits).backward()
+        sampled = [None if p.grad is None else local(p.grad) for p in params]
+        for p, grad in zip(everything, step_grads):
+            p.grad = grad
+        return sampled
 
     def joint_term(self, params: list[torch.Tensor], vectors: list[torch.Tensor]) -> torch.Tensor:
-        """u . C . u for the whole-model vector u = vectors (one tensor per parameter in params)."""
+        """u . C . u for the whole-model vector u = vectors (one tensor per parameter in params; this rank's
+        shard of each under fsdp)."""
         if self.kind != "gauss_newton":
             products = _hessian_vector_product(self._loss_gradients(params), params, vectors)
             return self.reduce(sum(_dot(u, h) for u, h in zip(vectors, products)))
-        return self.reduce(gauss_newton_quadratic_form(self.model, self.x, params, vectors, self.ctx))
+        if not self.sharded:
+            return self.reduce(gauss_newton_quadratic_form(self.model, self.x, params, vectors, self.ctx))
+        # fsdp: a JVP does not go through fsdp's hooks, so it runs on an unsharded twin given the whole
+        # weights and u, gathered on every rank (8 bytes a parameter in fp32, freed after the pass).
+        names = {p: name for name, p in self.model.named_parameters()}
+        weights = {name: parallel.whole(p) for name, p in self.model.named_parameters()}
+        tangents = {names[p]: parallel.whole(u, like=p) for p, u in zip(params, vectors)}
+        twin = parallel.unsharded_twin(self.model)
+        return self.reduce(_gauss_newton_form(twin, self.x, weights, tangents, self.ctx))
 
 
 def _hessian_vector_product(gradients, inputs, vectors):
@@ -141,13 +194,21 @@ def gauss_newton_quadratic_form(model, x, params, tangents, ctx) -> torch.Tensor
     missing = [i for i, p in enumerate(params) if p not in names]
     if missing:
         raise ValueError(f"gauss_newton: {len(missing)} parameter(s) are not the model's own")
-    keys = [names[p] for p in params]
+    weights = {names[p]: p for p in params}
+    return _gauss_newton_form(model, x, weights, {names[p]: u for p, u in zip(params, tangents)}, ctx)
+
+
+def _gauss_newton_form(model, x, weights: dict, tangents: dict, ctx) -> torch.Tensor:
+    """gauss_newton_quadratic_form with parameters by name: `weights` replace the model's own (every one of
+    them, for a twin on the meta device), `tangents` is u for some of them."""
+    keys = list(tangents)
+    fixed = {name: w.detach() for name, w in weights.items() if name not in tangents}
 
     def logits_of(*values):
-        return functional_call(model, dict(zip(keys, values)), (x,))[0]
+        return functional_call(model, {**fixed, **dict(zip(keys, values))}, (x,))[0]
 
     with ctx, sdpa_kernel(SDPBackend.MATH):
-        logits, tangent = jvp(logits_of, tuple(p.detach() for p in params), tuple(tangents))
+        logits, tangent = jvp(logits_of, tuple(weights[k].detach() for k in keys), tuple(tangents[k] for k in keys))
     logits, tangent = logits.float().view(-1, logits.size(-1)), tangent.float().view(-1, logits.size(-1))
     probs = torch.softmax(logits, dim=-1)
     # z^T (diag(p) - p p^T) z = sum p z^2 - (p . z)^2, per token
@@ -214,7 +275,15 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
             x, y = context.micro_batches[0]
             rows = self.curvature_rows or len(x)
             self.refresh(
-                Curvature(self.curvature, context.raw_model, x[:rows], y[:rows], context.autocast, context.reduce_mean)
+                Curvature(
+                    self.curvature,
+                    context.raw_model,
+                    x[:rows],
+                    y[:rows],
+                    context.autocast,
+                    context.reduce_mean,
+                    context.sharded,
+                )
             )
 
     def _new_state(self, p) -> dict:
@@ -235,7 +304,8 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
         return state
 
     def _direction(self, group, p) -> torch.Tensor:
-        """d for this step's gradient, from the state before the step (which is left unchanged)."""
+        """d for this step's gradient, from the state before the step (which is left unchanged); this
+        rank's shard of it under fsdp."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -247,8 +317,10 @@ class LayerwiseAdaptive(optim.FusedOptimizer):
         params = [p for _, p in active]
         states = [self._state(p) for p in params]
         directions = [self._direction(group, p) for group, p in active]
-        rho = torch.stack([_dot(p.grad, d) for p, d in zip(params, directions)])
+        rho = torch.stack([_dot(local(p.grad), d) for p, d in zip(params, directions)])
         direction_sq = torch.stack(torch._foreach_norm(directions)).float().square()
+        # Under fsdp each is a sum over this rank's shards: summed over the ranks, in one all-reduce.
+        rho, direction_sq = parallel.sum_over_shards(torch.stack([rho, direction_sq]), params).unbind()
         with torch.enable_grad():
             curvature_terms = curvature.block_terms(params, directions).float()
 
@@ -354,7 +426,7 @@ class SGDMomentumLW(LayerwiseAdaptive):
         )
 
     def _direction(self, group, p):
-        return self.state[p]["momentum_buffer"] * group["momentum"] + p.grad
+        return local(self.state[p]["momentum_buffer"]) * group["momentum"] + local(p.grad)
 
     def _update_torch(self, group, params, grads, states):
         lr = optim.layer_lr(group)
@@ -423,9 +495,9 @@ class AdamWLW(LayerwiseAdaptive):
         )
 
     def _direction(self, group, p):
-        state, (beta1, beta2), step = self.state[p], group["betas"], group["step"] + 1
-        exp_avg = state["exp_avg"].lerp(p.grad, 1 - beta1)
-        exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * p.grad.square()
+        state, (beta1, beta2), step, grad = self.state[p], group["betas"], group["step"] + 1, local(p.grad)
+        exp_avg = local(state["exp_avg"]).lerp(grad, 1 - beta1)
+        exp_avg_sq = local(state["exp_avg_sq"]) * beta2 + (1 - beta2) * grad.square()
         return (exp_avg / (1 - beta1**step)) / (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step) + group["eps"])
 
     def _update_torch(self, group, params, grads, states):

@@ -53,7 +53,7 @@ from kernels import (
 )
 from loss import sampled_label_loss
 from model import param_role
-from parallel import local, shard_rows
+from parallel import local, shard_rows, sum_over_shards
 
 
 @dataclass
@@ -716,8 +716,7 @@ class AdamMini(FusedOptimizer):
             grad, rows = local(p.grad), self._sharded_blocks[p]
             squares = (grad * grad).view(len(rows), row_length(p)).sum(dim=1)
             sums.append(torch.zeros_like(self.state[p]["exp_avg_sq"]).index_add_(0, rows, squares))
-        totals = torch.cat(sums)
-        torch.distributed.all_reduce(totals, group=sharded[0][1].device_mesh.get_group())
+        totals = sum_over_shards(torch.cat(sums), [p for _, p in sharded])
         for (group, p), block_total in zip(sharded, totals.split([s.numel() for s in sums])):
             v, beta2 = self.state[p]["exp_avg_sq"], group["betas"][1]
             averaged = (v * beta2).add_(block_total / self.block_size[p], alpha=1 - beta2)

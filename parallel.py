@@ -8,7 +8,8 @@
           reduce-scattered. On CUDA the gathered weights compute in bf16 and gradients reduce in fp32 over
           fp32 master weights; on CPU everything stays fp32.
 
-The optimizers step on each rank's shards (local()): elementwise updates need nothing more. What a
+The optimizers step on each rank's shards (local()): elementwise updates need nothing more; a statistic
+over a whole tensor sums its shards' parts over the ranks (sum_over_shards). What a
 checkpoint holds does not depend on the sharding: full tensors, gathered here, so a run saved under one
 mode and world size resumes under any other (shard_optimizer_state cuts a rank's shard back out of them).
 """
@@ -19,12 +20,15 @@ import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from model import GPT
 from train_config import ConfigError
 
-# Optimizers that step on a rank's shards: the elementwise ones as they are, Adam-mini with its blocks'
-# statistics reduced over the ranks (optim.AdamMini), Muon on each matrix's gathered update (muon.py).
-# LW-AS's per-tensor curvature (forward-mode and double-backward passes through the model): not yet.
-SHARDABLE_OPTIMIZERS = ("adamw", "lion", "sophiag", "adam_mini", "adamw_torch", "muon")
+# Every optimizer steps on a rank's shards: the elementwise ones as they are, Adam-mini with its blocks'
+# statistics reduced over the ranks (optim.AdamMini), Muon on each matrix's gathered update (muon.py), LW-AS
+# with its per-tensor sums reduced over the shards and its curvature from the sharded model (lwas.py), where
+# the curvature is gauss_newton: exact and rademacher are Hessian-vector products, a double backward, which
+# FSDP2's gathers and reduce-scatters (autograd hooks) do not carry.
+SHARDABLE_CURVATURES = ("gauss_newton",)
 
 # Each optimizer's fp32 state per parameter, in parameters' worth (the memory line and README's table).
 STATE_PER_PARAMETER = {
@@ -43,10 +47,10 @@ def check(c, rt) -> None:
     """A config fsdp cannot run, refused before any work: one ConfigError naming the key."""
     if not shards(c, rt):
         return
-    if c.optimizer not in SHARDABLE_OPTIMIZERS:
+    if c.optimizer in ("sgdm_lw", "adamw_lw") and c.lw_curvature not in SHARDABLE_CURVATURES:
         raise ConfigError(
-            f"parallel=fsdp with optimizer={c.optimizer}: its statistics span whole tensors, which fsdp splits over "
-            f"ranks; choose optimizer={', '.join(SHARDABLE_OPTIMIZERS)} or parallel=ddp"
+            f"parallel=fsdp with lw_curvature={c.lw_curvature}: its Hessian-vector products are a double backward, "
+            f"which fsdp's gathers do not carry; choose lw_curvature={', '.join(SHARDABLE_CURVATURES)} or parallel=ddp"
         )
 
 
@@ -107,6 +111,34 @@ def local(t: torch.Tensor) -> torch.Tensor:
     in-place update of it updates the parameter; any other tensor as it is. The optimizers step on these:
     an elementwise step on every shard is the step on the whole tensor."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def whole(t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole of a tensor on every rank, on its device (a collective): a DTensor gathered; a local shard
+    of a tensor laid out as `like` (a sharded parameter: an optimizer's update direction) gathered as that
+    parameter would be; any other tensor as it is."""
+    if isinstance(like, DTensor) and not isinstance(t, DTensor):
+        t = DTensor.from_local(
+            t, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+        )
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def sum_over_shards(partial_sums: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """Sums over this rank's shards of `params` (a value per tensor, or per block of one), summed over the
+    ranks in place: each a sum over the whole tensor, the same on every rank. Whole parameters: as they are."""
+    sharded = next((p for p in params if isinstance(p, DTensor)), None)
+    if sharded is not None:
+        torch.distributed.all_reduce(partial_sums, group=sharded.device_mesh.get_group())
+    return partial_sums
+
+
+def unsharded_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A GPT of the sharded model's config, in its mode, on the meta device (no storage): what a
+    torch.func.functional_call runs on gathered weights, for a pass fsdp's hooks cannot take (a JVP)."""
+    with torch.device("meta"):
+        twin = GPT(model.config)
+    return twin.train(model.training)
 
 
 def shard_rows(p: torch.Tensor) -> range:

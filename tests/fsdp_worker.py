@@ -6,6 +6,7 @@ optimizer state each rank holds to the JSON file given.
     torchrun --nproc_per_node=2 tests/fsdp_worker.py DATA_DIR OUT.json OPTIMIZER:BACKEND ...
 """
 
+import copy
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import build  # noqa: E402
+import lwas  # noqa: E402
 import parallel  # noqa: E402
 import train  # noqa: E402
 from model import GPT  # noqa: E402
@@ -22,6 +24,8 @@ from parallel import local  # noqa: E402
 from runtime import Runtime, init_runtime  # noqa: E402
 
 STEPS = {"torch": 20, "triton": 4}  # Triton's interpreter takes about half a second a launch on CPU
+LR = {"lion": 2e-3, "sgdm_lw": 1.0, "adamw_lw": 1.0}  # LW-AS: lr multiplies its own step sizes
+SAMPLES_LABELS = ("sophiag", "sgdm_lw", "adamw_lw")  # curvature from labels sampled per rank
 
 
 def trainer(c, rt, scales) -> train.Trainer:
@@ -36,11 +40,17 @@ def trainer(c, rt, scales) -> train.Trainer:
 
 
 def state_tensors(state: dict) -> dict[tuple[str, str], torch.Tensor]:
-    """(parameter name, state name) -> tensor of an optimizer's full state dict; Muon's holds two parts."""
+    """(parameter name, state name) -> tensor of an optimizer's full state dict, 0-dim ones too (LW-AS's
+    step sizes); Muon's holds two parts."""
     if "state" not in state:  # muon.Muon: {"muon": ..., "adamw": ...}
         return {key: t for part in state.values() if part for key, t in state_tensors(part).items()}
     names = [name for group in state["param_groups"] for name in group["names"]]
-    return {(names[int(i)], key): t for i, values in state["state"].items() for key, t in values.items() if t.dim()}
+    return {(names[int(i)], key): t for i, values in state["state"].items() for key, t in values.items()}
+
+
+def worst_relative(pairs) -> float:
+    """The largest max |a - b| / max |b| over (a, b) pairs, b the reference; 0 for no pairs."""
+    return max((((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() for a, b in pairs), default=0.0)
 
 
 def state_bytes(optimizer) -> int:
@@ -48,10 +58,42 @@ def state_bytes(optimizer) -> int:
     return sum(local(t).numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
 
 
+def gauss_newton_curvature_of_the_whole_batch(rt) -> dict[str, float]:
+    """LW-AS's gauss_newton curvature on two ranks, each holding half of one batch, against one process
+    holding all of it: the block terms N (d_l . g_hat_l)^2 count every rank's tokens in N and g_hat, and the
+    joint term is the whole batch's mean, under DDP (whole model, reduce_mean) and under fsdp (shards, the
+    twin's JVP). The labels are the logits' argmax instead of samples, so the three see the same ones."""
+    lwas.sampled_label_loss = lambda logits: torch.nn.functional.cross_entropy(
+        logits.view(-1, logits.size(-1)), logits.argmax(-1).view(-1)
+    )
+    c = train.parse_config(["--model=gpt2-tiny", "--block_size=16", "--device=cpu"])
+    torch.manual_seed(0)
+    model = GPT(build.gpt_config(c)).double()
+    batch = torch.randint(0, model.config.vocab_size, (4, 16))
+    directions = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    mine = batch.chunk(2)[rt.rank]
+
+    def curvature(model, x, reduce=None, sharded=False):
+        params = list(model.parameters())
+        names = [name for name, _ in model.named_parameters()]
+        cut = [local(parallel.shard_of(directions[n], p)) if sharded else directions[n] for n, p in zip(names, params)]
+        terms = lwas.Curvature("gauss_newton", model, x, None, reduce=reduce, sharded=sharded)
+        return torch.cat([terms.block_terms(params, cut), terms.joint_term(params, cut).view(1)])
+
+    whole = curvature(model, batch)
+    ddp = curvature(model, mine, lwas.all_reduce_mean)
+    sharded = parallel.fully_shard_gpt(copy.deepcopy(model), torch.device("cpu"))
+    fsdp = curvature(sharded, mine, lwas.all_reduce_mean, sharded=True)
+    return {name: ((got - whole).abs() / whole.abs()).max().item() for name, got in (("ddp", ddp), ("fsdp", fsdp))}
+
+
 def main(data_dir: str, out_path: str, cases: list[str]) -> None:
     rt = init_runtime("cpu")
     report = {}
     for case in cases:
+        if case == "gauss_newton_curvature":
+            report[case] = gauss_newton_curvature_of_the_whole_batch(rt)
+            continue
         optimizer, backend = case.split(":")
         settings = dict(
             data_dir=data_dir,
@@ -67,9 +109,11 @@ def main(data_dir: str, out_path: str, cases: list[str]) -> None:
             compile="false",
             optimizer=optimizer,
             optimizer_backend=backend,
-            lr=2e-3 if optimizer == "lion" else 3e-3,
+            lr=LR.get(optimizer, 3e-3),
             grad_clip=0.5,  # below the gradients' norm (about 1.7): the global norm acts on every step
             hess_interval=2,
+            lw_interval=2,  # LW-AS: new step sizes from the curvature on every other step, from step 2 on
+            lw_warmup_steps=2,
             muon_ns_dtype="float32",  # bf16 Newton-Schulz would round float64's agreement away
         )
         c = train.parse_config([f"--{k}={v}" for k, v in settings.items()])
@@ -81,7 +125,7 @@ def main(data_dir: str, out_path: str, cases: list[str]) -> None:
             ),
             "ddp": trainer(c, rt, scales),
         }
-        if optimizer != "sophiag" and backend == "torch":  # SophiaG samples labels per rank: one process draws others
+        if optimizer not in SAMPLES_LABELS and backend == "torch":  # one process would draw other labels
             runs["one process"] = trainer(c, Runtime(0, 0, 1, torch.device("cpu")), scales)
         for name, run in runs.items():
             for step in range(STEPS[backend]):
@@ -96,22 +140,20 @@ def main(data_dir: str, out_path: str, cases: list[str]) -> None:
                 for name, model in weights.items()
                 if name != "ddp"
             }
+
+            def against_ddp(state: dict, scalars: bool) -> float:
+                return worst_relative(
+                    (value, states["ddp"][key])
+                    for key, value in state.items()
+                    if not key[0].endswith("k_proj.bias") and (value.dim() == 0) == scalars
+                )
+
+            others = {name: state for name, state in states.items() if name != "ddp"}
             report[case] = {
-                "worst_relative": {
-                    name: max(((p - q).abs().max() / q.abs().max()).item() for p, q in pairs)
-                    for name, pairs in compared.items()
-                },
-                "worst_state_relative": {
-                    name: max(
-                        (
-                            (value - states["ddp"][key]).abs().max() / states["ddp"][key].abs().max().clamp(min=1e-30)
-                        ).item()
-                        for key, value in state.items()
-                        if not key[0].endswith("k_proj.bias")
-                    )
-                    for name, state in states.items()
-                    if name != "ddp"
-                },
+                "worst_relative": {name: worst_relative(pairs) for name, pairs in compared.items()},
+                "worst_state_relative": {name: against_ddp(state, False) for name, state in others.items()},
+                # LW-AS's step sizes and curvature averages: float32 scalars, whatever the weights' dtype
+                "worst_scalar_state_relative": {name: against_ddp(state, True) for name, state in others.items()},
                 "state_bytes": memory,
             }
         assert parallel.shards(runs["fsdp"].c, rt)
