@@ -29,6 +29,7 @@ from train_config import ConfigError
 # the curvature is gauss_newton: exact and rademacher are Hessian-vector products, a double backward, which
 # FSDP2's gathers and reduce-scatters (autograd hooks) do not carry.
 SHARDABLE_CURVATURES = ("gauss_newton",)
+LW_AS_OPTIMIZERS = ("sgdm_lw", "adamw_lw")  # lwas.py's, whose curvature passes run through the model
 
 # Each optimizer's fp32 state per parameter, in parameters' worth (the memory line and README's table).
 STATE_PER_PARAMETER = {
@@ -47,11 +48,17 @@ def check(c, rt) -> None:
     """A config fsdp cannot run, refused before any work: one ConfigError naming the key."""
     if not shards(c, rt):
         return
-    if c.optimizer in ("sgdm_lw", "adamw_lw") and c.lw_curvature not in SHARDABLE_CURVATURES:
+    if c.optimizer in LW_AS_OPTIMIZERS and c.lw_curvature not in SHARDABLE_CURVATURES:
         raise ConfigError(
             f"parallel=fsdp with lw_curvature={c.lw_curvature}: its Hessian-vector products are a double backward, "
             f"which fsdp's gathers do not carry; choose lw_curvature={', '.join(SHARDABLE_CURVATURES)} or parallel=ddp"
         )
+
+
+def gathers_whole_model(c) -> bool:
+    """Whether a run's curvature refreshes need every weight at once: LW-AS's joint rescale, a JVP, which
+    under fsdp runs on the whole model gathered (lwas.Curvature.joint_term)."""
+    return c.optimizer in LW_AS_OPTIMIZERS and c.lw_joint_rescale
 
 
 def shards(c, rt) -> bool:
@@ -204,13 +211,20 @@ def size_text(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def memory_line(num_params: int, optimizer: str, world_size: int, mode: str) -> str:
+def memory_line(num_params: int, optimizer: str, world_size: int, mode: str, whole_model_pass: bool = False) -> str:
+    """whole_model_pass: under fsdp a pass gathers every weight and a vector as large on every rank while it
+    runs (gathers_whole_model)."""
     sizes = memory_per_rank(num_params, optimizer, world_size, mode)
     parts = ", ".join(f"{name} {size_text(value)}" for name, value in sizes.items())
     gathered = "; plus the blocks being gathered" if mode == "fsdp" else ""
+    whole = (
+        f"; each curvature refresh gathers the whole model and its update for one forward ({size_text(8 * num_params)})"
+        if mode == "fsdp" and whole_model_pass
+        else ""
+    )
     return (
         f"memory per rank ({mode}, {world_size} ranks, fp32, before activations{gathered}): {parts}; "
-        f"{size_text(sum(sizes.values()))} in all"
+        f"{size_text(sum(sizes.values()))} in all{whole}"
     )
 
 

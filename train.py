@@ -362,7 +362,10 @@ def checked_then_run(c: TrainConfig, rt, stop: StopRequest) -> int:
             "for a rank ends the run, naming it (dist_timeout)"
         )
     if rt.distributed:
-        rt.print0(parallel.memory_line(begin.model.num_params(), c.optimizer, rt.world_size, c.parallel))
+        whole_model_pass = parallel.gathers_whole_model(c)
+        rt.print0(
+            parallel.memory_line(begin.model.num_params(), c.optimizer, rt.world_size, c.parallel, whole_model_pass)
+        )
     elif c.parallel == "fsdp":
         rt.print0("parallel=fsdp applies under torchrun; a single process holds the whole model")
     outdir.prepare(c.out_dir)
