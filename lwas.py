@@ -30,7 +30,8 @@ Ours, where the abstract says nothing:
     all ranks' sampled labels together (Curvature);
   - fsdp (gauss_newton only): rho_l, |d_l|^2 and the block terms' d_l . g_hat_l are sums over the shards,
     summed over the ranks; g_hat comes from the sharded model's own backward, and the joint term's JVP runs
-    on the whole model gathered on every rank, so every number is DDP's on the same ranks.
+    the model's stages one at a time on gathered weights (sharded_gauss_newton_quadratic_form), so every
+    number is DDP's on the same ranks.
 
 The step itself is the fused step of optim.py: the AdamW and SGD-momentum kernels read each tensor's step
 size from a device scalar (its "step_size" state), so a refresh costs no host sync and no recompile.
@@ -38,9 +39,11 @@ size from a device scalar (its "step_size" state), so a refresh costs no host sy
 
 import math
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -166,13 +169,10 @@ class Curvature:
             return self.reduce(sum(_dot(u, h) for u, h in zip(vectors, products)))
         if not self.sharded:
             return self.reduce(gauss_newton_quadratic_form(self.model, self.x, params, vectors, self.ctx))
-        # fsdp: a JVP does not go through fsdp's hooks, so it runs on an unsharded twin given the whole
-        # weights and u, gathered on every rank (8 bytes a parameter in fp32, freed after the pass).
+        # fsdp: a JVP does not go through fsdp's hooks; it runs stage by stage on gathered weights.
         names = {p: name for name, p in self.model.named_parameters()}
-        weights = {name: parallel.whole(p) for name, p in self.model.named_parameters()}
-        tangents = {names[p]: parallel.whole(u, like=p) for p, u in zip(params, vectors)}
-        twin = parallel.unsharded_twin(self.model)
-        return self.reduce(_gauss_newton_form(twin, self.x, weights, tangents, self.ctx))
+        tangents = {names[p]: u for p, u in zip(params, vectors)}
+        return self.reduce(sharded_gauss_newton_quadratic_form(self.model, self.x, tangents, self.ctx))
 
 
 def _hessian_vector_product(gradients, inputs, vectors):
@@ -194,21 +194,62 @@ def gauss_newton_quadratic_form(model, x, params, tangents, ctx) -> torch.Tensor
     missing = [i for i, p in enumerate(params) if p not in names]
     if missing:
         raise ValueError(f"gauss_newton: {len(missing)} parameter(s) are not the model's own")
-    weights = {names[p]: p for p in params}
-    return _gauss_newton_form(model, x, weights, {names[p]: u for p, u in zip(params, tangents)}, ctx)
-
-
-def _gauss_newton_form(model, x, weights: dict, tangents: dict, ctx) -> torch.Tensor:
-    """gauss_newton_quadratic_form with parameters by name: `weights` replace the model's own (every one of
-    them, for a twin on the meta device), `tangents` is u for some of them."""
-    keys = list(tangents)
-    fixed = {name: w.detach() for name, w in weights.items() if name not in tangents}
+    keys = [names[p] for p in params]
 
     def logits_of(*values):
-        return functional_call(model, {**fixed, **dict(zip(keys, values))}, (x,))[0]
+        return functional_call(model, dict(zip(keys, values)), (x,))[0]
 
     with ctx, sdpa_kernel(SDPBackend.MATH):
-        logits, tangent = jvp(logits_of, tuple(weights[k].detach() for k in keys), tuple(tangents[k] for k in keys))
+        logits, tangent = jvp(logits_of, tuple(p.detach() for p in params), tuple(tangents))
+    return _output_quadratic_form(logits, tangent)
+
+
+def sharded_gauss_newton_quadratic_form(model, x, tangents: dict[str, torch.Tensor], ctx) -> torch.Tensor:
+    """gauss_newton_quadratic_form of fsdp's GPT, whose whole weights are never in one place: GPT.forward's
+    stages (the embeddings, each block, the last LayerNorm with the tied output layer) run one at a time on
+    an unsharded twin, each on its weights and its part of u gathered for it and let go after, carrying the
+    activation and its tangent. A rank holds at most one block's weights and u whole, or the embedding's.
+    `tangents`: this rank's shard of u by parameter name (0 for a parameter not in it)."""
+    twin, params = parallel.unsharded_twin(model), dict(model.named_parameters())
+
+    def stage(names, run, *inputs):
+        """run(weights by name, *inputs) and its derivative along u of `names` and the inputs' tangents;
+        inputs are (value, tangent) pairs."""
+        weights = [parallel.whole(params[n]) for n in names]
+        directions = [
+            parallel.whole(tangents[n], like=params[n]) if n in tangents else torch.zeros_like(w)
+            for n, w in zip(names, weights)
+        ]
+        values, input_tangents = tuple(v for v, _ in inputs), tuple(t for _, t in inputs)
+        return jvp(
+            lambda *v: run(dict(zip(names, v[len(values) :])), *v[: len(values)]),
+            (*values, *weights),
+            (*input_tangents, *directions),
+        )
+
+    def under(prefix: str) -> list[str]:
+        return [n for n in params if n.startswith(prefix)]
+
+    def call(prefix: str, weights: dict, *args):
+        """The twin's module at `prefix` (a name ending in a dot) on the weights named under it."""
+        parts = {n.removeprefix(prefix): w for n, w in weights.items() if n.startswith(prefix)}
+        return functional_call(twin.get_submodule(prefix.rstrip(".")), parts, args)
+
+    wte, wpe, positions = "transformer.wte.weight", "transformer.wpe.weight", torch.arange(x.size(1), device=x.device)
+    with ctx, sdpa_kernel(SDPBackend.MATH):
+        hidden = stage(
+            [wte, wpe], lambda w: twin.transformer.drop(F.embedding(x, w[wte]) + F.embedding(positions, w[wpe]))
+        )
+        for index in range(len(twin.transformer.h)):
+            prefix = f"transformer.h.{index}."
+            hidden = stage(under(prefix), partial(call, prefix), hidden)
+        final = "transformer.ln_f."  # then the output layer, which is the token embedding (tied)
+        logits, tangent = stage([*under(final), wte], lambda w, h: F.linear(call(final, w, h), w[wte]), hidden)
+    return _output_quadratic_form(logits, tangent)
+
+
+def _output_quadratic_form(logits: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """(J u)^T H_out (J u) / N from the logits and their tangent J u, H_out = diag(p) - p p^T per token."""
     logits, tangent = logits.float().view(-1, logits.size(-1)), tangent.float().view(-1, logits.size(-1))
     probs = torch.softmax(logits, dim=-1)
     # z^T (diag(p) - p p^T) z = sum p z^2 - (p . z)^2, per token

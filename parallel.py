@@ -55,12 +55,6 @@ def check(c, rt) -> None:
         )
 
 
-def gathers_whole_model(c) -> bool:
-    """Whether a run's curvature refreshes need every weight at once: LW-AS's joint rescale, a JVP, which
-    under fsdp runs on the whole model gathered (lwas.Curvature.joint_term)."""
-    return c.optimizer in LW_AS_OPTIMIZERS and c.lw_joint_rescale
-
-
 def shards(c, rt) -> bool:
     """Whether the run shards: parallel=fsdp under torchrun, on one rank too (the code path a multi-GPU run
     takes, on one GPU). A plain process holds the whole model whatever parallel says."""
@@ -211,20 +205,13 @@ def size_text(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def memory_line(num_params: int, optimizer: str, world_size: int, mode: str, whole_model_pass: bool = False) -> str:
-    """whole_model_pass: under fsdp a pass gathers every weight and a vector as large on every rank while it
-    runs (gathers_whole_model)."""
+def memory_line(num_params: int, optimizer: str, world_size: int, mode: str) -> str:
     sizes = memory_per_rank(num_params, optimizer, world_size, mode)
     parts = ", ".join(f"{name} {size_text(value)}" for name, value in sizes.items())
     gathered = "; plus the blocks being gathered" if mode == "fsdp" else ""
-    whole = (
-        f"; each curvature refresh gathers the whole model and its update for one forward ({size_text(8 * num_params)})"
-        if mode == "fsdp" and whole_model_pass
-        else ""
-    )
     return (
         f"memory per rank ({mode}, {world_size} ranks, fp32, before activations{gathered}): {parts}; "
-        f"{size_text(sum(sizes.values()))} in all{whole}"
+        f"{size_text(sum(sizes.values()))} in all"
     )
 
 

@@ -362,10 +362,7 @@ def checked_then_run(c: TrainConfig, rt, stop: StopRequest) -> int:
             "for a rank ends the run, naming it (dist_timeout)"
         )
     if rt.distributed:
-        whole_model_pass = parallel.gathers_whole_model(c)
-        rt.print0(
-            parallel.memory_line(begin.model.num_params(), c.optimizer, rt.world_size, c.parallel, whole_model_pass)
-        )
+        rt.print0(parallel.memory_line(begin.model.num_params(), c.optimizer, rt.world_size, c.parallel))
     elif c.parallel == "fsdp":
         rt.print0("parallel=fsdp applies under torchrun; a single process holds the whole model")
     outdir.prepare(c.out_dir)

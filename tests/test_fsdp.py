@@ -121,15 +121,3 @@ def test_fsdp_refuses_an_lw_curvature_that_needs_a_double_backward(curvature):
     parallel.check(parse_config(["--optimizer=adamw_lw", "--parallel=fsdp", "--lr=1"]), ranks)  # gauss_newton runs
     with pytest.raises(ConfigError, match="parallel"):
         parse_config(["--parallel=zero3"])
-
-
-def test_the_memory_line_says_when_a_refresh_gathers_the_whole_model():
-    lw = parse_config(["--optimizer=adamw_lw", "--lr=1"])
-    assert parallel.gathers_whole_model(lw)  # the joint rescale's JVP, on by default
-    assert not parallel.gathers_whole_model(
-        parse_config(["--optimizer=adamw_lw", "--lr=1", "--lw_joint_rescale=false"])
-    )
-    assert not parallel.gathers_whole_model(parse_config(["--optimizer=sophiag"]))
-    said = parallel.memory_line(2**27, "adamw_lw", 8, "fsdp", whole_model_pass=True)
-    assert said.endswith("each curvature refresh gathers the whole model and its update for one forward (1.00 GiB)")
-    assert "gathers the whole model" not in parallel.memory_line(2**27, "adamw_lw", 8, "ddp", whole_model_pass=True)
