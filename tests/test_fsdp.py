@@ -28,6 +28,7 @@ CASES = [
     "adamw_lw:torch",
     "adamw:triton",
     "adam_mini:triton",
+    "sgdm_lw:triton",  # the SGD-momentum kernel with its per-tensor step sizes (AdamW-LW's is adamw's)
 ]
 
 
