@@ -215,7 +215,7 @@ def sharded_gauss_newton_quadratic_form(model, x, tangents: dict[str, torch.Tens
     def stage(names, run, *inputs):
         """run(weights by name, *inputs) and its derivative along u of `names` and the inputs' tangents;
         inputs are (value, tangent) pairs."""
-        weights = [parallel.whole(params[n]) for n in names]
+        weights = [parallel.whole(params[n]).detach() for n in names]
         directions = [
             parallel.whole(tangents[n], like=params[n]) if n in tangents else torch.zeros_like(w)
             for n, w in zip(names, weights)
