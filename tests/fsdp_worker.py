@@ -62,10 +62,19 @@ def gauss_newton_curvature_of_the_whole_batch(rt) -> dict[str, float]:
     """LW-AS's gauss_newton curvature on two ranks, each holding half of one batch, against one process
     holding all of it: the block terms N (d_l . g_hat_l)^2 count every rank's tokens in N and g_hat, and the
     joint term is the whole batch's mean, under DDP (whole model, reduce_mean) and under fsdp (shards, the
-    twin's JVP). The labels are the logits' argmax instead of samples, so the three see the same ones."""
+    staged JVP against one process's through the whole model). The labels are the logits' argmax instead
+    of samples, so the three see the same ones."""
+    sampled = lwas.sampled_label_loss
     lwas.sampled_label_loss = lambda logits: torch.nn.functional.cross_entropy(
         logits.view(-1, logits.size(-1)), logits.argmax(-1).view(-1)
     )
+    try:
+        return _curvatures_against_the_whole_batch(rt)
+    finally:
+        lwas.sampled_label_loss = sampled  # the cases after this one sample their labels
+
+
+def _curvatures_against_the_whole_batch(rt) -> dict[str, float]:
     c = train.parse_config(["--model=gpt2-tiny", "--block_size=16", "--device=cpu"])
     torch.manual_seed(0)
     model = GPT(build.gpt_config(c)).double()
