@@ -198,22 +198,8 @@ PRESETS = {
     # 0.84M parameters, 95% of them in the blocks. 2,048 characters per step; 4 rules x 2 optimizers x 3 seeds.
     # quick: 2 lrs x 100 steps, about 10 min on 2 cores (predicted from 90 ms/step); cpu: 5 lrs x 300 steps
     # (614k characters, 0.13 epochs), about 60 min (predicted).
-    "heldout-quick": Sweep(
-        model="gpt2-mini",
-        optimizers=["adamw", "lion"],
-        rules=["single", "lwlr", "fan_in", "depth_increasing"],
-        lrs={"adamw": [1e-3, 3.16e-3], "lion": [1e-4, 3.16e-4]},
-        residual_scales=[False],
-        seeds=[0, 1, 2],
-        steps=100,
-        subset_batches=0,
-        micro_batch_size=16,
-        block_size=128,
-        warmup_steps=10,
-        lwlr_T=100,
-        dataset="shakespeare_char",
-        heldout=True,
-        eval_every=50,
+    "heldout-quick": dataclasses.replace(
+        HELDOUT_CPU, lrs={"adamw": [1e-3, 3.16e-3], "lion": [1e-4, 3.16e-4]}, steps=100, warmup_steps=10
     ),
     "heldout-cpu": HELDOUT_CPU,
     # Muon beside heldout-cpu's AdamW and Lion rows: its model, data, budget and seeds, written into its folder
