@@ -14,8 +14,7 @@ its process group, SIGKILL 10 s later) and the next part runs; what finished is 
 temporary folder outside OUT. The check needs nothing from a package registry: the peer libraries it
 compares against come as wheels in .whl/ (bench/wheels.sh), for machines without network access.
 
-Predicted times are for one H200 (or H100) and are replaced by measured ones once a GPU run's
-summary.json is committed (bench/results/gpu/).
+The plans' times are estimates for one H200 (or H100); a run's summary.json records the measured ones.
 """
 
 import argparse
@@ -217,9 +216,9 @@ def throughput_figures(work: str) -> list[dict]:
 # ---- the plans ----------------------------------------------------------------------------------
 
 
-# Seconds per part: on one H200, predictions until a measured run is committed under bench/results/gpu/
-# (compile dominates the train and throughput parts: a cold inductor compile of gpt2's forward and
-# backward, about a minute, then cache hits); the rehearsal's, measured on 2 x86_64 CPU cores.
+# Seconds per part: on one H200, estimates (compile dominates the train and throughput parts: a cold
+# inductor compile of gpt2's forward and backward, about a minute, then cache hits); the rehearsal's,
+# measured on 2 x86_64 CPU cores.
 CHECK_TIMES = {  # part: (predicted on an H200, cap there, rehearsal measured on 2 CPU cores, cap there)
     "environment": (20, 45, 5, 120),
     "correctness": (70, 120, 95, 300),
