@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from model import param_role
 from optim import AdamW, StepContext, StepHooks, with_layer_lr
-from parallel import local, shard_rows
+from parallel import local, shard_rows, whole
 
 # The blocks' weight matrices: Muon's part. Everything else is AdamW's.
 MUON_LAYERS = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
@@ -67,9 +67,7 @@ class MuonAtPrecision(torch.optim.Muon):
                 grad, held = local(p.grad), local(p)
                 local(buffer).lerp_(grad, 1 - momentum)
                 update = grad.lerp(local(buffer), momentum) if group["nesterov"] else local(buffer)
-                if isinstance(p, DTensor):
-                    update = DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-                    update = update.full_tensor()
+                update = whole(update, like=p)  # under fsdp: gathered from every rank's rows
                 update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
                 rows = shard_rows(p)
                 held.mul_(1 - lr * group["weight_decay"])
