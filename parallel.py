@@ -96,15 +96,30 @@ def gradient_sync(model, sync: bool):
 def full(value, keep: bool = True):
     """A state dict with every DTensor gathered into a full CPU tensor, one at a time (a collective: every
     rank calls it, in the same order, which a state dict's order gives); other values as they are. A rank
-    that does not keep them (not the one that writes) gets None for each."""
-    if isinstance(value, DTensor):
-        gathered = value.full_tensor()
-        return gathered.cpu() if keep else None
-    if isinstance(value, dict):
-        return {key: full(item, keep) for key, item in value.items()}
-    if isinstance(value, list):
-        return [full(item, keep) for item in value]
-    return value
+    that does not keep them (not the one that writes) gets None for each. A tensor under several names is
+    gathered once and every name gets the same full tensor."""
+    gathered = {}
+
+    def gather(item):
+        if isinstance(item, DTensor):
+            if id(item) not in gathered:
+                whole_tensor = item.full_tensor().detach()
+                gathered[id(item)] = whole_tensor.cpu() if keep else None
+            return gathered[id(item)]
+        if isinstance(item, dict):
+            return {key: gather(inner) for key, inner in item.items()}
+        if isinstance(item, list):
+            return [gather(inner) for inner in item]
+        return item
+
+    return gather(value)
+
+
+def full_model_state(model: torch.nn.Module, keep: bool = True) -> dict:
+    """The model's state dict gathered (full), its parameters themselves as the keys' values, so the tied
+    wte / lm_head is gathered once and held once, under both names, as an unsharded state dict holds it
+    (a checkpoint stores it once)."""
+    return full(model.state_dict(keep_vars=True), keep)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -159,9 +159,13 @@ class Trainer:
                 f"not saving at step {step} ({reason}): the last step was non-finite; the previous checkpoint stands"
             )
             return
-        tensors = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.sharded:  # every rank gathers, shard by shard; rank 0 keeps the full tensors
-            tensors = parallel.full(tensors, keep=rt.is_main)
+            tensors = {
+                "model": parallel.full_model_state(self.raw_model, keep=rt.is_main),
+                "optimizer": parallel.full(self.optimizer.state_dict(), keep=rt.is_main),
+            }
+        else:
+            tensors = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if rt.is_main:
             meta = {
                 "config": dataclasses.asdict(c),
@@ -180,7 +184,7 @@ class Trainer:
         every rank takes part in."""
         if not self.sharded:
             return self.raw_model
-        weights = parallel.full(self.raw_model.state_dict(), keep=self.rt.is_main)
+        weights = parallel.full_model_state(self.raw_model, keep=self.rt.is_main)
         if not self.rt.is_main:
             return None
         model = GPT(self.raw_model.config).to(next(iter(weights.values())).dtype)
@@ -361,7 +365,6 @@ def checked_then_run(c: TrainConfig, rt, stop: StopRequest) -> int:
             f"process group: {dist.get_backend()}, {rt.world_size} ranks; a collective that waits {c.dist_timeout} s "
             "for a rank ends the run, naming it (dist_timeout)"
         )
-    if rt.distributed:
         rt.print0(parallel.memory_line(begin.model.num_params(), c.optimizer, rt.world_size, c.parallel))
     elif c.parallel == "fsdp":
         rt.print0("parallel=fsdp applies under torchrun; a single process holds the whole model")
