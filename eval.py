@@ -1,5 +1,5 @@
-"""How good is a model: its loss on the configured data (train.py's eval_only, loss_only below), and
-HellaSwag scored as GPT-2 repositories score it.
+"""How good is a model: its loss on the configured data (evaluate: a run's evals, and train.py's
+eval_only, loss_only below), and HellaSwag scored as GPT-2 repositories score it.
 
     python train.py config/eval_gpt2.py --init_from=hf/gpt2       # GPT-2's own val loss on OpenWebText
     python train.py --eval_only=true --out_dir=out                 # a run's newest checkpoint, on its data
@@ -23,18 +23,23 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-import checkpoint
-import hf
-import outdir
-from build import data_dir, gpt_config, token_batches
+from data.loader import TokenBatches
 from data.tokenizer import VOCAB_SIZE, gpt2_encoding
-from errors import UserError
 from model import GPT
-from progress import Progress
-from runtime import RunLog, autocast, environment, init_runtime, run_main
-from train_config import INIT_MODES, ConfigError, TrainConfig
+from runtime.device import autocast, environment
+from runtime.errors import UserError
+from runtime.exits import run_main
+from runtime.files import write_json
+from runtime.progress import Progress
+from runtime.ranks import init_runtime
+from runtime.signals import StopVote
+from training import checkpoint, hf, outdir
+from training.build import data_dir, eval_split, gpt_config, token_batches
+from training.config import INIT_MODES, ConfigError, TrainConfig
+from training.runlog import RunLog
 
 
 class HellaSwagFileError(UserError):
@@ -58,7 +63,32 @@ def model_for(c: TrainConfig) -> tuple[GPT, str, int | None]:
     return checkpoint.load_model(path, meta), f"{path} (step {meta['step']})", meta["step"]
 
 
-def loss_only(c: TrainConfig, rt, evaluate) -> int:
+@torch.no_grad()
+def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx, vote: StopVote | None = None) -> float | None:
+    """Mean loss over the same eval_steps val batches every time, split across ranks; None when a stop
+    (vote) came first: an eval of hundreds of batches must not outlast a scheduler's grace period."""
+    model.eval()
+    total = torch.zeros((), device=rt.device)
+    split = eval_split(c, rt.world_size)
+    # Progress speaks only if the eval takes a while.
+    with Progress("eval", c.eval_steps, "batches", enabled=rt.is_main) as progress:
+        for i in range(c.eval_steps):
+            if vote is not None and vote.poll(f"eval batch {i}"):
+                model.train()
+                return None
+            x, y = batches.get(i, split, rt.device, rank=rt.rank)
+            with ctx:
+                _, loss = model(x, y)
+            total += loss.float()
+            progress.update()
+    if rt.distributed:
+        with rt.waiting_for_ranks("the all-reduce of the val loss"):
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    model.train()
+    return total.item() / c.eval_steps
+
+
+def loss_only(c: TrainConfig, rt) -> int:
     """eval_only: val and train loss of the model over eval_steps fixed batches of each split (the val
     batches a run evaluates on; train windows from the same fixed stream), split across ranks. Prints
     them and appends one `eval_only` record to out_dir/log.jsonl; writes nothing else."""
@@ -209,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hellaswag: {source}, {len(examples):,} examples from {args.file}", file=sys.stderr)
     result = hellaswag(model.to(rt.device), examples, rt.device, autocast(rt.device, args.dtype))
     if args.json:
-        outdir.write_json(args.json, {"source": source, "file": args.file, **result, "env": environment(rt.device)})
+        write_json(args.json, {"source": source, "file": args.file, **result, "env": environment(rt.device)})
     return 0
 
 

@@ -19,10 +19,10 @@ import shutil
 
 from safetensors.torch import save_file
 
-import checkpoint
 from data.tokenizer import VOCAB_SIZE, hf_tokenizer_files
-from hf import PretrainedError, hf_config, to_hf_state_dict
-from runtime import run_main
+from runtime.exits import run_main
+from training import checkpoint
+from training.hf import PretrainedError, hf_config, to_hf_state_dict
 
 
 def export(model, hf_dir: str) -> None:

@@ -5,7 +5,7 @@
 takes torchrun's arguments and runs torchrun in this process. torchrun alone exits 1 after any stop of
 its workers: signalled itself, it raises while they save and exit 75 (EX_TEMPFAIL: run the same command
 again), and a worker's own exit code never reaches the scheduler. Here rank 0 writes its exit code
-where this wrapper reads it (runtime.report_exit_code), so the launch exits with it: 75 after a clean
+where this wrapper reads it (runtime.exits.report_exit_code), so the launch exits with it: 75 after a clean
 stop, 74 on a full disk, 2 on a user error, torchrun's own code otherwise. SIGUSR1 (Slurm's
 `--signal=USR1@90`) is passed to the workers like SIGTERM, SIGINT and SIGHUP (torchrun alone dies of it).
 """
@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 
-from runtime import EXIT_CODE_FILE
+from runtime.exits import EXIT_CODE_FILE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ step_i = gamma(t) * eta_i * O'(g_i).
        (L1 norm / numel) to G_i; G_i is the mean over the T batches.
     3. eta~_i = G_i^-power (power = 1/2 in the paper).
     4. Normalize so the parameter-weighted mean multiplier is 1: eta_i = eta~_i * sum_j m_j / sum_j m_j eta~_j.
-    5. Training starts from the model's normal init with eta_i on layer i (param_groups' `lr_scale`).
+    5. Training starts from the model's normal init with eta_i on layer i (its param group's `multiplier`).
 
 The tied wte / lm_head is one tensor, so it gets one multiplier; its gradient sums the embedding and
 output-layer contributions. Baselines under the same normalization: depth_increasing / depth_decreasing
@@ -26,7 +26,7 @@ biases and LayerNorm scales have fan_in 1).
 
 This file is the method alone. Where a training run's multipliers come from (measured, cached, a
 baseline or a file), the lwlr.json report, its plot and the command line are in multipliers.py; the
-param groups that carry them to an optimizer are optim.param_groups.
+param groups that carry them to an optimizer are optimizers.base.param_groups.
 """
 
 import copy
@@ -37,14 +37,7 @@ import torch
 import torch.distributed as dist
 
 from model import init_weights, param_role
-from train_config import MEASUREMENT_INITS
-
-# Layers whose gradient is zero by construction, so measuring it yields rounding noise: softmax(q.(k + b))
-# does not depend on the key bias b, and its measured mean |g| is ~1e-10 against ~1e-4 for real layers
-# (gpt2-tiny). Algorithm 1 would turn that noise into an arbitrary, huge rate. They keep multiplier 1
-# (the global rate) and the measured layers are normalized among themselves, so the overall
-# parameter-weighted mean is still 1. (The paper's GPT-2 fuses q, k, v into one tensor, which hides this.)
-ZERO_GRADIENT_BY_CONSTRUCTION = ("k",)  # param_role layers whose bias this holds for
+from training.config import MEASUREMENT_INITS
 
 
 def measure_grad_mean_abs(
@@ -104,8 +97,12 @@ def numels_of(model: torch.nn.Module) -> dict[str, int]:
 
 
 def unmeasurable(name: str) -> bool:
-    role = param_role(name)
-    return role.is_bias and role.layer in ZERO_GRADIENT_BY_CONSTRUCTION
+    """A layer whose gradient is zero by construction (the key bias: model.ParamRole.gradient_is_zero), so
+    that measuring it yields rounding noise, which Algorithm 1 would turn into an arbitrary, huge rate. It
+    keeps multiplier 1 (the global rate) and the measured layers are normalized among themselves, so the
+    overall parameter-weighted mean is still 1. (The paper's GPT-2 fuses q, k, v into one tensor, which
+    hides this.)"""
+    return param_role(name).gradient_is_zero
 
 
 def multipliers_from_grads(
@@ -141,9 +138,8 @@ def baseline_multipliers(model: torch.nn.Module, rule: str) -> dict[str, float]:
     first, last = (0.1, 1.0) if rule == "depth_increasing" else (2.0, 1.0)
     raw = {}
     for name in params:
-        block = param_role(
-            name
-        ).block  # outside the blocks: the embeddings take the first block's rate, ln_f the last's
+        # Outside the blocks: the embeddings take the first block's rate, ln_f the last's.
+        block = param_role(name).block
         depth = block if block is not None else (n_layer - 1 if param_role(name).layer == "layernorm" else 0)
         raw[name] = first + (last - first) * depth / max(1, n_layer - 1)
     return normalize(raw, numels_of(model))

@@ -4,12 +4,16 @@ the token embedding, with GPT-2's biases.
 
 Two departures from the Hugging Face layout, both for the layer-wise learning rate:
   - q, k and v are three separate Linear layers, so each can carry its own learning rate
-    (GPT2LMHeadModel fuses them into one `c_attn`; hf.py splits it on loading and fuses it on export).
+    (GPT2LMHeadModel fuses them into one `c_attn`; training/hf.py splits it on loading and fuses it on export).
   - optional residual-branch scaling `x + beta * f(x)` with beta = 1/sqrt(n_layer), applied as a
     multiplication in the forward pass (not folded into the init) so it survives any re-initialization.
 
-Parameter names (transformer.h.{i}.attn.q_proj, ...mlp.c_fc, transformer.wte) are what multipliers.py reports
-and what Adam-mini's name matching recognizes.
+Parameter names (transformer.h.{i}.attn.q_proj, ...mlp.c_fc, transformer.wte) are decided here, and what
+each parameter is (param_role) is read from its name here alone: initialization, lwlr's rules, Adam-mini's
+blocks, Muon's matrices, the self-check's tensors and the multipliers' plot all ask param_role.
+
+The output layer and its cross-entropy run a chunk of rows at a time (LinearCrossEntropy, at the end), so
+the full logits of GPT-2's 50,257-token vocabulary are never built during training.
 """
 
 import dataclasses
@@ -19,8 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from loss import linear_cross_entropy
 
 
 @dataclass
@@ -33,9 +35,9 @@ class GPTConfig:
     dropout: float = 0.0  # 0 for pretraining; the published GPT-2 runs use none either
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
     residual_scale: bool = False  # x + f(x)/sqrt(n_layer) on both branches of every block
-    loss_chunk_rows: int = (
-        0  # with targets: output layer + loss in chunks of this many rows, no full logits (loss.py); 0 = full logits
-    )
+    # With targets: the output layer and the loss in chunks of this many rows, never the full logits
+    # (LinearCrossEntropy below); 0 = full logits.
+    loss_chunk_rows: int = 0
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -117,7 +119,8 @@ class Block(nn.Module):
 INIT_SCHEMES = ("gpt2", "fan_out", "fan_in")
 
 # What each parameter is, read from its name in this one place (initialization, lwlr's rules, Adam-mini's
-# blocks and the multipliers' plot all ask param_role): the module it belongs to, by its attribute name.
+# blocks, Muon's matrices, the self-check's tensors and the multipliers' plot all ask param_role): the
+# module it belongs to, by its attribute name.
 LAYER_ROLES = {
     "wte": "embedding",
     "wpe": "position",
@@ -131,6 +134,9 @@ LAYER_ROLES = {
     "ln_2": "layernorm",
     "ln_f": "layernorm",
 }
+# The transformer blocks' Linear layers: their weights are the blocks' matrices (Muon's part; the plot's
+# "Linear weights").
+BLOCK_LINEARS = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
 # Linear layers that write into the residual stream; GPT-2 shrinks their init by 1/sqrt(2 * n_layer).
 RESIDUAL_PROJECTIONS = ("attn_out", "mlp_out")
 
@@ -141,6 +147,17 @@ class ParamRole:
     is_bias: bool
     block: int | None  # the transformer block's index; None for the embeddings and ln_f
 
+    @property
+    def is_block_matrix(self) -> bool:
+        """A weight matrix of a transformer block: q, k, v, the attention output or an MLP matrix."""
+        return self.layer in BLOCK_LINEARS and not self.is_bias
+
+    @property
+    def gradient_is_zero(self) -> bool:
+        """Whether the loss's gradient is zero by construction: softmax(q.(k + b)) does not depend on the
+        key bias b, so its gradient is rounding noise (mean |g| ~1e-10 against ~1e-4 elsewhere, gpt2-tiny)."""
+        return self.is_bias and self.layer == "k"
+
 
 def param_role(name: str) -> ParamRole:
     """What the parameter `name` of a GPT is: its layer's role, whether it is a bias, and its block. A name
@@ -149,6 +166,11 @@ def param_role(name: str) -> ParamRole:
     layer = LAYER_ROLES.get(parts[-2], "other") if len(parts) >= 2 else "other"
     block = int(parts[2]) if parts[:2] == ["transformer", "h"] and len(parts) > 2 and parts[2].isdigit() else None
     return ParamRole(layer, parts[-1] == "bias", block)
+
+
+def vocab_size_of(state_dict: dict) -> int:
+    """The vocabulary a GPT's state dict was built for: its token embedding's rows."""
+    return next(t for name, t in state_dict.items() if param_role(name).layer == "embedding").shape[0]
 
 
 class GPT(nn.Module):
@@ -183,7 +205,7 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None). Logits cover every position:
         Sophia's Hessian estimator samples labels from all of them; last_position_only gives (B, 1, vocab),
         all that generation needs. With targets and loss_chunk_rows set, (None, loss): the loss comes from
-        loss.linear_cross_entropy and the logits are never built."""
+        linear_cross_entropy and the logits are never built."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -250,3 +272,74 @@ def init_weights(model: GPT, scheme: str = "gpt2") -> None:
             # nn.Linear stores (out, in); the tied wte (vocab, C) is lm_head's weight in that layout.
             fan_out, fan_in = p.shape
             nn.init.normal_(p, std=math.sqrt(1.0 / (fan_out if scheme == "fan_out" else fan_in)))
+
+
+# ---- the output layer and its loss ----------------------------------------------------------------
+# The output layer and cross-entropy together, a chunk of rows at a time, forward and backward, so the
+# (N, vocab) logits never exist in full.
+#
+# With GPT-2's vocabulary the logits are the largest tensor of a step: 2,048 rows x 50,257 fp32 is 412 MB,
+# built and read several times over (the matmul, log-softmax, its gradient), and on a CPU most of the
+# step's time is the output layer and the loss (85% of the default run's). Here each chunk of
+# `chunk_rows` rows computes its logits, its loss and, when a gradient is wanted, its gradients with
+# respect to the hidden states and the weight at once (as Liger-Kernel's fused linear cross-entropy
+# does), so backward has only to scale them. The matmuls run on the weight padded with zero rows to a
+# multiple of 64 (the padded logits are masked to -inf): a 50,304-row matmul is faster than a
+# 50,257-row one, and the parameter keeps GPT-2's shape. Mean over targets != -1, as F.cross_entropy
+# with ignore_index=-1.
+
+PAD_ROWS_TO = 64
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int):
+        """hidden (N, C), weight (V, C), targets (N,) -> mean cross-entropy of hidden @ weight.T."""
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        padded = -vocab // PAD_ROWS_TO * -PAD_ROWS_TO
+        weight_padded = F.pad(weight, (0, 0, 0, padded - vocab))  # (padded, C), zero rows past vocab
+        if torch.is_autocast_enabled(hidden.device.type):
+            # Cast once: autocast would cast this non-leaf weight (6.4M elements for GPT-2) again at each of
+            # the three matmuls of every chunk.
+            weight_padded = weight_padded.to(torch.get_autocast_dtype(hidden.device.type))
+        wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least: bf16 logits and sums would round
+        valid = targets != -1
+        count = valid.sum().to(accumulate)
+        loss_sum = torch.zeros((), dtype=accumulate, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if wants_grad else None
+        grad_weight = torch.zeros(weight_padded.shape, dtype=accumulate, device=weight.device) if wants_grad else None
+        for start in range(0, rows, chunk_rows):
+            h = hidden[start : start + chunk_rows]  # (n, C)
+            y = targets[start : start + chunk_rows].clamp(min=0)
+            keep = valid[start : start + chunk_rows]
+            logits = (h @ weight_padded.t()).to(accumulate)  # (n, padded)
+            logits[:, vocab:] = float("-inf")
+            logsumexp = torch.logsumexp(logits, dim=1)
+            picked = logits.gather(1, y[:, None]).squeeze(1)
+            loss_sum += torch.where(keep, logsumexp - picked, 0.0).sum()
+            if wants_grad:  # d loss / d logits = (softmax - onehot) / count, built in place in the logits
+                probs = logits.sub_(logsumexp[:, None]).exp_()
+                probs.scatter_add_(1, y[:, None], torch.full_like(picked, -1.0)[:, None])
+                probs.mul_(torch.where(keep, 1.0 / count, 0.0)[:, None])
+                probs = probs.to(h.dtype)
+                grad_hidden[start : start + chunk_rows] = probs @ weight_padded
+                grad_weight += probs.t() @ h
+        if wants_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight[:vocab].to(weight.dtype))
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int
+) -> torch.Tensor:
+    """Mean cross-entropy of the logits hidden @ weight.T (..., vocab) against targets (...), computed in
+    chunks of chunk_rows rows; equals F.cross_entropy(logits, targets, ignore_index=-1) in value and gradients."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_rows)

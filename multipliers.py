@@ -21,15 +21,18 @@ import time
 import torch
 import torch.distributed as dist
 
-import hf
-import outdir
-from build import gpt_config, token_batches
-from errors import UserError
+from data.loader import BatchSplit
 from lwlr import baseline_multipliers, measure_grad_mean_abs, multipliers_from_grads, numels_of
 from model import GPT, param_role
-from progress import Progress, counted
-from runtime import autocast, cache_dir, init_runtime, run_main
-from train_config import INIT_MODES, ConfigError, parse_config
+from runtime.device import autocast
+from runtime.errors import UserError
+from runtime.exits import run_main
+from runtime.files import DiskFullError, cache_dir, write_atomically
+from runtime.progress import Progress, counted
+from runtime.ranks import init_runtime
+from training import hf
+from training.build import gpt_config, token_batches
+from training.config import INIT_MODES, ConfigError, parse_config
 
 
 class LwlrFileError(UserError):
@@ -86,9 +89,9 @@ def report(module, multipliers: dict[str, float], grad_mean_abs: dict[str, float
 
 
 def save_report(data: dict, out_dir: str) -> None:
-    """lwlr.json and lwlr.png, each whole or not at all (outdir.write_atomically)."""
-    outdir.write_atomically(os.path.join(out_dir, "lwlr.json"), lambda f: json.dump(data, f, indent=1))
-    outdir.write_atomically(os.path.join(out_dir, "lwlr.png"), lambda f: plot(data, f), mode="wb")
+    """lwlr.json and lwlr.png, each whole or not at all (runtime.files.write_atomically)."""
+    write_atomically(os.path.join(out_dir, "lwlr.json"), lambda f: json.dump(data, f, indent=1))
+    write_atomically(os.path.join(out_dir, "lwlr.png"), lambda f: plot(data, f), mode="wb")
 
 
 def layer_kind(name: str) -> str:
@@ -110,7 +113,6 @@ KIND_COLORS = {
     "layernorm": "black",
     "other": "tab:brown",
 }
-LINEAR = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
 
 
 def plot(data: dict, path: str) -> dict:
@@ -122,7 +124,7 @@ def plot(data: dict, path: str) -> dict:
     import matplotlib.pyplot as plt
 
     layers = data["layers"]
-    linear = [layer for layer in layers if layer_kind(layer["name"]) in LINEAR]
+    linear = [layer for layer in layers if param_role(layer["name"]).is_block_matrix]
     drawn = {}
     fig, axes = plt.subplots(2, 1, figsize=(12, 8))
     for ax, subset, title in ((axes[0], layers, "all layers"), (axes[1], linear, "Linear weights")):
@@ -178,7 +180,8 @@ def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float]
         )
         return {layer["name"]: layer["multiplier"] for layer in cached["layers"]}, {**cached, "source": cache_path}
     device = next(model.parameters()).device
-    mine = (batches.get(t, c.micro_batch_size, 0, c.micro_batch_size, device) for t in range(rank, c.lwlr_T, world))
+    whole = BatchSplit(c.micro_batch_size)  # each of the T batches whole, on the rank it falls to
+    mine = (batches.get(t, whole, device) for t in range(rank, c.lwlr_T, world))
     log(f"lwlr: measuring each layer's mean |gradient| at init ({c.lwlr_init}) over T={c.lwlr_T} batches ...")
     start = time.perf_counter()
     with Progress("lwlr", len(range(rank, c.lwlr_T, world)), "batches", enabled=rank == 0) as progress:
@@ -198,6 +201,23 @@ def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float]
     if cache_path and rank == 0:
         _write_atomically(cache_path, data)
     return multipliers, data
+
+
+def for_run(c, rt, model) -> dict[str, float] | None:
+    """A fresh run's multipliers, in an out_dir it holds: measured (or computed, or read) as for_config
+    says, with lwlr.json and lwlr.png written beside the run."""
+    batches = token_batches(c, "train", "lwlr", model.config)
+    multipliers, report = for_config(c, model, batches, autocast(rt.device, c.dtype), log=rt.print0)
+    if rt.is_main and report is not None:
+        save_report(report, c.out_dir)
+    return multipliers
+
+
+def check_source(c, model) -> None:
+    """Refuse, before a run touches out_dir, an lwlr_file that cannot serve its model (read again, once
+    out_dir is held, by for_run)."""
+    if c.lr_rule == "lwlr" and c.lwlr_file:
+        load_multipliers(c.lwlr_file, model)
 
 
 CACHE_VERSION = 1  # bump when the measurement changes what it computes
@@ -250,8 +270,8 @@ def _write_atomically(path: str, data: dict) -> None:
     """Best effort: a cache that cannot be written costs a measurement next time, never the run."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        outdir.write_atomically(path, lambda f: json.dump(data, f, indent=1))
-    except (OSError, outdir.DiskFullError):
+        write_atomically(path, lambda f: json.dump(data, f, indent=1))
+    except (OSError, DiskFullError):
         pass
 
 

@@ -11,12 +11,11 @@ import sys
 
 import torch
 
-import checkpoint
-import hf
-from build import data_dir
 from data import vocab
-from runtime import run_main
-from train_config import TrainConfig
+from runtime.exits import run_main
+from training import checkpoint, hf
+from training.build import data_dir
+from training.config import TrainConfig
 
 
 def load_model(args):

@@ -19,7 +19,7 @@ import torch
 import lwlr
 from bench.common import RESULTS, results_base, sync
 from model import GPT, GPTConfig
-from runtime import autocast, environment
+from runtime.device import autocast, environment
 
 
 def main():

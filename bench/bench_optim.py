@@ -7,7 +7,7 @@ Each contender steps a fresh copy of the model's parameter shapes (fp32, random 
 warm-up; the median of `repeats` timed steps is reported. Effective GB/s counts the fp32 bytes a step
 must move per parameter: AdamW 28 (param r/w, grad r, two moments r/w), Lion 20, SophiaG 24; the
 device's copy bandwidth (read + write of a 1 GiB buffer) is the ceiling. "per-layer groups" gives every
-parameter tensor its own group with its own lr_scale: how a layer-wise rate looks to an optimizer.
+parameter tensor its own group with its own multiplier: how a layer-wise rate looks to an optimizer.
 Writes bench/results/optim-<device>.json and .md (device, versions, commit).
 """
 
@@ -19,15 +19,17 @@ import time
 
 import torch
 
-import lwas
-import optim
 from bench.common import RESULTS, results_base, sync
 from model import GPT, GPTConfig
-from runtime import environment
+from optimizers import adam_mini, adamw, lion, lwas, sophiag
+from optimizers.registry import spec
+from runtime.device import environment
 
-# Adam-mini reads the gradient twice; LW-AS's step moves AdamW's bytes, or SGD-momentum's
-# (param r/w, grad r, buffer r/w)
-BYTES_PER_PARAM = {"adamw": 28, "lion": 20, "sophiag": 24, "adam_mini": 24, "adamw_lw": 28, "sgdm_lw": 20}
+
+def bytes_per_parameter(optimizer: str) -> int:
+    """The fp32 bytes a step of the optimizer must move per parameter: its step's kernels' (its registry
+    entry); Adam-mini reads the gradient twice."""
+    return sum(spec(optimizer).kernels.values())
 
 
 def parameter_shapes(preset: str) -> list[tuple[str, torch.Size]]:
@@ -43,7 +45,7 @@ def make_params(named_shapes, device):
 
 
 def per_layer(params):
-    return [{"params": [p], "lr_scale": 0.5 + i / len(params)} for i, p in enumerate(params)]
+    return [{"params": [p], "multiplier": 0.5 + i / len(params)} for i, p in enumerate(params)]
 
 
 def per_layer_torch(params, lr):  # plain PyTorch gives a layer its own rate through its own group
@@ -59,8 +61,8 @@ def contenders(device, named_shapes, config):
         return [{**group, "names": [name]} for group, name in zip(per_layer(ps), names)]
 
     entries = {
-        "ours AdamW, 1 group": ("adamw", lambda ps: optim.AdamW(ps, lr=6e-4)),
-        "ours AdamW, per-layer groups": ("adamw", lambda ps: optim.AdamW(per_layer(ps), lr=6e-4)),
+        "ours AdamW, 1 group": ("adamw", lambda ps: adamw.AdamW(ps, lr=6e-4)),
+        "ours AdamW, per-layer groups": ("adamw", lambda ps: adamw.AdamW(per_layer(ps), lr=6e-4)),
         "torch AdamW fused, 1 group": (
             "adamw",
             lambda ps: torch.optim.AdamW(ps, lr=6e-4, betas=(0.9, 0.95), fused=True),
@@ -69,14 +71,14 @@ def contenders(device, named_shapes, config):
             "adamw",
             lambda ps: torch.optim.AdamW(per_layer_torch(ps, 6e-4), lr=6e-4, betas=(0.9, 0.95), fused=True),
         ),
-        "ours Lion, per-layer groups": ("lion", lambda ps: optim.Lion(per_layer(ps), lr=1e-4, weight_decay=1.0)),
+        "ours Lion, per-layer groups": ("lion", lambda ps: lion.Lion(per_layer(ps), lr=1e-4, weight_decay=1.0)),
         "ours SophiaG, per-layer groups": (
             "sophiag",
-            lambda ps: optim.SophiaG(per_layer(ps), lr=6e-4, rho=0.05, weight_decay=0.2, bs=491_520),
+            lambda ps: sophiag.SophiaG(per_layer(ps), lr=6e-4, rho=0.05, weight_decay=0.2, bs=491_520),
         ),
         "ours Adam-mini, per-layer groups": (
             "adam_mini",
-            lambda ps: optim.AdamMini(named_per_layer(ps), lr=6e-4, n_head=config.n_head),
+            lambda ps: adam_mini.AdamMini(named_per_layer(ps), lr=6e-4, n_head=config.n_head),
         ),
         # LW-AS between refreshes (the refresh needs a model: bench_train.py times it): its step reads a
         # step size per tensor
@@ -170,7 +172,7 @@ def main():
             params = make_params(shapes, device)
             optimizer = make(params)
             seconds = statistics.median(time_steps(optimizer.step, device, args.warmup, args.repeats))
-            gbps = BYTES_PER_PARAM[family] * numel / seconds / 1e9
+            gbps = bytes_per_parameter(family) * numel / seconds / 1e9
             rows.append(
                 {
                     "model": preset,

@@ -23,7 +23,7 @@ import tempfile
 import torch
 
 from bench.common import RESULTS, results_base
-from runtime import environment
+from runtime.device import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRECISIONS = ("float32", "bfloat16")

@@ -10,7 +10,7 @@
     python -m bench.bench_train --models gpt2-mini --rows adamw:lwlr --compare loss_chunk_rows=0,128 \
         --steps 3 --rounds 10
 
-Each row runs train.Trainer.step, the loop's own step, on random token ids (speed does not depend on
+Each row runs training.trainer.Trainer.step, the loop's own step, on random token ids (speed does not depend on
 the data): our AdamW with lr_rule=single and with lr_rule=lwlr (the multipliers' only cost is inside
 the fused step), Lion, SophiaG (its Hessian refresh every hess_interval steps amortized: timed steps
 are a multiple of it), AdamW-LW with its Gauss-Newton and Rademacher curvature passes (every lw_interval
@@ -29,7 +29,8 @@ import time
 import torch
 
 from bench.common import RESULTS, fresh_trainer, random_token_dir, results_base, sync
-from runtime import environment, peak_flops, peak_memory_gib
+from optimizers.registry import spec
+from runtime.device import environment, peak_flops, peak_memory_gib
 
 # (optimizer, lr_rule, LW-AS curvature or "")
 ROWS = (
@@ -77,7 +78,7 @@ def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> lis
         sync(device)
         warmup_seconds.append(time.perf_counter() - start)
     c = trainers[0].c
-    interval = {"sophiag": c.hess_interval, "sgdm_lw": c.lw_interval, "adamw_lw": c.lw_interval}.get(optimizer, 1)
+    interval = spec(optimizer).refresh_interval(c)
     steps = -(-args.steps // interval) * interval  # whole refresh intervals: their cost amortized exactly
     rounds = [[] for _ in trainers]
     for round_index in range(args.rounds):
@@ -120,8 +121,8 @@ def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> lis
 
 def time_optimizer_alone(trainer, device, step, repeats=10) -> float:
     """optimizer.step() on one step's gradients, repeated (the parameters move; the cost does not)."""
-    c, rt = trainer.c, trainer.rt
-    x, y = trainer.train_batches.get(step, trainer.global_rows, 0, c.micro_batch_size, rt.device)
+    rt = trainer.rt
+    x, y = trainer.train_batches.get(step, trainer.split, rt.device)
     with trainer.ctx:
         _, loss = trainer.model(x, y)
     loss.backward()
@@ -176,9 +177,8 @@ def main(argv=None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.block_size = args.block_size or (1024 if cuda else 128)
-    args.micro_batch_size = (
-        args.micro_batch_size or 16
-    )  # on CPU with gpt2-mini: the default run's (and nanoGPT's) 16 x 128
+    # on CPU with gpt2-mini: the default run's (and nanoGPT's) 16 x 128
+    args.micro_batch_size = args.micro_batch_size or 16
     models = args.models or (["gpt2", "gpt2-large"] if cuda else ["gpt2-mini"])
     rows_wanted = [(*r.split(":"), "")[:3] for r in args.rows] if args.rows else ROWS
     env = environment(device)

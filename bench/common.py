@@ -7,13 +7,14 @@ import tempfile
 import numpy as np
 import torch
 
-import build
 import multipliers
-import train
 from data import vocab
 from data.tokenfile import write_tokens
 from model import GPT
-from runtime import Runtime
+from runtime.ranks import Runtime
+from training import build
+from training.config import parse_config
+from training.trainer import Trainer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -44,13 +45,13 @@ def random_token_dir(vocab_size: int, path: str | None = None, train_tokens: int
     return path
 
 
-def fresh_trainer(overrides: dict, device: torch.device) -> train.Trainer:
+def fresh_trainer(overrides: dict, device: torch.device) -> Trainer:
     """A single-process Trainer from config overrides: the seed's init, multipliers measured (not logged
     or saved). What the benchmarks and the overfit sweep run; a training run uses start() instead."""
-    c = train.parse_config([f"--{key}={value}" for key, value in overrides.items()])
+    c = parse_config([f"--{key}={value}" for key, value in overrides.items()])
     torch.manual_seed(c.seed)
     model = GPT(build.gpt_config(c)).to(device)
-    lr_multipliers, _ = multipliers.for_config(
+    layer_multipliers, _ = multipliers.for_config(
         c, model, build.token_batches(c, "train", "lwlr", model.config), log=lambda *_: None
     )
-    return train.Trainer(c, Runtime(0, 0, 1, device), model, lr_multipliers)
+    return Trainer(c, Runtime(0, 0, 1, device), model, layer_multipliers)

@@ -7,10 +7,11 @@ in one folder ($OUT) as each part ends (docs/gpu.md):
     PYTHON=$(bash bench/replica.sh) OUT=/tmp/kit bash bench/gpu_check.sh --rehearse   # the same on CPU, small
     bash bench/gpu_check.sh --plan          # print the plan and its predicted time, run nothing
 
-The results folder (at most 8 files, no subfolders, so it copies or attaches whole): OUT/summary.json,
-rewritten as each part ends (every figure with its unit, the device and the commit), and OUT/<part>.log
-(its commands, their output, and the result tables). A part that overruns its cap is stopped (SIGTERM to
-its process group, SIGKILL 10 s later) and the next part runs; what finished is kept. Work files go to a
+The results go to one flat folder, which copies or attaches whole: OUT/summary.json first, rewritten as
+each part ends (every figure with its unit, the device and the commit), then OUT/<part>.log for each part
+(its commands, their output, and the result tables) and the few result files a part keeps. A part that
+overruns its cap is stopped (SIGTERM to its process group, SIGKILL 10 s later) and the next part runs;
+what finished is kept. Work files go to a
 temporary folder outside OUT. The check needs nothing from a package registry: the peer libraries it
 compares against come as wheels in .whl/ (bench/wheels.sh), for machines without network access.
 
@@ -18,7 +19,6 @@ The plans' times are estimates for one H200 (or H100); a run's summary.json reco
 """
 
 import argparse
-import ast
 import glob
 import json
 import os
@@ -33,9 +33,9 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 
 from bench.overfit_report import best_rates
+from runtime import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAX_OUT_FILES = 8  # summary.json and a log per part: a results folder small enough to copy or attach whole
 GPU_BUDGET_S = 480  # the default --budget: 8 minutes, short enough to run on every new machine or driver
 REHEARSAL_BUDGET_S = 1200  # 2 CPU cores, the kernels interpreted
 KILL_GRACE_S = 10
@@ -223,12 +223,8 @@ CHECK_TIMES = {  # part: (predicted on an H200, cap there, rehearsal measured on
     "environment": (20, 45, 5, 120),
     "correctness": (70, 120, 95, 300),
     "optimizers": (45, 90, 5, 120),
-    "train": (
-        120,
-        150,
-        80,
-        300,
-    ),  # the kernels' self-check: about 1 s per optimizer's first run (predicted), then cached
+    # the kernels' self-check: about 1 s per optimizer's first run (predicted), then cached
+    "train": (120, 150, 80, 300),
     # eval_only's process: about 8 s (CUDA init, the checkpoint, 2 batches); the resume under fsdp compiles
     # each block on its own, about the compile of the whole model it replaced (predicted; the rehearsal: 89 s)
     "torchrun": (53, 90, 90, 300),
@@ -282,7 +278,8 @@ def check_parts(python: str, work: str, rehearse: bool) -> list[Part]:
         environment_part(python, work, device),
         Part(
             "correctness",
-            "optimizer reference tests (aligned and fallback builds), loss.py, lwlr: on CUDA, kernels compiled",
+            "optimizer reference tests (aligned and fallback builds), the chunked loss, lwlr: on CUDA, kernels "
+            "compiled",
             [
                 [
                     python,
@@ -302,7 +299,7 @@ def check_parts(python: str, work: str, rehearse: bool) -> list[Part]:
         ),
         Part(
             "optimizers",
-            "bench_optim: ours (one launch, per-layer lr_scale) against torch fused AdamW and the peers",
+            "bench_optim: ours (one launch, a multiplier per layer) against torch fused AdamW and the peers",
             [[python, "-m", "bench.bench_optim", f"--device={device}", *optim_models, f"--out={w('optimizers')}"]],
             env=interpret,
             figures=optim_figures,
@@ -566,9 +563,10 @@ def run_part(part: Part, out: str, work: str, env: dict, deadline: float) -> dic
                 continue
             log.write(f"\n$ {' '.join(command)}\n")
             log.flush()
+            # its own process group: stop() reaches torchrun's workers
             process = subprocess.Popen(
                 command, cwd=ROOT, env={**env, **part.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )  # its own process group: stop() reaches torchrun's workers
+            )
             try:
                 codes.append(process.wait(timeout=left))
             except subprocess.TimeoutExpired:
@@ -607,13 +605,10 @@ def write_summary(out: str, summary: dict) -> None:
     path = os.path.join(out, "summary.json")
     with open(path + ".tmp", "w") as f:
         json.dump(summary, f, indent=1)
-    os.replace(path + ".tmp", path)  # never a half-written summary, never a 9th file left behind
+    os.replace(path + ".tmp", path)  # never a half-written summary, never a temporary file left behind
 
 
 def run_plan(kit: str, parts: list[Part], out: str, work: str, env: dict, budget: float, rehearse: bool) -> int:
-    files = 1 + len(parts) + sum(len(p.keep) for p in parts)  # summary.json, a log per part, the kept files
-    if files > MAX_OUT_FILES:
-        raise SystemExit(f"{kit}: {files} files in the results folder, more than its {MAX_OUT_FILES}")
     os.makedirs(out, exist_ok=True)
     print_plan(kit, parts, budget, rehearse)
     peers = install_wheels(env)
@@ -669,8 +664,8 @@ def measure_environment(device_name: str, quick: bool) -> dict:
     import torch
     import triton
 
-    from runtime import device_name as describe
-    from runtime import git_commit
+    from runtime.device import device_name as describe
+    from runtime.device import git_commit
 
     device = torch.device(device_name)
     env = {
@@ -714,9 +709,8 @@ def measure_environment(device_name: str, quick: bool) -> dict:
 
     env["copy_GBps"] = copy_bandwidth()
     size = 8192 if device.type == "cuda" else 512
-    a, b = (
-        torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2)
-    )  # random data: zeros run faster
+    # random data: zeros run faster
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
     env["matmul_size"] = size
     env["bf16_matmul_TFLOPs"] = 2 * size**3 / median_seconds(lambda: a @ b, 20) / 1e12
     return env
@@ -728,43 +722,12 @@ def measure_environment(device_name: str, quick: bool) -> dict:
 def third_party_imports(entry_files: list[str]) -> dict[str, set[str]]:
     """Top-level module -> the files importing it, over the entry files and every project module they
     import, at any depth of the code (a function's import included): what a bare CUDA image must provide."""
+    reached = {dependency for path in entry_files for dependency in sources.dependencies(sources.module_of(path))}
     found: dict[str, set[str]] = {}
-    todo, seen = list(entry_files), set()
-    while todo:
-        path = os.path.normpath(todo.pop())
-        if path in seen:
-            continue
-        seen.add(path)
-        with open(os.path.join(ROOT, path)) as f:
-            tree = ast.parse(f.read(), path)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [
-                    node.module,
-                    *(f"{node.module}.{a.name}" for a in node.names),
-                ]  # `from data import vocab`: a module
-            else:
-                continue
-            for name in names:
-                local = project_file(name, path)
-                if local:
-                    todo.append(local)
-                elif (
-                    name.split(".")[0] not in sys.stdlib_module_names and project_file(name.split(".")[0], path) is None
-                ):
-                    found.setdefault(name.split(".")[0], set()).add(path)
+    for module in reached:
+        for name in sources.third_party_imports(module):
+            found.setdefault(name, set()).add(sources.modules()[module])
     return found
-
-
-def project_file(module: str, importer: str) -> str | None:
-    """The project's file for an imported module name (bench/ scripts import their neighbours), or None."""
-    for base in ("", "bench", os.path.dirname(importer)):
-        for candidate in (module.replace(".", "/") + ".py", module.replace(".", "/") + "/__init__.py"):
-            if os.path.exists(os.path.join(ROOT, base, candidate)):
-                return os.path.join(base, candidate)
-    return None
 
 
 def kit_entry_files(parts: list[Part]) -> list[str]:
@@ -825,7 +788,7 @@ def main(argv=None) -> int:
     missing = [path for path in REQUIRED_FILES.get(args.command, []) if not os.path.exists(os.path.join(ROOT, path))]
     if missing:
         print(
-            f"{args.command}: {', '.join(missing)} missing: run `python data/shakespeare/prepare.py` here and carry "
+            f"{args.command}: {', '.join(missing)} missing: run `python -m data.shakespeare.prepare` here and carry "
             f"{SCIENCE_DATA} to the GPU machine",
             file=sys.stderr,
         )

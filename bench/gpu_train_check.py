@@ -44,21 +44,10 @@ from safetensors.torch import load_file
 
 from bench.common import random_token_dir
 from data import vocab
+from optimizers.registry import OPTIMIZERS, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-OPTIMIZERS = ("adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch")
-# Each optimizer at a rate of its own scale, with its refresh (SophiaG's Hessian, LW-AS's step sizes)
-# due within the few steps of the run.
-SETTINGS = {
-    "adamw": dict(lr=1e-3),
-    "adamw_torch": dict(lr=1e-3),
-    "adam_mini": dict(lr=1e-3),
-    "lion": dict(lr=1e-4),
-    "sophiag": dict(lr=1e-3, hess_interval=2),
-    "sgdm_lw": dict(lr=1.0, lw_interval=2, lw_warmup_steps=2),
-    "adamw_lw": dict(lr=0.1, lw_interval=2, lw_warmup_steps=2),
-}
 MAX_DEVIATION = 0.05  # |W_B - W_A| / |W_A - W_half| where bitwise equality is not required (see above)
 EVAL_ONLY_TOLERANCE = 0.02  # nats: bf16 rounds a loss of ~10 at about 2e-3 relative, compiled or not
 
@@ -85,7 +74,8 @@ def train_args(args, optimizer: str, out_dir: str, data_dir: str) -> list[str]:
         device=args.device,
         compile=args.compile,
         dtype=args.dtype,
-        **SETTINGS[optimizer],
+        # a rate of its own scale, its refresh due within the few steps (its registry entry's gpu_check)
+        **spec(optimizer).gpu_check,
     )
     return [f"--{key}={value}" for key, value in values.items()]
 
@@ -144,7 +134,7 @@ def check(args, optimizer: str, data_dir: str, work: str) -> dict:
 
 
 def resume_check(args, optimizer: str, data_dir: str, work: str) -> dict:
-    import checkpoint
+    from training import checkpoint
 
     record = {}
     a_dir, b_dir = os.path.join(work, f"{optimizer}-A"), os.path.join(work, f"{optimizer}-B")

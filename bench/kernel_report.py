@@ -4,15 +4,16 @@ roofline prediction of their step time. Static analysis, not a measurement.
     python -m bench.kernel_report            # sm_80 and sm_90; writes bench/results/kernels.json and .md
     python -m bench.kernel_report --check    # also exit 1 unless every kernel meets the targets below
 
-How: each optimizer (optim.py, lwas.py) takes a step on gpt2's parameters, a multiplier per tensor as
-under lr_rule=lwlr, on the CPU with the kernel launch intercepted, so every recorded launch carries real
-argument types and the specialization Triton gives a real launch (16-byte-aligned pointers, constexprs),
-and the build it chose is the one a real gpt2 run launches. Each is compiled with triton.compile
+How: each optimizer with Triton kernels (optimizers/registry.py) takes a step on gpt2's parameters, a
+multiplier per tensor as under lr_rule=lwlr, on the CPU with the kernel launch intercepted, so every
+recorded launch carries real argument types and the specialization Triton gives a real launch
+(16-byte-aligned pointers, constexprs), and the build it chose is the one a real gpt2 run launches. Each
+is compiled with triton.compile
 for sm_80 (A100) and sm_90 (H100), both builds (ALIGNED, what GPT-2's tensors take, and the scalar
 fallback), and assembled with the ptxas inside the Triton wheel (`ptxas -v`: registers, spills).
 
 From the PTX: global accesses are element accesses (masked, so predicated, or vector) or per-program
-table reads (scalar and unpredicated: pointers, sizes, lr_scale). "128-bit share" is the share of
+table reads (scalar and unpredicated: pointers, sizes, multipliers). "128-bit share" is the share of
 element-access bytes moved by 128-bit instructions, counted statically (each branch once).
 "Bytes/element" is element-access bytes per thread over elements per thread, against the algorithm's
 minimum. Occupancy: resident warps per SM from registers alone (64K registers, 64 warps, 32 programs).
@@ -39,25 +40,15 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-import lwas
-import optim
 from bench.common import RESULTS
 from model import GPT, GPTConfig
+from optimizers import base
+from optimizers.registry import OPTIMIZERS, spec
+from training.config import TrainConfig
 
 ARCHS = {80: "A100 (sm_80)", 90: "H100 (sm_90)"}
 MAX_REGISTERS = 64  # half occupancy or better at 8 warps on a 64K-register SM
 MIN_VECTOR_SHARE = 0.8
-
-# fp32 bytes an update must move per parameter: AdamW reads p, g, m, v and writes p, m, v.
-MINIMUM_BYTES = {
-    "adamw_kernel": 28,
-    "sgd_momentum_kernel": 20,
-    "lion_kernel": 20,
-    "sophiag_kernel": 24,
-    "ema_of_square_kernel": 12,
-    "adam_mini_kernel": 20,
-    "block_mean_square_kernel": 4,
-}
 
 # Peak HBM bandwidth from the vendors' datasheets; the achievable share is the one measured on this
 # project's H100 machine (device-to-device copy 3.0 TB/s of 3.35, shared/NOTES.md), assumed for the A100 too.
@@ -70,47 +61,55 @@ DEVICES = {
 }
 ACHIEVABLE = 3.0 / 3.35
 LAUNCH_SECONDS = 5e-6  # one kernel launch from PyTorch (host dispatch + launch), an assumed round figure
+ROOFLINE_OPTIMIZERS = ("adamw", "lion", "sophiag", "adam_mini")  # the paper's, predicted step by step
 MODELS = ("gpt2", "gpt2-large")
 
 
-OPTIMIZERS = {
-    "adamw": lambda groups, n_head: optim.AdamW(groups),
-    "lion": lambda groups, n_head: optim.Lion(groups),
-    "sophiag": lambda groups, n_head: optim.SophiaG(groups),
-    "adam_mini": lambda groups, n_head: optim.AdamMini(groups, n_head=n_head),
-    "sgdm_lw": lambda groups, n_head: lwas.SGDMomentumLW(groups),
-    "adamw_lw": lambda groups, n_head: lwas.AdamWLW(groups),
-}
+def kernel_optimizers() -> list[str]:
+    """The registered optimizers with Triton kernels, each of which the report steps."""
+    return [name for name in OPTIMIZERS if spec(name).kernels]
+
+
+def minimum_bytes() -> dict[str, int]:
+    """The fp32 bytes each kernel must move per parameter element (its optimizer's registry entry)."""
+    return {kernel.fn.__name__: moved for name in OPTIMIZERS for kernel, moved in _bytes_of(spec(name)).items()}
+
+
+def _bytes_of(optimizer_spec) -> dict:
+    return {**optimizer_spec.kernels, **optimizer_spec.refresh_kernels}
 
 
 def record_launches(preset: str = "gpt2") -> dict[str, list[tuple]]:
     """(kernel, grid, args, meta) of each optimizer's launches in one step (SophiaG: and a Hessian refresh)
     on a preset's parameters, grouped as a layer-wise run groups them (a multiplier per tensor): the
     launches, and the builds, that a real run of that model makes. Nothing is computed: storage is
-    allocated uninitialized and the launches are only recorded."""
+    allocated uninitialized, the launches are only recorded, and found_inf is set, so that a part on the
+    torch path (Muon's torch.optim.Muon) skips its step."""
     launches: list[tuple] = []
-    real_launch, real_use_triton = optim.launch_kernel, optim.FusedOptimizer.use_triton
-    optim.launch_kernel = lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta))
-    optim.FusedOptimizer.use_triton = lambda self, device: True
+    real_launch, real_use_triton = base.launch_kernel, base.FusedOptimizer.use_triton
+    base.launch_kernel = lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta))
+    base.FusedOptimizer.use_triton = lambda self, device: True
     try:
         recorded = {}
-        for name, make in OPTIMIZERS.items():
+        for name in kernel_optimizers():
             with torch.device("meta"):
                 model = GPT(GPTConfig.from_preset(preset))
             model.to_empty(device="cpu")
             model.lm_head.weight = model.transformer.wte.weight  # to_empty gave each its own storage: tie them again
             for p in model.parameters():
                 p.grad = torch.empty_like(p)
-            lr_multipliers = {name: 1 + i / 100 for i, (name, _) in enumerate(model.named_parameters())}
-            optimizer = make(optim.param_groups(model, lr_multipliers, 0.1), model.config.n_head)
+            multipliers = {param: 1 + i / 100 for i, (param, _) in enumerate(model.named_parameters())}
+            groups = base.param_groups(model, multipliers, 0.1)
+            optimizer = spec(name).build(TrainConfig(optimizer=name), groups, model.config.n_head, "triton")
+            optimizer.found_inf = torch.ones(())
             launches.clear()
             optimizer.step()
-            if name == "sophiag":
+            if hasattr(optimizer, "update_hessian"):  # SophiaG's refresh
                 optimizer.update_hessian()
             recorded[name] = list(launches)
         return recorded
     finally:
-        optim.launch_kernel, optim.FusedOptimizer.use_triton = real_launch, real_use_triton
+        base.launch_kernel, base.FusedOptimizer.use_triton = real_launch, real_use_triton
 
 
 def launched_builds(recorded) -> list[dict]:
@@ -257,21 +256,20 @@ def roofline(recorded) -> list[dict]:
     launch once per step whatever the groups (Adam-mini twice; SophiaG's Hessian refresh every 10 steps
     adds 12 bytes and a launch, amortized). torch's fused AdamW launches per param group: under a
     layer-wise rate every tensor has its own lr, so one group (at least one launch) per tensor."""
-    per_step = {
-        "adamw": (28, 1),
-        "lion": (20, 1),
-        "sophiag": (24 + 12 / 10, 1 + 1 / 10),
-        "adam_mini": (24, 2),
-        "torch fused AdamW, one group per tensor": (28, None),
-    }
+    per_step = {}
+    for name in ROOFLINE_OPTIMIZERS:  # a step's kernels, and a refresh's over its interval (registry entries)
+        entry, interval = spec(name), spec(name).refresh_interval(TrainConfig(optimizer=name))
+        moved = sum(entry.kernels.values()) + sum(entry.refresh_kernels.values()) / interval
+        per_step[name] = (moved, len(entry.kernels) + len(entry.refresh_kernels) / interval)
+    per_step["torch fused AdamW, one group per tensor"] = (sum(spec("adamw").kernels.values()), None)
     assert {name for name in per_step if not name.startswith("torch")} <= set(recorded)
     rows = []
     for preset in MODELS:
         n_params, n_tensors = parameter_counts(preset)
-        for device, spec in DEVICES.items():
+        for device, datasheet in DEVICES.items():
             for name, (bytes_per_param, launches) in per_step.items():
                 launches = n_tensors if launches is None else launches
-                seconds = n_params * bytes_per_param / (spec["bandwidth"] * ACHIEVABLE) + launches * LAUNCH_SECONDS
+                seconds = n_params * bytes_per_param / (datasheet["bandwidth"] * ACHIEVABLE) + launches * LAUNCH_SECONDS
                 rows.append(
                     {
                         "model": preset,
@@ -323,7 +321,7 @@ def markdown(rows, builds, sweep, predictions) -> str:
             f"| `{row['kernel']}` | {build} | {row['BLOCK']} / {row['num_warps']} | {a['registers']} | "
             f"{h['registers']} |"
             f" {a['spill_bytes'] + h['spill_bytes']} | {100 * h['occupancy']:.0f}% | {100 * h['vector_share']:.0f}% |"
-            f" {h['bytes_per_element']:.0f} ({MINIMUM_BYTES[row['kernel']]}) |"
+            f" {h['bytes_per_element']:.0f} ({minimum_bytes()[row['kernel']]}) |"
         )
     lines += [
         "",
@@ -357,7 +355,7 @@ def markdown(rows, builds, sweep, predictions) -> str:
         "",
         f"bytes / ({100 * ACHIEVABLE:.0f}% of peak bandwidth) + launches x {LAUNCH_SECONDS * 1e6:.0f} us. Peak "
         f"bandwidth: "
-        + "; ".join(spec["source"] for spec in DEVICES.values())
+        + "; ".join(datasheet["source"] for datasheet in DEVICES.values())
         + ". The additive launch term is an upper bound where",
         "launches overlap GPU work.",
         "",

@@ -19,11 +19,11 @@ import os
 import torch
 
 import multipliers
-from build import gpt_config, token_batches
 from lwlr import baseline_multipliers
-from model import GPT
-from runtime import autocast, environment
-from train_config import TrainConfig
+from model import BLOCK_LINEARS, GPT
+from runtime.device import autocast, environment
+from training.build import gpt_config, token_batches
+from training.config import TrainConfig
 
 
 def measure(model_name: str, T: int, device: torch.device, data_dir: str = "", block_size: int = 256) -> list[dict]:
@@ -65,7 +65,7 @@ def summary(tensors: list[dict]) -> dict:
     """The correlation of log multipliers over tensors, and per layer kind the log2 ratio lwlr / fan_in
     (mean, min, max) with the kind's share of the parameters."""
     logs = [(math.log(t["lwlr"]), math.log(t["fan_in"])) for t in tensors]
-    matrices = [(math.log(t["lwlr"]), math.log(t["fan_in"])) for t in tensors if t["kind"] in multipliers.LINEAR]
+    matrices = [(math.log(t["lwlr"]), math.log(t["fan_in"])) for t in tensors if t["kind"] in BLOCK_LINEARS]
     total = sum(t["numel"] for t in tensors)
     kinds = {}
     for t in tensors:

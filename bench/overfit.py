@@ -54,16 +54,17 @@ import time
 
 import torch
 
-import build
 import multipliers
-import train
-import train_config
 from bench.common import fresh_trainer
 from bench.overfit_report import write_all, write_depth_table
+from eval import evaluate
 from model import GPT
-from outdir import write_atomically
-from progress import duration
-from runtime import EXIT_PREEMPTED, Preempted, StopRequest, environment
+from runtime.device import environment
+from runtime.files import write_atomically
+from runtime.progress import duration
+from runtime.signals import EXIT_PREEMPTED, Preempted, StopRequest
+from training import build
+from training.config import BASELINES, parse_config
 
 DIVERGED_MARGIN = 1.0  # nats above the starting loss
 
@@ -101,9 +102,8 @@ class Sweep:
     heldout: bool = False  # held-out mode: whole train split, cosine to lr / 10, scored by val loss (see above)
     eval_every: int = 50  # held-out mode: val-loss curve resolution
     eval_steps: int = 20  # held-out mode: val batches per evaluation
-    depths: list[int] = dataclasses.field(
-        default_factory=list
-    )  # the depth study: one sweep per model f"narrow-{depth}"
+    # the depth study: one sweep per model f"narrow-{depth}"
+    depths: list[int] = dataclasses.field(default_factory=list)
     # The CPU presets' committed tables were made in fp32, before dtype=auto chose bf16 on CPUs that compute
     # it natively: they keep fp32, so they reproduce. The GPU presets take bf16 autocast (auto, on CUDA).
     dtype: str = "float32"
@@ -205,7 +205,7 @@ PRESETS = {
     # Muon beside heldout-cpu's AdamW and Lion rows: its model, data, budget and seeds, written into its folder
     # (`--out_dir bench/results/overfit-heldout-cpu`). The grid was fixed before any run: 5 rates a factor 3.16
     # apart around the speedrun's 0.05, the AdamW part (embeddings, output layer, LayerNorms, biases) at AdamW
-    # single's best rate there, 0.00316; Newton-Schulz in fp32 (muon.py: bf16 is emulated on these CPUs).
+    # single's best rate there, 0.00316; Newton-Schulz in fp32 (optimizers/muon.py: bf16 is emulated on these CPUs).
     # 3 rules x 5 rates x 3 seeds = 45 runs.
     "heldout-muon-cpu": dataclasses.replace(
         HELDOUT_CPU,
@@ -399,13 +399,14 @@ def config_overrides(
             loss_chunk_rows=0,
         )
         | sweep.optimizer_settings.get(optimizer, {})
+        # an ablation's settings replace the sweep's (lwlr_T)
         | settings
-    )  # an ablation's settings replace the sweep's (lwlr_T)
+    )
 
 
 def measurement_seconds(sweep: Sweep, rule: str, device: torch.device) -> float:
     """What a rule's multipliers cost to measure (seed 0, no cache): the price beside an ablation's effect."""
-    c = train.parse_config(
+    c = parse_config(
         [f"--{k}={v}" for k, v in config_overrides(sweep, sweep.optimizers[0], rule, 1e-3, False, 0, device).items()]
         + ["--lwlr_cache_dir=none"]
     )
@@ -426,7 +427,7 @@ def run_one(
     for step in range(sweep.steps):
         _, loss, _, found_inf = trainer.step(step)
         if sweep.heldout and ((step + 1) % sweep.eval_every == 0 or step == sweep.steps - 1):
-            val_curve.append([step + 1, train.evaluate(trainer.model, val_batches, trainer.c, trainer.rt, trainer.ctx)])
+            val_curve.append([step + 1, evaluate(trainer.model, val_batches, trainer.c, trainer.rt, trainer.ctx)])
         if step % sweep.log_every == 0 or step == sweep.steps - 1:
             value = loss.item()
             start_loss = value if start_loss is None else start_loss
@@ -459,7 +460,7 @@ def subset_loss(trainer, device) -> float:
     model = trainer.raw_model.eval()
     total = 0.0
     for k in range(c.data_subset_batches):
-        x, y = trainer.train_batches.get(k, trainer.global_rows, 0, c.micro_batch_size, device)
+        x, y = trainer.train_batches.get(k, trainer.split, device)
         with trainer.ctx:
             _, loss = model(x, y)
         total += loss.item()
@@ -473,9 +474,8 @@ def load_results(path: str, sweep: Sweep) -> dict:
     with open(path) as f:
         results = json.load(f)
     saved = results["sweep"]
-    changed = [
-        key for key in RESULT_DEFINING if saved.get(key, getattr(Sweep, key, None)) != getattr(sweep, key)
-    ]  # older files lack newer keys
+    # older files lack newer keys: those count at the sweep's default
+    changed = [key for key in RESULT_DEFINING if saved.get(key, getattr(Sweep, key, None)) != getattr(sweep, key)]
     if changed:
         raise ValueError(
             f"{path} holds a sweep with other {', '.join(changed)}; its runs would not compare: use another --out_dir"
@@ -499,7 +499,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", choices=PRESETS, default="tiny-cpu")
     parser.add_argument("--out_dir", default=None, help="default bench/results/overfit-<preset>")
     parser.add_argument("--optimizers", nargs="+")
-    parser.add_argument("--rules", nargs="+", help=f"from single, lwlr, {', '.join(train_config.BASELINES)}")
+    parser.add_argument("--rules", nargs="+", help=f"from single, lwlr, {', '.join(BASELINES)}")
     parser.add_argument("--lrs", nargs="+", type=float, help="one grid for every optimizer")
     parser.add_argument("--residual_scales", nargs="+", choices=["false", "true"])
     parser.add_argument("--seeds", nargs="+", type=int)

@@ -1,7 +1,7 @@
 # GPT-2 large's own val loss on OpenWebText, nanoGPT's config/eval_gpt2_large.py: evaluate, never train.
 # Fetch the model once wherever a network is (nothing here downloads), and prepare the data:
 #   hf download openai-community/gpt2-large --local-dir hf/gpt2-large
-#   python data/openwebtext/prepare.py
+#   python -m data.openwebtext.prepare
 #   python train.py config/eval_gpt2_large.py                 # or torchrun --standalone --nproc_per_node=8 ...
 # nanoGPT reports val loss 3.12, 2.84, 2.67 and 2.54 for gpt2, -medium, -large and -xl on its split.
 

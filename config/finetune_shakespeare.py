@@ -3,7 +3,7 @@
 # downloaded at run time, so fetch one first wherever a network is:
 #   hf download openai-community/gpt2 --local-dir hf/gpt2   # or gpt2-medium, -large, -xl (huggingface_hub's CLI;
 #                                                           # older versions call it `huggingface-cli download`)
-#   python data/shakespeare/prepare.py
+#   python -m data.shakespeare.prepare
 #   python train.py config/finetune_shakespeare.py --init_from=hf/gpt2
 #   python sample.py --out_dir=out/finetune-shakespeare --prompt="ROMEO:"
 #   python export.py --out_dir=out/finetune-shakespeare --hf_dir=hf/gpt2-shakespeare   # a GPT-2 directory again

@@ -1,10 +1,10 @@
 # GPT-2 124M on OpenWebText, nanoGPT's recipe (which reaches val loss ~2.85 after 600k steps).
-# prepare first: python data/openwebtext/prepare.py (or data/fineweb/prepare.py with --dataset=fineweb)
+# prepare first: python -m data.openwebtext.prepare (or python -m data.fineweb.prepare with --dataset=fineweb)
 # one GPU:    python train.py config/train_gpt2.py
 # 8 GPUs:     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 
 out_dir = "out/gpt2"
-dataset = "openwebtext"  # or "fineweb": FineWeb-Edu, data/fineweb/prepare.py
+dataset = "openwebtext"  # or "fineweb": FineWeb-Edu, python -m data.fineweb.prepare
 model = "gpt2"
 block_size = 1024
 

@@ -1,6 +1,6 @@
 # The default run, spelled out: a 7.2M-parameter GPT (4 layers, 128 wide; most of it is the
 # 50257 x 128 embedding) on Shakespeare's plays, about 5 minutes on 2 CPU cores.
-# prepare first: python data/shakespeare/prepare.py
+# prepare first: python -m data.shakespeare.prepare
 
 out_dir = "out/shakespeare"
 dataset = "shakespeare"

@@ -1,5 +1,5 @@
 # Character-level Shakespeare: nanoGPT's fast path, on the embedded plays.
-# prepare first: python data/shakespeare_char/prepare.py  (about 80 characters; train.py reads vocab.json)
+# prepare first: python -m data.shakespeare_char.prepare  (about 80 characters; train.py reads vocab.json)
 # then:          python train.py config/train_shakespeare_char.py
 #                python sample.py --out_dir=out/shakespeare_char --prompt="ROMEO:"
 

@@ -1,5 +1,5 @@
 """Text datasets through Hugging Face `datasets` into token files: the one pipeline behind
-data/openwebtext/prepare.py and data/fineweb/prepare.py.
+data/openwebtext/prepare.py and data/fineweb/prepare.py (`python -m data.openwebtext.prepare`).
 
 Loading: a Hub repository at a revision, as parquet files (`datasets` 4 and later run no loading
 scripts), or local parquet, jsonl or text files (`--data_files`). Writing: the documents are split into
@@ -13,10 +13,9 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.tokenfile import TokenFileWriter  # noqa: E402
-from data.tokenizer import VOCAB_SIZE, encode_document  # noqa: E402
-from errors import UserError  # noqa: E402
+from data.tokenfile import TokenFileWriter
+from data.tokenizer import VOCAB_SIZE, encode_document
+from runtime.errors import UserError
 
 SLICE_DOCUMENTS = 100_000  # documents tokenized and written at a time: bounds memory, lets --max_tokens stop early
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}

@@ -1,10 +1,13 @@
-"""Batches of random token windows, a pure function of (seed, split, step).
+"""Batches of random token windows, a pure function of (seed, stream, step), and the one answer to which
+rows a rank and a micro-step take of a step's batch.
 
 Nothing but the step number needs saving for an exact resume, and the split of a global batch over
-ranks and gradient-accumulation micro-steps is fixed: rank r's micro-step m takes rows
+ranks and gradient-accumulation micro-steps is fixed (BatchSplit): rank r's micro-step m takes rows
 [(r * accum + m) * B, ... + B) of the step's global batch. So 2 ranks x 1 micro-step see exactly the
 rows that 1 rank x 2 micro-steps sees, and their losses and gradients agree.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,6 +17,24 @@ from data.tokenfile import read_tokens
 # Independent random streams over the token files: training batches, eval batches, and the batches
 # multipliers.py measures gradients on (so measuring does not change which batches training sees).
 STREAMS = {"train": 0, "val": 1, "lwlr": 2}
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """How one step's global batch is cut: `rows` sequences per micro-batch, `micro_steps` of them per
+    rank (gradient accumulation), over `ranks` processes."""
+
+    rows: int
+    micro_steps: int = 1
+    ranks: int = 1
+
+    @property
+    def global_rows(self) -> int:
+        return self.rows * self.micro_steps * self.ranks
+
+    def first_row(self, micro: int, rank: int) -> int:
+        """The first of the rows rank `rank` takes at micro-step `micro`."""
+        return (rank * self.micro_steps + micro) * self.rows
 
 
 class TokenBatches:
@@ -30,9 +51,11 @@ class TokenBatches:
         rng = np.random.default_rng([self.seed, self.stream, step])
         return rng.integers(0, len(self.tokens) - self.block_size, size=global_rows)
 
-    def get(self, step: int, global_rows: int, first_row: int, rows: int, device: torch.device):
-        """Inputs and next-token targets, each (rows, block_size) int64 on device."""
-        starts = self.window_starts(step, global_rows)[first_row : first_row + rows]
+    def get(self, step: int, split: BatchSplit, device: torch.device, micro: int = 0, rank: int = 0):
+        """Inputs and next-token targets of step `step`'s rows for this micro-step and rank, each
+        (split.rows, block_size) int64 on device."""
+        first = split.first_row(micro, rank)
+        starts = self.window_starts(step, split.global_rows)[first : first + split.rows]
         windows = np.stack([self.tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
         batch = torch.from_numpy(windows)
         if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step's kernels

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from errors import UserError
+from runtime.errors import UserError
 
 MAGIC = 0x4C574C52  # b"RLWL" read as little-endian int32
 VERSION = 2
@@ -87,7 +87,9 @@ def write_tokens(path: str, tokens, vocab_size: int) -> None:
 def read_header(path: str) -> np.ndarray:
     """A token file's header, its magic and version checked."""
     if not os.path.isfile(path):
-        raise TokenFileError(f"{path}: no such token file; run the dataset's prepare.py first")
+        raise TokenFileError(
+            f"{path}: no such token file; run its dataset's prepare first (python -m data.<dataset>.prepare)"
+        )
     size = os.path.getsize(path)
     if size < HEADER_BYTES:
         raise TokenFileError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
@@ -96,7 +98,9 @@ def read_header(path: str) -> np.ndarray:
     if magic != MAGIC:
         raise TokenFileError(f"{path}: not a token file (magic {magic:#x}, expected {MAGIC:#x})")
     if version not in READABLE_VERSIONS:
-        raise TokenFileError(f"{path}: format version {version}, this code reads {VERSION}; re-run prepare.py")
+        raise TokenFileError(
+            f"{path}: format version {version}, this code reads {VERSION}; run its dataset's prepare again"
+        )
     return header
 
 
@@ -115,7 +119,7 @@ def read_tokens(path: str, vocab_size: int, min_tokens: int = 1) -> np.memmap:
     if size != expected:
         raise TokenFileError(
             f"{path}: {size} bytes, but its header announces {count} tokens ({expected} bytes): "
-            "truncated or not uint16 tokens; re-run prepare.py"
+            "truncated or not uint16 tokens; run its dataset's prepare again"
         )
     if max_id >= vocab_size:
         raise TokenFileError(

@@ -7,7 +7,7 @@ import json
 import os
 
 from data.tokenizer import VOCAB_SIZE, gpt2_encoding
-from errors import UserError
+from runtime.errors import UserError
 
 VOCAB_FILE = "vocab.json"
 

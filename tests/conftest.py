@@ -94,8 +94,9 @@ def read_log(out_dir, kind) -> list[dict]:
 
 
 def torchrun(nproc, args, timeout=300, script="train.py", env=None) -> subprocess.CompletedProcess:
-    """A script (train.py by default) under torchrun with nproc CPU processes (gloo), one thread each;
-    env adds to the environment."""
+    """A script (train.py by default) under torchrun with nproc CPU processes (gloo), one thread each, the
+    project's root on the import path (a script in tests/ imports the project as train.py does); env adds
+    to the environment."""
     command = [
         sys.executable,
         "-m",
@@ -111,5 +112,5 @@ def torchrun(nproc, args, timeout=300, script="train.py", env=None) -> subproces
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})},
     )

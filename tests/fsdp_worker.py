@@ -8,27 +8,25 @@ optimizer state each rank holds to the JSON file given.
 
 import copy
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import build  # noqa: E402
-import lwas  # noqa: E402
-import parallel  # noqa: E402
-import train  # noqa: E402
-from model import GPT  # noqa: E402
-from parallel import local  # noqa: E402
-from runtime import Runtime, init_runtime  # noqa: E402
+from model import GPT
+from optimizers import curvature
+from runtime import fsdp
+from runtime.fsdp import local
+from runtime.ranks import Runtime, all_reduce_mean, init_runtime
+from training import build
+from training.config import parse_config
+from training.trainer import Trainer
 
 STEPS = {"torch": 20, "triton": 4}  # Triton's interpreter takes about half a second a launch on CPU
 LR = {"lion": 2e-3, "sgdm_lw": 1.0, "adamw_lw": 1.0}  # LW-AS: lr multiplies its own step sizes
 SAMPLES_LABELS = ("sophiag", "sgdm_lw", "adamw_lw")  # curvature from labels sampled per rank
 
 
-def trainer(c, rt, scales) -> train.Trainer:
+def trainer(c, rt, scales) -> Trainer:
     """In float64 on the torch path, where rounding is too small to hide a missing or partial reduction:
     the sharded run must then equal the replicated one to many more digits than fp32 holds. The Triton
     kernels take fp32."""
@@ -36,7 +34,7 @@ def trainer(c, rt, scales) -> train.Trainer:
     model = GPT(build.gpt_config(c))
     if c.optimizer_backend == "torch":
         model.double()
-    return train.Trainer(c, rt, model, scales, backend=(c.optimizer_backend, "test"))
+    return Trainer(c, rt, model, scales, backend=(c.optimizer_backend, "test"))
 
 
 def state_tensors(state: dict) -> dict[tuple[str, str], torch.Tensor]:
@@ -64,36 +62,37 @@ def gauss_newton_curvature_of_the_whole_batch(rt) -> dict[str, float]:
     joint term is the whole batch's mean, under DDP (whole model, reduce_mean) and under fsdp (shards, the
     staged JVP against one process's through the whole model). The labels are the logits' argmax instead
     of samples, so the three see the same ones."""
-    sampled = lwas.sampled_label_loss
-    lwas.sampled_label_loss = lambda logits: torch.nn.functional.cross_entropy(
+    sampled = curvature.sampled_label_loss
+    curvature.sampled_label_loss = lambda logits: torch.nn.functional.cross_entropy(
         logits.view(-1, logits.size(-1)), logits.argmax(-1).view(-1)
     )
     try:
         return _curvatures_against_the_whole_batch(rt)
     finally:
-        lwas.sampled_label_loss = sampled  # the cases after this one sample their labels
+        curvature.sampled_label_loss = sampled  # the cases after this one sample their labels
 
 
 def _curvatures_against_the_whole_batch(rt) -> dict[str, float]:
-    c = train.parse_config(["--model=gpt2-tiny", "--block_size=16", "--device=cpu"])
+    c = parse_config(["--model=gpt2-tiny", "--block_size=16", "--device=cpu"])
     torch.manual_seed(0)
     model = GPT(build.gpt_config(c)).double()
     batch = torch.randint(0, model.config.vocab_size, (4, 16))
     directions = {name: torch.randn_like(p) for name, p in model.named_parameters()}
     mine = batch.chunk(2)[rt.rank]
 
-    def curvature(model, x, reduce=None, sharded=False):
+    def terms_of(model, x, reduce=None, sharded=False):
         params = list(model.parameters())
         names = [name for name, _ in model.named_parameters()]
-        cut = [local(parallel.shard_of(directions[n], p)) if sharded else directions[n] for n, p in zip(names, params)]
-        terms = lwas.Curvature("gauss_newton", model, x, None, reduce=reduce, sharded=sharded)
+        cut = [local(fsdp.shard_of(directions[n], p)) if sharded else directions[n] for n, p in zip(names, params)]
+        terms = curvature.Curvature("gauss_newton", model, x, None, reduce=reduce, sharded=sharded)
         return torch.cat([terms.block_terms(params, cut), terms.joint_term(params, cut).view(1)])
 
-    whole = curvature(model, batch)
-    ddp = curvature(model, mine, lwas.all_reduce_mean)
-    sharded = parallel.fully_shard_gpt(copy.deepcopy(model), torch.device("cpu"))
-    fsdp = curvature(sharded, mine, lwas.all_reduce_mean, sharded=True)
-    return {name: ((got - whole).abs() / whole.abs()).max().item() for name, got in (("ddp", ddp), ("fsdp", fsdp))}
+    whole = terms_of(model, batch)
+    replicated = terms_of(model, mine, all_reduce_mean)
+    sharded = terms_of(fsdp.fully_shard_gpt(copy.deepcopy(model), torch.device("cpu")), mine, all_reduce_mean, True)
+    return {
+        name: ((got - whole).abs() / whole.abs()).max().item() for name, got in (("ddp", replicated), ("fsdp", sharded))
+    }
 
 
 def main(data_dir: str, out_path: str, cases: list[str]) -> None:
@@ -125,12 +124,12 @@ def main(data_dir: str, out_path: str, cases: list[str]) -> None:
             lw_warmup_steps=2,
             muon_ns_dtype="float32",  # bf16 Newton-Schulz would round float64's agreement away
         )
-        c = train.parse_config([f"--{k}={v}" for k, v in settings.items()])
+        c = parse_config([f"--{k}={v}" for k, v in settings.items()])
         names = [name for name, _ in GPT(build.gpt_config(c)).named_parameters()]
         scales = {name: 0.5 + (i % 5) / 4 for i, name in enumerate(names)}  # a layer-wise rate per tensor
         runs = {
             "fsdp": trainer(
-                train.parse_config([f"--{k}={v}" for k, v in settings.items()] + ["--parallel=fsdp"]), rt, scales
+                parse_config([f"--{k}={v}" for k, v in settings.items()] + ["--parallel=fsdp"]), rt, scales
             ),
             "ddp": trainer(c, rt, scales),
         }
@@ -140,7 +139,7 @@ def main(data_dir: str, out_path: str, cases: list[str]) -> None:
             for step in range(STEPS[backend]):
                 run.step(step)
         weights = {name: run.full_model() for name, run in runs.items()}
-        states = {name: state_tensors(parallel.full(run.optimizer.state_dict())) for name, run in runs.items()}
+        states = {name: state_tensors(fsdp.full(run.optimizer.state_dict())) for name, run in runs.items()}
         memory = {name: state_bytes(run.optimizer) for name, run in runs.items() if name != "one process"}
         if rt.is_main:
             reference = dict(weights["ddp"].named_parameters())
@@ -165,7 +164,7 @@ def main(data_dir: str, out_path: str, cases: list[str]) -> None:
                 "worst_scalar_state_relative": {name: against_ddp(state, True) for name, state in others.items()},
                 "state_bytes": memory,
             }
-        assert parallel.shards(runs["fsdp"].c, rt)
+        assert build.shards(runs["fsdp"].c, rt)
     if rt.is_main:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_run_args
-from data.loader import TokenBatches
+from data.loader import BatchSplit, TokenBatches
 from data.tokenfile import HEADER_BYTES, TokenFileError, read_tokens, write_tokens
 from data.tokenizer import EOT_TOKEN, gpt2_encoding
 
@@ -49,14 +49,15 @@ def decoded_documents(folder, counts=None) -> list[str]:
     return decoded
 
 
-def run_prepare(script, *args):
+def run_prepare(module, *args):
+    """A prepare script as the README runs it: python -m data.<dataset>.prepare, from the repository's root."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no test may reach the Hub: offline mode fails at once instead
     return subprocess.run(
-        [sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
     )
 
 
-@pytest.mark.parametrize("script", ["data/openwebtext/prepare.py", "data/fineweb/prepare.py"])
+@pytest.mark.parametrize("script", ["data.openwebtext.prepare", "data.fineweb.prepare"])
 @pytest.mark.parametrize("file_format", ["parquet", "jsonl"])
 def test_prepare_reads_local_files_offline(tmp_path, script, file_format):
     import datasets
@@ -86,7 +87,7 @@ def test_max_tokens_caps_the_train_split(tmp_path):
     datasets.Dataset.from_dict({"text": [f"fineweb-like document {i} " * 20 for i in range(500)]}).to_parquet(str(path))
     out = tmp_path / "out"
     result = run_prepare(
-        "data/fineweb/prepare.py", f"--out_dir={out}", "--num_proc=1", "--max_tokens=1000", "--data_files", path
+        "data.fineweb.prepare", f"--out_dir={out}", "--num_proc=1", "--max_tokens=1000", "--data_files", path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(read_tokens(str(out / "train.bin"), 50257)) == 1000
@@ -96,7 +97,7 @@ def test_max_tokens_caps_the_train_split(tmp_path):
 def test_prepare_errors_are_one_line_saying_what_to_do(tmp_path):
     import datasets
 
-    unreachable = run_prepare("data/openwebtext/prepare.py", f"--out_dir={tmp_path}")
+    unreachable = run_prepare("data.openwebtext.prepare", f"--out_dir={tmp_path}")
     assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1, unreachable.stderr
     assert (
         "could not load Skylion007/openwebtext (revision refs/convert/parquet)" in unreachable.stderr
@@ -106,19 +107,17 @@ def test_prepare_errors_are_one_line_saying_what_to_do(tmp_path):
     script_dataset.mkdir()
     (script_dataset / "scripted.py").write_text("import datasets\n")
     scripted = run_prepare(
-        "data/openwebtext/prepare.py", f"--out_dir={tmp_path}", f"--repo={script_dataset}", "--revision=main"
+        "data.openwebtext.prepare", f"--out_dir={tmp_path}", f"--repo={script_dataset}", "--revision=main"
     )
     assert (
         scripted.returncode == 2
         and "is a loading script" in scripted.stderr
         and "refs/convert/parquet" in scripted.stderr
     )
-    missing = run_prepare("data/fineweb/prepare.py", f"--out_dir={tmp_path}", "--data_files", tmp_path / "nope.parquet")
+    missing = run_prepare("data.fineweb.prepare", f"--out_dir={tmp_path}", "--data_files", tmp_path / "nope.parquet")
     assert missing.returncode == 2 and "--data_files: no such file" in missing.stderr
     datasets.Dataset.from_dict({"content": ["a"]}).to_parquet(str(tmp_path / "no_text.parquet"))
-    no_text = run_prepare(
-        "data/fineweb/prepare.py", f"--out_dir={tmp_path}", "--data_files", tmp_path / "no_text.parquet"
-    )
+    no_text = run_prepare("data.fineweb.prepare", f"--out_dir={tmp_path}", "--data_files", tmp_path / "no_text.parquet")
     assert no_text.returncode == 2 and "no 'text' column" in no_text.stderr
     assert not list(tmp_path.glob("*.bin"))  # nothing half-written
 
@@ -142,7 +141,7 @@ def good_file(tmp_path):
 
 
 def test_bad_token_files_fail_with_the_file_named(tmp_path, good_file):
-    with pytest.raises(TokenFileError, match="no such token file.*prepare.py"):
+    with pytest.raises(TokenFileError, match="no such token file.*python -m data.<dataset>.prepare"):
         read_tokens(str(tmp_path / "missing.bin"), 50257)
     raw = good_file.read_bytes()
     (tmp_path / "magic.bin").write_bytes(b"\x00" * 4 + raw[4:])
@@ -166,14 +165,19 @@ def test_bad_token_files_fail_with_the_file_named(tmp_path, good_file):
 def test_batches_split_one_global_batch_over_ranks_and_micro_steps(good_file):
     batches = TokenBatches(str(good_file), "train", block_size=16, vocab_size=50257, seed=3)
     cpu = torch.device("cpu")
-    whole_x, whole_y = batches.get(step=5, global_rows=8, first_row=0, rows=8, device=cpu)
-    parts = [batches.get(5, 8, first, 2, cpu) for first in (0, 2, 4, 6)]
+    whole_x, whole_y = batches.get(5, BatchSplit(rows=8), cpu)
+    # 2 ranks of 2 micro-steps of 2 rows: rank r's micro-step m holds rows (r * 2 + m) * 2 onward
+    split = BatchSplit(rows=2, micro_steps=2, ranks=2)
+    parts = [batches.get(5, split, cpu, micro, rank) for rank in range(2) for micro in range(2)]
     assert torch.equal(torch.cat([x for x, _ in parts]), whole_x)
+    # one rank of 4 micro-steps takes the same rows, in the same order
+    one_rank = [batches.get(5, BatchSplit(rows=2, micro_steps=4), cpu, micro)[0] for micro in range(4)]
+    assert torch.equal(torch.cat(one_rank), whole_x)
     assert torch.equal(whole_x[:, 1:], whole_y[:, :-1])  # targets are the next tokens
     assert torch.equal(whole_y[:, -1], whole_x[:, -1] + 1)  # the file is consecutive ids
-    assert not torch.equal(batches.get(6, 8, 0, 8, cpu)[0], whole_x)
+    assert not torch.equal(batches.get(6, BatchSplit(rows=8), cpu)[0], whole_x)
     subset = TokenBatches(str(good_file), "train", 16, 50257, seed=3, subset_batches=2)
-    assert torch.equal(subset.get(1, 8, 0, 8, cpu)[0], subset.get(3, 8, 0, 8, cpu)[0])
+    assert torch.equal(subset.get(1, BatchSplit(rows=8), cpu)[0], subset.get(3, BatchSplit(rows=8), cpu)[0])
 
 
 def test_char_level_shakespeare_round_trips_through_prepare_train_and_sample(tmp_path):

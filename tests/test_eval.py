@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint
 import train
 from conftest import ROOT, read_log, tiny_run_args, tree_digest
-from data.loader import TokenBatches
+from data.loader import BatchSplit, TokenBatches
 from eval import HellaSwagFileError, hellaswag, read_hellaswag
 from test_reliability import assert_one_line_error, run_train
+from training import checkpoint
 
 
 def eval_args(out_dir, data_dir, **overrides) -> list[str]:
@@ -29,7 +29,7 @@ def transformers_loss(model, data_dir, split, steps=3, rows=2, block_size=32, se
     total = 0.0
     with torch.no_grad():
         for i in range(steps):
-            x, y = batches.get(i, rows, 0, rows, torch.device("cpu"))
+            x, y = batches.get(i, BatchSplit(rows), torch.device("cpu"))
             logits = model(x).logits
             total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
     return total / steps

@@ -8,12 +8,11 @@ import sys
 import pytest
 import torch
 
-import checkpoint
 import export
-import hf
 import train
 from conftest import ROOT, tiny_run_args
 from model import GPT, GPTConfig
+from training import checkpoint, hf
 
 
 def run_export(*args):

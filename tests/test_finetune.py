@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import build
-import checkpoint
-import hf
 import train
 from conftest import ROOT, read_log, tiny_run_args
-from train_config import ConfigError, parse_config
+from data.loader import BatchSplit
+from training import build, checkpoint, hf
+from training.config import ConfigError, parse_config
 
 
 @pytest.fixture
@@ -45,7 +44,8 @@ def test_the_first_step_loss_is_transformers_loss_on_the_same_batch(tmp_path, to
     assert train.main(args) == 0
     c = build.pretrained(parse_config(args))
     rows = c.tokens_per_step // c.block_size  # the step's whole batch, over its accumulation micro-steps
-    x, y = build.token_batches(c, "train", "train", build.gpt_config(c)).get(0, rows, 0, rows, torch.device("cpu"))
+    batches = build.token_batches(c, "train", "train", build.gpt_config(c))
+    x, y = batches.get(0, BatchSplit(rows), torch.device("cpu"))
     with torch.no_grad():
         logits = GPT2LMHeadModel.from_pretrained(str(gpt2_dir)).eval()(x).logits
     expected = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()

@@ -12,13 +12,14 @@ import time
 import pytest
 import torch
 
-import build
-import progress
-import runtime
 import train
 from conftest import ROOT, read_log, tiny_run_args, torchrun, tree_digest
-from progress import Progress, counted, duration
-from train_config import ConfigError, TrainConfig, parse_config
+from runtime import exits, progress
+from runtime.progress import Progress, counted, duration
+from training import build
+from training import trainer as trainer_module
+from training.config import ConfigError, TrainConfig, parse_config
+from training.trainer import Trainer
 
 
 def test_durations_read_as_people_say_them():
@@ -74,16 +75,16 @@ def test_a_run_reports_progress_through_the_measurement_and_the_evals(tmp_path, 
 def test_the_step_time_leaves_out_the_first_step_and_the_log_says_the_time_left(
     tmp_path, token_dir, monkeypatch, capsys
 ):
-    step = train.Trainer.step
+    step = Trainer.step
 
     def slow_first_step(self, n):  # what compilation does to the first step
         if n == 0:
             time.sleep(2.0)
         return step(self, n)
 
-    monkeypatch.setattr(train.Trainer, "step", slow_first_step)
+    monkeypatch.setattr(Trainer, "step", slow_first_step)
     monkeypatch.setattr(progress, "EVERY_SECONDS", 0.5)  # a heartbeat line every half second while it compiles
-    monkeypatch.setattr(train, "compiles", lambda *args: (True, "compile=true"))
+    monkeypatch.setattr(trainer_module, "compiles", lambda *args: (True, "compile=true"))
     monkeypatch.setattr(torch, "compile", lambda model: model)
     out = tmp_path / "run"
     assert train.main(tiny_run_args(out, token_dir, max_steps=4, log_interval=2, eval_interval=4)) == 0
@@ -159,7 +160,7 @@ def test_a_config_error_is_said_by_rank_0_alone(monkeypatch, capsys):
     for rank, expected in (("0", "error: tokens_per_step=3 cannot be split\n"), ("1", "")):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(SystemExit) as exit_code:
-            runtime.run_main(bad_config)
+            exits.run_main(bad_config)
         assert exit_code.value.code == 2 and capsys.readouterr().err == expected
 
 

@@ -1,4 +1,4 @@
-"""parallel=fsdp (parallel.py), FSDP2 on CPU with gloo under torchrun: the same steps as DDP and as one
+"""parallel=fsdp (runtime/fsdp.py), FSDP2 on CPU with gloo under torchrun: the same steps as DDP and as one
 process for every optimizer, half the optimizer state per rank on two, checkpoints that move between
 fsdp and one process, lwlr's multipliers as one process measures them, and what fsdp refuses."""
 
@@ -10,12 +10,11 @@ import pytest
 import safetensors.torch
 import torch
 
-import checkpoint
-import parallel
 from bench.common import random_token_dir
 from conftest import ROOT, read_log, tiny_run_args, torchrun
-from runtime import Runtime
-from train_config import ConfigError, parse_config
+from runtime.ranks import Runtime
+from training import build, checkpoint
+from training.config import ConfigError, parse_config
 
 CASES = [
     "adamw:torch",
@@ -90,9 +89,7 @@ def test_fsdp_checkpoints_resume_in_one_process_and_the_reverse_with_lwlr_as_one
     resumed = launch(2, to_fsdp, 6, "fsdp", micro_batch_size=2)  # two micro-steps: no reduce-scatter on the first
     assert "resuming a run of 1 processes on 2" in resumed
 
-    measured = {
-        out: checkpoint.verify(checkpoint.step_dir(str(out), 6))["lr_multipliers"] for out in (from_fsdp, to_fsdp)
-    }
+    measured = {out: checkpoint.verify(checkpoint.step_dir(str(out), 6))["multipliers"] for out in (from_fsdp, to_fsdp)}
     assert measured[from_fsdp].keys() == measured[to_fsdp].keys()
     for name, value in measured[to_fsdp].items():
         assert measured[from_fsdp][name] == pytest.approx(value, rel=1e-6), name
@@ -119,8 +116,9 @@ def test_fsdp_refuses_an_lw_curvature_that_needs_a_double_backward(curvature):
     c = parse_config(["--optimizer=adamw_lw", f"--lw_curvature={curvature}", "--parallel=fsdp", "--lr=1"])
     ranks = Runtime(0, 0, 2, torch.device("cpu"), distributed=True)
     with pytest.raises(ConfigError, match=f"parallel=fsdp with lw_curvature={curvature}: its Hessian-vector"):
-        parallel.check(c, ranks)
-    parallel.check(c, Runtime(0, 0, 1, torch.device("cpu")))  # one process holds the whole model: nothing to refuse
-    parallel.check(parse_config(["--optimizer=adamw_lw", "--parallel=fsdp", "--lr=1"]), ranks)  # gauss_newton runs
+        build.check_parallel(c, ranks)
+    # One process holds the whole model: nothing to refuse. gauss_newton runs on shards.
+    build.check_parallel(c, Runtime(0, 0, 1, torch.device("cpu")))
+    build.check_parallel(parse_config(["--optimizer=adamw_lw", "--parallel=fsdp", "--lr=1"]), ranks)
     with pytest.raises(ConfigError, match="parallel"):
         parse_config(["--parallel=zero3"])

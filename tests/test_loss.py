@@ -1,14 +1,13 @@
-"""loss.linear_cross_entropy against F.cross_entropy on the full logits: values and gradients, odd
-sizes (rows not a multiple of the chunk, a vocabulary not a multiple of 64), ignored targets, and the
-GPT forward that uses it."""
+"""model.linear_cross_entropy, the chunked output layer and loss, against F.cross_entropy on the full
+logits: values and gradients, odd sizes (rows not a multiple of the chunk, a vocabulary not a multiple of
+64), ignored targets, and the GPT forward that uses it."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import TEST_DEVICE
-from loss import linear_cross_entropy
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, linear_cross_entropy
 
 
 def reference_and_ours(rows, width, vocab, chunk_rows, ignored=(), dtype=torch.float64):

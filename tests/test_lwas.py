@@ -1,7 +1,8 @@
-"""lwas.py against hand-computed cases and independent references: the damped-Newton step size on a
-quadratic with a known Hessian, torch.autograd.functional.hvp for the exact block term, an explicit
-Jacobian for the Gauss-Newton block, torch.optim.AdamW and torch.optim.SGD for the warmup steps.
-The triton backend runs under TRITON_INTERPRET=1 (conftest)."""
+"""LW-AS (optimizers/lwas.py, optimizers/curvature.py) against hand-computed cases and independent
+references: the damped-Newton step size on a quadratic with a known Hessian,
+torch.autograd.functional.hvp for the exact block term, an explicit Jacobian for the Gauss-Newton block,
+torch.optim.AdamW and torch.optim.SGD for the warmup steps. The triton backend runs under
+TRITON_INTERPRET=1 (conftest)."""
 
 import math
 
@@ -11,10 +12,9 @@ import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import lwas
-import optim
 from conftest import TEST_DEVICE
 from model import GPT, GPTConfig
+from optimizers import base, curvature, lwas
 
 
 class Quadratic(torch.nn.Module):
@@ -67,7 +67,7 @@ def first_step(model, optimizer, theta):
         model.a.copy_(torch.tensor(theta[:3])), model.b.copy_(torch.tensor(theta[3:]))
     _, loss = model()
     loss.backward()
-    optimizer.refresh(lwas.Curvature("exact", model, None, None))
+    optimizer.refresh(curvature.Curvature("exact", model, None, None))
     optimizer.step()
     return torch.cat([model.a, model.b]).detach().numpy() - theta
 
@@ -80,11 +80,7 @@ def test_step_size_on_a_quadratic_equals_the_closed_form(joint_rescale):
         model.parameters(),
         lr=1.0,
         momentum=0.9,
-        warmup_steps=0,
-        beta=0.0,
-        damping=0.0,
-        alpha_max=1e6,
-        joint_rescale=joint_rescale,
+        settings=lwas.LwasSettings(warmup_steps=0, beta=0.0, damping=0.0, alpha_max=1e6, joint_rescale=joint_rescale),
         backend="torch",
     )
     # Near the minimum rho_l / delta_l is small, so alpha_l is close to each block's own Newton step, and
@@ -107,11 +103,7 @@ def test_adamw_lw_step_on_a_quadratic_equals_the_closed_form(joint_rescale):
         lr=eta,
         eps=eps,
         weight_decay=0.0,
-        warmup_steps=0,
-        beta=0.0,
-        damping=0.0,
-        alpha_max=1e6,
-        joint_rescale=joint_rescale,
+        settings=lwas.LwasSettings(warmup_steps=0, beta=0.0, damping=0.0, alpha_max=1e6, joint_rescale=joint_rescale),
         backend="torch",
     )
     # Close to the minimum, where alpha_l nears each block's Newton step along d_l and the coupling
@@ -133,11 +125,7 @@ def test_averages_are_bias_corrected_emas_over_refreshes():
         model.parameters(),
         lr=1.0,
         momentum=0.0,
-        warmup_steps=0,
-        beta=beta,
-        damping=0.0,
-        alpha_max=1e6,
-        joint_rescale=False,
+        settings=lwas.LwasSettings(warmup_steps=0, beta=beta, damping=0.0, alpha_max=1e6, joint_rescale=False),
         backend="torch",
     )
     with torch.no_grad():
@@ -150,7 +138,7 @@ def test_averages_are_bias_corrected_emas_over_refreshes():
         samples.append((rho, np.array([gradient[s] @ hessian[s, s] @ gradient[s] for s in blocks])))
         optimizer.zero_grad()
         model()[1].backward()
-        optimizer.refresh(lwas.Curvature("exact", model, None, None))
+        optimizer.refresh(curvature.Curvature("exact", model, None, None))
         optimizer.step()
     (rho1, q1), (rho2, q2) = samples
     correction = 1 - beta**2
@@ -166,18 +154,21 @@ def test_a_refresh_on_a_skipped_step_leaves_every_state_as_it_was():
     hessian, linear = coupled_quadratic()
     model = Quadratic(hessian, linear)
     optimizer = lwas.SGDMomentumLW(
-        model.parameters(), lr=1.0, warmup_steps=0, alpha_max=1e6, joint_rescale=True, backend="torch"
+        model.parameters(),
+        lr=1.0,
+        settings=lwas.LwasSettings(warmup_steps=0, alpha_max=1e6, joint_rescale=True),
+        backend="torch",
     )
     with torch.no_grad():
         model.a.fill_(1.0), model.b.fill_(-1.0)
     model()[1].backward()
-    optimizer.refresh(lwas.Curvature("exact", model, None, None))
+    optimizer.refresh(curvature.Curvature("exact", model, None, None))
     optimizer.step()
     before = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
     optimizer.zero_grad()
     model()[1].backward()  # a finite gradient, but the step was flagged non-finite (e.g. another rank's)
     optimizer.found_inf = torch.ones(())
-    optimizer.refresh(lwas.Curvature("exact", model, None, None))
+    optimizer.refresh(curvature.Curvature("exact", model, None, None))
     for p in model.parameters():
         for key, value in optimizer.state[p].items():
             assert torch.equal(value, before[p][key]), key
@@ -185,21 +176,24 @@ def test_a_refresh_on_a_skipped_step_leaves_every_state_as_it_was():
 
 def test_step_sizes_stay_finite_when_curvature_is_zero_or_negative():
     rho = torch.tensor([1.0, 1.0, 1.0, -1.0, 0.0, 2.0])
-    curvature = torch.tensor([0.0, -5.0, 4.0, 4.0, 0.0, 0.0])
+    block_curvature = torch.tensor([0.0, -5.0, 4.0, 4.0, 0.0, 0.0])
     direction_sq = torch.ones(6)
-    undamped = lwas.damped_newton_step_size(rho, curvature, direction_sq, damping=0.0, alpha_max=3.0)
+    undamped = lwas.damped_newton_step_size(rho, block_curvature, direction_sq, damping=0.0, alpha_max=3.0)
     assert undamped.tolist() == pytest.approx([3.0, 3.0, 1 / (2 * 3), 0.0, 0.0, 3.0])
-    damped = lwas.damped_newton_step_size(rho, curvature, direction_sq, damping=1e-2, alpha_max=1e9)
+    damped = lwas.damped_newton_step_size(rho, block_curvature, direction_sq, damping=1e-2, alpha_max=1e9)
     assert torch.isfinite(damped).all()
     assert damped[0].item() == pytest.approx(1 / (0.1 * 1.1))  # delta = sqrt(0 + 1e-2 * 1)
 
     # On a concave quadratic (H negative definite) the optimizer steps by alpha_max, not by infinity.
     model = Quadratic(-np.eye(5), np.ones(5))
     optimizer = lwas.SGDMomentumLW(
-        model.parameters(), lr=1.0, warmup_steps=0, damping=0.0, alpha_max=0.25, joint_rescale=True, backend="torch"
+        model.parameters(),
+        lr=1.0,
+        settings=lwas.LwasSettings(warmup_steps=0, damping=0.0, alpha_max=0.25, joint_rescale=True),
+        backend="torch",
     )
     model()[1].backward()
-    optimizer.refresh(lwas.Curvature("exact", model, None, None))
+    optimizer.refresh(curvature.Curvature("exact", model, None, None))
     optimizer.step()
     assert torch.cat([model.a, model.b]).detach().numpy() == pytest.approx(np.full(5, 0.25))
 
@@ -218,7 +212,7 @@ def tiny_gpt():
 
 def test_exact_block_term_equals_autograd_hvp_restricted_to_the_block(tiny_gpt):
     model, x, y, params, directions = tiny_gpt
-    terms = lwas.Curvature("exact", model, x, y).block_terms(params, directions)
+    terms = curvature.Curvature("exact", model, x, y).block_terms(params, directions)
     names = [name for name, _ in model.named_parameters()]
     for index in (0, 2, 6, 9, len(params) - 1):  # wte (tied to the lm_head), q_proj, c_proj, a bias, ln_f
         name, p, d = names[index], params[index], directions[index]
@@ -237,16 +231,16 @@ def test_rademacher_averages_to_the_exact_block_terms(tiny_gpt):
     model, x, y, params, directions = tiny_gpt
     chosen = [2, 3, 4, 6]  # four layers of one block, strongly coupled: cross terms don't vanish by themselves
     params, directions = [params[i] for i in chosen], [directions[i] for i in chosen]
-    exact = lwas.Curvature("exact", model, x, y).block_terms(params, directions)
-    curvature = lwas.Curvature("rademacher", model, x, y)
+    exact = curvature.Curvature("exact", model, x, y).block_terms(params, directions)
+    rademacher = curvature.Curvature("rademacher", model, x, y)
     # Over all 2^4 sign patterns the cross terms cancel exactly: the estimator is unbiased.
     patterns = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * len(params))
-    estimates = torch.stack([curvature.block_terms(params, directions, signs=signs) for signs in patterns])
+    estimates = torch.stack([rademacher.block_terms(params, directions, signs=signs) for signs in patterns])
     assert not torch.allclose(estimates[0], exact, rtol=0.05)  # one draw alone is off
     torch.testing.assert_close(estimates.mean(0), exact, rtol=1e-4, atol=1e-6)
     # Signs drawn by the estimator itself: the mean of 200 draws lies within 5 standard errors.
     torch.manual_seed(0)
-    draws = torch.stack([curvature.block_terms(params, directions) for _ in range(200)])
+    draws = torch.stack([rademacher.block_terms(params, directions) for _ in range(200)])
     standard_error = draws.std(0) / math.sqrt(len(draws))
     assert ((draws.mean(0) - exact).abs() <= 5 * standard_error + 1e-6).all()
 
@@ -281,14 +275,14 @@ def test_gauss_newton_estimate_averages_to_the_explicit_gauss_newton_block(tiny_
     )
     # The JVP form (the joint term's) is exact: one layer's tangent alone gives its block.
     for k, i in enumerate(chosen):
-        jvp_form = lwas.gauss_newton_quadratic_form(
+        jvp_form = curvature.gauss_newton_quadratic_form(
             model, x, [all_params[i]], [all_directions[i]], torch.autocast("cpu", enabled=False)
         )
         torch.testing.assert_close(jvp_form, explicit[k], rtol=1e-4, atol=1e-9)
     # The sampled-label estimate: never negative, and unbiased (mean of 400 draws within 5 standard errors).
     torch.manual_seed(0)
     draws = torch.stack(
-        [lwas.Curvature("gauss_newton", model, x, None).block_terms(params, directions) for _ in range(400)]
+        [curvature.Curvature("gauss_newton", model, x, None).block_terms(params, directions) for _ in range(400)]
     )
     assert (draws >= 0).all()
     standard_error = draws.std(0) / math.sqrt(len(draws))
@@ -296,7 +290,7 @@ def test_gauss_newton_estimate_averages_to_the_explicit_gauss_newton_block(tiny_
     assert (standard_error < 0.2 * explicit).all()  # the bound is tight enough to mean something
 
 
-# Warmup steps are the base optimizer at warmup_lr (lr at its peak): compare with torch.optim on odd shapes,
+# Warmup steps are the base optimizer at lr * initial_step_size: compare with torch.optim on odd shapes,
 # which take the kernels' scalar fallback; ALIGNED_SHAPES (16-byte storage, sizes a multiple of 4) take
 # the 128-bit build that gpt2's tensors take.
 SHAPES = [(7, 13), (33,), (1,), (4097,)]
@@ -313,11 +307,22 @@ def make_params(seed=1, shapes=SHAPES):
 def test_warmup_steps_equal_the_base_optimizer(name, backend):
     ours_params, reference_params = make_params(), make_params()
     if name == "adamw_lw":
-        ours = lwas.AdamWLW(ours_params, lr=2.0, weight_decay=0.1, warmup_lr=5e-3, warmup_steps=100, backend=backend)
+        ours = lwas.AdamWLW(
+            ours_params,
+            lr=2.0,
+            weight_decay=0.1,
+            settings=lwas.LwasSettings(initial_step_size=5e-3 / 2.0, warmup_steps=100),  # 5e-3 at lr 2
+            backend=backend,
+        )
         reference = torch.optim.AdamW(reference_params, lr=5e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     else:  # torch's SGD couples weight decay into the gradient: compare without it
         ours = lwas.SGDMomentumLW(
-            ours_params, lr=2.0, momentum=0.9, weight_decay=0.0, warmup_lr=5e-3, warmup_steps=100, backend=backend
+            ours_params,
+            lr=2.0,
+            momentum=0.9,
+            weight_decay=0.0,
+            settings=lwas.LwasSettings(initial_step_size=5e-3 / 2.0, warmup_steps=100),  # 5e-3 at lr 2
+            backend=backend,
         )
         reference = torch.optim.SGD(reference_params, lr=5e-3, momentum=0.9)
     generator = torch.Generator().manual_seed(2)
@@ -350,23 +355,23 @@ class ScaledNormCurvature:
 def test_triton_and_torch_backends_agree_through_refreshes_and_a_reload(name, shapes, aligned, monkeypatch):
     make = {
         "adamw_lw": lambda ps, backend: lwas.AdamWLW(
-            [{"params": ps[:2], "lr_scale": 0.5}, {"params": ps[2:], "weight_decay": 0.0}],
+            [{"params": ps[:2], "multiplier": 0.5}, {"params": ps[2:], "weight_decay": 0.0}],
             lr=0.8,
-            warmup_steps=2,
+            settings=lwas.LwasSettings(warmup_steps=2),
             backend=backend,
         ),
         "sgdm_lw": lambda ps, backend: lwas.SGDMomentumLW(
-            [{"params": ps[:2], "lr_scale": 0.5}, {"params": ps[2:], "weight_decay": 0.1}],
+            [{"params": ps[:2], "multiplier": 0.5}, {"params": ps[2:], "weight_decay": 0.1}],
             lr=0.8,
-            warmup_steps=2,
+            settings=lwas.LwasSettings(warmup_steps=2),
             backend=backend,
         ),
     }[name]
     curvature = ScaledNormCurvature([300.0, -1.0, 50.0, 2000.0])
     builds = []
-    real_launch = optim.launch_kernel
+    real_launch = base.launch_kernel
     monkeypatch.setattr(
-        optim,
+        base,
         "launch_kernel",
         lambda kernel, grid, *args, **meta: (builds.append(meta["ALIGNED"]), real_launch(kernel, grid, *args, **meta)),
     )
@@ -397,7 +402,7 @@ def test_triton_and_torch_backends_agree_through_refreshes_and_a_reload(name, sh
         )
     # The rule acted: negative curvature gets the cap, the others their own sizes below it; the joint rescale acted.
     step_sizes = [torch_optimizer.state[p]["step_size"].item() for p in torch_params]
-    cap = torch_optimizer.alpha_max * torch_optimizer.last_refresh["joint_scale"].item()
+    cap = torch_optimizer.settings.alpha_max * torch_optimizer.last_refresh["joint_scale"].item()
     assert step_sizes[1] == pytest.approx(cap)
     others = [step_sizes[i] for i in (0, 2, 3)]
     assert len(set(others)) == 3 and max(others) < cap
@@ -407,10 +412,10 @@ def test_triton_and_torch_backends_agree_through_refreshes_and_a_reload(name, sh
 def test_bad_settings_fail_clearly():
     params = make_params()
     with pytest.raises(ValueError, match="beta must lie in"):
-        lwas.AdamWLW(params, beta=1.0)
+        lwas.AdamWLW(params, settings=lwas.LwasSettings(beta=1.0))
     with pytest.raises(ValueError, match="alpha_max must be finite"):
-        lwas.SGDMomentumLW(params, alpha_max=float("inf"))
+        lwas.SGDMomentumLW(params, settings=lwas.LwasSettings(alpha_max=float("inf")))
     with pytest.raises(ValueError, match="momentum must lie in"):
         lwas.SGDMomentumLW(params, momentum=1.5)
     with pytest.raises(ValueError, match="curvature='hessian': choose one of"):
-        lwas.Curvature("hessian", None, torch.zeros(1), None)
+        curvature.Curvature("hessian", None, torch.zeros(1), None)

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-import build
 import lwlr
 import multipliers
-import optim
 import train
 from conftest import TEST_DEVICE, tiny_run_args, torchrun
 from model import GPT, GPTConfig
-from train_config import ConfigError, parse_config
+from optimizers import base
+from training import build
+from training.config import ConfigError, parse_config
 
 
 class TwoLayers(torch.nn.Module):
@@ -133,12 +133,12 @@ def test_baselines_follow_their_formulas():
 def test_param_groups_scale_or_keep_the_decay():
     model = tiny_gpt()
     multipliers = {name: 2.0 if "q_proj" in name else 0.5 for name in lwlr.numels_of(model)}
-    scaled = optim.param_groups(model, multipliers, weight_decay=0.1)
-    kept = optim.param_groups(model, multipliers, weight_decay=0.1, scale_decay=False)
-    assert {(g["lr_scale"], g["weight_decay"]) for g in scaled} == {(2.0, 0.1), (2.0, 0.0), (0.5, 0.1), (0.5, 0.0)}
-    for group in kept:  # lr * lr_scale * weight_decay stays lr * 0.1 for decayed tensors
-        assert group["lr_scale"] * group["weight_decay"] in (pytest.approx(0.1), 0.0)
-    assert len(optim.param_groups(model, None, 0.1)) == 2
+    scaled = base.param_groups(model, multipliers, weight_decay=0.1)
+    kept = base.param_groups(model, multipliers, weight_decay=0.1, scale_decay=False)
+    assert {(g["multiplier"], g["weight_decay"]) for g in scaled} == {(2.0, 0.1), (2.0, 0.0), (0.5, 0.1), (0.5, 0.0)}
+    for group in kept:  # lr * multiplier * weight_decay stays lr * 0.1 for decayed tensors
+        assert group["multiplier"] * group["weight_decay"] in (pytest.approx(0.1), 0.0)
+    assert len(base.param_groups(model, None, 0.1)) == 2
 
 
 def test_bad_input_fails_clearly(tmp_path):
@@ -249,12 +249,12 @@ def test_training_with_lwlr_saves_the_multipliers_and_resume_reuses_them(tmp_pat
     further = dict(max_steps=6, lr_decay_steps=6, allow_resume_changes="max_steps")
     assert train.main(tiny_run_args(out, token_dir, lr_rule="lwlr", lwlr_T=3, eval_interval=2, **further)) == 0
     assert not (out / "lwlr.json").exists()
-    import checkpoint
+    from training import checkpoint
 
     meta = checkpoint.verify(checkpoint.step_dir(str(out), 6))
-    assert meta["lr_multipliers"] == measured
+    assert meta["multipliers"] == measured
     optimizer_state = checkpoint.load_tensors(checkpoint.step_dir(str(out), 6), "optimizer")
-    scales = {name: g["lr_scale"] for g in optimizer_state["param_groups"] for name in g["names"]}
+    scales = {name: g["multiplier"] for g in optimizer_state["param_groups"] for name in g["names"]}
     assert scales == measured
     assert not math.isclose(min(scales.values()), max(scales.values()))
 
@@ -265,7 +265,7 @@ def test_a_rerun_with_the_same_settings_reuses_the_measurement_and_says_so(tmp_p
     def run(name, **overrides):
         out, lines = tmp_path / name, []
         args = tiny_run_args(out, token_dir, **{"lwlr_T": 3, "lwlr_cache_dir": cache, **overrides})
-        c = train.parse_config(args)
+        c = parse_config(args)
         torch.manual_seed(c.seed)
         model = GPT(build.gpt_config(c))
         measured, _ = multipliers.for_config(

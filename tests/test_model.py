@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-import hf
 from model import GPT, GPTConfig, init_weights
+from training import hf
 
 GPT2_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
 

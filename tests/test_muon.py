@@ -1,16 +1,15 @@
-"""optimizer=muon (muon.py) step for step against torch.optim.Muon and torch.optim.AdamW run directly at
-lr * lr_scale, through a state-dict reload; its guard; and its DDP run against one process."""
+"""optimizer=muon (optimizers/muon.py) step for step against torch.optim.Muon and torch.optim.AdamW run directly at
+lr * multiplier, through a state-dict reload; its guard; and its DDP run against one process."""
 
 import inspect
 
 import pytest
 import torch
 
-import checkpoint
-import muon
-import optim
 from conftest import TEST_DEVICE, read_log, tiny_run_args, torchrun
 from model import GPT, GPTConfig
+from optimizers import base, muon
+from training import checkpoint
 
 BLOCK_MATRICES = {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"}
 
@@ -43,9 +42,16 @@ def test_muon_steps_as_torch_muon_and_adamw_do_at_each_layers_rate_through_a_rel
     lr, adamw_lr, betas, eps = 0.02, 3e-3, (0.9, 0.95), 1e-8
 
     def ours_from(state=None):
-        groups = optim.param_groups(ours_model, scales, weight_decay=0.1)
+        groups = base.param_groups(ours_model, scales, weight_decay=0.1)
         optimizer = muon.Muon(
-            groups, lr=lr, adamw_lr=adamw_lr, momentum=0.95, betas=betas, eps=eps, ns_dtype=ns_dtype, backend=backend
+            groups,
+            lr=lr,
+            adamw_lr_ratio=adamw_lr / lr,
+            momentum=0.95,
+            betas=betas,
+            eps=eps,
+            ns_dtype=ns_dtype,
+            backend=backend,
         )
         if state is not None:
             optimizer.load_state_dict(state)
@@ -67,7 +73,7 @@ def test_muon_steps_as_torch_muon_and_adamw_do_at_each_layers_rate_through_a_rel
     generator = torch.Generator().manual_seed(1)
     schedule = [1.0, 0.8, 0.6, 0.5, 0.3, 0.1]  # the schedule's fraction of the peak, step by step
     for step, fraction in enumerate(schedule):
-        optim.set_lr(ours, lr * fraction)
+        base.set_lr(ours, lr * fraction)
         for name, reference in references.items():
             peak = lr if name in muon_names else adamw_lr
             reference.param_groups[0]["lr"] = peak * fraction * scales[name]
@@ -88,7 +94,7 @@ def test_muon_steps_as_torch_muon_and_adamw_do_at_each_layers_rate_through_a_rel
 
 def test_a_step_the_guard_marks_non_finite_changes_nothing_in_either_part():
     model = tiny_model()
-    optimizer = muon.Muon(optim.param_groups(model, None, 0.1), lr=0.02, adamw_lr=3e-3, backend="torch")
+    optimizer = muon.Muon(base.param_groups(model, None, 0.1), lr=0.02, adamw_lr_ratio=0.15, backend="torch")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.ones_like(p)

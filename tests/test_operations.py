@@ -15,10 +15,11 @@ import time
 import pytest
 import torch
 
-import checkpoint
-import outdir
 import train
 from conftest import ROOT, read_log, tiny_run_args, torchrun
+from runtime import files
+from runtime.signals import EXIT_PREEMPTED
+from training import checkpoint, outdir
 
 
 def start_train(*args, **popen):
@@ -65,7 +66,7 @@ def test_a_full_disk_is_one_error_line_exit_74_and_a_resume_after_space_is_freed
     )
     with small_file_system(tmp_path / "disk", 64) as disk:
         ballast = disk / "ballast"  # leaves room for one checkpoint and a half
-        free = outdir.free_bytes(str(disk))
+        free = files.free_bytes(str(disk))
         ballast.write_bytes(b"\0" * (free - int(1.5 * size)))
         out = disk / "run"
         result = subprocess.run(
@@ -75,7 +76,7 @@ def test_a_full_disk_is_one_error_line_exit_74_and_a_resume_after_space_is_freed
             text=True,
             timeout=300,
         )
-        assert result.returncode == outdir.EXIT_DISK_FULL, result.stderr[-3000:]
+        assert result.returncode == files.EXIT_DISK_FULL, result.stderr[-3000:]
         error = result.stderr.strip()
         assert error.count("\n") == 0 and "Traceback" not in error
         assert error.startswith("error: saving step 6: no space left on the file system of") and str(out) in error
@@ -182,7 +183,7 @@ def test_a_stop_signal_during_the_lwlr_measurement_exits_75_at_once_and_leaves_n
     finally:
         child.kill()  # no stray run if the stop failed
     assert time.monotonic() - sent < 5, "a stop before the first step must not wait for it"
-    assert child.returncode == train.EXIT_PREEMPTED, stderr[-3000:]
+    assert child.returncode == EXIT_PREEMPTED, stderr[-3000:]
     assert f"{stop} before the first step was done: stopped at once, nothing saved" in stdout
     assert sorted(os.listdir(out)) == [".lock"]  # no lwlr.json, no config.json, no temporary file
     if stop == "SIGTERM":

@@ -1,19 +1,20 @@
-"""optim.py against independent references: torch.optim.AdamW, lion_pytorch.Lion, sophia_opt.SophiaG,
-adam_mini.Adam_mini. The triton backend runs under TRITON_INTERPRET=1 (conftest), or compiled on CUDA
-(LWLR_TEST_DEVICE=cuda, bench/gpu_check.sh). The peer libraries are imported where they are used: on
-the GPU machine they come from wheels (bench/wheels.sh), and a missing one skips only its own tests."""
+"""The fused optimizers (optimizers/adamw.py, lion.py, sophiag.py, adam_mini.py) against independent
+references: torch.optim.AdamW, lion_pytorch.Lion, sophia_opt.SophiaG, adam_mini.Adam_mini. The triton
+backend runs under TRITON_INTERPRET=1 (conftest), or compiled on CUDA (LWLR_TEST_DEVICE=cuda,
+bench/gpu_check.sh). The peer libraries are imported where they are used: on the GPU machine they come
+from wheels (bench/wheels.sh), and a missing one skips only its own tests."""
 
 import math
 
 import pytest
 import torch
 
-import optim
 from conftest import TEST_DEVICE
+from optimizers import adam_mini, adamw, base, kernels, lion, sophiag
 
 # Odd shapes, 1-D tensors, a single element, and one tensor spanning two kernel chunks.
-SHAPES = [(7, 13), (33,), (5, 3, 2), (1,), (optim.BLOCK + 1,)]
-GROUPS = [([0, 1], 1.0, 0.1), ([2, 3], 0.3, 0.0), ([4], 2.5, 0.05)]  # (tensor indices, lr_scale, weight_decay)
+SHAPES = [(7, 13), (33,), (5, 3, 2), (1,), (kernels.BLOCK + 1,)]
+GROUPS = [([0, 1], 1.0, 0.1), ([2, 3], 0.3, 0.0), ([4], 2.5, 0.05)]  # (tensor indices, multiplier, weight_decay)
 LR = 1e-2
 BS = 100
 # The torch backend runs the reference's own operations (bitwise equal). The kernel computes in fp32
@@ -24,15 +25,15 @@ TRITON_TOLERANCE = dict(rtol=1e-6, atol=1e-6)
 REFERENCES = {  # name -> (reference from param groups, ours from param groups and a backend)
     "adamw": (
         lambda groups: torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, fused=True),
-        lambda groups, backend: optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, backend=backend),
+        lambda groups, backend: adamw.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, backend=backend),
     ),
     "lion": (
         lambda groups: pytest.importorskip("lion_pytorch").Lion(groups, lr=LR, betas=(0.9, 0.99)),
-        lambda groups, backend: optim.Lion(groups, lr=LR, betas=(0.9, 0.99), backend=backend),
+        lambda groups, backend: lion.Lion(groups, lr=LR, betas=(0.9, 0.99), backend=backend),
     ),
     "sophiag": (
         lambda groups: pytest.importorskip("sophia_opt").SophiaG(groups, lr=LR, betas=(0.965, 0.99), rho=0.05),
-        lambda groups, backend: optim.SophiaG(groups, lr=LR, betas=(0.965, 0.99), rho=0.05, bs=BS, backend=backend),
+        lambda groups, backend: sophiag.SophiaG(groups, lr=LR, betas=(0.965, 0.99), rho=0.05, bs=BS, backend=backend),
     ),
 }
 
@@ -47,7 +48,7 @@ def reference_groups(params):
 
 
 def our_groups(params):
-    return [{"params": [params[i] for i in idx], "lr_scale": scale, "weight_decay": wd} for idx, scale, wd in GROUPS]
+    return [{"params": [params[i] for i in idx], "multiplier": scale, "weight_decay": wd} for idx, scale, wd in GROUPS]
 
 
 def set_grads(params, grads):
@@ -86,10 +87,10 @@ def test_matches_reference_over_20_steps_with_a_reload(name, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_lr_scale_equals_a_scaled_learning_rate(backend):
+def test_a_multiplier_equals_a_scaled_learning_rate(backend):
     reference_params, our_params = make_params(), make_params()
     reference = torch.optim.AdamW(reference_params, lr=3 * LR, betas=(0.9, 0.95), weight_decay=0.1)
-    ours = optim.AdamW([{"params": our_params, "lr_scale": 3.0}], lr=LR, weight_decay=0.1, backend=backend)
+    ours = adamw.AdamW([{"params": our_params, "multiplier": 3.0}], lr=LR, weight_decay=0.1, backend=backend)
     for _ in range(3):
         grads = [torch.randn(shape) for shape in SHAPES]
         set_grads(reference_params, grads), set_grads(our_params, grads)
@@ -110,24 +111,23 @@ def test_one_launch_for_a_gpt2_shaped_parameter_list(monkeypatch):
     shapes = gpt2_shapes()
     assert len(shapes) == 196 and sum(math.prod(s) for s in shapes) == 124_439_808  # separate q, k, v
     params = [torch.nn.Parameter(torch.empty(shape, device=TEST_DEVICE)) for shape in shapes]
-    groups = [{"params": [p], "lr_scale": 1.0 + i / 100} for i, p in enumerate(params)]  # one group per layer
-    optimizer = optim.AdamW(groups, lr=1e-3, backend="triton")
+    groups = [{"params": [p], "multiplier": 1.0 + i / 100} for i, p in enumerate(params)]  # one group per layer
+    optimizer = adamw.AdamW(groups, lr=1e-3, backend="triton")
     for p in params:
         p.grad = torch.empty_like(p)
     launches = []
     monkeypatch.setattr(
-        optim, "launch_kernel", lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args))
+        base, "launch_kernel", lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args))
     )
     optimizer.step()
-    for (
-        group
-    ) in optimizer.param_groups:  # the schedule moves lr: still one launch, the same plan, the new lr as an argument
+    # the schedule moves lr: still one launch, the same plan, the new lr as an argument
+    for group in optimizer.param_groups:
         group["lr"] = 5e-4
     optimizer.step()
-    assert len(launches) == 2 and launches[0][0] is optim.adamw_kernel
-    assert launches[0][1][0] == sum(math.ceil(math.prod(s) / optim.BLOCK) for s in shapes)
+    assert len(launches) == 2 and launches[0][0] is adamw.adamw_kernel
+    assert launches[0][1][0] == sum(math.ceil(math.prod(s) / kernels.BLOCK) for s in shapes)
     assert len(optimizer._plans) == 1
-    # after 3 chunk tables, found_inf, lr_scale, weight_decay, 4 tensor tables, step_sizes (kernels.adamw_kernel)
+    # after 3 chunk tables, found_inf, multiplier, weight_decay, 4 tensor tables, step_sizes (kernels.adamw_kernel)
     lr_argument = 11
     assert (launches[0][2][lr_argument], launches[1][2][lr_argument]) == (1e-3, 5e-4)
 
@@ -144,7 +144,7 @@ def odd_offset_view(tensor):
 def test_each_storage_layout_takes_a_correct_build(layout, aligned, monkeypatch):
     """The ALIGNED build's hints (16-byte storage, size a multiple of 4) must hold wherever it is launched;
     a view at an odd offset or a size like 4097 takes the fallback, and both builds match torch.optim.AdamW."""
-    shapes = [(64, 8), (4,), (optim.BLOCK + 4,)] + ([(optim.BLOCK + 1,)] if layout == "odd size" else [])
+    shapes = [(64, 8), (4,), (kernels.BLOCK + 4,)] + ([(kernels.BLOCK + 1,)] if layout == "odd size" else [])
     generator = torch.Generator().manual_seed(3)
     values = [torch.randn(shape, generator=generator).to(TEST_DEVICE) for shape in shapes]
     if layout == "odd offset view":
@@ -154,11 +154,11 @@ def test_each_storage_layout_takes_a_correct_build(layout, aligned, monkeypatch)
     our_params = [torch.nn.Parameter(v) for v in values]
     assert our_params[-1].data_ptr() == values[-1].data_ptr()  # the parameter keeps the view's storage
     reference = torch.optim.AdamW(reference_params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
-    ours = optim.AdamW(our_params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1, backend="triton")
+    ours = adamw.AdamW(our_params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1, backend="triton")
     builds = []
-    real_launch = optim.launch_kernel
+    real_launch = base.launch_kernel
     monkeypatch.setattr(
-        optim,
+        base,
         "launch_kernel",
         lambda kernel, grid, *args, **meta: (builds.append(meta["ALIGNED"]), real_launch(kernel, grid, *args, **meta)),
     )
@@ -175,7 +175,7 @@ def test_each_storage_layout_takes_a_correct_build(layout, aligned, monkeypatch)
 def test_found_inf_skips_the_update(backend):
     params = make_params()
     before = [p.detach().clone() for p in params]
-    optimizer = optim.AdamW(params, lr=LR, backend=backend)
+    optimizer = adamw.AdamW(params, lr=LR, backend=backend)
     set_grads(params, [torch.randn(shape) for shape in SHAPES])
     optimizer.found_inf = torch.ones((), device=TEST_DEVICE)
     optimizer.step()
@@ -190,7 +190,7 @@ def test_found_inf_skips_the_update(backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_found_inf_skips_a_hessian_refresh(backend):
     params = make_params()
-    optimizer = optim.SophiaG(params, lr=LR, backend=backend)
+    optimizer = sophiag.SophiaG(params, lr=LR, backend=backend)
     set_grads(params, [torch.randn(shape) for shape in SHAPES])
     optimizer.update_hessian()
     hessians = [optimizer.state[p]["hessian"].clone() for p in params]
@@ -208,22 +208,22 @@ def test_found_inf_skips_a_hessian_refresh(backend):
 def test_bad_input_fails_clearly():
     params = make_params()
     with pytest.raises(ValueError, match="lr must be finite"):
-        optim.AdamW(params, lr=float("nan"))
+        adamw.AdamW(params, lr=float("nan"))
     with pytest.raises(ValueError, match="betas must lie in"):
-        optim.Lion(params, betas=(-0.1, 0.99))
+        lion.Lion(params, betas=(-0.1, 0.99))
     with pytest.raises(ValueError, match="rho must be finite and >= 0"):
-        optim.SophiaG(params, rho=-1.0)
+        sophiag.SophiaG(params, rho=-1.0)
     with pytest.raises(ValueError, match="backend='jax'"):
-        optim.AdamW(params, backend="jax")
-    with pytest.raises(ValueError, match="lr_scale must be finite"):
-        optim.AdamW([{"params": params, "lr_scale": float("inf")}])
+        adamw.AdamW(params, backend="jax")
+    with pytest.raises(ValueError, match="multiplier must be finite"):
+        adamw.AdamW([{"params": params, "multiplier": float("inf")}])
     with pytest.raises(ValueError, match="sparse"):
-        optim.AdamW([torch.nn.Parameter(torch.eye(3).to_sparse())])
+        adamw.AdamW([torch.nn.Parameter(torch.eye(3).to_sparse())])
     double = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64, device=TEST_DEVICE))
     double.grad = torch.ones(4, dtype=torch.float64, device=TEST_DEVICE)
     with pytest.raises(ValueError, match="needs contiguous fp32 parameters"):
-        optim.AdamW([double], backend="triton").step()
-    optimizer = optim.AdamW(params)
+        adamw.AdamW([double], backend="triton").step()
+    optimizer = adamw.AdamW(params)
     optimizer.param_groups[0]["lr"] = float("nan")  # a schedule gone wrong is caught at step time
     set_grads(params, [torch.randn(shape) for shape in SHAPES])
     with pytest.raises(ValueError, match="lr must be finite"):
@@ -270,8 +270,8 @@ def test_adam_mini_matches_the_official_code_over_many_steps_with_a_reload(backe
         group["lr"] = LR * scales[group["name"]]
 
     def ours_from(state=None):
-        optimizer = optim.AdamMini(
-            optim.param_groups(our_model, scales, 0.1), lr=LR, betas=(0.9, 0.95), n_head=2, backend=backend
+        optimizer = adam_mini.AdamMini(
+            base.param_groups(our_model, scales, 0.1), lr=LR, betas=(0.9, 0.95), n_head=2, backend=backend
         )
         if state is not None:
             optimizer.load_state_dict(state)
@@ -296,17 +296,17 @@ def test_adam_mini_matches_the_official_code_over_many_steps_with_a_reload(backe
 def test_adam_mini_refuses_a_parameter_without_a_role():
     p = torch.nn.Parameter(torch.zeros(4, 4))
     with pytest.raises(ValueError, match="no role for parameter 'gate.weight'"):
-        optim.AdamMini([{"params": [p], "names": ["gate.weight"]}])
+        adam_mini.AdamMini([{"params": [p], "names": ["gate.weight"]}])
     with pytest.raises(ValueError, match="needs each param group's parameter names"):
-        optim.AdamMini([p])
+        adam_mini.AdamMini([p])
 
 
 def test_adam_mini_takes_two_launches(monkeypatch):
     model = adam_mini_models()[0].to(TEST_DEVICE)
-    optimizer = optim.AdamMini(optim.param_groups(model, None, 0.1), n_head=2, backend="triton")
+    optimizer = adam_mini.AdamMini(base.param_groups(model, None, 0.1), n_head=2, backend="triton")
     for p in model.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     launches = []
-    monkeypatch.setattr(optim, "launch_kernel", lambda kernel, grid, *args, **meta: launches.append(kernel))
+    monkeypatch.setattr(base, "launch_kernel", lambda kernel, grid, *args, **meta: launches.append(kernel))
     optimizer.step()
-    assert launches == [optim.block_mean_square_kernel, optim.adam_mini_kernel]
+    assert launches == [adam_mini.block_mean_square_kernel, adam_mini.adam_mini_kernel]

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import metrics
-import optim
-import outdir
 import train
 from conftest import ROOT, read_log, tiny_run_args, torchrun, tree_digest
 from model import GPT
-from train_config import ConfigError
+from optimizers import sampled_labels
+from runtime.signals import EXIT_PREEMPTED
+from training import checkpoint, metrics, outdir
+from training.config import ConfigError
 
 
 def final_state(out_dir, step):
@@ -130,7 +129,7 @@ def test_a_save_that_fails_leaves_the_previous_checkpoint(tmp_path, token_dir, m
 
 KILL_DURING_SAVE = """
 import os, signal, torch
-import checkpoint
+from training import checkpoint
 def save_then_die(obj, f, *a, **k):
     f.write(b"partial bytes")
     os.kill(os.getpid(), signal.SIGKILL)
@@ -259,7 +258,7 @@ def test_sigterm_saves_exits_75_and_the_run_resumes_exactly(tmp_path, token_dir)
             break
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=60)
-    assert child.returncode == train.EXIT_PREEMPTED, stderr
+    assert child.returncode == EXIT_PREEMPTED, stderr
     saved = checkpoint.complete_steps(str(stopped))
     assert len(saved) == 1 and 3 <= saved[0] < 40
     assert train.main(tiny_run_args(stopped, token_dir, **args)) == 0
@@ -357,14 +356,14 @@ def test_a_diverging_run_with_curvature_refreshes_stops_on_the_guard_and_restart
 def test_a_transient_nan_at_a_hessian_refresh_is_a_skipped_step_not_a_poisoned_hessian(
     tmp_path, token_dir, monkeypatch
 ):
-    real_loss, calls = optim.sampled_label_loss, {"n": 0}
+    real_loss, calls = sampled_labels.sampled_label_loss, {"n": 0}
 
     def nan_on_the_second_refresh(logits):
         calls["n"] += 1
         loss = real_loss(logits)
         return loss * float("nan") if calls["n"] in (3, 4) else loss  # 2 micro-batches per refresh
 
-    monkeypatch.setattr(optim, "sampled_label_loss", nan_on_the_second_refresh)
+    monkeypatch.setattr(sampled_labels, "sampled_label_loss", nan_on_the_second_refresh)
     out = tmp_path / "run"
     assert (
         train.main(

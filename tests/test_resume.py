@@ -1,4 +1,4 @@
-"""What a resume may change (train_config.MAY_CHANGE_ON_RESUME, resume.py): every key that defines the
+"""What a resume may change (training.config.MAY_CHANGE_ON_RESUME, training/resume.py): every key that defines the
 run is refused with both values unless allow_resume_changes names it, the data is compared by
 fingerprint, and config.json and log.jsonl keep an honest record. Every run is gpt2-tiny on CPU."""
 
@@ -8,12 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-import checkpoint
-import resume
 import train
 from conftest import read_log, tiny_run_args, tree_digest
 from data.tokenfile import fingerprint, write_tokens
-from train_config import FIELDS, MAY_CHANGE_ON_RESUME, TrainConfig
+from training import checkpoint, resume
+from training.config import FIELDS, MAY_CHANGE_ON_RESUME, ConfigError, TrainConfig
 
 # A value other than tiny_run_args' (or the default) that still makes a valid config for gpt2-tiny.
 OTHER_VALUE = {"model": "gpt2-mini", "block_size": 16, "tokens_per_step": 512, "lr_decay_steps": 1, "dtype": "bfloat16"}
@@ -80,7 +79,7 @@ def test_allowed_and_run_only_changes_proceed_are_said_and_kept_in_config_json(t
 
 
 def test_unknown_keys_in_allow_resume_changes_are_refused_with_a_suggestion():
-    with pytest.raises(train.ConfigError, match="allow_resume_changes: unknown key 'max_step'; did you mean max_steps"):
+    with pytest.raises(ConfigError, match="allow_resume_changes: unknown key 'max_step'; did you mean max_steps"):
         TrainConfig(allow_resume_changes="max_step")
 
 

@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-import checkpoint
-import outdir
 import train
 from conftest import ROOT, read_log, tiny_run_args
+from runtime.signals import EXIT_PREEMPTED
 from test_operations import wait_for_line
 from test_reliability import assert_identical_states, final_state
+from training import checkpoint, outdir
 
 STOP_SECONDS = 10  # the promise: a stop is answered within a step plus the save
 
@@ -63,7 +63,7 @@ def test_a_stop_signal_during_a_step_or_an_eval_saves_exits_75_within_seconds_an
     if during == "eval":  # step 6's eval follows step 5's log line by a step
         time.sleep(2)
     code, seconds, stdout, stderr = stop_and_wait(child, getattr(signal, sig))
-    assert code == train.EXIT_PREEMPTED, stderr[-3000:]
+    assert code == EXIT_PREEMPTED, stderr[-3000:]
     assert seconds < STOP_SECONDS
     assert f"stop ({sig}) at step" in stdout and f"during {during}" in stdout, stdout
     stop_record = read_log(stopped, "stop")[-1]
@@ -148,7 +148,7 @@ def test_launch_py_turns_a_clean_stop_under_torchrun_into_exit_75(tmp_path, toke
     launcher = start([sys.executable, "launch.py", "--standalone", "--nproc_per_node=2", "train.py", *args])
     wait_for_line(launcher, "step      3/")
     code, seconds, stdout, stderr = stop_and_wait(launcher, signal.SIGUSR1)
-    assert code == train.EXIT_PREEMPTED, stderr[-3000:]
+    assert code == EXIT_PREEMPTED, stderr[-3000:]
     assert seconds < STOP_SECONDS
     assert checkpoint.complete_steps(str(out))[0] == read_log(out, "stop")[-1]["step"]
 
@@ -176,7 +176,7 @@ def test_a_stop_signal_ends_an_overfit_sweep_at_once_keeping_its_finished_points
     wait_for_line(child, "[1/3]")  # two workers: the second point about to finish, the third to start
     time.sleep(1)
     code, seconds, stdout, stderr = stop_and_wait(child, signal.SIGTERM)
-    assert code == train.EXIT_PREEMPTED, stderr[-3000:]
+    assert code == EXIT_PREEMPTED, stderr[-3000:]
     assert seconds < STOP_SECONDS and "the sweep stopped" in stdout
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert 1 <= len(runs) <= 2  # what finished is kept; the rest runs on the next start

@@ -1,49 +1,39 @@
-"""The project's imports form a tower: no module imports one that imports it back, at any depth of the
-code (an import inside a function counts), and no module imports the training script, which sits on top.
-Read from the source with ast, so a cycle dodged by a function-level import is caught too."""
+"""The house by concern (docs/architecture.md): the root holds the method's files and the entry points, the
+rest stands in packages layered as a tower. Each module imports only its own layer and the layers below,
+nothing imports the training script, no module imports one that imports it back, and only model.py
+decides what a parameter is from its name. Read from the source (runtime.sources, ast), so that an
+import inside a function counts too."""
 
 import ast
 import os
+import re
 
 from conftest import ROOT
+from runtime import sources
+
+# Bottom first; a module's layer is its first dotted name (its package, or the root file itself).
+LAYERS = [
+    ("config",),  # the config files: plain assignments, which import nothing
+    ("runtime",),  # the process: ranks, device, signals, exit codes, errors, progress, files, sharding
+    ("data",),  # token files, tokenizer, vocabularies, batches
+    ("model",),  # GPT-2 and what each of its parameters is
+    ("optimizers",),  # the optimizers and their registry, the kernels' self-check
+    ("training",),  # the config and what it builds, the Trainer, checkpoints, resume, out_dir
+    ("lwlr", "multipliers"),  # the method, and where a run's multipliers come from
+    ("train", "eval", "sample", "export", "launch"),  # the entry points
+    ("bench",),  # benchmarks, sweeps, the GPU check
+]
+LAYER_OF = {name: index for index, names in enumerate(LAYERS) for name in names}
+ROOT_FILES = {"train.py", "model.py", "lwlr.py", "multipliers.py", "eval.py", "sample.py", "export.py", "launch.py"}
 
 
-def project_modules() -> dict[str, str]:
-    """Dotted name -> path of every module of the project outside tests/ and bench/ (the top ones)."""
-    modules = {}
-    for folder, subfolders, files in os.walk(ROOT):
-        subfolders[:] = [d for d in subfolders if d not in ("tests", "bench", ".git") and not d.startswith(".")]
-        for name in files:
-            if name.endswith(".py"):
-                relative = os.path.relpath(os.path.join(folder, name), ROOT)[:-3]
-                dotted = relative.replace(os.sep, ".").removesuffix(".__init__")
-                modules[dotted] = os.path.join(folder, name)
-    return modules
-
-
-def imported_modules(path: str, modules) -> set[str]:
-    """The project's modules that the file imports, anywhere in it."""
-    found = set()
-    with open(path) as f:
-        tree = ast.parse(f.read(), path)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            candidates = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            candidates = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
-        else:
-            continue
-        for name in candidates:
-            while name and name not in modules:  # `import a.b.c`: the deepest part that is a module of ours
-                name = name.rpartition(".")[0]
-            if name and not (name == "data" and node.module != "data"):  # the package itself, only when named
-                found.add(name)
-    return found
+def project_modules() -> list[str]:
+    """Every module of the project outside tests/."""
+    return [name for name in sources.modules() if name.split(".")[0] != "tests"]
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = project_modules()
-    return {name: imported_modules(path, modules) - {name} for name, path in modules.items()}
+    return {name: sources.project_imports(name) for name in project_modules()}
 
 
 def find_cycle(graph) -> list[str] | None:
@@ -69,18 +59,93 @@ def find_cycle(graph) -> list[str] | None:
     return None
 
 
+def test_the_root_holds_the_method_and_the_entry_points_alone():
+    assert {name for name in os.listdir(ROOT) if name.endswith(".py")} == ROOT_FILES
+
+
+def test_every_module_stands_in_a_layer_and_imports_only_its_own_and_those_below():
+    graph = import_graph()
+    assert {"train", "training.build", "training.checkpoint", "multipliers", "data.vocab", "bench.overfit"} <= set(
+        graph
+    )
+    unplaced = sorted(name for name in graph if name.split(".")[0] not in LAYER_OF)
+    assert unplaced == []
+    upward = sorted(
+        f"{name} -> {target}"
+        for name, imports in graph.items()
+        for target in imports
+        if LAYER_OF[target.split(".")[0]] > LAYER_OF[name.split(".")[0]]
+    )
+    assert upward == []
+
+
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert {"train", "build", "checkpoint", "multipliers", "data.vocab"} <= set(graph)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_nothing_imports_the_training_script():
+def test_nothing_imports_the_training_script_and_bench_builds_on_the_trainer():
     graph = import_graph()
     assert sorted(name for name, imports in graph.items() if "train" in imports) == []
-    assert "build" in graph["checkpoint"] and "build" in graph["multipliers"] and "build" in graph["sample"]
+    assert "training.trainer" in graph["bench.common"] and "training.build" in graph["training.checkpoint"]
 
 
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_file_adds_to_the_import_path():
+    def adds_to_the_path(node) -> bool:  # sys.path.insert(...), sys.path.append(...)
+        return (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("insert", "append", "extend")
+            and ast.unparse(node.func.value) == "sys.path"
+        )
+
+    offenders = sorted(
+        path for path in sources.modules().values() if any(map(adds_to_the_path, ast.walk(ast.parse(read(path)))))
+    )
+    assert offenders == []
+
+
+# The attribute names of GPT's modules, which make its parameter names (model.LAYER_ROLES, lm_head).
+PARAMETER_NAME_PART = re.compile(r"\b(wte|wpe|q_proj|k_proj|v_proj|o_proj|c_fc|c_proj|ln_[12f]|lm_head)\b")
+# model.py decides what a name is; hf.py writes GPT-2's own names, of its Hugging Face layout.
+NAME_OWNERS = {"model", "training.hf"}
+
+
+def string_constants(path: str) -> list[str]:
+    """The string constants of a file, docstrings aside (f-strings' literal parts included)."""
+    tree = ast.parse(read(path), path)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_only_model_py_reads_a_parameter_name():
+    """Every other module asks model.param_role (or walks the model's modules): none spells a part of a
+    parameter's name in a string to match it or build it."""
+    matching = {
+        name: found
+        for name in project_modules()
+        if name not in NAME_OWNERS
+        and (found := sorted({s for s in string_constants(sources.modules()[name]) if PARAMETER_NAME_PART.search(s)}))
+    }
+    assert matching == {}
+
+
+def read(path: str) -> str:
+    with open(os.path.join(ROOT, path)) as f:
+        return f.read()

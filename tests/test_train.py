@@ -7,15 +7,16 @@ import sys
 import pytest
 import torch
 
-import build
-import checkpoint
 import lwlr
-import optim
-import runtime
 import train
 from conftest import ROOT, read_log, tiny_run_args
 from model import GPT, GPTConfig
-from train_config import ConfigError, TrainConfig, parse_config
+from optimizers import adamw, base
+from runtime import device
+from runtime.ranks import Runtime
+from training import build, checkpoint
+from training.config import ConfigError, TrainConfig, parse_config
+from training.trainer import Trainer
 
 
 def test_tiny_run_writes_config_log_and_checkpoints(tmp_path, token_dir):
@@ -46,14 +47,14 @@ def test_schedule_warmup_cosine_and_constant():
 
 
 def test_torch_adamw_applies_lr_scale_like_ours():
-    """optim.TorchAdamW at lr with lr_scale 2 steps exactly as torch.optim.AdamW at 2 lr, and its groups keep lr."""
+    """adamw.TorchAdamW at lr with multiplier 2 steps exactly as torch.optim.AdamW at 2 lr, and its groups keep lr."""
     generator = torch.Generator().manual_seed(0)
     values = [torch.randn(5, 3, generator=generator), torch.randn(4, generator=generator)]
     ours_params, reference_params = (
         [torch.nn.Parameter(v.clone()) for v in values],
         [torch.nn.Parameter(v.clone()) for v in values],
     )
-    ours = optim.TorchAdamW([{"params": ours_params[:1], "lr_scale": 2.0}, {"params": ours_params[1:]}], lr=1.0)
+    ours = adamw.TorchAdamW([{"params": ours_params[:1], "multiplier": 2.0}, {"params": ours_params[1:]}], lr=1.0)
     reference = torch.optim.AdamW(
         [{"params": reference_params[:1], "lr": 0.2}, {"params": reference_params[1:], "lr": 0.1}],
         lr=1.0,
@@ -63,7 +64,7 @@ def test_torch_adamw_applies_lr_scale_like_ours():
         fused=True,
     )
     for _ in range(3):
-        for group in ours.param_groups:  # as train.Trainer.step sets the schedule's rate
+        for group in ours.param_groups:  # as Trainer.step sets the schedule's rate
             group["lr"] = 0.1
         grads = [torch.randn(v.shape, generator=generator) for v in values]
         for params in (ours_params, reference_params):
@@ -229,25 +230,25 @@ def test_every_shipped_config_parses_and_builds_its_model(name, tmp_path):
 
 def test_dtype_auto_takes_bf16_where_the_processor_computes_it(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: True)
-    assert runtime.precision(cpu, "auto") == (
+    monkeypatch.setattr(device, "cpu_computes_bf16", lambda: True)
+    assert device.precision(cpu, "auto") == (
         "bfloat16",
         "dtype=auto on a CPU that computes bf16 natively (AVX512-BF16 or AMX)",
     )
-    assert isinstance(runtime.autocast(cpu, "auto"), torch.autocast)
-    assert runtime.precision(cpu, "float32")[0] == "float32"
-    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: False)
-    assert runtime.precision(cpu, "auto") == ("float32", "dtype=auto on a cpu without native bf16")
-    assert runtime.precision(cpu, "bfloat16")[0] == "bfloat16"  # asked for: emulated, but granted
+    assert isinstance(device.autocast(cpu, "auto"), torch.autocast)
+    assert device.precision(cpu, "float32")[0] == "float32"
+    monkeypatch.setattr(device, "cpu_computes_bf16", lambda: False)
+    assert device.precision(cpu, "auto") == ("float32", "dtype=auto on a cpu without native bf16")
+    assert device.precision(cpu, "bfloat16")[0] == "bfloat16"  # asked for: emulated, but granted
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert runtime.precision(cuda, "auto")[0] == "float32"
+    assert device.precision(cuda, "auto")[0] == "float32"
     with pytest.raises(ValueError, match="dtype='fp16'"):
-        runtime.precision(cpu, "fp16")
+        device.precision(cpu, "fp16")
 
 
 def test_the_run_says_first_which_precision_it_chose_and_why(tmp_path, token_dir, capfd):
     assert train.main(tiny_run_args(tmp_path / "run", token_dir, max_steps=1, eval_interval=1, dtype="auto")) == 0
-    chosen = "bfloat16" if runtime.cpu_computes_bf16() else "float32"
+    chosen = "bfloat16" if device.cpu_computes_bf16() else "float32"
     first = capfd.readouterr().out.splitlines()[0]
     assert first.startswith(
         "precision: bf16 autocast, with fp32 weights" if chosen == "bfloat16" else "precision: fp32 (dtype=auto"
@@ -257,7 +258,7 @@ def test_the_run_says_first_which_precision_it_chose_and_why(tmp_path, token_dir
 
 def test_the_schedule_reaches_the_optimizer_at_each_step(tmp_path, token_dir):
     """Warmup then cosine: the logged lr, the lr in a checkpoint's param groups and the size of AdamW's first
-    update (sign-like: lr * lr_scale per element) all follow build.lr_at, group by group."""
+    update (sign-like: lr * multiplier per element) all follow build.lr_at, group by group."""
     args = tiny_run_args(
         tmp_path / "run",
         token_dir,
@@ -275,7 +276,7 @@ def test_the_schedule_reaches_the_optimizer_at_each_step(tmp_path, token_dir):
     expected = [1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2, 2e-4 + 9.8e-3 * 0.75, 2e-4 + 9.8e-3 * 0.25]
     assert [r["lr"] for r in read_log(tmp_path / "run", "train")] == pytest.approx(expected, rel=1e-12)
     groups = checkpoint.load_tensors(checkpoint.step_dir(str(tmp_path / "run"), 6), "optimizer")["param_groups"]
-    assert {g["lr"] for g in groups} == {build.lr_at(5, c)} and len({g["lr_scale"] for g in groups}) > 1
+    assert {g["lr"] for g in groups} == {build.lr_at(5, c)} and len({g["multiplier"] for g in groups}) > 1
     trainer = fresh_trainer(c)
     before = {name: p.detach().clone() for name, p in trainer.raw_model.named_parameters()}
     trainer.step(0)
@@ -283,7 +284,7 @@ def test_the_schedule_reaches_the_optimizer_at_each_step(tmp_path, token_dir):
         for name, p in zip(group["names"], group["params"]):
             if not name.endswith("k_proj.bias"):  # a zero gradient by construction: no step to speak of
                 largest = (p.detach() - before[name]).abs().max().item()
-                assert largest == pytest.approx(build.lr_at(0, c) * group["lr_scale"], rel=1e-3), name
+                assert largest == pytest.approx(build.lr_at(0, c) * group["multiplier"], rel=1e-3), name
 
 
 def test_one_or_two_accumulation_micro_steps_over_the_same_global_batch_give_the_same_weights(tmp_path, token_dir):
@@ -318,38 +319,36 @@ def test_one_or_two_accumulation_micro_steps_over_the_same_global_batch_give_the
 def fresh_trainer(c):
     torch.manual_seed(c.seed)
     model = GPT(build.gpt_config(c))
-    return train.Trainer(
-        c, runtime.Runtime(0, 0, 1, torch.device("cpu")), model, lwlr.baseline_multipliers(model, c.lr_rule)
-    )
+    return Trainer(c, Runtime(0, 0, 1, torch.device("cpu")), model, lwlr.baseline_multipliers(model, c.lr_rule))
 
 
 def test_a_plain_torch_optimizer_trains_with_the_layer_wise_rates():
-    """optim.with_layer_lr gives a torch.optim optimizer, which knows nothing of lr_scale, each group's
-    lr * lr_scale in its step (SGD: p -= lr * lr_scale * g, by hand), and its groups keep the schedule's lr;
+    """base.with_layer_lr gives a torch.optim optimizer, which knows nothing of multiplier, each group's
+    lr * multiplier in its step (SGD: p -= lr * multiplier * g, by hand), and its groups keep the schedule's lr;
     unwrapped, set_lr refuses it."""
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    groups = [{"params": [a], "lr_scale": 0.5}, {"params": [b], "lr_scale": 2.0}]
-    sgd = optim.with_layer_lr(torch.optim.SGD)(groups, lr=1.0)
-    optim.set_lr(sgd, 0.1)
+    groups = [{"params": [a], "multiplier": 0.5}, {"params": [b], "multiplier": 2.0}]
+    sgd = base.with_layer_lr(torch.optim.SGD)(groups, lr=1.0)
+    base.set_lr(sgd, 0.1)
     a.grad, b.grad = torch.ones(3), torch.ones(3)
     sgd.step()
     assert torch.equal(a.detach(), torch.full((3,), -0.05)) and torch.equal(b.detach(), torch.full((3,), -0.2))
     assert [group["lr"] for group in sgd.param_groups] == [0.1, 0.1]
-    with pytest.raises(TypeError, match=r"SGD ignores lr_scale: build it from optim.with_layer_lr\(SGD\)"):
-        optim.set_lr(torch.optim.SGD([{"params": [a], "lr_scale": 0.5}], lr=1.0), 0.1)
+    with pytest.raises(TypeError, match=r"SGD ignores multipliers: build it from optimizers.base.with_layer_lr\(SGD\)"):
+        base.set_lr(torch.optim.SGD([{"params": [a], "multiplier": 0.5}], lr=1.0), 0.1)
 
 
 def test_compile_auto_is_on_where_it_repays_its_cost(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     default = parse_config([])  # the default run: gpt2-mini, GPT-2's vocabulary, 200 steps
     monkeypatch.setattr(build.shutil, "which", lambda name: "/usr/bin/" + name)
-    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: False)  # fp32: compiling measured no faster
+    monkeypatch.setattr(device, "cpu_computes_bf16", lambda: False)  # fp32: compiling measured no faster
     assert build.compiles(default, cpu, 50257) == (
         False,
         "compile=auto on a CPU: off in fp32, where the default run's compiled step was no faster than its ~80 s "
         "compile",
     )
-    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: True)  # bf16 autocast: 0.66x a step
+    monkeypatch.setattr(device, "cpu_computes_bf16", lambda: True)  # bf16 autocast: 0.66x a step
     assert build.compiles(default, cpu, 50257)[0]
     assert not build.compiles(default, cpu, 82)[0]  # char-level: 7.6 ms a step saved, 5,300 steps to repay
     assert not build.compiles(parse_config(["--max_steps=100"]), cpu, 50257)[0]

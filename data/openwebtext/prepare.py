@@ -1,7 +1,7 @@
 """OpenWebText (8M web documents, about 9B GPT-2 tokens) through Hugging Face `datasets` (data/hf_text.py).
 
-    python data/openwebtext/prepare.py                            # the Hub's parquet files (~16 GB); train.bin ~17 GB
-    python data/openwebtext/prepare.py --data_files a.parquet ... # local parquet, jsonl or text files instead
+    python -m data.openwebtext.prepare                            # the Hub's parquet files (~16 GB); train.bin ~17 GB
+    python -m data.openwebtext.prepare --data_files a.parquet ... # local parquet, jsonl or text files instead
 
 The Hub repository Skylion007/openwebtext is a loading script on its main branch, which `datasets` 4
 and later refuse to run (nanoGPT issue 633); its parquet conversion lives on the branch
@@ -9,11 +9,15 @@ refs/convert/parquet, the default here. As in nanoGPT, 0.05% of the documents (s
 validation split.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data import hf_text  # noqa: E402
+if not __package__:  # run by its path, from where the project's packages cannot be imported
+    print("error: run it from the repository's root as a module: python -m data.openwebtext.prepare", file=sys.stderr)
+    sys.exit(2)
+
+import os
+
+from data import hf_text
 
 DEFAULTS = dict(
     out_dir=os.path.dirname(os.path.abspath(__file__)),

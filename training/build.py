@@ -1,5 +1,6 @@
-"""What a TrainConfig builds, and nothing else: the data folder, the model's config, batches, the
-accumulation, the learning-rate schedule and the optimizer. train.py, checkpoint.py, multipliers.py,
+"""What a TrainConfig builds, and nothing else: the data folder, the model's config, batches and their
+split over ranks and micro-steps, the learning-rate schedule, the optimizer (its registry entry's
+constructor), whether the run compiles and whether it shards. train.py, checkpoint.py, multipliers.py,
 sample.py, export.py and bench/ import it; it imports none of them.
 """
 
@@ -10,19 +11,19 @@ import shutil
 
 import torch
 
-import hf
-import lwas
-import muon
-import optim
 from data import vocab
-from data.loader import TokenBatches
+from data.loader import BatchSplit, TokenBatches
 from model import PRESETS, GPTConfig
-from runtime import precision
-from train_config import INIT_MODES, ConfigError, TrainConfig
+from optimizers.registry import spec
+from runtime.device import precision
+from training import hf
+from training.config import INIT_MODES, ConfigError, TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's: data/<dataset> is there
 
 
 def data_dir(c: TrainConfig) -> str:
-    return c.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", c.dataset)
+    return c.data_dir or os.path.join(ROOT, "data", c.dataset)
 
 
 def gpt_config(c: TrainConfig, vocab_size: int | None = None) -> GPTConfig:
@@ -89,9 +90,7 @@ def fit_micro_batch(c: TrainConfig, block_size: int, world_size: int, say=print)
         f"{world_size} processes: {micro} batch * {block_size} block * {rows_per_rank // micro} accum * {world_size} "
         f"processes"
     )
-    fitted = dataclasses.replace(c, micro_batch_size=micro, lw_micro_batch_size=min(c.lw_micro_batch_size, micro))
-    fitted.given = c.given
-    return fitted
+    return dataclasses.replace(c, micro_batch_size=micro, lw_micro_batch_size=min(c.lw_micro_batch_size, micro))
 
 
 def grad_accumulation(c: TrainConfig, block_size: int, world_size: int) -> int:
@@ -105,6 +104,16 @@ def grad_accumulation(c: TrainConfig, block_size: int, world_size: int) -> int:
     return c.tokens_per_step // rows_per_micro_step
 
 
+def batch_split(c: TrainConfig, block_size: int, world_size: int) -> BatchSplit:
+    """How a training step's batch is cut: micro_batch_size rows, grad_accum micro-steps, world_size ranks."""
+    return BatchSplit(c.micro_batch_size, grad_accumulation(c, block_size, world_size), world_size)
+
+
+def eval_split(c: TrainConfig, world_size: int) -> BatchSplit:
+    """How an eval batch is cut: micro_batch_size rows on each rank, one micro-step."""
+    return BatchSplit(c.micro_batch_size, 1, world_size)
+
+
 def lr_at(step: int, c: TrainConfig) -> float:
     """Linear warmup to lr, then cosine to min_lr at lr_decay_steps (or constant: the overfit runs)."""
     if step < c.warmup_steps:
@@ -116,65 +125,6 @@ def lr_at(step: int, c: TrainConfig) -> float:
         return c.min_lr
     progress = (step - c.warmup_steps) / max(1, decay_steps - c.warmup_steps)
     return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.lr - c.min_lr)
-
-
-def _lwas_settings(c: TrainConfig) -> dict:
-    settings = dict(
-        beta=c.lw_beta,
-        damping=c.lw_damping,
-        warmup_steps=c.lw_warmup_steps,
-        joint_rescale=c.lw_joint_rescale,
-        interval=c.lw_interval,
-        curvature=c.lw_curvature,
-        curvature_rows=c.lw_micro_batch_size,
-    )
-    settings.update(
-        {key: value for key, value in (("warmup_lr", c.lw_warmup_lr), ("alpha_max", c.lw_alpha_max)) if value > 0}
-    )
-    return settings
-
-
-# name -> its constructor from a config, param groups (each with its lr_scale) and the model's head count.
-# What an optimizer needs around its update (SophiaG's Hessian refresh, LW-AS's curvature pass) it asks
-# for itself through optim.StepHooks: the training step knows no optimizer by name.
-OPTIMIZERS = {
-    "adamw": lambda c, groups, n_head, backend: optim.AdamW(
-        groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, backend=backend
-    ),
-    "lion": lambda c, groups, n_head, backend: optim.Lion(groups, lr=c.lr, betas=(c.beta1, c.beta2), backend=backend),
-    "sophiag": lambda c, groups, n_head, backend: optim.SophiaG(
-        groups,
-        lr=c.lr,
-        betas=(c.beta1, c.beta2),
-        rho=c.rho,
-        bs=c.tokens_per_step,
-        hess_interval=c.hess_interval,
-        backend=backend,
-    ),
-    "adam_mini": lambda c, groups, n_head, backend: optim.AdamMini(
-        groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, n_head=n_head, backend=backend
-    ),
-    "sgdm_lw": lambda c, groups, n_head, backend: lwas.SGDMomentumLW(
-        groups, lr=c.lr, momentum=c.beta1, **_lwas_settings(c), backend=backend
-    ),
-    "adamw_lw": lambda c, groups, n_head, backend: lwas.AdamWLW(
-        groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, **_lwas_settings(c), backend=backend
-    ),
-    # torch's fused kernel on CPU and CUDA alike: one launch per group, and it honours found_inf
-    "muon": lambda c, groups, n_head, backend: muon.Muon(
-        groups,
-        lr=c.lr,
-        adamw_lr=c.adamw_lr or c.lr,
-        momentum=c.muon_momentum,
-        ns_dtype=getattr(torch, c.muon_ns_dtype),
-        betas=(c.beta1, c.beta2),
-        eps=c.eps,
-        backend=backend,
-    ),
-    "adamw_torch": lambda c, groups, n_head, backend: optim.TorchAdamW(
-        groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps
-    ),
-}
 
 
 # compile=auto on a CPU, measured on 2 cores (docs/benchmarks.md): compiling costs 45 to 80 s once. With
@@ -211,11 +161,22 @@ def compiles(c: TrainConfig, device: torch.device, vocab_size: int) -> tuple[boo
 def build_optimizer(
     c: TrainConfig, groups: list[dict], n_head: int, backend: str | None = None
 ) -> torch.optim.Optimizer:
-    """The config's optimizer over groups; backend (triton | torch, kernel_check.choose_backend's choice) or the
-    config's optimizer_backend."""
-    return OPTIMIZERS[c.optimizer](
-        c, groups, n_head, backend or c.optimizer_backend
-    )  # choice() admits only these names
+    """The config's optimizer over groups, by its registry entry; backend (triton | torch, the self-check's
+    choice, optimizers.self_check.choose_backend) or the config's optimizer_backend."""
+    return spec(c.optimizer).build(c, groups, n_head, backend or c.optimizer_backend)
+
+
+def shards(c: TrainConfig, rt) -> bool:
+    """Whether the run shards: parallel=fsdp under torchrun, on one rank too (the code path a multi-GPU run
+    takes, on one GPU). A plain process holds the whole model whatever parallel says."""
+    return rt.distributed and c.parallel == "fsdp"
+
+
+def check_parallel(c: TrainConfig, rt) -> None:
+    """A config fsdp cannot run, refused before any work: one ConfigError naming the key."""
+    problem = spec(c.optimizer).sharding_problem(c) if shards(c, rt) else None
+    if problem:
+        raise ConfigError(f"parallel=fsdp with {problem} or parallel=ddp")
 
 
 # A fine-tune's lwlr measurement: T=10 batches unless lwlr_T is given. In the ablation (docs/findings.md,
@@ -257,12 +218,10 @@ def pretrained(c: TrainConfig) -> TrainConfig:
         )
     if c.block_size > weights.block_size:
         raise ConfigError(f"block_size={c.block_size} exceeds the {weights.block_size} positions of init_from={path}")
-    fine_tune = dataclasses.replace(
+    return dataclasses.replace(
         c,
         model=preset,
         block_size=c.block_size or weights.block_size,
         lwlr_init=c.lwlr_init if "lwlr_init" in c.given else "model",
         lwlr_T=c.lwlr_T if "lwlr_T" in c.given else FINETUNE_LWLR_T,
     )
-    fine_tune.given = c.given
-    return fine_tune

@@ -20,46 +20,6 @@ import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from model import GPT
-from train_config import ConfigError
-
-# Every optimizer steps on a rank's shards: the elementwise ones as they are, Adam-mini with its blocks'
-# statistics reduced over the ranks (optim.AdamMini), Muon on each matrix's gathered update (muon.py), LW-AS
-# with its per-tensor sums reduced over the shards and its curvature from the sharded model (lwas.py), where
-# the curvature is gauss_newton: exact and rademacher are Hessian-vector products, a double backward, which
-# FSDP2's gathers and reduce-scatters (autograd hooks) do not carry.
-SHARDABLE_CURVATURES = ("gauss_newton",)
-LW_AS_OPTIMIZERS = ("sgdm_lw", "adamw_lw")  # lwas.py's, whose curvature passes run through the model
-
-# Each optimizer's fp32 state per parameter, in parameters' worth (the memory line and README's table).
-STATE_PER_PARAMETER = {
-    "adamw": 2,
-    "adamw_torch": 2,
-    "lion": 1,
-    "sophiag": 2,
-    "adam_mini": 1,  # the first moment; the second is one value per block
-    "sgdm_lw": 1,
-    "adamw_lw": 2,
-    "muon": 2,  # at most: one momentum for the blocks' matrices, AdamW's two moments for the rest
-}
-
-
-def check(c, rt) -> None:
-    """A config fsdp cannot run, refused before any work: one ConfigError naming the key."""
-    if not shards(c, rt):
-        return
-    if c.optimizer in LW_AS_OPTIMIZERS and c.lw_curvature not in SHARDABLE_CURVATURES:
-        raise ConfigError(
-            f"parallel=fsdp with lw_curvature={c.lw_curvature}: its Hessian-vector products are a double backward, "
-            f"which fsdp's gathers do not carry; choose lw_curvature={', '.join(SHARDABLE_CURVATURES)} or parallel=ddp"
-        )
-
-
-def shards(c, rt) -> bool:
-    """Whether the run shards: parallel=fsdp under torchrun, on one rank too (the code path a multi-GPU run
-    takes, on one GPU). A plain process holds the whole model whatever parallel says."""
-    return rt.distributed and c.parallel == "fsdp"
-
 
 def fully_shard_gpt(model: torch.nn.Module, device: torch.device, compile_blocks: bool = False) -> torch.nn.Module:
     """Each block its own FSDP unit (one all-gather in flight at a time, prefetched), then the root, which
@@ -149,14 +109,6 @@ def sum_over_shards(partial_sums: torch.Tensor, params: list[torch.Tensor]) -> t
     return partial_sums
 
 
-def unsharded_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """A GPT of the sharded model's config, in its mode, on the meta device (no storage): what a
-    torch.func.functional_call runs on gathered weights, for a pass fsdp's hooks cannot take (a JVP)."""
-    with torch.device("meta"):
-        twin = GPT(model.config)
-    return twin.train(model.training)
-
-
 def shard_rows(p: torch.Tensor) -> range:
     """The rows (dim 0) of the whole tensor this rank's shard holds: torch.chunk's pieces, one per rank,
     ceil(rows / ranks) each, the last ones shorter or empty, as fully_shard cuts; all of them unsharded."""
@@ -204,47 +156,3 @@ def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict
             for name, v in values.items()
         }
     return {**state, "state": sharded}
-
-
-def memory_per_rank(num_params: int, optimizer: str, world_size: int, mode: str) -> dict[str, float]:
-    """Bytes each rank holds for fp32 parameters, gradients and optimizer state (activations aside)."""
-    share = world_size if mode == "fsdp" else 1
-    return {
-        "parameters": 4 * num_params / share,
-        "gradients": 4 * num_params / share,
-        "optimizer state": 4 * num_params * STATE_PER_PARAMETER[optimizer] / share,
-    }
-
-
-def size_text(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def memory_line(num_params: int, optimizer: str, world_size: int, mode: str) -> str:
-    sizes = memory_per_rank(num_params, optimizer, world_size, mode)
-    parts = ", ".join(f"{name} {size_text(value)}" for name, value in sizes.items())
-    gathered = "; plus the blocks being gathered" if mode == "fsdp" else ""
-    return (
-        f"memory per rank ({mode}, {world_size} ranks, fp32, before activations{gathered}): {parts}; "
-        f"{size_text(sum(sizes.values()))} in all"
-    )
-
-
-# GPT-2's published parameter counts (vocabulary 50,257, tied head counted once).
-GPT2_SIZES = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
-
-
-def memory_table(optimizer: str = "adamw", world_sizes=(2, 4, 8)) -> str:
-    """README's table: fp32 parameters + gradients + optimizer state per rank, in GiB. DDP holds all of it on
-    every rank at any count; fsdp a 1/N share."""
-    per_rank = lambda count, n, mode: sum(memory_per_rank(count, optimizer, n, mode).values()) / 2**30  # noqa: E731
-    header = " | ".join(f"fsdp, {n} GPUs" for n in world_sizes)
-    rows = [f"| model | parameters | ddp, any number | {header} |", "|---|---:|---:|" + "---:|" * len(world_sizes)]
-    for model, count in GPT2_SIZES.items():
-        cells = [f"{per_rank(count, 1, 'ddp'):.1f}"] + [f"{per_rank(count, n, 'fsdp'):.1f}" for n in world_sizes]
-        rows.append(f"| {model} | {count / 1e6:,.0f}M | {' | '.join(cells)} |")
-    return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(memory_table())

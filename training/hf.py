@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from errors import UserError
 from model import GPT, PRESETS, GPTConfig
+from runtime.errors import UserError
 
 
 class PretrainedError(UserError):
@@ -61,14 +61,24 @@ def preset_of(config: GPTConfig) -> str:
 def load_weights(model: GPT, path: str) -> None:
     """Directory `path`'s weights into `model`, whose shape must be the directory's; a shorter
     block_size keeps the first positions of the position embedding (nanoGPT's crop_block_size)."""
-    state = _convert_hf_state_dict(_load_hf_state_dict(path), model.config.n_layer)
-    positions = state["transformer.wpe.weight"]
-    if positions.shape[0] < model.config.block_size:
+    theirs = {name.removeprefix("transformer."): tensor for name, tensor in _load_hf_state_dict(path).items()}
+    positions = theirs.get("wpe.weight")
+    if positions is not None and positions.shape[0] < model.config.block_size:
         raise PretrainedError(
             f"{path} covers {positions.shape[0]} positions, fewer than block_size={model.config.block_size}"
         )
-    state["transformer.wpe.weight"] = positions[: model.config.block_size]
-    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        for param, name, layout, slot in gpt2_layout(model):
+            if name not in theirs:
+                raise PretrainedError(f"{path} holds no {name}: not a GPT2LMHeadModel of config.json's shape")
+            value = _ours_from_gpt2(theirs[name], layout, slot)
+            if name == "wpe.weight":
+                value = value[: model.config.block_size]
+            if value.shape != param.shape:
+                raise PretrainedError(
+                    f"{path}: {name} is {list(value.shape)} where config.json implies {list(param.shape)}"
+                )
+            param.copy_(value)
 
 
 def from_pretrained(path: str, **overrides) -> GPT:
@@ -112,27 +122,45 @@ def hf_config(config: GPTConfig) -> dict:
 
 
 def to_hf_state_dict(model: GPT) -> dict:
-    """Our weights in GPT-2's own layout, the inverse of _convert_hf_state_dict: q, k, v fused into c_attn,
-    Linear weights transposed into Conv1D's (in, out); the tied lm_head is left out (transformers ties it)."""
-    ours = model.state_dict()
-    out = {
-        f"transformer.{name}": ours[f"transformer.{name}"]
-        for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")
-    }
-    for i in range(model.config.n_layer):
-        hf_block, block = f"transformer.h.{i}.", f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            out[hf_block + ln + ".weight"], out[hf_block + ln + ".bias"] = (
-                ours[block + ln + ".weight"],
-                ours[block + ln + ".bias"],
-            )
-        qkv = ("q_proj", "k_proj", "v_proj")
-        out[hf_block + "attn.c_attn.weight"] = torch.cat([ours[f"{block}attn.{n}.weight"] for n in qkv]).t()
-        out[hf_block + "attn.c_attn.bias"] = torch.cat([ours[f"{block}attn.{n}.bias"] for n in qkv])
-        for theirs, mine in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")):
-            out[f"{hf_block}{theirs}.weight"] = ours[f"{block}{mine}.weight"].t()
-            out[f"{hf_block}{theirs}.bias"] = ours[f"{block}{mine}.bias"]
-    return {name: tensor.detach().contiguous() for name, tensor in out.items()}
+    """Our weights in GPT-2's own layout, as GPT2LMHeadModel names them (gpt2_layout): q, k, v fused into
+    c_attn, Linear weights transposed into Conv1D's (in, out); the tied lm_head is left out (transformers
+    ties it)."""
+    parts: dict[str, list] = {}
+    for param, name, layout, _ in gpt2_layout(model):  # q, k and v come in that order, c_attn's
+        parts.setdefault(f"transformer.{name}", []).append((layout, param.detach()))
+    out = {}
+    for name, pieces in parts.items():
+        layout = pieces[0][0]
+        tensor = torch.cat([piece for _, piece in pieces])
+        out[name] = (tensor.t() if layout in (CONV1D, QKV_WEIGHT) else tensor).contiguous()
+    return out
+
+
+# How GPT-2 (Hugging Face) stores one of our parameters: as it is, as a Conv1D weight (in, out), or as a
+# third of the fused q, k, v projection (c_attn), weight or bias.
+AS_IS, CONV1D, QKV_WEIGHT, QKV_BIAS = "as is", "conv1d", "qkv weight", "qkv bias"
+
+
+def gpt2_layout(model: GPT):
+    """(our parameter, GPT-2's name for the tensor that holds it, how it is held there, its third of c_attn)
+    for every parameter of the model, read from the model's modules: ours are GPT-2's, but for q, k and v."""
+    t = model.transformer
+    yield t.wte.weight, "wte.weight", AS_IS, None
+    yield t.wpe.weight, "wpe.weight", AS_IS, None
+    for i, block in enumerate(t.h):
+        prefix = f"h.{i}."
+        for theirs, norm in (("ln_1", block.ln_1), ("ln_2", block.ln_2)):
+            yield norm.weight, f"{prefix}{theirs}.weight", AS_IS, None
+            yield norm.bias, f"{prefix}{theirs}.bias", AS_IS, None
+        for slot, linear in enumerate((block.attn.q_proj, block.attn.k_proj, block.attn.v_proj)):
+            yield linear.weight, f"{prefix}attn.c_attn.weight", QKV_WEIGHT, slot
+            yield linear.bias, f"{prefix}attn.c_attn.bias", QKV_BIAS, slot
+        linears = (("attn.c_proj", block.attn.o_proj), ("mlp.c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj))
+        for theirs, linear in linears:
+            yield linear.weight, f"{prefix}{theirs}.weight", CONV1D, None
+            yield linear.bias, f"{prefix}{theirs}.bias", AS_IS, None
+    yield t.ln_f.weight, "ln_f.weight", AS_IS, None
+    yield t.ln_f.bias, "ln_f.bias", AS_IS, None
 
 
 def weights_file(path: str) -> str:
@@ -152,28 +180,12 @@ def _load_hf_state_dict(path: str) -> dict:
     return torch.load(weights, map_location="cpu", weights_only=True)
 
 
-def _convert_hf_state_dict(hf_state: dict, n_layer: int) -> dict:
-    """HF GPT-2 names and layout -> ours. HF's Conv1D stores weights as (in, out): transpose them;
-    its fused c_attn (C, 3C) splits into q, k, v."""
-    hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
-    out = {
-        "transformer.wte.weight": hf_state["wte.weight"],
-        "transformer.wpe.weight": hf_state["wpe.weight"],
-        "transformer.ln_f.weight": hf_state["ln_f.weight"],
-        "transformer.ln_f.bias": hf_state["ln_f.bias"],
-        "lm_head.weight": hf_state["wte.weight"],
-    }
-    for i in range(n_layer):
-        hf_block, block = f"h.{i}.", f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            out[block + ln + ".weight"] = hf_state[hf_block + ln + ".weight"]
-            out[block + ln + ".bias"] = hf_state[hf_block + ln + ".bias"]
-        q, k, v = hf_state[hf_block + "attn.c_attn.weight"].t().chunk(3, dim=0)
-        qb, kb, vb = hf_state[hf_block + "attn.c_attn.bias"].chunk(3, dim=0)
-        for name, weight, bias in (("q_proj", q, qb), ("k_proj", k, kb), ("v_proj", v, vb)):
-            out[f"{block}attn.{name}.weight"] = weight.contiguous()
-            out[f"{block}attn.{name}.bias"] = bias
-        for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")):
-            out[f"{block}{ours}.weight"] = hf_state[f"{hf_block}{theirs}.weight"].t().contiguous()
-            out[f"{block}{ours}.bias"] = hf_state[f"{hf_block}{theirs}.bias"]
-    return out
+def _ours_from_gpt2(tensor: torch.Tensor, layout: str, slot: int | None) -> torch.Tensor:
+    """Our parameter's value from the GPT-2 tensor that holds it (gpt2_layout)."""
+    if layout == CONV1D:
+        return tensor.t()
+    if layout == QKV_WEIGHT:
+        return tensor.t().chunk(3, dim=0)[slot]
+    if layout == QKV_BIAS:
+        return tensor.chunk(3, dim=0)[slot]
+    return tensor

@@ -15,7 +15,8 @@ import traceback
 import types
 from dataclasses import dataclass
 
-from errors import UserError
+from optimizers.registry import OPTIMIZERS
+from runtime.errors import UserError
 
 
 class ConfigError(UserError):
@@ -42,6 +43,12 @@ def choice(*allowed, help: str):
     return dataclasses.field(default=allowed[0], metadata={"choices": tuple(dict.fromkeys(allowed)), "help": help})
 
 
+def registered(registry: dict, default: str, help: str):
+    """A string key that must name an entry of `registry`, read live: what is registered when the config
+    is checked is what it may name (`--help` lists each entry with its summary)."""
+    return dataclasses.field(default=default, metadata={"choices": registry.keys(), "registry": registry, "help": help})
+
+
 def at_least(minimum, default, help: str):
     """A number key that must be >= minimum; a float must also be finite and fit float32, as the kernels
     and optimizer states hold it (a larger value overflows at step 0)."""
@@ -59,7 +66,8 @@ class TrainConfig:
     eval_only: bool = key(False, "evaluate val and train loss over eval_steps batches of the model init_from names (a "
                           "directory) or out_dir's newest checkpoint; write only a log record (eval.py)")
     # data
-    dataset: str = key("shakespeare", "reads data/<dataset>/{train,val}.bin (run its prepare.py first)")
+    dataset: str = key("shakespeare", "reads data/<dataset>/{train,val}.bin (python -m data.<dataset>.prepare "
+                       "writes them)")
     data_dir: str = key("", "a folder holding train.bin and val.bin instead (\"\" = data/<dataset>)")
     data_subset_batches: int = at_least(0, 0, help="0 = sample the whole training set; K > 0 cycles through K fixed "
                                                     "batches")
@@ -69,22 +77,19 @@ class TrainConfig:
     dropout: float = at_least(0.0, 0.0, help="0 for pretraining")
     residual_scale: bool = key(False, "scale both residual branches of every block by 1/sqrt(n_layer)")
     loss_chunk_rows: int = at_least(0, 128, help="output layer + loss this many rows at a time, never the full logits "
-                                    "(2.1x faster on CPU, loss.py); 0 = full logits")
+                                    "(2.1x faster on CPU, model.LinearCrossEntropy); 0 = full logits")
     # batch: tokens_per_step = micro_batch_size * block_size * grad_accum * world_size
     micro_batch_size: int = at_least(1, 16, help="sequences per forward/backward on one device")
     tokens_per_step: int = at_least(1, 2048, help="tokens per optimizer step over all ranks; sets grad_accum")
     # optimizer
-    optimizer: str = choice("adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch", "muon",
-                            help="adamw | lion | sophiag | adam_mini (optim.py) | sgdm_lw | adamw_lw (LW-AS, "
-                                 "lwas.py) | adamw_torch (torch.optim.AdamW fused, the baseline) | muon (Muon for "
-                                 "the blocks' matrices, AdamW for the rest: muon.py)")
+    optimizer: str = registered(OPTIMIZERS, "adamw", help="an optimizer of optimizers/registry.py, each below")
     optimizer_backend: str = choice("auto", "triton", "torch",
                                     help="auto (triton on CUDA once its self-check passes, torch elsewhere) | triton | "
                                          "torch")
     kernel_check: str = choice("auto", "force", "off",
                                help="self-check the optimizer's Triton kernels against its torch path before the first "
-                                    "step (kernel_check.py): auto (on CUDA; a pass is cached) | force (also on a CPU "
-                                    "under TRITON_INTERPRET=1, where auto then means triton) | off")
+                                    "step (optimizers/self_check.py): auto (on CUDA; a pass is cached) | force (also "
+                                    "on a CPU under TRITON_INTERPRET=1, where auto then means triton) | off")
     lr: float = at_least(0.0, 2e-3, help="peak learning rate of the global schedule (the small default model takes a "
                          "large one); sgdm_lw, adamw_lw: the multiplier eta on their step sizes (try 1.0)")
     min_lr: float = at_least(0.0, 2e-4, help="end of the cosine decay (nanoGPT: lr / 10)")
@@ -106,7 +111,7 @@ class TrainConfig:
     grad_clip: float = at_least(0.0, 1.0, help="clip the global gradient norm to this; 0 = off")
     max_bad_steps: int = at_least(1, 10, help="stop after this many consecutive steps with a non-finite loss or "
                                   "gradient (each is skipped)")
-    # LW-AS (lwas.py), optimizer=sgdm_lw | adamw_lw: per-layer step sizes from the curvature along each
+    # LW-AS (optimizers/lwas.py), optimizer=sgdm_lw | adamw_lw: per-layer step sizes from the curvature along each
     # layer's direction
     lw_curvature: str = choice("gauss_newton", "rademacher", "exact",
                                help="gauss_newton (sampled labels, one backward) | rademacher (one Hessian-vector "
@@ -157,10 +162,10 @@ class TrainConfig:
                                  "collective's name: a hung or dead rank (NCCL's own default, 600)")
     parallel: str = choice("ddp", "fsdp", help="under torchrun: ddp (a replica of the model per rank) | fsdp "
                            "(FSDP2: each rank holds 1/N of every parameter, gradient and optimizer state; "
-                           "parallel.py)")
+                           "docs/distributed.md)")
     compile: str = choice("auto", "true", "false",
                           help="auto (on for CUDA; on a CPU where it repays its ~45 s: a GPT-2-sized vocabulary and "
-                               "200+ steps, build.compiles) | true | false: torch.compile the model")
+                               "200+ steps, training.build.compiles) | true | false: torch.compile the model")
     seed: int = at_least(0, 1337, help="model init and batch order")
     allow_resume_changes: str = key("", "keys a resume may change although they define the run, comma-separated "
                                     "(e.g. max_steps,lr_decay_steps to train a finished run further; data: other "
@@ -180,13 +185,8 @@ class TrainConfig:
                 )
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{f.name}={value} must be >= {minimum}")
-        for name in (
-            "lw_beta",
-            "beta1",
-            "beta2",
-            "dropout",
-            "muon_momentum",
-        ):  # averages' decay rates and a probability: below 1
+        # averages' decay rates and a probability: below 1
+        for name in ("lw_beta", "beta1", "beta2", "dropout", "muon_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must lie in [0, 1)")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -205,12 +205,17 @@ class TrainConfig:
     def resume_changes_allowed(self) -> list[str]:
         return [name.strip() for name in self.allow_resume_changes.split(",") if name.strip()]
 
-    # The keys a config file or flag set, as parse_config saw them (not a field: never saved). A default
-    # can then give way where a setting implies another (init_from=PATH: the directory's model).
-    given = frozenset()
+    # The keys a config file or flag set, as parse_config saw them: carried by dataclasses.replace, never
+    # saved (as_dict), never set by a flag. A default can then give way where a setting implies another
+    # (init_from=PATH: the directory's model).
+    given: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False, metadata={"internal": True})
+
+    def as_dict(self) -> dict:
+        """Every key and its value, as config.json and a checkpoint save them."""
+        return {name: getattr(self, name) for name in FIELDS}
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}
 
 # The keys that say only how or where a run executes, and why each may change when it resumes (resume.py
 # reports the change). Every other key defines the optimization (the model, the optimizer and its
@@ -245,10 +250,14 @@ MAY_CHANGE_ON_RESUME = {
 
 
 def help_text() -> str:
-    rows = [
-        f"  --{name}={f.default!r}  {f.metadata['help']}{'' if name in MAY_CHANGE_ON_RESUME else ' [fixed on resume]'}"
-        for name, f in FIELDS.items()
-    ]
+    rows = []
+    for name, f in FIELDS.items():
+        fixed = "" if name in MAY_CHANGE_ON_RESUME else " [fixed on resume]"
+        rows.append(f"  --{name}={f.default!r}  {f.metadata['help']}{fixed}")
+        if "registry" in f.metadata:  # each entry with its summary (importing the entries: torch)
+            from optimizers.registry import spec
+
+            rows += [f"      {entry}: {spec(entry).summary}" for entry in f.metadata["registry"]]
     return "usage: [config/FILE.py ...] [--key=value ...]\n\nkeys:\n" + "\n".join(rows)
 
 
@@ -325,7 +334,7 @@ def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None)
     if "--help" in argv or "-h" in argv:
         print(help_text())
         sys.exit(0)
-    values = dataclasses.asdict(base or TrainConfig())
+    values = (base or TrainConfig()).as_dict()
     given = set(base.given) if base else set()
     for arg in argv:
         if arg.startswith("--"):
@@ -340,6 +349,4 @@ def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None)
             given.update(from_file)
         else:
             raise ConfigError(f"argument {arg!r} is neither a config file (*.py) nor a --key=value flag")
-    config = TrainConfig(**values)
-    config.given = frozenset(given)
-    return config
+    return TrainConfig(**values, given=frozenset(given))

@@ -1,22 +1,21 @@
 """Whether a checkpoint may continue under this config, decided before the run touches out_dir, and
 the run's record of each resume.
 
-A resume continues one optimization. train_config.MAY_CHANGE_ON_RESUME names the keys that only say
+A resume continues one optimization. config.MAY_CHANGE_ON_RESUME names the keys that only say
 how a run executes; every other key, and the data (each split's fingerprint, data/tokenfile.py), must
 be what the checkpoint recorded, unless allow_resume_changes names it (`data` for the token files).
 A refusal names every differing key with both values; an allowed change is said, and config.json
 keeps it in the run's history.
 """
 
-import dataclasses
 import datetime
 import json
 import os
 
-from build import data_dir
 from data.tokenfile import fingerprint
-from outdir import write_atomically, write_json
-from train_config import FIELDS, MAY_CHANGE_ON_RESUME, ConfigError, TrainConfig
+from runtime.files import write_atomically, write_json
+from training.build import data_dir
+from training.config import FIELDS, MAY_CHANGE_ON_RESUME, ConfigError, TrainConfig
 
 SPLITS = ("train", "val")
 
@@ -34,7 +33,7 @@ def changes(c: TrainConfig, meta: dict, fingerprints: dict) -> dict[str, tuple]:
     """{key: (checkpoint's value, this config's)}, as each acts, for every key that differs, and `data` when a split's
     fingerprint does. A key the checkpoint predates counts at its default, which kept the old behaviour."""
     saved = {key: meta["config"].get(key, field.default) for key, field in FIELDS.items()}
-    now = dataclasses.asdict(c)
+    now = c.as_dict()
     differ = {key: (acting(saved, key), acting(now, key)) for key in FIELDS if acting(saved, key) != acting(now, key)}
     recorded = meta.get("data_fingerprints") or {}
     if any(recorded.get(split) and fingerprints[split] and recorded[split] != fingerprints[split] for split in SPLITS):
@@ -70,7 +69,7 @@ def check(c: TrainConfig, meta: dict, path: str, fingerprints: dict, say=print) 
     if unchecked:
         say(
             f"resume: the {' and '.join(unchecked)} data cannot be compared with the checkpoint's: its token file or "
-            "the checkpoint predates fingerprints (re-run the dataset's prepare.py to record one)"
+            "the checkpoint predates fingerprints (run the dataset's prepare again to record one)"
         )
     return found
 
@@ -106,7 +105,7 @@ def record_config(out_dir: str, c: TrainConfig, step: int, found: dict[str, tupl
             history = []
         changed = {key: [old, new] for key, (old, new) in (found or {}).items()}
         history.append({"step": step, "time": timestamp(), "event": "resume", "changes": changed})
-    write_json(path, {"config": dataclasses.asdict(c), "history": history})
+    write_json(path, {"config": c.as_dict(), "history": history})
 
 
 def trim_log(out_dir: str, step: int) -> None:

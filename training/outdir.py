@@ -1,5 +1,6 @@
-"""What a run may do to its out_dir, safely: hold it alone (an advisory lock), write a file whole or not
-at all, and stop clearly when the disk fills up.
+"""What a run may do to its out_dir, safely: hold it alone (an advisory lock), refuse a folder it cannot
+write before any work, warn when the disk cannot hold its checkpoints, and say what a failed write
+amounts to (a full disk, exit 74; a folder that stopped being writable).
 
 The lock: rank 0 holds an exclusive flock on out_dir/.lock for the whole run, and writes its pid, host
 and start time into the file for whoever is refused. The kernel drops the lock with its holder's last
@@ -8,9 +9,6 @@ with a lease-backed POSIX lock, which the server releases once a dead client's l
 s). The one case a lock cannot cover is a file system without working locks (NFS mounted `nolock`,
 some FUSE and object-store mounts): there flock either fails, and the run warns that out_dir is
 unguarded and goes on, or it silently succeeds for both runs, which then share the folder as before.
-
-A full disk: any write of the run that fails for lack of space becomes a DiskFullError, one line
-naming the folder and the figures, exit code 74 (EX_IOERR), and leaves no partial file behind.
 """
 
 import contextlib
@@ -18,23 +16,15 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
 import time
 
 import torch.distributed as dist
 
-from errors import UserError
+from runtime.errors import UserError
+from runtime.files import disk_full, free_bytes, megabytes
 
-EXIT_DISK_FULL = 74  # EX_IOERR (sysexits.h): a write failed for lack of space
 LOCK_FILE = ".lock"
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-class DiskFullError(UserError):
-    """A write of the run failed because its file system is full; the last complete checkpoint stands."""
-
-    exit_code = EXIT_DISK_FULL
 
 
 class OutDirInUseError(UserError):
@@ -43,28 +33,6 @@ class OutDirInUseError(UserError):
 
 class OutDirNotWritableError(UserError):
     """An out_dir the run cannot write into."""
-
-
-def megabytes(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
-def free_bytes(folder: str) -> int:
-    return shutil.disk_usage(folder).free
-
-
-def disk_full(error: BaseException, folder: str, needed: int | None = None) -> DiskFullError | None:
-    """The DiskFullError that `error` (raised by a write into folder) amounts to, or None. torch.save
-    reports a full disk as a RuntimeError without an errno ("unexpected pos ..."), so a failed write of
-    `needed` bytes that no longer fit in the free space counts too."""
-    free = free_bytes(folder)
-    if not (isinstance(error, OSError) and error.errno in NO_SPACE) and not (needed is not None and free < needed):
-        return None
-    wanted = f"needed {megabytes(needed)}, " if needed is not None else ""
-    return DiskFullError(
-        f"no space left on the file system of {folder}: {wanted}{megabytes(free)} free "
-        f"({type(error).__name__}: {error}). Free space and run the same command to resume."
-    )
 
 
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -83,36 +51,6 @@ def write_failure(error: OSError, out_dir: str) -> UserError | None:
             "the last complete checkpoint stands. Make it writable and run the same command to resume"
         )
     return None
-
-
-def file_mode() -> int:
-    """The mode a new file gets under this process's umask (0644 under the usual 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_atomically(path: str, write, mode: str = "w") -> None:
-    """path gets what write(file) writes, whole: a temporary file beside it is renamed into place, and
-    removed on any failure (a full disk, a signal)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        full = disk_full(e, os.path.dirname(path) or ".") if isinstance(e, OSError) else None
-        if full is not None:
-            raise full from None
-        raise
-
-
-def write_json(path: str, data) -> None:
-    write_atomically(path, lambda f: json.dump(data, f, indent=2))
 
 
 def space_warning(out_dir: str, checkpoint_bytes: int, keep_last: int) -> str | None:

@@ -1,7 +1,7 @@
 """The one base class for what the user can fix: a config, a token file or vocabulary, a checkpoint, a
 dataset, a Hugging Face directory, an out_dir (taken, or out of space), a run that diverged. The
-scripts catch it at the top (runtime.run_main) and print one `error:` line; anything else is a bug in
-our code and keeps its traceback. Each kind is defined next to the code that raises it.
+scripts catch it at the top (runtime.exits.run_main) and print one `error:` line; anything else is a
+bug in our code and keeps its traceback. Each kind is defined next to the code that raises it.
 """
 
 

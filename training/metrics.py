@@ -6,10 +6,10 @@ import time
 
 import torch
 
-from errors import UserError
-from progress import duration
-from runtime import peak_flops, peak_memory_gib
-from train_config import TrainConfig
+from runtime.device import peak_flops, peak_memory_gib
+from runtime.errors import UserError
+from runtime.progress import duration
+from training.config import TrainConfig
 
 
 class DivergedError(UserError):
@@ -91,16 +91,3 @@ class StepStats:
                 f"gradient norm (max_bad_steps={self.c.max_bad_steps}); stopping, the last checkpoint is intact. "
                 "Lower lr or check the data."
             )
-
-
-def lw_step_sizes(optimizer) -> dict:
-    """LW-AS's latest per-layer step sizes (range) and joint rescale, for the log; {} for other optimizers."""
-    refresh = getattr(optimizer, "last_refresh", {})
-    if "step_size" not in refresh:
-        return {}
-    step_sizes = refresh["step_size"]
-    return {
-        "lw_step_size_min": step_sizes.min().item(),
-        "lw_step_size_max": step_sizes.max().item(),
-        "lw_joint_scale": refresh["joint_scale"].item(),
-    }

@@ -8,20 +8,23 @@ than its torch reference. So before a run's first step on CUDA, the optimizer it
 starting state, and every parameter and state tensor must agree within the kernel's tolerance. The
 tensors cover both builds a launch can take (kernels.py): an ALIGNED set (sizes a multiple of 4, fresh
 16-byte-aligned storage) and an unaligned one (an odd size, a one-element tensor, a view at an odd
-offset), in two param groups with their own lr_scale and weight decay, named so that Adam-mini gives them
-each of its block roles.
+offset), in two param groups with their own multiplier and weight decay, named (by model.param_role) so
+that Adam-mini gives them each of its block roles. Which kernels an optimizer launches, and the
+tolerance they are held to, are its registry entry's (spec.py).
 
 What it guarantees: on this GPU, with this torch, this Triton and this source, each kernel the optimizer
 launches computes its reference's update on tensors of every layout class. What it does not: it checks
 two steps on small tensors, not a whole run (a large tensor's grid, memory pressure, a later NaN).
 
-A pass is cached per (GPU name, compute capability, torch, Triton, a hash of the kernels' and
-optimizers' source) in the cache folder, so a second run pays nothing. A failure (a mismatch, a compile
-or launch error) sends the optimizer to the torch path for the whole run under optimizer_backend=auto,
-with one warning line, and stops the run before its first step under optimizer_backend=triton.
+A pass is cached per (GPU name, compute capability, torch, Triton, a hash of the optimizer's source
+files: the file that declares it and every file of the project it imports, at any depth) in the cache
+folder, so a second run pays nothing. A failure (a mismatch, a compile or launch error) sends the
+optimizer to the torch path for the whole run under optimizer_backend=auto, with one warning line, and
+stops the run before its first step under optimizer_backend=triton.
 """
 
 import hashlib
+import importlib
 import json
 import os
 import time
@@ -30,48 +33,29 @@ import torch
 import torch.distributed as dist
 import triton
 
-import outdir
-from errors import UserError
+from model import GPT, GPTConfig, param_role
+from optimizers.registry import module_of, spec
+from runtime import sources
+from runtime.errors import UserError
+from runtime.files import DiskFullError, write_json
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(ROOT, name) for name in ("kernels.py", "optim.py", "lwas.py")]  # what the kernels compute
 CACHE_FILE = "kernel-check.json"
 CACHE_VERSION = 1
 REPORT = "please report it with this line to the project's issue tracker"
 
-# Elementwise fp32 updates whose Triton and torch forms differ only in rounding (FMA contraction, the
-# order of a few multiplications): agreement to a few float32 ulps of each value. Adam-mini's block
-# mean of g^2 is a reduction in another order, which stays within the same bound at these block sizes.
-TOLERANCE = {  # optimizer: (rtol, atol) over parameters and every state tensor, after two steps
-    "adamw": (1e-5, 1e-6),
-    "lion": (1e-5, 1e-6),
-    "sophiag": (1e-5, 1e-6),
-    "adam_mini": (1e-5, 1e-6),
-    "sgdm_lw": (1e-5, 1e-6),
-    "adamw_lw": (1e-5, 1e-6),
-}
-KERNELS = {  # optimizer: the kernels its steps launch (kernels.py)
-    "adamw": "adamw_kernel",
-    "lion": "lion_kernel",
-    "sophiag": "sophiag_kernel and the Hessian refresh's ema_of_square_kernel",
-    "adam_mini": "block_mean_square_kernel and adam_mini_kernel",
-    "sgdm_lw": "sgd_momentum_kernel",
-    "adamw_lw": "adamw_kernel with per-tensor step sizes",
-}
-
-# (name, shape, storage offset in elements): names give Adam-mini each block role (optim.ADAM_MINI_BLOCKS)
-# at n_head = 2; the first set takes the ALIGNED build, the second the unaligned one.
+# (role, bias, shape, storage offset in elements): a parameter of each role gives Adam-mini each of its
+# block kinds at n_head = 2; the first set takes the ALIGNED build, the second the unaligned one.
 ALIGNED_SET = (
-    ("transformer.wte.weight", (64, 32), 0),
-    ("transformer.h.0.attn.q_proj.weight", (32, 32), 0),
-    ("transformer.h.0.ln_1.weight", (32,), 0),
-    ("transformer.h.0.mlp.c_fc.bias", (128,), 0),
+    ("embedding", False, (64, 32), 0),
+    ("q", False, (32, 32), 0),
+    ("layernorm", False, (32,), 0),
+    ("mlp_in", True, (128,), 0),
 )
 UNALIGNED_SET = (
-    ("transformer.h.0.attn.k_proj.weight", (6, 5), 0),
-    ("transformer.h.0.attn.v_proj.weight", (7, 5), 1),
-    ("transformer.h.0.ln_2.weight", (1,), 0),
-    ("transformer.h.0.mlp.c_proj.bias", (37,), 0),
+    ("k", False, (6, 5), 0),
+    ("v", False, (7, 5), 1),
+    ("layernorm", False, (1,), 0),
+    ("mlp_out", True, (37,), 0),
 )
 N_HEAD = 2
 
@@ -80,26 +64,49 @@ class KernelCheckError(UserError):
     """optimizer_backend=triton on a machine where the kernels' self-check failed."""
 
 
-def _tensors(spec, device, generator) -> list[tuple[str, torch.nn.Parameter]]:
+def kernel_names(optimizer: str) -> str:
+    """The kernels an optimizer's steps and refreshes launch, by name, for the messages."""
+    return ", ".join(kernel.fn.__name__ for kernel in spec(optimizer).all_kernels)
+
+
+def source_files(optimizer: str) -> list[str]:
+    """What an optimizer's kernels and torch path are made of: the file that declares it and every file of
+    the project that file imports, at any depth."""
+    declared_in = os.path.relpath(importlib.import_module(module_of(optimizer)).__file__, sources.ROOT)
+    return [sources.modules()[name] for name in sources.dependencies(sources.module_of(declared_in))]
+
+
+def _name_of(role: str, is_bias: bool) -> str:
+    """A parameter name of GPT's with this role (model.param_role decides what a name is)."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=1, n_head=N_HEAD, n_embd=8, vocab_size=8, block_size=8))
+    return next(
+        name
+        for name, _ in model.named_parameters()
+        if (param_role(name).layer, param_role(name).is_bias) == (role, is_bias)
+    )
+
+
+def _tensors(layout, device, generator) -> list[tuple[str, torch.nn.Parameter]]:
     named = []
-    for name, shape, offset in spec:
+    for role, is_bias, shape, offset in layout:
         numel = 1
         for size in shape:
             numel *= size
         storage = torch.randn(offset + numel, generator=generator)
-        named.append((name, torch.nn.Parameter(storage.to(device)[offset:].view(shape))))
+        named.append((_name_of(role, is_bias), torch.nn.Parameter(storage.to(device)[offset:].view(shape))))
     return named
 
 
-def two_steps(make_optimizer, backend: str, device: torch.device, spec) -> list[torch.Tensor]:
+def two_steps(make_optimizer, backend: str, device: torch.device, layout) -> list[torch.Tensor]:
     """Every parameter and state tensor after two steps of the optimizer make_optimizer(groups, backend)
     builds, from a fixed start and fixed gradients (the same for either backend)."""
     generator = torch.Generator().manual_seed(0)
-    named = _tensors(spec, device, generator)
+    named = _tensors(layout, device, generator)
     matrices = [(n, p) for n, p in named if p.dim() >= 2]
     vectors = [(n, p) for n, p in named if p.dim() < 2]
     groups = [
-        {"params": [p for _, p in part], "names": [n for n, _ in part], "lr_scale": scale, "weight_decay": decay}
+        {"params": [p for _, p in part], "names": [n for n, _ in part], "multiplier": scale, "weight_decay": decay}
         for part, scale, decay in ((matrices, 1.7, 0.1), (vectors, 0.6, 0.0))
         if part
     ]
@@ -131,15 +138,15 @@ def largest_error(triton_values, torch_values, rtol: float, atol: float) -> tupl
     return difference, ratio
 
 
-def cache_key(device: torch.device) -> str:
+def cache_key(device: torch.device, optimizer: str) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         capability = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
     else:
         name, capability = "cpu (Triton interpreter)", "cpu"
     source = hashlib.sha256()
-    for path in SOURCES:
-        with open(path, "rb") as f:
+    for path in source_files(optimizer):
+        with open(os.path.join(sources.ROOT, path), "rb") as f:
             source.update(f.read())
     identity = {
         "version": CACHE_VERSION,
@@ -186,8 +193,8 @@ class Cache:
         data[key][optimizer] = record
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            outdir.write_json(self.path, data)
-        except (OSError, outdir.DiskFullError) as e:
+            write_json(self.path, data)
+        except (OSError, DiskFullError) as e:
             self.say(f"warning: cannot write the kernel self-check cache {self.path} ({e}); the next run checks again")
 
 
@@ -195,35 +202,35 @@ def check(optimizer: str, make_optimizer, device: torch.device, cache_folder: st
     """Whether the optimizer's Triton kernels match its torch path on this device, and a sentence saying
     what was found (a cached pass, a pass, or the failure with the kernel, the error and the tolerance)."""
     cache = Cache(cache_folder, say)
-    key = cache_key(device)
+    key = cache_key(device, optimizer)
     if cache.passed(key, optimizer):
         return True, f"self-check passed before on this machine (cached in {cache.path})"
-    rtol, atol = TOLERANCE[optimizer]
+    rtol, atol = spec(optimizer).tolerance
     start = time.perf_counter()
     try:
         errors = []
-        for spec in (ALIGNED_SET, UNALIGNED_SET):
-            reference = two_steps(make_optimizer, "torch", device, spec)
-            errors.append(largest_error(two_steps(make_optimizer, "triton", device, spec), reference, rtol, atol))
+        for layout in (ALIGNED_SET, UNALIGNED_SET):
+            reference = two_steps(make_optimizer, "torch", device, layout)
+            errors.append(largest_error(two_steps(make_optimizer, "triton", device, layout), reference, rtol, atol))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as e:  # a compile or launch error of the kernels: the torch path still works
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return False, (
-            f"{optimizer}'s Triton kernels ({KERNELS[optimizer]}) failed to run: {type(e).__name__}: {message}"
+            f"{optimizer}'s Triton kernels ({kernel_names(optimizer)}) failed to run: {type(e).__name__}: {message}"
         )
     seconds = time.perf_counter() - start
     difference, ratio = max(error[0] for error in errors), max(error[1] for error in errors)
     if not ratio <= 1:
         return False, (
-            f"{optimizer}'s Triton kernels ({KERNELS[optimizer]}) differ from the torch path by up to {difference:.3g} "
-            f"after two steps, beyond the tolerance rtol {rtol:g} / atol {atol:g}"
+            f"{optimizer}'s Triton kernels ({kernel_names(optimizer)}) differ from the torch path by up to "
+            f"{difference:.3g} after two steps, beyond the tolerance rtol {rtol:g} / atol {atol:g}"
         )
     cache.write(key, optimizer, {"passed": True, "largest_difference": difference, "seconds": seconds})
     return True, (
-        f"self-check passed in {seconds:.1f} s: the Triton path ({KERNELS[optimizer]}) matches the torch path after "
-        f"two steps on aligned and unaligned tensors (largest difference {difference:.2g}, tolerance rtol {rtol:g} / "
-        f"atol {atol:g}; cached in {cache.path})"
+        f"self-check passed in {seconds:.1f} s: the Triton path ({kernel_names(optimizer)}) matches the torch path "
+        f"after two steps on aligned and unaligned tensors (largest difference {difference:.2g}, tolerance rtol "
+        f"{rtol:g} / atol {atol:g}; cached in {cache.path})"
     )
 
 
@@ -239,8 +246,8 @@ def all_ranks_pass(passed: bool, device: torch.device) -> bool:
 def choose_backend(c, device: torch.device, make_optimizer, cache_folder: str, say=print) -> tuple[str, str]:
     """The backend ("triton" or "torch") the run's optimizer takes, and why, in words. make_optimizer
     (groups, backend) builds the run's optimizer over other parameters, for the self-check."""
-    if c.optimizer == "adamw_torch":
-        return "torch", "torch.optim.AdamW(fused=True), the baseline"
+    if not spec(c.optimizer).kernels:
+        return "torch", f"{c.optimizer} has no Triton path"
     if c.optimizer_backend == "torch":
         return "torch", "optimizer_backend=torch"
     interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -256,9 +263,8 @@ def choose_backend(c, device: torch.device, make_optimizer, cache_folder: str, s
     if c.kernel_check == "off" or (device.type != "cuda" and c.kernel_check != "force"):
         return "triton", f"{chosen}; kernel_check={c.kernel_check}, not checked"
     passed, finding = check(c.optimizer, make_optimizer, device, cache_folder, say)
-    if (
-        not passed and dist.is_initialized() and dist.get_rank() != 0
-    ):  # rank 0 speaks for the run, this rank for its GPU
+    # rank 0 speaks for the run, this rank for its GPU
+    if not passed and dist.is_initialized() and dist.get_rank() != 0:
         print(f"rank {dist.get_rank()}: warning: kernel self-check: {finding}", flush=True)
     if not all_ranks_pass(passed, device) and passed:
         passed, finding = False, "another rank's kernel self-check failed (that rank's warning says how)"

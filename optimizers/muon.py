@@ -1,34 +1,33 @@
-"""optimizer=muon: Muon (Jordan et al., 2024), the GPT-2 speedruns' optimizer, as a peer of the others.
+"""optimizer=muon: Muon (Jordan et al. 2024), the GPT-2 speedruns' optimizer, as a peer of the others.
 
 Muon orthogonalizes each hidden matrix's momentum (five Newton-Schulz iterations in bf16) and so already
 rescales its update per layer; the question it answers here is whether a layer-wise learning rate still
 matters under it. The split is the speedrun's (modded-nanogpt): torch.optim.Muon for the transformer
-blocks' weight matrices (q, k, v, the attention output, both MLP matrices), this project's fused AdamW
-(optim.py) for everything else: the embeddings, the tied output layer, LayerNorms and biases. Every
-group steps at its layer_lr (lr * lr_scale, optim.py's one rule); the AdamW part's groups run at
-adamw_lr where the Muon part's run at lr, both on the one schedule (their lr_ratio, applied by set_lr).
+blocks' weight matrices (q, k, v, the attention output, both MLP matrices: model.ParamRole.is_block_matrix),
+this project's fused AdamW (adamw.py) for everything else: the embeddings, the tied output layer,
+LayerNorms and biases. Every group steps at its layer_lr (lr * multiplier, base.py's one rule); the AdamW
+part's groups run at adamw_lr_ratio times the Muon part's rate, both on the one schedule (their
+lr_ratio, applied by set_lr; the config's adamw_lr over its lr).
 
 torch.optim.Muon has no device-side skip of a non-finite step, so its part reads the guard on the host
 (one sync per step, as the fused optimizers' torch path does); the AdamW part reads it on the device.
 """
 
-import collections
 import math
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from model import param_role
-from optim import AdamW, StepContext, StepHooks, with_layer_lr
-from parallel import local, shard_rows, whole
-
-# The blocks' weight matrices: Muon's part. Everything else is AdamW's.
-MUON_LAYERS = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
+from optimizers.adamw import AdamW, adamw_kernel
+from optimizers.base import StepContext, StepHooks, with_layer_lr
+from optimizers.spec import OptimizerSpec, Reference
+from runtime.fsdp import local, shard_rows, whole
 
 
 def is_muon_param(name: str, p: torch.Tensor) -> bool:
-    role = param_role(name)
-    return role.layer in MUON_LAYERS and not role.is_bias and p.dim() == 2
+    """The blocks' weight matrices are Muon's part; everything else is AdamW's."""
+    return param_role(name).is_block_matrix and p.dim() == 2
 
 
 def newton_schulz(update: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype) -> torch.Tensor:
@@ -93,10 +92,18 @@ class Muon(StepHooks):
     are both parts' (Muon's first), its state dict holds both, a step steps both."""
 
     def __init__(
-        self, groups, lr, adamw_lr, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, ns_dtype=torch.bfloat16, backend="auto"
+        self,
+        groups,
+        lr,
+        adamw_lr_ratio=1.0,
+        momentum=0.95,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        ns_dtype=torch.bfloat16,
+        backend="auto",
     ):
         if lr <= 0:
-            raise ValueError(f"lr={lr}: Muon's rate must be positive (the AdamW part's is adamw_lr)")
+            raise ValueError(f"lr={lr}: Muon's rate must be positive (the AdamW part's is lr * adamw_lr_ratio)")
         muon_groups, adamw_groups = [], []
         for group in groups:
             chosen = [is_muon_param(name, p) for name, p in zip(group["names"], group["params"])]
@@ -105,12 +112,15 @@ class Muon(StepHooks):
                 params = [p for p, c in zip(group["params"], chosen) if c == wanted]
                 if params:
                     part.append({**group, "names": names, "params": params})
+        # The schedule's shape at the AdamW part's height (set_lr).
         for group in adamw_groups:
-            group["lr_ratio"] = adamw_lr / lr  # the schedule's shape at adamw_lr's height (set_lr)
+            group["lr_ratio"] = adamw_lr_ratio
         self.muon = TorchMuon(muon_groups, lr=lr, momentum=momentum, nesterov=True) if muon_groups else None
         if self.muon:
             self.muon.ns_dtype = ns_dtype
-        self.adamw = AdamW(adamw_groups, lr=adamw_lr, betas=betas, eps=eps, backend=backend) if adamw_groups else None
+        self.adamw = (
+            AdamW(adamw_groups, lr=lr * adamw_lr_ratio, betas=betas, eps=eps, backend=backend) if adamw_groups else None
+        )
         self.parts = [part for part in (self.muon, self.adamw) if part is not None]
 
     # Read through each time: a part's load_state_dict replaces its param_groups and state objects.
@@ -119,8 +129,11 @@ class Muon(StepHooks):
         return [group for part in self.parts for group in part.param_groups]
 
     @property
-    def state(self) -> collections.ChainMap:
-        return collections.ChainMap(*(part.state for part in self.parts))
+    def state(self) -> dict:
+        """Both parts' state by parameter, each from the part that holds it: a copy of the mapping (a
+        ChainMap over torch's defaultdicts would answer a missing key from the first part with an empty
+        state, and add it there)."""
+        return {p: values for part in self.parts for p, values in part.state.items()}
 
     @property
     def found_inf(self):
@@ -158,3 +171,53 @@ class Muon(StepHooks):
     def after_step(self, step: int, context: StepContext) -> None:
         for part in self.parts:
             part.after_step(step, context)
+
+
+class _MuonAndAdamW:
+    """The references of both parts: torch.optim.Muon for the blocks' matrices, torch.optim.AdamW for the
+    rest at the AdamW part's rate, each group at its own."""
+
+    def __init__(self, c, groups):
+        ratio = (c.adamw_lr or c.lr) / c.lr
+        muon_groups, adamw_groups = [], []
+        for group in groups:
+            for name, p in zip(group["names"], group["params"]):
+                one = {**group, "names": [name], "params": [p]}
+                if is_muon_param(name, p):
+                    muon_groups.append(one)
+                else:
+                    adamw_groups.append({**one, "lr": group["lr"] * ratio})
+        self.parts = [
+            torch.optim.Muon(muon_groups, lr=c.lr, momentum=c.muon_momentum, nesterov=True),
+            torch.optim.AdamW(adamw_groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps),
+        ]
+
+    @property
+    def state(self) -> dict:
+        return {p: values for part in self.parts for p, values in part.state.items()}
+
+    def step(self):
+        for part in self.parts:
+            part.step()
+
+
+MUON = OptimizerSpec(
+    name="muon",
+    summary="Muon (Jordan et al. 2024, torch.optim.Muon) for the blocks' matrices, the fused AdamW for the "
+    "rest at adamw_lr, the speedrun's split",
+    build=lambda c, groups, n_head, backend: Muon(
+        groups,
+        lr=c.lr,
+        adamw_lr_ratio=(c.adamw_lr or c.lr) / c.lr,
+        momentum=c.muon_momentum,
+        ns_dtype=getattr(torch, c.muon_ns_dtype),
+        betas=(c.beta1, c.beta2),
+        eps=c.eps,
+        backend=backend,
+    ),
+    state_per_parameter=2,  # at most: one momentum for the blocks' matrices, AdamW's two moments for the rest
+    reference=Reference("torch.optim.Muon for the blocks' matrices, torch.optim.AdamW for the rest", _MuonAndAdamW),
+    gpu_check=dict(lr=0.02, adamw_lr=3e-3),
+    kernels={adamw_kernel: 28},  # the AdamW part's; Muon's part runs on torch
+    tolerance=(1e-5, 1e-6),
+)

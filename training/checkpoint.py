@@ -5,6 +5,10 @@ version, step, config, and each file's size and SHA-256), fsyncs, then renames t
 a folder named step-* is complete by construction. Older checkpoints are removed only after that, down
 to the newest `keep_last`. Loading walks from the newest folder down, verifies sizes and checksums, and
 skips (and reports) any that fail. Tensors are read with torch.load(weights_only=True), never pickle.
+
+Format 2 calls the layer-wise learning-rate multiplier what the code calls it: `multipliers` in
+meta.json, `multiplier` in the optimizer's param groups. Format 1 (checkpoints written before) called
+them lr_multipliers and lr_scale, and is read as format 2 (verify, load_optimizer_state).
 """
 
 import hashlib
@@ -18,13 +22,14 @@ import sys
 import torch
 from safetensors.torch import save_model
 
-import outdir
-from build import gpt_config
-from errors import UserError
-from model import GPT
-from train_config import TrainConfig
+from model import GPT, vocab_size_of
+from runtime.errors import UserError
+from runtime.files import DiskFullError, disk_full, file_mode
+from training.build import gpt_config
+from training.config import TrainConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-step-"
 
@@ -112,7 +117,7 @@ def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_las
         _fsync_dir(out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        full = outdir.disk_full(e, out_dir, needed=tensor_bytes(tensors)) if isinstance(e, Exception) else None
+        full = disk_full(e, out_dir, needed=tensor_bytes(tensors)) if isinstance(e, Exception) else None
         if full is None:
             raise
         kept = complete_steps(out_dir)
@@ -121,7 +126,7 @@ def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_las
             if kept
             else "no earlier checkpoint exists"
         )
-        raise outdir.DiskFullError(f"saving step {step}: {full} Nothing of this save is left; {last}.") from None
+        raise DiskFullError(f"saving step {step}: {full} Nothing of this save is left; {last}.") from None
     for old in complete_steps(out_dir)[keep_last:]:
         try:
             _remove(step_dir(out_dir, old))
@@ -152,7 +157,7 @@ def verify(path: str) -> dict:
             meta = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError) as e:  # ValueError: JSON syntax and undecodable bytes (UnicodeDecodeError) alike
         raise CheckpointError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_VERSIONS:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{meta_path}: format version {version}, expected {FORMAT_VERSION}")
     files = meta.get("files")
@@ -172,6 +177,8 @@ def verify(path: str) -> dict:
             raise CheckpointError(f"{file_path}: unreadable ({e})") from None
         if digest != expected["sha256"]:
             raise CheckpointError(f"{file_path}: checksum mismatch, the file was altered")
+    if meta["format_version"] == 1:
+        meta["multipliers"] = meta.pop("lr_multipliers", None)
     return meta
 
 
@@ -199,6 +206,17 @@ def load_tensors(path: str, name: str) -> dict:
         raise CheckpointError(f"{file_path}: holds more than tensors, so it is not loaded ({reason})") from None
 
 
+def load_optimizer_state(path: str, meta: dict) -> dict:
+    """optimizer.pt's state dict, as format 2 holds it: a format 1 checkpoint's param groups name each
+    group's multiplier lr_scale (an optimizer of parts, Muon's, holds one state dict per part)."""
+    state = load_tensors(path, "optimizer")
+    if meta["format_version"] == 1:
+        for part in state.values() if "param_groups" not in state else [state]:
+            for group in part["param_groups"] if part else []:
+                group["multiplier"] = group.pop("lr_scale", 1.0)
+    return state
+
+
 def restore_weights(model: torch.nn.Module, path: str) -> None:
     """The checkpoint's weights into model, after checking that every tensor fits: a tensor of another shape
     (the dataset's vocabulary changed, so vocab_size did) is a CheckpointError naming it."""
@@ -223,13 +241,13 @@ def export_safetensors(model: torch.nn.Module, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_model(model, tmp)
-        os.chmod(tmp, outdir.file_mode())  # safetensors creates it 0600; the run's other files are 0644
+        os.chmod(tmp, file_mode())  # safetensors creates it 0600; the run's other files are 0644
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         full = (
-            outdir.disk_full(e, os.path.dirname(path) or ".", needed=tensor_bytes(model.state_dict()))
+            disk_full(e, os.path.dirname(path) or ".", needed=tensor_bytes(model.state_dict()))
             if isinstance(e, Exception)
             else None
         )
@@ -252,7 +270,7 @@ def find(out_dir: str | None = None, path: str | None = None) -> tuple[str, dict
 def load_model(path: str, meta: dict):
     """The GPT a checkpoint holds: built from the training config saved with it, weights loaded."""
     tensors = load_tensors(path, "model")
-    vocab_size = tensors["transformer.wte.weight"].shape[0]  # the data folder may have moved since
-    model = GPT(gpt_config(TrainConfig(**meta["config"]), vocab_size))
+    # The vocabulary from the weights themselves: the data folder may have moved since.
+    model = GPT(gpt_config(TrainConfig(**meta["config"]), vocab_size_of(tensors)))
     model.load_state_dict(tensors)
     return model

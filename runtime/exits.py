@@ -1,0 +1,40 @@
+"""How a script ends: a UserError is one `error:` line and its exit code (2 unless it says otherwise), a
+bug keeps its traceback (exit 1), and rank 0's code reaches launch.py, which torchrun's own exit code
+cannot carry. The other codes a scheduler reads: 74 (runtime.files, a full disk), 75 (runtime.signals,
+stopped by a signal: run the same command again)."""
+
+import os
+import sys
+
+import torch.distributed as dist
+
+from runtime.errors import UserError
+
+
+def run_main(main) -> None:
+    """Run a script's main(): a UserError (runtime.errors) prints one `error:` line and exits with its class's
+    exit_code, 2 unless it says otherwise; anything else is a bug and keeps its traceback. The process
+    group is always torn down so torchrun ranks exit cleanly."""
+    code = 1
+    try:
+        code = main()
+    except UserError as e:
+        if not (e.same_on_every_rank and int(os.environ.get("RANK", "0")) != 0):
+            print(f"error: {e}", file=sys.stderr)
+        code = e.exit_code
+    finally:  # code stays 1 for a bug, whose traceback follows
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        report_exit_code(code)
+    sys.exit(code)
+
+
+EXIT_CODE_FILE = "LWLR_EXIT_CODE_FILE"  # set by launch.py, which torchrun's own exit code cannot replace
+
+
+def report_exit_code(code: int) -> None:
+    """Rank 0 writes its exit code where launch.py reads it: torchrun itself exits 1 after any stop."""
+    path = os.environ.get(EXIT_CODE_FILE)
+    if path and int(os.environ.get("RANK", "0")) == 0:
+        with open(path, "w") as f:
+            f.write(str(code))
