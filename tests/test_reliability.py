@@ -2,8 +2,10 @@
 losses, SIGTERM, mismatched resumes, bad input. Every run here is gpt2-tiny on CPU."""
 
 import errno
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,11 +70,14 @@ def test_stop_and_resume_equals_a_straight_run(tmp_path, token_dir, optimizer, l
         lw_interval=3,
         lw_warmup_steps=2,
     )
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight, resumed, older = tmp_path / "straight", tmp_path / "resumed", tmp_path / "format-1"
     assert train.main(tiny_run_args(straight, token_dir, max_steps=8, **common)) == 0
     assert train.main(tiny_run_args(resumed, token_dir, max_steps=4, lr_decay_steps=8, **common)) == 0
     if lr_rule != "single":
         os.remove(resumed / "lwlr.json")  # the resume must take the multipliers from the checkpoint
+    if optimizer in FORMAT_1_CASES:  # the same checkpoint as the code before format 2 wrote it
+        shutil.copytree(resumed, older)
+        as_format_1(checkpoint.step_dir(str(older), 4))
     resume = dict(init_from="resume", allow_resume_changes="max_steps")
     assert train.main(tiny_run_args(resumed, token_dir, max_steps=8, **common, **resume)) == 0
     assert not (resumed / "lwlr.json").exists()
@@ -80,6 +85,33 @@ def test_stop_and_resume_equals_a_straight_run(tmp_path, token_dir, optimizer, l
     resumed_losses = [r["loss"] for r in read_log(resumed, "train")]
     assert resumed_losses == straight_losses  # exactly: no batch replayed or skipped
     assert_identical_states(final_state(straight, 8), final_state(resumed, 8))
+    if optimizer in FORMAT_1_CASES:
+        assert train.main(tiny_run_args(older, token_dir, max_steps=8, **common, **resume)) == 0
+        assert [r["loss"] for r in read_log(older, "train")] == straight_losses
+        assert_identical_states(final_state(straight, 8), final_state(older, 8))
+
+
+# A flat optimizer state, one of two parts, and LW-AS's per-tensor scalars, each resumed from format 1.
+FORMAT_1_CASES = ("adamw", "muon", "adamw_lw")
+
+
+def as_format_1(path: str) -> None:
+    """The checkpoint at path rewritten as checkpoints were before format 2, by hand: the multiplier called
+    lr_scale in the optimizer's param groups and lr_multipliers in meta.json, each file's checksum to match."""
+    optimizer = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+    for part in [optimizer] if "param_groups" in optimizer else [part for part in optimizer.values() if part]:
+        for group in part["param_groups"]:
+            group["lr_scale"] = group.pop("multiplier")
+    torch.save(optimizer, os.path.join(path, "optimizer.pt"))
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    meta["format_version"] = 1
+    meta["lr_multipliers"] = meta.pop("multipliers")
+    with open(os.path.join(path, "optimizer.pt"), "rb") as f:
+        data = f.read()
+    meta["files"]["optimizer.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
 
 
 # adamw_lw: its curvature terms are all-reduced besides the gradients (plain DDP's resume is also
