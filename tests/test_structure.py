@@ -149,3 +149,19 @@ def test_only_model_py_reads_a_parameter_name():
 def read(path: str) -> str:
     with open(os.path.join(ROOT, path)) as f:
         return f.read()
+
+
+def test_the_readme_is_a_guide_of_at_most_250_lines_whose_links_resolve():
+    """The README is the user's guide; studies, results and runbooks are docs/ pages, which it links."""
+    readme = read("README.md")
+    assert len(readme.splitlines()) <= 250
+    pages = ["README.md"] + [os.path.join("docs", name) for name in sorted(os.listdir(os.path.join(ROOT, "docs")))]
+    broken = [
+        f"{page}: {target}"
+        for page in pages
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", read(page))
+        if not target.startswith(("http://", "https://"))
+        and not os.path.exists(os.path.join(ROOT, os.path.dirname(page), target))
+    ]
+    assert broken == []
+    assert {"architecture.md", "operations.md", "distributed.md"} <= set(os.listdir(os.path.join(ROOT, "docs")))

@@ -72,7 +72,8 @@ class TrainConfig:
     data_subset_batches: int = at_least(0, 0, help="0 = sample the whole training set; K > 0 cycles through K fixed "
                                                     "batches")
     # model
-    model: str = key("gpt2-mini", "a preset of model.py: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny")
+    model: str = key("gpt2-mini", "a preset of model.PRESETS: gpt2, gpt2-medium, gpt2-large, gpt2-xl (GPT-2's), "
+                     "gpt2-mini, gpt2-tiny, narrow-N (small ones)")
     block_size: int = at_least(0, 128, help="sequence length; at most the preset's block_size (0 = the preset's)")
     dropout: float = at_least(0.0, 0.0, help="0 for pretraining")
     residual_scale: bool = key(False, "scale both residual branches of every block by 1/sqrt(n_layer)")
