@@ -2,8 +2,8 @@
 (ICLR 2025 submission "Initializing the Layer-wise Learning Rate", Algorithm 1).
 
 Every layer i (each weight, bias, LayerNorm scale and embedding tensor; q, k and v are three layers)
-gets a constant multiplier eta_i for the whole run, on top of any optimizer and the global schedule:
-step_i = gamma(t) * eta_i * O'(g_i).
+gets a constant learning-rate multiplier (the paper's eta_i) for the whole run, on top of any optimizer
+and the global schedule: step_i = gamma(t) * multiplier_i * O'(g_i).
 
     1. Copy the model and re-initialize the copy for measurement (`init`):
          fan_out  every Linear weight N(0, 1/fan_out), the backward-variance-preserving init; the tied
@@ -14,14 +14,16 @@ step_i = gamma(t) * eta_i * O'(g_i).
          model    the model's own weights as passed (its training init when called before training).
     2. With the weights fixed, for T batches: backward, and add each layer's mean absolute gradient
        (L1 norm / numel) to G_i; G_i is the mean over the T batches.
-    3. eta~_i = G_i^-power (power = 1/2 in the paper).
-    4. Normalize so the parameter-weighted mean multiplier is 1: eta_i = eta~_i * sum_j m_j / sum_j m_j eta~_j.
-    5. Training starts from the model's normal init with eta_i on layer i (its param group's `multiplier`).
+    3. raw_i = G_i^-power (power = 1/2 in the paper).
+    4. Normalize so the parameter-weighted mean multiplier is 1, n_j a layer's parameter count:
+       multiplier_i = raw_i * sum_j n_j / sum_j n_j raw_j.
+    5. Training starts from the model's normal init with multiplier_i on layer i (its param group's
+       `multiplier`).
 
 The tied wte / lm_head is one tensor, so it gets one multiplier; its gradient sums the embedding and
 output-layer contributions. Baselines under the same normalization: depth_increasing / depth_decreasing
 (the paper's Figure 1: relative rate linear in block depth from 0.1 to 1, or from 2 to 1; the
-embeddings take the first block's rate, ln_f the last's) and fan_in (eta ∝ 1/sqrt(fan_in); embeddings,
+embeddings take the first block's rate, ln_f the last's) and fan_in (multiplier ∝ 1/sqrt(fan_in); embeddings,
 biases and LayerNorm scales have fan_in 1).
 
 This file is the method alone. Where a training run's multipliers come from (measured, cached, a

@@ -9,7 +9,7 @@ import lwlr
 import multipliers
 import train
 from conftest import TEST_DEVICE, tiny_run_args, torchrun
-from model import GPT, GPTConfig
+from model import GPT, LAYER_ROLES, GPTConfig
 from optimizers import base
 from training import build
 from training.config import ConfigError, parse_config
@@ -221,6 +221,8 @@ def test_cli_writes_json_and_plot_and_is_reproducible(tmp_path, token_dir):
     ]
     linear = sorted(point for points in drawn["Linear weights"].values() for point in points)
     assert len(linear) == 12 and set(drawn["Linear weights"]) == {"q", "k", "v", "attn_out", "mlp_in", "mlp_out"}
+    # a colour for every kind of layer the model has (model.LAYER_ROLES), biases apart: none is left undrawn
+    assert set(multipliers.KIND_COLORS) == set(LAYER_ROLES.values()) | {"bias", "other"}
 
 
 def test_two_process_measurement_equals_one_process(tmp_path, token_dir):
