@@ -257,10 +257,14 @@ def roofline(recorded) -> list[dict]:
     adds 12 bytes and a launch, amortized). torch's fused AdamW launches per param group: under a
     layer-wise rate every tensor has its own lr, so one group (at least one launch) per tensor."""
     per_step = {}
-    for name in ROOFLINE_OPTIMIZERS:  # a step's kernels, and a refresh's over its interval (registry entries)
-        entry, interval = spec(name), spec(name).refresh_interval(TrainConfig(optimizer=name))
-        moved = sum(entry.kernels.values()) + sum(entry.refresh_kernels.values()) / interval
-        per_step[name] = (moved, len(entry.kernels) + len(entry.refresh_kernels) / interval)
+    for name in ROOFLINE_OPTIMIZERS:  # a step's kernels (their registry entry), and a refresh's over its interval
+        entry = spec(name)
+        moved, launches = sum(entry.kernels.values()), len(entry.kernels)
+        if entry.refresh_kernels:
+            interval = entry.refresh_interval(TrainConfig(optimizer=name))
+            moved += sum(entry.refresh_kernels.values()) / interval
+            launches += len(entry.refresh_kernels) / interval
+        per_step[name] = (moved, launches)
     per_step["torch fused AdamW, one group per tensor"] = (sum(spec("adamw").kernels.values()), None)
     assert {name for name in per_step if not name.startswith("torch")} <= set(recorded)
     rows = []
