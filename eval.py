@@ -95,7 +95,7 @@ def loss_only(c: TrainConfig, rt) -> int:
     model, source, step = model_for(c)
     model = model.to(rt.device)
     ctx = autocast(rt.device, c.dtype)
-    rows = c.micro_batch_size * rt.world_size
+    rows = eval_split(c, rt.world_size).global_rows
     losses = {
         split: evaluate(model, token_batches(c, split, "val", model.config), c, rt, ctx) for split in ("val", "train")
     }

@@ -160,7 +160,7 @@ def compare(path_a: str, path_b: str) -> tuple[float, float]:
 
 def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float] | None, dict | None]:
     """The multipliers a TrainConfig asks for (None for lr_rule=single) and the report to save; lwlr
-    measures on `batches` (build.token_batches of the "lwlr" stream)."""
+    measures on `batches` (training.build.token_batches of the "lwlr" stream)."""
     if c.lr_rule == "single":
         return None, None
     meta = {"rule": c.lr_rule, "model": c.model, "dataset": c.data_dir or c.dataset, "seed": c.seed}

@@ -8,7 +8,7 @@
 #
 # Parts, each under its own time cap, in this order: environment (device, driver, versions, commit,
 # measured copy bandwidth and bf16 matmul rate), correctness on CUDA (the optimizer reference tests with
-# the kernels compiled, loss.py, lwlr on CUDA against CPU), optimizers (bench_optim.py, gpt2 and
+# the kernels compiled, the fused loss, lwlr on CUDA against CPU), optimizers (bench_optim.py, gpt2 and
 # gpt2-large), train (train.py per optimizer, compiled, bf16, checkpoint and resume), torchrun (the DDP
 # path at world size 1, and its resume), throughput (bench_train.py on gpt2 and the lwlr measurement).
 # Results go to ${OUT:-bench/results/gpu}: summary.json (every figure with its unit, the device, the

@@ -4,7 +4,7 @@
 # held-out check (AdamW single, lwlr, fan_in; 2 rates, 2 seeds), on the embedded Shakespeare in GPT-2 BPE.
 # Run it once bench/gpu_check.sh has passed on the machine.
 #
-#     python data/shakespeare/prepare.py && bash bench/wheels.sh     # once, with network: the token files, the wheels
+#     python -m data.shakespeare.prepare && bash bench/wheels.sh     # once, with network: the token files, the wheels
 #     LWLR_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_science.sh   # on the GPU machine, with data/shakespeare
 #     PYTHON=$(bash bench/replica.sh) OUT=/tmp/science bash bench/gpu_science.sh --rehearse   # here, gpt2-tiny
 #     bash bench/gpu_science.sh --plan                                 # the plan and its predicted times only

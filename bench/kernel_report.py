@@ -100,12 +100,13 @@ def record_launches(preset: str = "gpt2") -> dict[str, list[tuple]]:
                 p.grad = torch.empty_like(p)
             multipliers = {param: 1 + i / 100 for i, (param, _) in enumerate(model.named_parameters())}
             groups = base.param_groups(model, multipliers, 0.1)
-            optimizer = spec(name).build(TrainConfig(optimizer=name), groups, model.config.n_head, "triton")
+            declared = spec(name)
+            optimizer = declared.build(TrainConfig(optimizer=name), groups, model.config.n_head, "triton")
             optimizer.found_inf = torch.ones(())
             launches.clear()
             optimizer.step()
-            if hasattr(optimizer, "update_hessian"):  # SophiaG's refresh
-                optimizer.update_hessian()
+            if declared.refresh is not None:  # SophiaG's, which launches its refresh_kernels
+                declared.refresh(optimizer)
             recorded[name] = list(launches)
         return recorded
     finally:

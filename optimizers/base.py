@@ -79,7 +79,7 @@ def layer_lr(group: dict) -> float:
     """A param group's learning rate: the schedule's lr times the group's multiplier (its layer-wise
     learning-rate multiplier). The one place the two meet outside the Triton kernels, which take the
     schedule's lr and each tensor's multiplier from a table and multiply them in their own arithmetic
-    (kernels._tensor_lr)."""
+    (kernels.tensor_lr)."""
     return group["lr"] * group.get("multiplier", 1.0)
 
 

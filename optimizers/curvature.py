@@ -63,7 +63,7 @@ class Curvature:
         sharded: bool = False,
     ):
         check_curvature(kind)
-        # The config refuses it first (training.build.check_parallel).
+        # The run refuses it first (its registry entry's refuses, training.build.check_optimizer).
         if sharded and kind not in SHARDABLE_CURVATURES:
             raise ValueError(f"curvature={kind!r} cannot run on a sharded model")
         self.kind, self.model, self.x, self.y, self.sharded = kind, model, x, y, sharded

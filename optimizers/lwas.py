@@ -369,19 +369,20 @@ REFERENCE_OPTIMIZERS = {
 WARMUP = dict(lw_warmup_steps=1000, lw_interval=1000)
 
 
-def _sharding_problem(c) -> str | None:
-    if c.lw_curvature in SHARDABLE_CURVATURES:
+def _refuses(c, sharded: bool) -> str | None:
+    if not sharded or c.lw_curvature in SHARDABLE_CURVATURES:
         return None
     return (
-        f"lw_curvature={c.lw_curvature}: its Hessian-vector products are a double backward, which fsdp's gathers "
-        f"do not carry; choose lw_curvature={', '.join(SHARDABLE_CURVATURES)}"
+        f"parallel=fsdp with lw_curvature={c.lw_curvature}: its Hessian-vector products are a double backward, "
+        f"which fsdp's gathers do not carry; choose lw_curvature={', '.join(SHARDABLE_CURVATURES)} or parallel=ddp"
     )
 
 
 SGDM_LW = OptimizerSpec(
     name="sgdm_lw",
     summary="SGD-m-LW (LW-AS, Bahamou and Goldfarb 2023, reconstructed): SGD with momentum, a step size per "
-    "layer from the curvature along its direction (lw_*); lr is the multiplier eta on them (try 1.0)",
+    "layer from the curvature along its direction (lw_*); lr scales the step sizes (try 1.0); by default "
+    f"lw_warmup_lr {SGDMomentumLW.default_initial_step_size:g}, lw_alpha_max {SGDMomentumLW.default_alpha_max:g}",
     build=lambda c, groups, n_head, backend: SGDMomentumLW(
         groups, lr=c.lr, momentum=c.beta1, settings=LwasSettings.from_config(c, SGDMomentumLW), backend=backend
     ),
@@ -395,13 +396,14 @@ SGDM_LW = OptimizerSpec(
     kernels={sgd_momentum_kernel: 20},  # reads p, g, the buffer and writes p, the buffer
     refresh_interval=lambda c: c.lw_interval,
     tolerance=(1e-5, 1e-6),
-    sharding_problem=_sharding_problem,
+    refuses=_refuses,
 )
 
 ADAMW_LW = OptimizerSpec(
     name="adamw_lw",
     summary="AdamW-LW (LW-AS, reconstructed): AdamW's direction, a step size per layer from the curvature "
-    "along it (lw_*); lr is the multiplier eta on them",
+    "along it (lw_*); lr scales the step sizes; by default "
+    f"lw_warmup_lr {AdamWLW.default_initial_step_size:g}, lw_alpha_max {AdamWLW.default_alpha_max:g}",
     build=lambda c, groups, n_head, backend: AdamWLW(
         groups,
         lr=c.lr,
@@ -416,5 +418,5 @@ ADAMW_LW = OptimizerSpec(
     kernels={adamw_kernel: 28},  # AdamW's, each tensor's rate times its step size
     refresh_interval=lambda c: c.lw_interval,
     tolerance=(1e-5, 1e-6),
-    sharding_problem=_sharding_problem,
+    refuses=_refuses,
 )

@@ -173,12 +173,17 @@ class Muon(StepHooks):
             part.after_step(step, context)
 
 
+def adamw_lr_ratio(c) -> float:
+    """The AdamW part's peak rate over the Muon part's, both on the config's one schedule."""
+    return (c.adamw_lr or c.lr) / c.lr if c.lr > 0 else 1.0
+
+
 class _MuonAndAdamW:
     """The references of both parts: torch.optim.Muon for the blocks' matrices, torch.optim.AdamW for the
     rest at the AdamW part's rate, each group at its own."""
 
     def __init__(self, c, groups):
-        ratio = (c.adamw_lr or c.lr) / c.lr
+        ratio = adamw_lr_ratio(c)
         muon_groups, adamw_groups = [], []
         for group in groups:
             for name, p in zip(group["names"], group["params"]):
@@ -208,7 +213,7 @@ MUON = OptimizerSpec(
     build=lambda c, groups, n_head, backend: Muon(
         groups,
         lr=c.lr,
-        adamw_lr_ratio=(c.adamw_lr or c.lr) / c.lr,
+        adamw_lr_ratio=adamw_lr_ratio(c),
         momentum=c.muon_momentum,
         ns_dtype=getattr(torch, c.muon_ns_dtype),
         betas=(c.beta1, c.beta2),
@@ -220,4 +225,7 @@ MUON = OptimizerSpec(
     gpu_check=dict(lr=0.02, adamw_lr=3e-3),
     kernels={adamw_kernel: 28},  # the AdamW part's; Muon's part runs on torch
     tolerance=(1e-5, 1e-6),
+    refuses=lambda c, sharded: (
+        "optimizer=muon needs lr > 0: it is the Muon part's peak rate (adamw_lr the other's)" if c.lr <= 0 else None
+    ),
 )

@@ -200,5 +200,6 @@ SOPHIAG = OptimizerSpec(
     kernels={sophiag_kernel: 24},  # reads p, g, m, h and writes p, m
     refresh_kernels={ema_of_square_kernel: 12},  # reads h, g and writes h
     refresh_interval=lambda c: c.hess_interval,
+    refresh=lambda optimizer: optimizer.update_hessian(),
     tolerance=(1e-5, 1e-6),
 )

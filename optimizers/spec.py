@@ -39,10 +39,14 @@ class OptimizerSpec:
     kernels: dict = field(default_factory=dict)
     refresh_kernels: dict = field(default_factory=dict)  # the same for the kernels its refresh launches
     refresh_interval: Callable = lambda c: 1  # steps between refreshes under a config (SophiaG, LW-AS)
+    # A refresh on the gradients as they are, without a model (SophiaG's update_hessian): what the self-check
+    # and the kernel report run to launch refresh_kernels. None: its refresh needs a model, or it has none.
+    refresh: Callable | None = None
     # The self-check's (rtol, atol) between the Triton and the torch path after two steps (self_check.py).
     tolerance: tuple[float, float] | None = None
-    # Why parallel=fsdp cannot run this config, or None (LW-AS: a curvature that needs a double backward).
-    sharding_problem: Callable = lambda c: None
+    # (config, sharded) -> why the optimizer cannot run this config (sharded: under parallel=fsdp), said as
+    # one error line, or None. Muon: a rate of 0; LW-AS under fsdp: a curvature that needs a double backward.
+    refuses: Callable = lambda c, sharded: None
 
     @property
     def all_kernels(self) -> list:

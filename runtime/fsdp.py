@@ -21,19 +21,22 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 
-def fully_shard_gpt(model: torch.nn.Module, device: torch.device, compile_blocks: bool = False) -> torch.nn.Module:
-    """Each block its own FSDP unit (one all-gather in flight at a time, prefetched), then the root, which
-    holds the embeddings, the tied output layer and the last LayerNorm. compile_blocks compiles each
-    block's forward (torchtitan's way: the all-gathers and reduce-scatters stay outside the graphs)."""
+def fully_shard_model(
+    model: torch.nn.Module, units, device: torch.device, compile_units: bool = False
+) -> torch.nn.Module:
+    """Each of units (GPT's transformer blocks) its own FSDP unit (one all-gather in flight at a time,
+    prefetched), then the root, which holds the rest (GPT's embeddings, tied output layer and last
+    LayerNorm). compile_units compiles each unit's forward (torchtitan's way: the all-gathers and
+    reduce-scatters stay outside the graphs)."""
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if device.type == "cuda"
         else MixedPrecisionPolicy()
     )
-    for block in model.transformer.h:
-        if compile_blocks:
-            block.compile()
-        fully_shard(block, mp_policy=policy)
+    for unit in units:
+        if compile_units:
+            unit.compile()
+        fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
 

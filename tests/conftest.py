@@ -93,6 +93,13 @@ def read_log(out_dir, kind) -> list[dict]:
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
+def root_on_path(**env) -> dict:
+    """The environment with the repository first on PYTHONPATH (a script run by path, or from torchrun,
+    imports the project's packages), the caller's PYTHONPATH after it; env's entries on top."""
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **env}
+
+
 def torchrun(nproc, args, timeout=300, script="train.py", env=None) -> subprocess.CompletedProcess:
     """A script (train.py by default) under torchrun with nproc CPU processes (gloo), one thread each, the
     project's root on the import path (a script in tests/ imports the project as train.py does); env adds
@@ -112,5 +119,5 @@ def torchrun(nproc, args, timeout=300, script="train.py", env=None) -> subproces
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})},
+        env=root_on_path(OMP_NUM_THREADS="1", **(env or {})),
     )

@@ -89,7 +89,9 @@ def _curvatures_against_the_whole_batch(rt) -> dict[str, float]:
 
     whole = terms_of(model, batch)
     replicated = terms_of(model, mine, all_reduce_mean)
-    sharded = terms_of(fsdp.fully_shard_gpt(copy.deepcopy(model), torch.device("cpu")), mine, all_reduce_mean, True)
+    twin = copy.deepcopy(model)
+    fsdp.fully_shard_model(twin, twin.transformer.h, torch.device("cpu"))
+    sharded = terms_of(twin, mine, all_reduce_mean, True)
     return {
         name: ((got - whole).abs() / whole.abs()).max().item() for name, got in (("ddp", replicated), ("fsdp", sharded))
     }

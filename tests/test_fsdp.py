@@ -12,19 +12,13 @@ import torch
 
 from bench.common import random_token_dir
 from conftest import ROOT, read_log, tiny_run_args, torchrun
+from optimizers.registry import OPTIMIZERS
 from runtime.ranks import Runtime
 from training import build, checkpoint
 from training.config import ConfigError, parse_config
 
 CASES = [
-    "adamw:torch",
-    "lion:torch",
-    "sophiag:torch",
-    "adam_mini:torch",
-    "muon:torch",
-    "adamw_torch:torch",
-    "sgdm_lw:torch",
-    "adamw_lw:torch",
+    *(f"{name}:torch" for name in OPTIMIZERS),  # every registered optimizer
     "adamw:triton",
     "adam_mini:triton",
     "sgdm_lw:triton",  # the SGD-momentum kernel with its per-tensor step sizes (AdamW-LW's is adamw's)
@@ -116,9 +110,9 @@ def test_fsdp_refuses_an_lw_curvature_that_needs_a_double_backward(curvature):
     c = parse_config(["--optimizer=adamw_lw", f"--lw_curvature={curvature}", "--parallel=fsdp", "--lr=1"])
     ranks = Runtime(0, 0, 2, torch.device("cpu"), distributed=True)
     with pytest.raises(ConfigError, match=f"parallel=fsdp with lw_curvature={curvature}: its Hessian-vector"):
-        build.check_parallel(c, ranks)
+        build.check_optimizer(c, ranks)
     # One process holds the whole model: nothing to refuse. gauss_newton runs on shards.
-    build.check_parallel(c, Runtime(0, 0, 1, torch.device("cpu")))
-    build.check_parallel(parse_config(["--optimizer=adamw_lw", "--parallel=fsdp", "--lr=1"]), ranks)
+    build.check_optimizer(c, Runtime(0, 0, 1, torch.device("cpu")))
+    build.check_optimizer(parse_config(["--optimizer=adamw_lw", "--parallel=fsdp", "--lr=1"]), ranks)
     with pytest.raises(ConfigError, match="parallel"):
         parse_config(["--parallel=zero3"])

@@ -3,7 +3,6 @@ any one kernel is caught, sends the run to the torch path under optimizer_backen
 triton; a pass is cached, and a change to the kernels' source checks again."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, tiny_run_args
+from conftest import ROOT, root_on_path, tiny_run_args
 from optimizers import adam_mini, adamw, base, lion, lwas, self_check, sophiag
 from training import build, checkpoint
 from training.config import TrainConfig
@@ -190,7 +189,7 @@ def test_optimizer_backend_triton_stops_before_the_first_step_and_leaves_out_dir
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT},
+        env=root_on_path(TRITON_INTERPRET="1"),
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(

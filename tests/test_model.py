@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, init_weights
+from model import GPT, PRESETS, GPTConfig, init_weights
 from training import hf
 
 GPT2_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
@@ -41,6 +41,15 @@ def test_q_k_v_are_separate_parameters_and_the_tie_survives_copies_and_loads():
     assert copied.lm_head.weight is copied.transformer.wte.weight and "lm_head.weight" not in dict(
         copied.named_parameters()
     )
+
+
+def test_the_model_keys_help_names_every_preset():
+    """training/config.py cannot import model.py (torch): its help lists the presets by hand."""
+    from training.config import FIELDS
+
+    said = FIELDS["model"].metadata["help"]
+    for name in PRESETS:
+        assert (name if not name.startswith("narrow-") else "narrow-N") in said, name
 
 
 def test_causality_future_tokens_do_not_change_past_logits():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, read_log, tiny_run_args, torchrun, tree_digest
+from conftest import ROOT, read_log, root_on_path, tiny_run_args, torchrun, tree_digest
 from model import GPT
 from optimizers import sampled_labels
 from runtime.signals import EXIT_PREEMPTED
@@ -176,7 +176,7 @@ def test_a_save_killed_midway_is_never_picked_up(tmp_path, token_dir):
     child = subprocess.run(
         [sys.executable, "-c", KILL_DURING_SAVE.format(out=str(out))],
         capture_output=True,
-        env={**os.environ, "PYTHONPATH": ROOT},
+        env=root_on_path(),
     )
     assert child.returncode == -signal.SIGKILL
     assert any(name.startswith(".tmp-step-00000006") for name in os.listdir(out))  # the partial folder is there

@@ -110,6 +110,16 @@ def test_no_file_adds_to_the_import_path():
     assert offenders == []
 
 
+def test_every_import_is_absolute():
+    """The import graph above reads absolute imports alone: a relative one would slip past its rules."""
+    offenders = sorted(
+        path
+        for path in sources.modules().values()
+        if any(isinstance(node, ast.ImportFrom) and node.level > 0 for node in ast.walk(ast.parse(read(path))))
+    )
+    assert offenders == []
+
+
 # The attribute names of GPT's modules, which make its parameter names (model.LAYER_ROLES, lm_head).
 PARAMETER_NAME_PART = re.compile(r"\b(wte|wpe|q_proj|k_proj|v_proj|o_proj|c_fc|c_proj|ln_[12f]|lm_head)\b")
 # model.py decides what a name is; hf.py writes GPT-2's own names, of its Hugging Face layout.

@@ -12,6 +12,7 @@ import train
 from conftest import ROOT, read_log, tiny_run_args
 from model import GPT, GPTConfig
 from optimizers import adamw, base
+from optimizers.registry import OPTIMIZERS
 from runtime import device
 from runtime.ranks import Runtime
 from training import build, checkpoint
@@ -46,7 +47,7 @@ def test_schedule_warmup_cosine_and_constant():
     assert build.lr_at(100, constant) == 1.0
 
 
-def test_torch_adamw_applies_lr_scale_like_ours():
+def test_torch_adamw_applies_the_multiplier_like_ours():
     """adamw.TorchAdamW at lr with multiplier 2 steps exactly as torch.optim.AdamW at 2 lr, and its groups keep lr."""
     generator = torch.Generator().manual_seed(0)
     values = [torch.randn(5, 3, generator=generator), torch.randn(4, generator=generator)]
@@ -114,11 +115,9 @@ def test_command_line_errors_exit_2_with_a_message(tmp_path):
     assert "--tokens_per_step=2048" in help_text and "sets grad_accum" in help_text
 
 
-@pytest.mark.parametrize(
-    "optimizer", ["adamw", "lion", "sophiag", "adam_mini", "sgdm_lw", "adamw_lw", "adamw_torch", "muon"]
-)
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_every_optimizer_trains(tmp_path, token_dir, optimizer):
-    # Lion: sign updates, each element moves by lr per step. LW-AS: lr is the multiplier eta on its step sizes.
+    # Lion: sign updates, each element moves by lr per step. LW-AS: lr scales its step sizes.
     # Muon: lr is the orthogonalized matrices' rate (the speedrun's 0.05 scale); adamw_lr the rest's.
     lr = {"lion": 2e-3, "sgdm_lw": 1.0, "adamw_lw": 0.3, "muon": 0.02}.get(optimizer, 3e-3)
     out = tmp_path / optimizer

@@ -1,7 +1,7 @@
 """What a TrainConfig builds, and nothing else: the data folder, the model's config, batches and their
 split over ranks and micro-steps, the learning-rate schedule, the optimizer (its registry entry's
-constructor), whether the run compiles and whether it shards. train.py, checkpoint.py, multipliers.py,
-sample.py, export.py and bench/ import it; it imports none of them.
+constructor), whether the run compiles and whether it shards. The rest of training/, the root's entry
+points and bench/ import it; of them it imports only training.config and training.hf.
 """
 
 import dataclasses
@@ -172,11 +172,12 @@ def shards(c: TrainConfig, rt) -> bool:
     return rt.distributed and c.parallel == "fsdp"
 
 
-def check_parallel(c: TrainConfig, rt) -> None:
-    """A config fsdp cannot run, refused before any work: one ConfigError naming the key."""
-    problem = spec(c.optimizer).sharding_problem(c) if shards(c, rt) else None
+def check_optimizer(c: TrainConfig, rt) -> None:
+    """A config the optimizer cannot run (sharded, where the run shards), refused before any work: one
+    ConfigError, its registry entry's words."""
+    problem = spec(c.optimizer).refuses(c, shards(c, rt))
     if problem:
-        raise ConfigError(f"parallel=fsdp with {problem} or parallel=ddp")
+        raise ConfigError(problem)
 
 
 # A fine-tune's lwlr measurement: T=10 batches unless lwlr_T is given. In the ablation (docs/findings.md,

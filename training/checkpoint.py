@@ -96,7 +96,7 @@ def tensor_bytes(obj) -> int:
 
 def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_last: int) -> str:
     """tensors: {"model": state_dict, "optimizer": state_dict, ...}, each saved as <name>.pt; meta: JSON.
-    A save that fails for lack of space raises outdir.DiskFullError, its partial folder removed."""
+    A save that fails for lack of space raises runtime.files.DiskFullError, its partial folder removed."""
     if keep_last < 2:
         raise ValueError(f"keep_last={keep_last}: keep at least 2 so one survives a failed save")
     final = step_dir(out_dir, step)

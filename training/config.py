@@ -92,7 +92,7 @@ class TrainConfig:
                                     "step (optimizers/self_check.py): auto (on CUDA; a pass is cached) | force (also "
                                     "on a CPU under TRITON_INTERPRET=1, where auto then means triton) | off")
     lr: float = at_least(0.0, 2e-3, help="peak learning rate of the global schedule (the small default model takes a "
-                         "large one); sgdm_lw, adamw_lw: the multiplier eta on their step sizes (try 1.0)")
+                         "large one); sgdm_lw, adamw_lw: it scales their step sizes (try 1.0)")
     min_lr: float = at_least(0.0, 2e-4, help="end of the cosine decay (nanoGPT: lr / 10)")
     weight_decay: float = at_least(0.0, 0.1, help="decoupled; applied to matrices and embeddings, not to biases and "
                                    "LayerNorms")
@@ -119,12 +119,12 @@ class TrainConfig:
                                     "product) | exact (one per layer: small models)")
     lw_interval: int = at_least(1, 5, help="refresh the step sizes every this many steps")
     lw_beta: float = key(0.5, "EMA of the curvature, g.d and |d|^2 over refreshes")
-    lw_warmup_steps: int = at_least(0, 10, help="steps at the plain step size lw_warmup_lr before the curvature "
-                                                "sets them")
-    lw_warmup_lr: float = at_least(0.0, 0.0, help="the plain step size; 0 = the optimizer's (sgdm_lw 0.1, "
-                                                   "adamw_lw 1e-3)")
-    lw_alpha_max: float = at_least(0.0, 0.0, help="cap on a layer's step size; 0 = the optimizer's (sgdm_lw "
-                                                   "10, adamw_lw 0.1)")
+    lw_warmup_steps: int = at_least(0, 10, help="steps at lw_warmup_lr before the curvature sets the step "
+                                                "sizes")
+    lw_warmup_lr: float = at_least(0.0, 0.0, help="the warmup's rate at the schedule's peak; 0 = the optimizer's "
+                                                   "(under optimizer above)")
+    lw_alpha_max: float = at_least(0.0, 0.0, help="cap on a layer's step size; 0 = the optimizer's (under "
+                                                   "optimizer above)")
     lw_damping: float = at_least(0.0, 1e-8, help="delta^2 = max(d.C.d, 0) + lw_damping * |d|^2")
     lw_joint_rescale: bool = key(True, "shrink all step sizes when the joint step overshoots (one more curvature "
                                  "product per refresh)")
@@ -138,7 +138,8 @@ class TrainConfig:
     lr_decay_steps: int = at_least(0, 0, help="the cosine reaches min_lr here; 0 = max_steps")
     # layer-wise learning rates (lwlr.py, multipliers.py)
     lr_rule: str = choice("lwlr", "single", *BASELINES,
-                          help="lwlr | single | depth_increasing | depth_decreasing | fan_in")
+                          help="lwlr (measured at init, the paper's) | single (one rate for every layer) | a "
+                               f"baseline of lwlr.baseline_multipliers: {' | '.join(BASELINES)}")
     lwlr_T: int = at_least(1, 100, help="batches the gradient magnitude is averaged over (the paper's T)")
     lwlr_init: str = choice("fan_out", *MEASUREMENT_INITS,
                             help="measurement init: fan_out (the paper's) | fan_in | model (the training init)")
@@ -195,8 +196,6 @@ class TrainConfig:
         for name in self.resume_changes_allowed():
             if name not in FIELDS and name != "data":
                 raise ConfigError(f"allow_resume_changes: unknown key {name!r}; {suggestion(name)}see --help")
-        if self.optimizer == "muon" and self.lr <= 0:
-            raise ConfigError("optimizer=muon needs lr > 0: it is the Muon part's peak rate (adamw_lr the other's)")
         if self.lw_micro_batch_size > self.micro_batch_size:
             raise ConfigError(
                 f"lw_micro_batch_size={self.lw_micro_batch_size} exceeds micro_batch_size="

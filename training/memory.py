@@ -37,8 +37,8 @@ GPT2_SIZES = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774
 
 
 def memory_table(optimizer: str = "adamw", world_sizes=(2, 4, 8)) -> str:
-    """README's table: fp32 parameters + gradients + optimizer state per rank, in GiB. DDP holds all of it on
-    every rank at any count; fsdp a 1/N share."""
+    """docs/distributed.md's table: fp32 parameters + gradients + optimizer state per rank, in GiB. DDP
+    holds all of it on every rank at any count; fsdp a 1/N share."""
     per_rank = lambda count, n, mode: sum(memory_per_rank(count, optimizer, n, mode).values()) / 2**30  # noqa: E731
     header = " | ".join(f"fsdp, {n} GPUs" for n in world_sizes)
     rows = [f"| model | parameters | ddp, any number | {header} |", "|---|---:|---:|" + "---:|" * len(world_sizes)]

@@ -15,7 +15,7 @@ from data.loader import TokenBatches
 from model import GPT
 from runtime.device import environment, precision
 from training import checkpoint, hf, memory, resume
-from training.build import check_parallel, fit_micro_batch, gpt_config, grad_accumulation, token_batches
+from training.build import check_optimizer, fit_micro_batch, gpt_config, grad_accumulation, token_batches
 from training.config import INIT_MODES, ConfigError, TrainConfig
 from training.runlog import RunLog
 from training.trainer import Trainer, choose_backend
@@ -114,7 +114,7 @@ def checked(c: TrainConfig, rt) -> Plan | None:
     """Every check that can refuse the run, before out_dir is touched; None when out_dir holds this run
     finished (said, and every file left as it is)."""
     model_config = gpt_config(c)
-    check_parallel(c, rt)
+    check_optimizer(c, rt)
     c = fit_micro_batch(c, model_config.block_size, rt.world_size, say=rt.print0)
     token_batches(c, "train", "train", model_config)
     val_batches = token_batches(c, "val", "val", model_config)
@@ -169,7 +169,7 @@ def announce(c: TrainConfig, rt, trainer: Trainer, log: RunLog, step: int, chose
     rt.print0(
         f"{name}: {model.num_params():,} parameters | {c.tokens_per_step:,} tokens per step"
         f" = {c.micro_batch_size} batch"
-        f" * {model.config.block_size} block * {trainer.grad_accum} accum * {rt.world_size} ranks"
+        f" * {model.config.block_size} block * {trainer.split.micro_steps} accum * {rt.world_size} ranks"
         f" | {len(trainer.optimizer.param_groups)} param groups | {rt.device}"
     )
     compiling = "; compiling at the first step, which takes a while" if trainer.compiled else ""
@@ -181,7 +181,7 @@ def announce(c: TrainConfig, rt, trainer: Trainer, log: RunLog, step: int, chose
             "step": step,
             "config": c.as_dict(),
             "env": environment(rt.device),
-            "grad_accum": trainer.grad_accum,
+            "grad_accum": trainer.split.micro_steps,
             "precision": chosen_precision,
             "compiled": trainer.compiled,
             "optimizer_backend": trainer.backend,

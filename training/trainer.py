@@ -34,13 +34,12 @@ class Trainer:
         self.c, self.rt, self.raw_model = c, rt, model  # raw_model: uncompiled, unwrapped; what checkpoints hold
         self.multipliers = multipliers  # saved with every checkpoint: a resume never re-measures
         self.split = batch_split(c, model.config.block_size, rt.world_size)  # which rows a rank and micro-step take
-        self.grad_accum = self.split.micro_steps
         self.train_batches = token_batches(c, "train", "train", model.config, c.data_subset_batches)
         self.data_fingerprints = resume.data_fingerprints(c)
         self.sharded = shards(c, rt)
         self.compiled, self.compile_reason = compiles(c, rt.device, model.config.vocab_size)
         if self.sharded:  # before the optimizer: fully_shard replaces every parameter by its DTensor
-            fsdp.fully_shard_gpt(model, rt.device, compile_blocks=self.compiled)
+            fsdp.fully_shard_model(model, model.transformer.h, rt.device, compile_units=self.compiled)
         groups = base.param_groups(model, multipliers, c.weight_decay, c.lwlr_scale_decay)
         self.backend, self.backend_reason = backend or choose_backend(c, rt)
         self.optimizer = build_optimizer(c, groups, model.config.n_head, self.backend)
@@ -123,15 +122,14 @@ class Trainer:
         base.set_lr(self.optimizer, lr)
         # Dropout and sampled labels draw from an RNG seeded by (seed, step, rank): a resume needs no RNG state.
         torch.manual_seed(c.seed + 1_000_003 * step + rt.rank)
-        micro_batches = [
-            self.train_batches.get(step, self.split, rt.device, micro, rt.rank) for micro in range(self.grad_accum)
-        ]
+        accum = self.split.micro_steps
+        micro_batches = [self.train_batches.get(step, self.split, rt.device, micro, rt.rank) for micro in range(accum)]
         step_loss = torch.zeros((), device=rt.device)
         for micro, (x, y) in enumerate(micro_batches):
-            with self.ctx, self.sync_context(micro == self.grad_accum - 1):
+            with self.ctx, self.sync_context(micro == accum - 1):
                 _, loss = self.model(x, y)
-                (loss / self.grad_accum).backward()
-            step_loss += loss.detach().float() / self.grad_accum
+                (loss / accum).backward()
+            step_loss += loss.detach().float() / accum
         if rt.distributed:  # the guard below must agree on every rank
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
