@@ -162,15 +162,17 @@ def read_hellaswag(path: str, limit: int = 0) -> list[Example]:
 
 
 @torch.no_grad()
-def ending_log_probs(model: GPT, example: Example, device, ctx) -> list[tuple[float, int]]:
-    """(sum of the ending's token log-probabilities, its token count) for each of the four endings, in
-    one forward of four rows; a context too long for block_size keeps its last tokens."""
+def ending_log_probs(model: GPT, example: Example, device, ctx) -> tuple[list[tuple[float, int]], bool]:
+    """(sum of the ending's token log-probabilities, the tokens scored) for each of the four endings, in
+    one forward of four rows, and whether any row was cut. A row longer than block_size + 1 tokens loses
+    its first tokens, as lm-evaluation-harness cuts (context + continuation)[-(max_length + 1):]: the
+    context from the left, and an ending longer than the block keeps its last block_size tokens."""
     encode = gpt2_encoding().encode_ordinary
     context = encode(example.context)
     endings = [encode(" " + ending) for ending in example.endings]
-    keep = model.config.block_size - max(len(e) for e in endings)
-    context = context[-keep:] if keep > 0 else context[:1]
-    rows = [context + ending for ending in endings]
+    longest = model.config.block_size + 1
+    rows = [(context + ending)[-longest:] for ending in endings]
+    scored = [min(len(ending), len(row) - 1) for ending, row in zip(endings, rows)]  # the first token has no prediction
     width = max(len(row) for row in rows)
     tokens = torch.zeros((4, width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -180,21 +182,22 @@ def ending_log_probs(model: GPT, example: Example, device, ctx) -> list[tuple[fl
         logits, _ = model(tokens[:, :-1])
     log_probs = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]  # (4, width - 1)
     scores = []
-    for i, ending in enumerate(endings):
-        first = len(context) - 1  # the position that predicts the ending's first token
-        scores.append((float(log_probs[i, first : first + len(ending)].sum()), len(ending)))
-    return scores
+    for i, (row, count) in enumerate(zip(rows, scored)):
+        end = len(row) - 1  # log_probs[:, t] is the log-probability of token t + 1
+        scores.append((float(log_probs[i, end - count : end].sum()), count))
+    return scores, any(len(context) + len(ending) > longest for ending in endings)
 
 
 def hellaswag(model: GPT, examples: list[Example], device, ctx, say=print) -> dict:
     """acc and acc_norm over the examples, and each example's scores and choices."""
     model.eval()
-    correct = correct_norm = 0
+    correct = correct_norm = cut = 0
     per_example = []
     start = time.perf_counter()
     with Progress("hellaswag", len(examples), "examples") as progress:
         for example in examples:
-            scores = ending_log_probs(model, example, device, ctx)
+            scores, was_cut = ending_log_probs(model, example, device, ctx)
+            cut += was_cut
             choice = max(range(4), key=lambda i: scores[i][0])
             choice_norm = max(range(4), key=lambda i: scores[i][0] / scores[i][1])
             correct += choice == example.label
@@ -205,10 +208,17 @@ def hellaswag(model: GPT, examples: list[Example], device, ctx, say=print) -> di
             progress.update()
     seconds = time.perf_counter() - start
     n = len(examples)
-    result = {"examples": n, "acc": correct / n, "acc_norm": correct_norm / n, "examples_per_s": n / seconds}
+    result = {
+        "examples": n,
+        "acc": correct / n,
+        "acc_norm": correct_norm / n,
+        "cut_to_block": cut,
+        "examples_per_s": n / seconds,
+    }
+    longer = f"; {cut:,} longer than block_size {model.config.block_size}, cut from the left" if cut else ""
     say(
         f"hellaswag: acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} over {n:,} examples "
-        f"({result['examples_per_s']:.1f} examples/s)"
+        f"({result['examples_per_s']:.1f} examples/s{longer})"
     )
     return {**result, "per_example": per_example}
 

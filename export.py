@@ -62,7 +62,9 @@ def main(argv=None) -> int:
     parser.add_argument("--hf_dir", required=True, help="the Hugging Face directory to write (new or empty)")
     args = parser.parse_args(argv)
     path, meta = checkpoint.find(args.out_dir, args.checkpoint)
-    export(checkpoint.load_model(path, meta), args.hf_dir)
+    model = checkpoint.load_model(path, meta)
+    checkpoint.refuse_non_finite(model.state_dict(), args.hf_dir)
+    export(model, args.hf_dir)
     print(f"exported {path} (step {meta['step']}) to {args.hf_dir}")
     return 0
 

@@ -6,7 +6,8 @@ takes torchrun's arguments and runs torchrun in this process. torchrun alone exi
 its workers: signalled itself, it raises while they save and exit 75 (EX_TEMPFAIL: run the same command
 again), and a worker's own exit code never reaches the scheduler. Here rank 0 writes its exit code
 where this wrapper reads it (runtime.exits.report_exit_code), so the launch exits with it: 75 after a clean
-stop, 74 on a full disk, 2 on a user error, torchrun's own code otherwise. SIGUSR1 (Slurm's
+stop, 74 on a full disk, 3 when the run diverged, 2 on a user error (a rank that went away included:
+the survivors' code stands in when rank 0 is the one lost), torchrun's own code otherwise. SIGUSR1 (Slurm's
 `--signal=USR1@90`) is passed to the workers like SIGTERM, SIGINT and SIGHUP (torchrun alone dies of it).
 """
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import main as torchrun
 
     with tempfile.TemporaryDirectory(prefix="lwlr-launch-") as folder:
-        path = os.environ[EXIT_CODE_FILE] = os.path.join(folder, "exit-code")
+        os.environ[EXIT_CODE_FILE] = os.path.join(folder, "exit-code")  # each rank adds .RANK
         try:
             torchrun(argv)
             code = 0
@@ -36,12 +37,22 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             code = 1
+        reported = rank_exit_code(folder)
+    return reported if code != 0 and reported else code
+
+
+def rank_exit_code(folder: str) -> int | None:
+    """The exit code of the lowest rank of this node that reported one (rank 0's on the first node): a
+    rank killed, or never started, reports none."""
+    codes = {}
+    for name in os.listdir(folder):
+        rank = name.removeprefix("exit-code.")
         try:
-            with open(path) as f:
-                rank0 = int(f.read())
-        except (OSError, ValueError):  # rank 0 never got as far as exiting (killed, or never started)
-            rank0 = None
-    return rank0 if code != 0 and rank0 else code
+            with open(os.path.join(folder, name)) as f:
+                codes[int(rank)] = int(f.read())
+        except (OSError, ValueError):  # a code half written as its rank died
+            continue
+    return codes[min(codes)] if codes else None
 
 
 if __name__ == "__main__":

@@ -173,6 +173,12 @@ def vocab_size_of(state_dict: dict) -> int:
     return next(t for name, t in state_dict.items() if param_role(name).layer == "embedding").shape[0]
 
 
+def non_finite(state_dict: dict) -> list[str]:
+    """The names of the tensors holding a NaN or an infinity: weights that must not be trained from or
+    exported."""
+    return [name for name, t in state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()

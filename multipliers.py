@@ -34,6 +34,8 @@ from training import hf
 from training.build import gpt_config, token_batches
 from training.config import INIT_MODES, ConfigError, parse_config
 
+FLOAT32 = torch.finfo(torch.float32)
+
 
 class LwlrFileError(UserError):
     """An lwlr.json (lwlr_file, or one given to --compare) that cannot serve this model."""
@@ -66,9 +68,13 @@ def load_multipliers(path: str, model: torch.nn.Module) -> tuple[dict[str, float
             f"lwlr_file {path} was measured on another model: shapes differ for {', '.join(wrong[:3])}"
             + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
         )
-    bad = [name for name, m in multipliers.items() if not (math.isfinite(m) and m > 0)]
+    # The optimizers hold each multiplier in float32: one that is no positive normal number there is no rate.
+    bad = [name for name, m in multipliers.items() if not (math.isfinite(m) and FLOAT32.tiny <= m <= FLOAT32.max)]
     if bad:
-        raise LwlrFileError(f"lwlr_file {path}: multipliers of {', '.join(bad)} are not positive finite numbers")
+        raise LwlrFileError(
+            f"lwlr_file {path}: multipliers of {', '.join(bad[:5])} are not positive finite float32 numbers "
+            f"({FLOAT32.tiny:.3g} to {FLOAT32.max:.3g})"
+        )
     return multipliers, data
 
 

@@ -23,6 +23,7 @@ This file is the command line and the loop; what the loop runs is training/ (the
 where a run begins, checkpoints), optimizers/ and runtime/ (ranks, devices, signals).
 """
 
+import math
 import os
 import sys
 
@@ -37,7 +38,7 @@ from runtime.signals import EXIT_PREEMPTED, Preempted, StopRequest, StopVote
 from training import checkpoint, outdir, start
 from training.build import pretrained
 from training.config import parse_config
-from training.metrics import StepStats
+from training.metrics import DivergedError, StepStats
 from training.runlog import RunLog
 from training.trainer import Trainer
 
@@ -67,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         if problem is None:
             raise
         raise problem from None
+    except RuntimeError as e:  # a rank lost in a collective no waiting_for_ranks names (the lwlr measurement's)
+        lost = rt.vanished(e, "a collective")
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         stop.immediate = False  # a signal after the run is no longer the run's to act on
 
@@ -80,7 +86,7 @@ def run(plan: start.Plan, rt, stop: StopRequest) -> int:
         layer_multipliers = begin.multipliers
     else:
         layer_multipliers = multipliers.for_run(c, rt, begin.model)
-    trainer = Trainer(c, rt, begin.model, layer_multipliers, begin.optimizer_state, plan.backend)
+    trainer = Trainer(c, rt, begin.model, layer_multipliers, begin.optimizer_state, plan.backend, begin.run_id)
     start.record(c, rt, begin)
     # A progress bar on a terminal (rank 0); log lines are written above it.
     on_terminal = rt.is_main and sys.stdout.isatty()
@@ -129,7 +135,7 @@ def train_loop(c, rt, trainer: Trainer, val_batches, log: RunLog, stats: StepSta
                 **trainer.optimizer.log_values(),
             }
             log.record("train", record, stats.line(record))
-            stats.check_bad_steps(step)
+            stats.check_bad_steps(step, trainer.standing)
             stats.restart_timer()
         if vote.poll(f"step {step}"):
             return step, "training"
@@ -138,8 +144,15 @@ def train_loop(c, rt, trainer: Trainer, val_batches, log: RunLog, stats: StepSta
             if val_loss is None:
                 return step, "eval"
             log.record("eval", {"step": step, "val_loss": val_loss}, f"step {step:>6} | val loss {val_loss:.4f}")
+            if not math.isfinite(val_loss):
+                raise DivergedError(
+                    f"the run diverged: the val loss at step {step} is {val_loss}, so the weights give non-finite "
+                    f"outputs. Nothing more is saved or exported; {trainer.standing()}. Try a lower lr, a longer "
+                    "warmup_steps or grad_clip"
+                )
             trainer.save(step, "eval", stats.last_step_bad())
             stats.restart_timer()
+    stats.check_bad_steps(step, trainer.standing, at_end=True)
     return step, None
 
 

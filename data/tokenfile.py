@@ -5,7 +5,8 @@ the tokens as uint16 (GPT-2's 50,257 ids fit).
     header[1] VERSION
     header[2] token count  a truncated file is detected by its size
     header[3] vocab size   of the tokenizer that wrote it
-    header[4] max token id recorded at write time, checked against the model's vocab on load
+    header[4] max token id recorded at write time, checked against the model's vocab on load, and the
+               body's own largest id against it (read once per file: cached, body_max_id)
     header[5:9] fingerprint the first 16 bytes of the tokens' SHA-256 (version 2 on): a checkpoint records it,
                and a resume on other data is refused without reading the tokens again
 
@@ -14,11 +15,13 @@ the real name.
 """
 
 import hashlib
+import json
 import os
 
 import numpy as np
 
 from runtime.errors import UserError
+from runtime.files import DiskFullError, cache_dir, write_json
 
 MAGIC = 0x4C574C52  # b"RLWL" read as little-endian int32
 VERSION = 2
@@ -110,8 +113,48 @@ def fingerprint(path: str) -> str | None:
     return header[5:9].astype("<i4").tobytes().hex() if int(header[1]) >= 2 else None
 
 
+SCAN_CHUNK = 1 << 26  # tokens per read of the body scan: 128 MB
+
+
+def body_max_id(path: str, count: int, cache_path: str | None = None) -> int:
+    """The largest token id the file's body holds. Reading every token takes a while on a large file
+    (OpenWebText's 9B tokens are 18 GB: docs/operations.md has the cost), so the answer is kept in
+    cache_path, keyed by the file's path, size, modification time and header: a restart, or another rank,
+    reads it back instead."""
+    cache_path = cache_path or os.path.join(cache_dir(), "token-files.json")
+    status = os.stat(path)
+    with open(path, "rb") as f:
+        header = f.read(HEADER_BYTES)
+    key = os.path.realpath(path)
+    identity = {
+        "bytes": status.st_size,
+        "mtime_ns": status.st_mtime_ns,
+        "header_sha256": hashlib.sha256(header).hexdigest(),
+    }
+    try:
+        with open(cache_path) as f:
+            entries = json.load(f)
+    except (OSError, ValueError):  # no cache yet, or a damaged one: scan
+        entries = {}
+    entries = entries if isinstance(entries, dict) else {}
+    entry = entries.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("max_id"), int):
+        if all(entry.get(name) == value for name, value in identity.items()):
+            return entry["max_id"]
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
+    largest = max((int(tokens[i : i + SCAN_CHUNK].max()) for i in range(0, count, SCAN_CHUNK)), default=-1)
+    try:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        kept = {name: entry for name, entry in entries.items() if os.path.exists(name)}  # files since deleted go
+        write_json(cache_path, {**kept, key: {**identity, "max_id": largest}})
+    except (OSError, DiskFullError):  # a cache that cannot be written costs a scan next time, never the run
+        pass
+    return largest
+
+
 def read_tokens(path: str, vocab_size: int, min_tokens: int = 1) -> np.memmap:
-    """Memory-map a token file after validating its header against its size and the model's vocab."""
+    """Memory-map a token file after validating its header against its size, its body and the model's
+    vocabulary."""
     header = read_header(path)
     size = os.path.getsize(path)
     count, file_vocab, max_id = (int(v) for v in header[2:5])
@@ -121,6 +164,12 @@ def read_tokens(path: str, vocab_size: int, min_tokens: int = 1) -> np.memmap:
             f"{path}: {size} bytes, but its header announces {count} tokens ({expected} bytes): "
             "truncated or not uint16 tokens; run its dataset's prepare again"
         )
+    if file_vocab != vocab_size:
+        hint = " (a character-level dataset whose vocab.json is missing?)" if file_vocab < vocab_size else ""
+        raise TokenFileError(
+            f"{path}: written for a vocabulary of {file_vocab} tokens, but the model's has {vocab_size}{hint}; "
+            "run its dataset's prepare again, or give the data the model was built for"
+        )
     if max_id >= vocab_size:
         raise TokenFileError(
             f"{path}: holds token id {max_id} (tokenizer vocab {file_vocab}), but the model's vocab_size "
@@ -128,4 +177,10 @@ def read_tokens(path: str, vocab_size: int, min_tokens: int = 1) -> np.memmap:
         )
     if count < min_tokens:
         raise TokenFileError(f"{path}: {count} tokens, fewer than the {min_tokens} needed (block_size + 1)")
+    body = body_max_id(path, count)
+    if body > max_id:
+        raise TokenFileError(
+            f"{path}: its tokens reach id {body}, past the largest its header records ({max_id}): the file was "
+            "altered or damaged after it was written; run its dataset's prepare again"
+        )
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))

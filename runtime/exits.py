@@ -1,7 +1,8 @@
 """How a script ends: a UserError is one `error:` line and its exit code (2 unless it says otherwise), a
 bug keeps its traceback (exit 1), and rank 0's code reaches launch.py, which torchrun's own exit code
-cannot carry. The other codes a scheduler reads: 74 (runtime.files, a full disk), 75 (runtime.signals,
-stopped by a signal: run the same command again)."""
+cannot carry. The other codes a scheduler reads: 3 (training.metrics, the run diverged: the same command
+would diverge again), 74 (runtime.files, a full disk), 75 (runtime.signals, stopped by a signal: run the
+same command again)."""
 
 import os
 import sys
@@ -33,8 +34,9 @@ EXIT_CODE_FILE = "LWLR_EXIT_CODE_FILE"  # set by launch.py, which torchrun's own
 
 
 def report_exit_code(code: int) -> None:
-    """Rank 0 writes its exit code where launch.py reads it: torchrun itself exits 1 after any stop."""
+    """Each rank writes its exit code where launch.py reads it (torchrun itself exits 1 after any stop):
+    rank 0's is the run's, another's stands in when rank 0 is the one that went away."""
     path = os.environ.get(EXIT_CODE_FILE)
-    if path and int(os.environ.get("RANK", "0")) == 0:
-        with open(path, "w") as f:
+    if path:
+        with open(f"{path}.{int(os.environ.get('RANK', '0'))}", "w") as f:
             f.write(str(code))

@@ -1,12 +1,20 @@
 """Files written whole or not at all, and a full disk said clearly: any write that fails for lack of space
 becomes a DiskFullError, one line naming the folder and the figures, exit code 74 (EX_IOERR), and
-leaves no partial file behind. Also where measurements are cached between runs (cache_dir)."""
+leaves no partial file behind. Appends add whole records or nothing (append_whole).
+
+No write follows a link: a name the run creates or rewrites that holds a symbolic link, a folder or any
+other non-regular file is refused (PlantedFileError), and new files are created with O_EXCL and
+O_NOFOLLOW, so a link planted in a shared out_dir can never turn a write of the run into a write of
+some other file. A folder reached through a link (a symlinked out_dir) is the user's choice and works.
+
+Also where measurements are cached between runs (cache_dir)."""
 
 import contextlib
 import errno
 import json
 import os
 import shutil
+import stat
 
 from runtime.errors import UserError
 
@@ -18,6 +26,70 @@ class DiskFullError(UserError):
     """A write of the run failed because its file system is full; the last complete checkpoint stands."""
 
     exit_code = EXIT_DISK_FULL
+
+
+class PlantedFileError(UserError):
+    """A link or other non-regular file at a name the run writes: never written through."""
+
+
+NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def refuse_planted(path: str) -> None:
+    """Refuse whatever but a regular file stands at path, a name the run is about to create or rewrite."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+    raise PlantedFileError(
+        f"{path} is {kind}, where the run writes a file of its own; it never writes through one. Remove it (nothing "
+        "of the run is in it) and run the same command again"
+    )
+
+
+def open_new(path: str) -> int:
+    """A descriptor of a new, empty regular file at path, the run's own (O_EXCL): a stale regular file of
+    that name (a killed write's) is removed first, anything else refused."""
+    refuse_planted(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o666)  # the umask applies
+    except FileExistsError:  # planted between the check and the open
+        refuse_planted(path)
+        raise
+
+
+def open_for_append(path: str) -> int:
+    """A descriptor appending to the regular file at path (created if absent), never through a link."""
+    refuse_planted(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a link planted between the check and the open
+            refuse_planted(path)
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        refuse_planted(path)
+    return fd
+
+
+def append_whole(fd: int, data: bytes) -> None:
+    """data appended whole, or not at all: a write cut short (a full disk, a file size limit, a signal)
+    is truncated back off, so that a reader never meets half a record."""
+    end = os.fstat(fd).st_size
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, end)
+        raise
 
 
 def megabytes(n: int) -> str:
@@ -51,10 +123,13 @@ def file_mode() -> int:
 
 def write_atomically(path: str, write, mode: str = "w") -> None:
     """path gets what write(file) writes, whole: a temporary file beside it is renamed into place, and
-    removed on any failure (a full disk, a signal)."""
+    removed on any failure (a full disk, a signal). A link or folder at path or at the temporary name is
+    refused, never followed."""
+    refuse_planted(path)
     tmp = f"{path}.tmp-{os.getpid()}"
+    fd = open_new(tmp)
     try:
-        with open(tmp, mode) as f:
+        with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

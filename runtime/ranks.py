@@ -1,9 +1,10 @@
 """Which process this is: one, or a rank of a torchrun launch, on which device; and what a collective
-that waits too long for a rank becomes (one line naming the rank that did not answer)."""
+that waits too long for a rank, or whose peer went away, becomes (one line naming that rank)."""
 
 import contextlib
 import datetime
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,14 @@ class DeviceError(UserError):
 
 class HungRankError(UserError):
     """A collective that waited dist_timeout seconds for a rank that never came: frozen, dead, or far behind."""
+
+
+class VanishedRankError(UserError):
+    """A collective whose connection to another rank closed: that rank was killed, crashed, or lost its host."""
+
+
+# What gloo (and NCCL's socket transport) say when the other end of a connection went away.
+PEER_GONE = re.compile(r"Connection (reset|closed) by peer|Broken pipe")
 
 
 @dataclass
@@ -40,33 +49,49 @@ class Runtime:
         if self.is_main:
             print(*args, **kwargs, flush=True)
 
-    def unanswering_ranks(self) -> list[int] | None:
-        """After a collective timed out: the ranks that did not time out with it. Each rank still alive reaches
-        its timeout within moments of the others and says so in the process group's store; the ranks that
-        say nothing within a few seconds are frozen, dead, or somewhere else entirely. None when the store
-        cannot be reached (it may live in the hung rank's process)."""
+    def unanswering_ranks(self, event: str) -> list[int] | None:
+        """After a collective failed (event: "timed-out", "peer-gone"): the ranks that did not fail with it.
+        Each rank still alive meets the failure within moments of the others and says so in the process
+        group's store; the ranks that say nothing within a few seconds are frozen, dead, or somewhere else
+        entirely. None when the store cannot be reached (it may live in the lost rank's process)."""
         try:
             store = dist.distributed_c10d._get_default_store()
             store.set_timeout(datetime.timedelta(seconds=5))
-            store.set(f"lwlr/timed-out/{self.rank}", "1")
+            store.set(f"lwlr/{event}/{self.rank}", "1")
             time.sleep(3)
-            return [rank for rank in range(self.world_size) if not store.check([f"lwlr/timed-out/{rank}"])]
+            return [rank for rank in range(self.world_size) if not store.check([f"lwlr/{event}/{rank}"])]
         except Exception:  # noqa: BLE001 (the store's errors share no type): the message says less, no more
             return None
 
+    def vanished(self, error: BaseException, collective: str) -> VanishedRankError | None:
+        """The VanishedRankError that `error`, raised in `collective`, amounts to; None if it is no lost peer."""
+        if not (self.distributed and isinstance(error, RuntimeError) and PEER_GONE.search(str(error))):
+            return None
+        gone = self.unanswering_ranks("peer-gone")
+        named = f"rank{'s' * (len(gone) > 1)} {', '.join(map(str, gone))}" if gone else "another rank"
+        return VanishedRankError(
+            f"rank {self.rank}: {named} went away during {collective} (its connection closed: killed, crashed, or "
+            "its host lost); the run stops, the last checkpoint stands. Look at that rank's log and host, then run "
+            "the same command to resume"
+        )
+
     @contextlib.contextmanager
     def waiting_for_ranks(self, collective: str):
-        """A RuntimeError after dist_timeout seconds inside this block is the process group's timeout (gloo
-        says "Timed out waiting ... for recv"): a HungRankError naming the collective and the ranks that did
-        not answer. On NCCL, torch's watchdog ends the process first, with a message naming the collective."""
+        """A RuntimeError inside this block that says a peer's connection closed is a VanishedRankError; one
+        after dist_timeout seconds is the process group's timeout (gloo says "Timed out waiting ... for
+        recv"): a HungRankError. Each names the collective and the ranks that went silent. On NCCL, torch's
+        watchdog ends the process first, with a message naming the collective."""
         start = time.monotonic()
         try:
             yield
-        except RuntimeError:
+        except RuntimeError as e:
             waited = time.monotonic() - start
+            lost = self.vanished(e, collective)
+            if lost is not None:
+                raise lost from None
             if not self.distributed or waited < self.timeout_s:
                 raise
-            silent = self.unanswering_ranks()
+            silent = self.unanswering_ranks("timed-out")
             ranks = f"rank{'s' * (len(silent or []) > 1)} {', '.join(map(str, silent or []))}"
             named = f"{ranks}, which" if silent else "a rank that"
             raise HungRankError(

@@ -155,8 +155,15 @@ def test_bad_token_files_fail_with_the_file_named(tmp_path, good_file):
         read_tokens(str(tmp_path / "int32.bin"), 50257)
     with pytest.raises(TokenFileError, match="tokens.bin: 1000 tokens, fewer than the 1025"):
         read_tokens(str(good_file), 50257, min_tokens=1025)
-    with pytest.raises(TokenFileError, match="tokens.bin: holds token id 999 .* vocab_size is 500"):
+    with pytest.raises(
+        TokenFileError, match="tokens.bin: written for a vocabulary of 50257 tokens, but the model's has 500"
+    ):
         read_tokens(str(good_file), 500)
+    header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4").copy()
+    header[3] = 500  # a header whose vocabulary is the model's, but whose largest id is beyond it
+    (tmp_path / "beyond.bin").write_bytes(header.tobytes() + raw[HEADER_BYTES:])
+    with pytest.raises(TokenFileError, match="beyond.bin: holds token id 999 .* vocab_size is 500"):
+        read_tokens(str(tmp_path / "beyond.bin"), 500)
     (tmp_path / "tiny.bin").write_bytes(b"abc")
     with pytest.raises(TokenFileError, match="tiny.bin: 3 bytes"):
         read_tokens(str(tmp_path / "tiny.bin"), 50257)

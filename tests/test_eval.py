@@ -1,6 +1,7 @@
 """How good is a model: eval_only's losses against transformers' on the same batches, HellaSwag scored by
 eval.py against lm-evaluation-harness on the exported directory, and bad input as one error line."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -81,6 +82,14 @@ EXAMPLES = [
 ]  # fmt: skip
 
 
+# Longer than gpt2-tiny's 64-token block: lm-evaluation-harness cuts the context from the left.
+LONG_EXAMPLE = (
+    " ".join(["The recipe begins with flour, water, salt and yeast, mixed by hand in a large bowl until smooth."] * 3),
+    ["It rests for an hour.", "It is baked at once.", "It is frozen overnight.", "It is thrown away."],
+    0,
+)
+
+
 def write_hellaswag(path, examples=EXAMPLES) -> None:
     """A file in HellaSwag's validation format, with its other fields too."""
     with open(path, "w") as f:
@@ -124,9 +133,11 @@ def test_hellaswag_agrees_with_lm_evaluation_harness_on_the_exported_model(tmp_p
     assert train.main(tiny_run_args(out, token_dir, max_steps=1, eval_interval=1, lr_rule="single")) == 0
     export = subprocess.run([sys.executable, "export.py", f"--out_dir={out}", f"--hf_dir={hf_dir}"], cwd=ROOT)
     assert export.returncode == 0
-    write_hellaswag(path)
+    write_hellaswag(path, [*EXAMPLES, LONG_EXAMPLE])
     model = checkpoint.load_model(*checkpoint.latest(str(out))).eval()
+    assert len(encode(LONG_EXAMPLE[0])) > model.config.block_size
     ours = hellaswag(model, read_hellaswag(str(path)), torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert ours["cut_to_block"] == 1
     theirs = lm_eval_hellaswag(hf_dir, path)
     for example, sample in zip(ours["per_example"], theirs):
         their_log_likelihoods = [resp[0] for resp in sample["filtered_resps"]]
@@ -161,11 +172,29 @@ def test_acc_takes_the_highest_sum_and_acc_norm_the_highest_mean_per_token(monke
 
     # (sum of log-probabilities, tokens) per ending: by sum ending 2 (-9.0), by mean ending 1 (-2.0 a token)
     scores = [(-10.0, 2), (-12.0, 6), (-9.0, 1), (-30.0, 10)]
-    monkeypatch.setattr(evaluation, "ending_log_probs", lambda *args: scores)
+    monkeypatch.setattr(evaluation, "ending_log_probs", lambda *args: (scores, False))
     examples = [evaluation.Example("ctx", ["a", "b", "c", "d"], label) for label in (1, 2, 2)]
     result = evaluation.hellaswag(torch.nn.Module(), examples, None, None, say=lambda line: None)
     assert [(e["choice"], e["choice_norm"]) for e in result["per_example"]] == [(2, 1)] * 3
     assert (result["acc"], result["acc_norm"]) == (2 / 3, 1 / 3)
+
+
+def test_an_ending_longer_than_the_block_keeps_its_last_block_size_tokens_scored():
+    """By hand: the row is the ending's last block_size + 1 tokens; all but the first are scored."""
+    import eval as evaluation
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2-tiny", block_size=8)).eval()
+    ending = " one two three four five six seven eight nine ten eleven"
+    tokens = encode(ending)
+    assert len(tokens) > 9
+    example = evaluation.Example("Counting:", [ending, " a", " b", " c"], 0)
+    scores, cut = evaluation.ending_log_probs(model, example, torch.device("cpu"), contextlib.nullcontext())
+    row = torch.tensor([tokens[-9:]])
+    logits, _ = model(row[:, :-1])
+    expected = torch.log_softmax(logits, dim=-1)[0, torch.arange(8), row[0, 1:]].sum().item()
+    assert cut and scores[0] == (pytest.approx(expected, abs=1e-5), 8)
 
 
 def encode(text):

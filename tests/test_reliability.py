@@ -21,6 +21,7 @@ from optimizers import sampled_labels
 from runtime.signals import EXIT_PREEMPTED
 from training import checkpoint, metrics, outdir
 from training.config import ConfigError
+from training.metrics import EXIT_DIVERGED
 
 
 def final_state(out_dir, step):
@@ -332,8 +333,8 @@ def run_train(args, timeout=300):
     )
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr[-3000:]
+def assert_one_line_error(result, *fragments, code=2):
+    assert result.returncode == code, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1, result.stderr[-3000:]
@@ -342,7 +343,7 @@ def assert_one_line_error(result, *fragments):
 
 
 @pytest.mark.parametrize("damage", ["binary meta.json", "file in place of the folder"])
-def test_a_damaged_newest_checkpoint_is_named_skipped_and_then_replaced(tmp_path, token_dir, damage):
+def test_a_damaged_newest_checkpoint_is_named_skipped_and_moved_aside_never_deleted(tmp_path, token_dir, damage):
     straight, damaged = tmp_path / "straight", tmp_path / "damaged"
     assert train.main(tiny_run_args(straight, token_dir, max_steps=6)) == 0
     newest = checkpoint.step_dir(str(damaged), 6)
@@ -354,11 +355,16 @@ def test_a_damaged_newest_checkpoint_is_named_skipped_and_then_replaced(tmp_path
         assert run_train(tiny_run_args(damaged, token_dir, max_steps=3, lr_decay_steps=6)).returncode == 0
         with open(newest, "wb") as f:
             f.write(b"not a checkpoint")
+    kept = tree_digest(newest) if os.path.isdir(newest) else open(newest, "rb").read()
     restart = run_train(tiny_run_args(damaged, token_dir, max_steps=6, allow_resume_changes="max_steps"))
     assert restart.returncode == 0, restart.stderr[-3000:]
-    assert f"skipping corrupt checkpoint {newest}" in restart.stdout
+    assert f"skipping damaged checkpoint {newest}" in restart.stdout
     assert f"resuming from {checkpoint.step_dir(str(damaged), 3)} at step 3" in restart.stdout
     assert os.path.isdir(newest) and checkpoint.verify(newest)["step"] == 6
+    (aside,) = [name for name in os.listdir(damaged) if name.startswith("step-00000006.unverified-")]
+    assert f"moved {newest}, which did not verify when the run began, aside to {damaged / aside}" in restart.stdout
+    aside = damaged / aside
+    assert (tree_digest(aside) if aside.is_dir() else aside.read_bytes()) == kept  # every byte of it kept
     assert_identical_states(final_state(straight, 6), final_state(damaged, 6))
 
 
@@ -378,7 +384,7 @@ def test_a_diverging_run_with_curvature_refreshes_stops_on_the_guard_and_restart
     blowup = run_train(
         tiny_run_args(diverged, token_dir, max_steps=8, max_bad_steps=2, **common, **DIVERGING[optimizer], **allowed)
     )
-    assert_one_line_error(blowup, "consecutive steps", "max_bad_steps=2")
+    assert_one_line_error(blowup, "consecutive steps", "max_bad_steps=2", code=EXIT_DIVERGED)
     assert checkpoint.complete_steps(str(diverged)) == [4]  # nothing saved after the blow-up
     restart = run_train(tiny_run_args(diverged, token_dir, max_steps=8, **common, allow_resume_changes="max_steps"))
     assert restart.returncode == 0, restart.stderr[-3000:]
@@ -442,7 +448,7 @@ def test_multipliers_measured_on_another_model_are_refused(tmp_path, token_dir):
 def test_a_lock_file_that_is_a_directory_is_one_error_line(tmp_path, token_dir):
     out = tmp_path / "run"
     (out / ".lock").mkdir(parents=True)
-    assert_one_line_error(run_train(tiny_run_args(out, token_dir, max_steps=1)), f"{out}/.lock is a directory")
+    assert_one_line_error(run_train(tiny_run_args(out, token_dir, max_steps=1)), f"{out}/.lock is a folder")
 
 
 def test_a_changed_vocabulary_on_resume_is_one_error_naming_the_tensor(tmp_path):
@@ -453,11 +459,14 @@ def test_a_changed_vocabulary_on_resume_is_one_error_naming_the_tensor(tmp_path)
     data.mkdir()
     chars = [chr(ord("a") + i) for i in range(20)]
     rng = np.random.default_rng(0)
-    for split, count in (("train", 5000), ("val", 1000)):
-        write_tokens(str(data / f"{split}.bin"), rng.integers(0, 20, count), 20)
+    tokens = {split: rng.integers(0, 20, count) for split, count in (("train", 5000), ("val", 1000))}
+    for split in tokens:
+        write_tokens(str(data / f"{split}.bin"), tokens[split], 20)
     save_chars(str(data), chars)
     assert train.main(tiny_run_args(out, data, max_steps=2, lr_decay_steps=4, lr_rule="single")) == 0
-    save_chars(str(data), [*chars, "!"])  # the same token files, a vocabulary one larger
+    save_chars(str(data), [*chars, "!"])  # the same tokens, prepared again with a vocabulary one larger
+    for split in tokens:
+        write_tokens(str(data / f"{split}.bin"), tokens[split], 21)
     before = tree_digest(out)
     with pytest.raises(checkpoint.CheckpointError, match=r"transformer.wte.weight \[20, 32\] there, \[21, 32\]"):
         train.main(

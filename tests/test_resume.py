@@ -55,6 +55,8 @@ def test_every_key_that_defines_the_run_is_refused_on_resume_naming_both_values(
             named = (
                 "the cosine ends at step 3 in the checkpoint, at step 1 now"
                 if key == "lr_decay_steps"
+                else "the checkpoint's run computed in float32, this one would in bfloat16"
+                if key == "dtype"
                 else f"{key}={old!r} in the checkpoint, {key}={new!r} now"
             )
             assert named in str(e) and f"--allow_resume_changes={key}" in str(e), str(e)

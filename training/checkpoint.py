@@ -1,10 +1,14 @@
 """Checkpoints as out_dir/step-XXXXXXXX/ folders, written so that a crash never costs the last good one.
 
 A save writes every file into a hidden temporary folder, fsyncs them, writes meta.json last (format
-version, step, config, and each file's size and SHA-256), fsyncs, then renames the folder into place:
-a folder named step-* is complete by construction. Older checkpoints are removed only after that, down
-to the newest `keep_last`. Loading walks from the newest folder down, verifies sizes and checksums, and
-skips (and reports) any that fail. Tensors are read with torch.load(weights_only=True), never pickle.
+version, step, config, the run's id, and each file's size and SHA-256), fsyncs, then renames the folder
+into place: a folder named step-* is complete by construction. Older checkpoints are removed only after
+that, down to the newest `keep_last`, and only those whose meta.json names this run: a folder that does
+not verify, or another run's, is never deleted. A folder already at the step a save writes (one that did
+not verify when the run began) is moved aside, never removed. Loading walks from the newest folder
+down, verifies sizes and checksums, and skips (and reports) any that fail, saying whether a file was
+damaged or could not be read at all (a disk or permission error). Tensors are read with
+torch.load(weights_only=True), never pickle.
 
 Format 2 calls the layer-wise learning-rate multiplier what the code calls it: `multipliers` in
 meta.json, `multiplier` in the optimizer's param groups. Format 1 (checkpoints written before) called
@@ -17,14 +21,16 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import sys
+import time
 
 import torch
 from safetensors.torch import save_model
 
-from model import GPT, vocab_size_of
+from model import GPT, non_finite, vocab_size_of
 from runtime.errors import UserError
-from runtime.files import DiskFullError, disk_full, file_mode
+from runtime.files import DiskFullError, disk_full, file_mode, open_new, refuse_planted
 from training.build import gpt_config
 from training.config import TrainConfig
 
@@ -32,10 +38,26 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-step-"
+REQUIRED_FILES = ("model.pt", "optimizer.pt")  # what every checkpoint holds: meta.json's list must name them
 
 
 class CheckpointError(UserError):
-    """A checkpoint that is missing, corrupt, or does not fit the run's config."""
+    """A checkpoint that is missing, damaged, or does not fit the run's config."""
+
+    kind = "damaged"  # how a skipped one is said
+
+
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint file the system would not let us read (EIO, EACCES): a disk or permission problem,
+    not known to be damaged."""
+
+    kind = "unreadable"
+
+
+def _unreadable(path: str, error: OSError) -> CheckpointUnreadable:
+    return CheckpointUnreadable(
+        f"{path}: cannot be read ({error.strerror or error}): a disk or permission error, not a damaged checkpoint"
+    )
 
 
 def _sha256(path: str) -> str:
@@ -94,13 +116,41 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_last: int) -> str:
-    """tensors: {"model": state_dict, "optimizer": state_dict, ...}, each saved as <name>.pt; meta: JSON.
-    A save that fails for lack of space raises runtime.files.DiskFullError, its partial folder removed."""
+def belongs(path: str, run_id: str | None) -> bool:
+    """Whether the step folder at path is one of the run's: its meta.json readable and naming run_id (None:
+    a run resumed from a checkpoint written before runs had ids, whose folders name none)."""
+    try:
+        with open(os.path.join(path, "meta.json"), "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("run_id") == run_id
+
+
+def own_steps(out_dir: str, run_id: str | None) -> list[int]:
+    """The steps of the run's own checkpoints in out_dir, newest first."""
+    return [step for step in complete_steps(out_dir) if belongs(step_dir(out_dir, step), run_id)]
+
+
+def move_aside(path: str, say=print) -> str:
+    """A step folder that did not verify, where a save must write: renamed, never deleted (it may hold what
+    a disk error hid); the new name is no checkpoint's, so nothing reads or removes it."""
+    aside = f"{path}.unverified-{time.strftime('%Y%m%dT%H%M%S')}"
+    os.rename(path, aside)
+    say(f"moved {path}, which did not verify when the run began, aside to {aside}; delete it once of no use")
+    return aside
+
+
+def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_last: int, say=print) -> str:
+    """tensors: {"model": state_dict, "optimizer": state_dict, ...}, each saved as <name>.pt; meta: JSON,
+    with the run's id (`run_id`), which retention keeps to. A save that fails for lack of space raises
+    runtime.files.DiskFullError, its partial folder removed."""
     if keep_last < 2:
         raise ValueError(f"keep_last={keep_last}: keep at least 2 so one survives a failed save")
     final = step_dir(out_dir, step)
     tmp = os.path.join(out_dir, f"{TMP_PREFIX}{step:08d}-{os.getpid()}")
+    if os.path.islink(tmp):  # a killed save's folder is removed; a link is nothing the run wrote
+        refuse_planted(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
@@ -111,8 +161,8 @@ def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_las
         meta = {"format_version": FORMAT_VERSION, "step": step, **meta, "files": files}
         _write_file(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
         _fsync_dir(tmp)
-        # A re-save of the same step (after a resume), or a damaged entry that was skipped: replace it.
-        _remove(final)
+        if os.path.lexists(final):  # skipped when the run began: a run saves each step once
+            move_aside(final, say)
         os.rename(tmp, final)
         _fsync_dir(out_dir)
     except BaseException as e:
@@ -120,14 +170,14 @@ def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_las
         full = disk_full(e, out_dir, needed=tensor_bytes(tensors)) if isinstance(e, Exception) else None
         if full is None:
             raise
-        kept = complete_steps(out_dir)
+        kept = own_steps(out_dir, meta.get("run_id"))
         last = (
             f"the last complete checkpoint, {step_dir(out_dir, kept[0])}, is intact"
             if kept
             else "no earlier checkpoint exists"
         )
         raise DiskFullError(f"saving step {step}: {full} Nothing of this save is left; {last}.") from None
-    for old in complete_steps(out_dir)[keep_last:]:
+    for old in own_steps(out_dir, meta.get("run_id"))[keep_last:]:
         try:
             _remove(step_dir(out_dir, old))
         except OSError:  # retention is housekeeping: the new checkpoint is already in place
@@ -150,13 +200,18 @@ def remove_stale_temporaries(out_dir: str) -> None:
 
 
 def verify(path: str) -> dict:
-    """meta.json of the checkpoint at path, after checking each file's size and SHA-256."""
+    """meta.json of the checkpoint at path, after checking that its file list names every file the format
+    requires, and each file's size and SHA-256. A file the system cannot read is CheckpointUnreadable."""
     meta_path = os.path.join(path, "meta.json")
     try:
         with open(meta_path, "rb") as f:
             meta = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: JSON syntax and undecodable bytes (UnicodeDecodeError) alike
-        raise CheckpointError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
+    except (FileNotFoundError, NotADirectoryError):  # a folder without one, or a plain file named step-*
+        raise CheckpointError(f"{meta_path}: missing, so this is no complete checkpoint") from None
+    except OSError as e:
+        raise _unreadable(meta_path, e) from None
+    except ValueError as e:  # JSON syntax and undecodable bytes (UnicodeDecodeError) alike
+        raise CheckpointError(f"{meta_path}: not JSON ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_VERSIONS:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{meta_path}: format version {version}, expected {FORMAT_VERSION}")
@@ -165,16 +220,26 @@ def verify(path: str) -> dict:
         isinstance(e, dict) and {"bytes", "sha256"} <= e.keys() for e in files.values()
     ):
         raise CheckpointError(f"{meta_path}: no valid file list")
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if missing:
+        raise CheckpointError(f"{meta_path}: its file list does not name {', '.join(missing)}")
+    for name in files:
+        if os.path.basename(name) != name or name in ("", ".", ".."):  # a list must not point out of the folder
+            raise CheckpointError(f"{meta_path}: {name!r} in its file list is not a file of the checkpoint")
     for name, expected in files.items():
         file_path = os.path.join(path, name)
-        if not os.path.isfile(file_path):
-            raise CheckpointError(f"{file_path}: missing")
-        if os.path.getsize(file_path) != expected["bytes"]:
-            raise CheckpointError(f"{file_path}: {os.path.getsize(file_path)} bytes, expected {expected['bytes']}")
         try:
-            digest = _sha256(file_path)
+            status = os.stat(file_path)
+            if stat.S_ISREG(status.st_mode) and status.st_size == expected["bytes"]:
+                digest = _sha256(file_path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{file_path}: missing") from None
         except OSError as e:
-            raise CheckpointError(f"{file_path}: unreadable ({e})") from None
+            raise _unreadable(file_path, e) from None
+        if not stat.S_ISREG(status.st_mode):
+            raise CheckpointError(f"{file_path}: not a plain file")
+        if status.st_size != expected["bytes"]:
+            raise CheckpointError(f"{file_path}: {status.st_size} bytes, expected {expected['bytes']}")
         if digest != expected["sha256"]:
             raise CheckpointError(f"{file_path}: checksum mismatch, the file was altered")
     if meta["format_version"] == 1:
@@ -182,15 +247,40 @@ def verify(path: str) -> dict:
     return meta
 
 
-def latest(out_dir: str, report=print) -> tuple[str, dict] | None:
-    """(path, meta) of the newest checkpoint that verifies; corrupt ones are reported and skipped."""
+def scan(out_dir: str) -> tuple[tuple[str, dict] | None, list[tuple[str, CheckpointError]]]:
+    """(path, meta) of the newest checkpoint that verifies (None if none does), and each newer one that
+    did not, with why."""
+    rejected = []
     for step in complete_steps(out_dir):
         path = step_dir(out_dir, step)
         try:
-            return path, verify(path)
+            return (path, verify(path)), rejected
         except CheckpointError as e:
-            report(f"skipping corrupt checkpoint {path}: {e}")
-    return None
+            rejected.append((path, e))
+    return None, rejected
+
+
+def skipped_line(path: str, error: CheckpointError) -> str:
+    return f"skipping {error.kind} checkpoint {path}: {error}"
+
+
+def none_verifies(out_dir: str, rejected: list[tuple[str, CheckpointError]]) -> CheckpointError:
+    """The refusal of an out_dir whose checkpoints all fail verification: each named with why. Starting
+    over there would replace them and drop their run's log; a disk error may be what failed."""
+    listed = "; ".join(f"{os.path.basename(path)}: {error}" for path, error in rejected)
+    return CheckpointError(
+        f"{out_dir} holds {len(rejected)} checkpoint{'s' * (len(rejected) > 1)}, and none verifies ({listed}). "
+        "Nothing was changed. If the disk or its permissions failed, fix that and run the same command again; "
+        f"to start over, move the step-* folders out of {out_dir}, or give another out_dir"
+    )
+
+
+def latest(out_dir: str, report=print) -> tuple[str, dict] | None:
+    """(path, meta) of the newest checkpoint that verifies; the ones that fail are reported and skipped."""
+    found, rejected = scan(out_dir)
+    for path, error in rejected:
+        report(skipped_line(path, error))
+    return found
 
 
 def load_tensors(path: str, name: str) -> dict:
@@ -237,8 +327,11 @@ def restore_weights(model: torch.nn.Module, path: str) -> None:
 
 def export_safetensors(model: torch.nn.Module, path: str) -> None:
     """The model's weights as safetensors, whole or not at all; save_model stores the tied wte / lm_head
-    once and load_model restores the tie."""
+    once and load_model restores the tie. Non-finite weights are refused: nothing is written."""
+    refuse_non_finite(model.state_dict(), path)
+    refuse_planted(path)
     tmp = f"{path}.tmp-{os.getpid()}"
+    os.close(open_new(tmp))  # the run's own file, never a link planted at that name, which save_model then fills
     try:
         save_model(model, tmp)
         os.chmod(tmp, file_mode())  # safetensors creates it 0600; the run's other files are 0644
@@ -256,14 +349,27 @@ def export_safetensors(model: torch.nn.Module, path: str) -> None:
         raise full from None
 
 
+def refuse_non_finite(state_dict: dict, destination: str) -> None:
+    bad = non_finite(state_dict)
+    if bad:
+        raise CheckpointError(
+            f"not writing {destination}: the weights hold NaN or infinite values ({', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}), a diverged model"
+        )
+
+
 def find(out_dir: str | None = None, path: str | None = None) -> tuple[str, dict]:
-    """(path, meta) of the checkpoint at path, verified, or of the newest complete one in out_dir; skipped
-    corrupt ones are reported on stderr (sample.py and export.py print their results on stdout)."""
+    """(path, meta) of the checkpoint at path, verified, or of the newest complete one in out_dir; the
+    ones skipped are reported on stderr (sample.py and export.py print their results on stdout)."""
     if path:
         return path, verify(path)
-    found = latest(out_dir, report=lambda message: print(message, file=sys.stderr))
+    found, rejected = scan(out_dir)
+    if found is None and rejected:
+        raise none_verifies(out_dir, rejected)
     if found is None:
         raise CheckpointError(f"{out_dir} holds no complete checkpoint; train first")
+    for skipped, error in rejected:
+        print(skipped_line(skipped, error), file=sys.stderr)
     return found
 
 

@@ -9,6 +9,7 @@ Linear layers, so each can carry its own learning rate), and its Conv1D stores w
 
 import json
 import os
+import pickle
 
 import torch
 
@@ -28,23 +29,34 @@ def read_config(path: str, **overrides) -> GPTConfig:
             f"{config_path} not found: expected a Hugging Face GPT-2 directory (config.json and model.safetensors "
             "or pytorch_model.bin); nothing is downloaded, so download one first"
         )
-    with open(config_path) as f:
-        hf = json.load(f)
+    try:
+        with open(config_path, "rb") as f:
+            hf = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSON syntax and undecodable bytes alike
+        raise PretrainedError(f"{config_path}: not a readable JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(hf, dict):
+        raise PretrainedError(f"{config_path}: expected a JSON object, as transformers writes it")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise PretrainedError(f"{config_path}: model_type {hf['model_type']!r} is not gpt2")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         raise PretrainedError(f"{config_path}: activation_function {activation!r} is not GPT-2's tanh GELU")
-    return GPTConfig(
-        **{
-            "block_size": hf.get("n_positions", 1024),
-            "vocab_size": hf.get("vocab_size", 50257),
-            "n_layer": hf["n_layer"],
-            "n_head": hf["n_head"],
-            "n_embd": hf["n_embd"],
-            **overrides,
-        }
-    )
+    missing = [key for key in ("n_layer", "n_head", "n_embd") if key not in hf]
+    if missing:
+        raise PretrainedError(f"{config_path}: no {', '.join(missing)}, which a GPT-2 config.json holds")
+    shape = {
+        "block_size": hf.get("n_positions", 1024),
+        "vocab_size": hf.get("vocab_size", 50257),
+        "n_layer": hf["n_layer"],
+        "n_head": hf["n_head"],
+        "n_embd": hf["n_embd"],
+    }
+    wrong = [f"{key}={value!r}" for key, value in shape.items() if type(value) is not int or value < 1]
+    if wrong:
+        raise PretrainedError(f"{config_path}: {', '.join(wrong)} (positive whole numbers expected)")
+    if shape["n_embd"] % shape["n_head"]:
+        raise PretrainedError(f"{config_path}: n_embd={shape['n_embd']} is not divisible by n_head={shape['n_head']}")
+    return GPTConfig(**{**shape, **overrides})
 
 
 def preset_of(config: GPTConfig) -> str:
@@ -71,13 +83,15 @@ def load_weights(model: GPT, path: str) -> None:
         for param, name, layout, slot in gpt2_layout(model):
             if name not in theirs:
                 raise PretrainedError(f"{path} holds no {name}: not a GPT2LMHeadModel of config.json's shape")
-            value = _ours_from_gpt2(theirs[name], layout, slot)
+            value = _ours_from_gpt2(theirs[name], layout, slot, f"{path}: {name}")
             if name == "wpe.weight":
                 value = value[: model.config.block_size]
             if value.shape != param.shape:
                 raise PretrainedError(
                     f"{path}: {name} is {list(value.shape)} where config.json implies {list(param.shape)}"
                 )
+            if not torch.isfinite(value).all():
+                raise PretrainedError(f"{path}: {name} holds NaN or infinite values; a model cannot train from them")
             param.copy_(value)
 
 
@@ -172,16 +186,34 @@ def weights_file(path: str) -> str:
 
 
 def _load_hf_state_dict(path: str) -> dict:
+    """The weights file's tensors by name. Anything but tensors in a pytorch_model.bin (a pickle that would
+    run code) is refused by weights_only, never loaded; a file that is no weights file is said as such."""
     weights = weights_file(path)
-    if weights.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if weights.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(weights)
-    return torch.load(weights, map_location="cpu", weights_only=True)
+            state = load_file(weights)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]  # torch's reason is its second paragraph
+        reason = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
+        raise PretrainedError(f"{weights}: holds more than tensors, so it is not loaded ({reason})") from None
+    except Exception as e:  # noqa: BLE001 safetensors' and torch's readers raise their own kinds for a bad file
+        message = (str(e).strip().splitlines() or [""])[0]
+        raise PretrainedError(f"{weights}: not a readable weights file ({type(e).__name__}: {message})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(t) for t in state.values()):
+        raise PretrainedError(f"{weights}: expected a state dict of tensors")
+    return state
 
 
-def _ours_from_gpt2(tensor: torch.Tensor, layout: str, slot: int | None) -> torch.Tensor:
-    """Our parameter's value from the GPT-2 tensor that holds it (gpt2_layout)."""
+def _ours_from_gpt2(tensor: torch.Tensor, layout: str, slot: int | None, where: str) -> torch.Tensor:
+    """Our parameter's value from the GPT-2 tensor that holds it (gpt2_layout); a tensor of another rank
+    is a PretrainedError naming it (where), before any reshaping fails on it."""
+    dims = 2 if layout in (CONV1D, QKV_WEIGHT) else 1 if layout == QKV_BIAS else tensor.dim()
+    if tensor.dim() != dims or (layout in (QKV_WEIGHT, QKV_BIAS) and tensor.shape[-1] % 3):
+        raise PretrainedError(f"{where} is {list(tensor.shape)}, not a tensor of GPT-2's layout for it")
     if layout == CONV1D:
         return tensor.t()
     if layout == QKV_WEIGHT:

@@ -11,9 +11,15 @@ from runtime.errors import UserError
 from runtime.progress import duration
 from training.config import TrainConfig
 
+EXIT_DIVERGED = 3  # the run diverged: the same command would diverge again, so a scheduler must not requeue it
+
 
 class DivergedError(UserError):
-    """max_bad_steps consecutive steps with a non-finite loss or gradient norm."""
+    """A run whose recent steps are all non-finite (max_bad_steps in a row, or every step it ran), or whose
+    weights give a non-finite val loss: nothing of it is saved or exported."""
+
+    exit_code = EXIT_DIVERGED
+    same_on_every_rank = True  # the guard's flags are all-reduced: every rank decides alike
 
 
 class StepStats:
@@ -26,7 +32,9 @@ class StepStats:
         self.loss_sum, self.skipped = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
         self.bad_run = torch.zeros((), device=rt.device)  # consecutive non-finite steps so far, and the longest run
         self.longest_bad_run = torch.zeros((), device=rt.device)
+        self.loss_bad = torch.zeros((), dtype=torch.bool, device=rt.device)  # the last step's loss non-finite
         self.steps = 0  # in this log interval
+        self.steps_run = 0  # by this process
         self.restart_timer()
 
     def restart_timer(self) -> None:
@@ -39,7 +47,9 @@ class StepStats:
         self.skipped += found_inf
         self.bad_run.add_(1).mul_(found_inf)
         torch.maximum(self.longest_bad_run, self.bad_run, out=self.longest_bad_run)
+        torch.logical_not(torch.isfinite(step_loss), out=self.loss_bad)
         self.steps += 1
+        self.steps_run += 1
         self.timed_steps += 1
 
     def first_step_done(self) -> float:
@@ -84,10 +94,25 @@ class StepStats:
     def last_step_bad(self) -> bool:
         return self.bad_run.item() > 0  # the same on every rank: the guard's flag was all-reduced
 
-    def check_bad_steps(self, step: int) -> None:
-        if self.longest_bad_run.item() >= self.c.max_bad_steps:
-            raise DivergedError(
-                f"{int(self.longest_bad_run.item())} consecutive steps up to step {step} had a non-finite loss or "
-                f"gradient norm (max_bad_steps={self.c.max_bad_steps}); stopping, the last checkpoint is intact. "
-                "Lower lr or check the data."
-            )
+    def check_bad_steps(self, step: int, standing, at_end: bool = False) -> None:
+        """DivergedError once max_bad_steps steps in a row were non-finite, and at the run's end (at_end) when
+        every step it ran since the last finite one was: a run that never trained is no success. standing():
+        which checkpoint stands, said (Trainer.standing)."""
+        bad_run = int(self.bad_run.item())
+        every_step = at_end and 0 < bad_run == self.steps_run
+        if self.longest_bad_run.item() < self.c.max_bad_steps and not every_step:
+            return
+        run = max(bad_run, int(self.longest_bad_run.item()))
+        what = "loss" if self.loss_bad.item() else "gradient norm (the loss was finite)"
+        before_first = step - bad_run  # the last finite step, or where this process began
+        if bad_run < run:  # the longest run ended within the log interval
+            cause = "the steps after it were finite again"
+        elif before_first > step - self.steps_run:  # a finite step came first: its update made the weights diverge
+            cause = f"the update at step {before_first} left weights whose {what} is not finite"
+        else:
+            cause = f"the starting weights give a non-finite {what} (check the init_from weights, the data)"
+        raise DivergedError(
+            f"the run diverged: {run} consecutive steps up to step {step} were non-finite and skipped "
+            f"(max_bad_steps={self.c.max_bad_steps}); {cause}. Nothing more is saved or exported; {standing()}. Try "
+            "a lower lr, a longer warmup_steps or grad_clip, or check the multipliers (lwlr.json)"
+        )

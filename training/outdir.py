@@ -22,9 +22,11 @@ import time
 import torch.distributed as dist
 
 from runtime.errors import UserError
-from runtime.files import disk_full, free_bytes, megabytes
+from runtime.files import NO_FOLLOW, disk_full, free_bytes, megabytes, open_new, refuse_planted
 
 LOCK_FILE = ".lock"
+# The names a run writes directly in out_dir (its checkpoints go through a temporary folder of its own).
+WRITTEN_NAMES = (LOCK_FILE, "config.json", "log.jsonl", "lwlr.json", "lwlr.png", "model.safetensors")
 
 
 class OutDirInUseError(UserError):
@@ -71,12 +73,13 @@ def space_warning(out_dir: str, checkpoint_bytes: int, keep_last: int) -> str | 
 def lock(out_dir: str, log=print):
     """Hold out_dir alone for the block: OutDirInUseError names the holder if another run has it."""
     path = os.path.join(out_dir, LOCK_FILE)
+    refuse_planted(path)  # a link there would have the run truncate and write whatever it points at
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except IsADirectoryError:
-        raise OutDirNotWritableError(
-            f"{path} is a directory, where the run keeps its lock file: remove it (nothing of the run is in it)"
-        ) from None
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # planted between the check and the open
+            refuse_planted(path)
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,9 +121,10 @@ def prepare(out_dir: str) -> None:
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
+        os.close(open_new(probe))
         os.remove(probe)
+        for name in WRITTEN_NAMES:  # refused now, before any work, rather than at their first write
+            refuse_planted(os.path.join(out_dir, name))
     except OSError as e:
         raise OutDirNotWritableError(f"out_dir={out_dir!r} is not writable: {e}") from None
 

@@ -29,12 +29,20 @@ def data_fingerprints(c: TrainConfig) -> dict[str, str | None]:
     return {split: fingerprint(os.path.join(data_dir(c), f"{split}.bin")) for split in SPLITS}
 
 
-def changes(c: TrainConfig, meta: dict, fingerprints: dict) -> dict[str, tuple]:
+def changes(c: TrainConfig, meta: dict, fingerprints: dict, computes_in: str | None = None) -> dict[str, tuple]:
     """{key: (checkpoint's value, this config's)}, as each acts, for every key that differs, and `data` when a split's
-    fingerprint does. A key the checkpoint predates counts at its default, which kept the old behaviour."""
+    fingerprint does. A key the checkpoint predates counts at its default, which kept the old behaviour.
+    computes_in: the precision this run computes in (dtype resolved on this machine), compared with the one
+    the checkpoint's run computed in, whatever either typed (dtype=auto may resolve otherwise elsewhere)."""
     saved = {key: meta["config"].get(key, field.default) for key, field in FIELDS.items()}
     now = c.as_dict()
     differ = {key: (acting(saved, key), acting(now, key)) for key in FIELDS if acting(saved, key) != acting(now, key)}
+    if computes_in is not None:
+        # Checkpoints before the precision was recorded: an explicit dtype is its precision; auto's is unknown.
+        then = meta.get("precision") or (saved["dtype"] if saved["dtype"] != "auto" else None)
+        differ.pop("dtype", None)
+        if then is not None and then != computes_in:
+            differ["dtype"] = (then, computes_in)
     recorded = meta.get("data_fingerprints") or {}
     if any(recorded.get(split) and fingerprints[split] and recorded[split] != fingerprints[split] for split in SPLITS):
         differ["data"] = (recorded, fingerprints)
@@ -49,10 +57,12 @@ def acting(config: dict, key: str):
     return config[key]
 
 
-def check(c: TrainConfig, meta: dict, path: str, fingerprints: dict, say=print) -> dict[str, tuple]:
+def check(
+    c: TrainConfig, meta: dict, path: str, fingerprints: dict, say=print, computes_in: str | None = None
+) -> dict[str, tuple]:
     """The changes this resume makes (for config.json's history), after refusing any that the config
     does not allow; says each allowed one."""
-    found = changes(c, meta, fingerprints)
+    found = changes(c, meta, fingerprints, computes_in)
     allowed = set(c.resume_changes_allowed())
     refused = [key for key in found if key not in MAY_CHANGE_ON_RESUME and key not in allowed]
     if refused:
@@ -80,6 +90,8 @@ def describe(key: str, old, new) -> str:
         return "; ".join(
             f"{split}.bin is fingerprint {new[split]}, the checkpoint's was {old[split]}" for split in splits
         )
+    if key == "dtype":
+        return f"the checkpoint's run computed in {old}, this one would in {new} (dtype, as resolved on each machine)"
     if key == "lr_decay_steps":
         ends = [f"at step {end}" if end is not None else "nowhere (schedule=constant)" for end in (old, new)]
         return f"the cosine ends {ends[0]} in the checkpoint, {ends[1]} now (lr_decay_steps, or max_steps if 0)"

@@ -4,6 +4,7 @@ wandb or tensorboard when asked for."""
 import json
 import os
 
+from runtime.files import append_whole, open_for_append
 from runtime.ranks import Runtime
 
 
@@ -23,7 +24,7 @@ class RunLog:
         self.runtime, self.file, self.backend, self.echo = runtime, None, None, echo
         if not runtime.is_main:
             return
-        self.file = open(os.path.join(out_dir, "log.jsonl"), "a")
+        self.file = open_for_append(os.path.join(out_dir, "log.jsonl"))
         if logger == "wandb":
             import wandb
 
@@ -40,13 +41,7 @@ class RunLog:
             return
         if line:
             self.echo(line)
-        end = self.file.tell()
-        try:
-            self.file.write(json.dumps({"kind": kind, **values}) + "\n")
-            self.file.flush()
-        except OSError:  # a full disk: leave no half-written record behind (train.py reports the error)
-            self.file.truncate(end)
-            raise
+        append_whole(self.file, (json.dumps({"kind": kind, **values}) + "\n").encode())
         step = values.get("step")
         if self.backend is not None and step is not None:
             numbers = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
@@ -57,7 +52,7 @@ class RunLog:
                 self.backend.log(numbers, step=step)
 
     def close(self) -> None:
-        if self.file:
-            self.file.close()
+        if self.file is not None:
+            os.close(self.file)
         if self.backend is not None:
             getattr(self.backend, "finish", getattr(self.backend, "close", lambda: None))()

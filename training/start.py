@@ -7,6 +7,7 @@ out_dir as it found it, byte for byte.
 
 import dataclasses
 import os
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,8 @@ class Start:
     optimizer_state: dict | None = None
     resumed_from: str | None = None  # the checkpoint's folder
     changes: dict[str, tuple] | None = None  # what this resume changed (resume.check)
+    # Which checkpoints are the run's (checkpoint.belongs): new for a fresh run, the checkpoint's on a resume.
+    run_id: str | None = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def start(c: TrainConfig, rt, found: tuple[str, dict] | None, fingerprints: dict) -> Start:
@@ -51,11 +54,13 @@ def start(c: TrainConfig, rt, found: tuple[str, dict] | None, fingerprints: dict
     (`found`, verified), each checked against the config, so that a refused run leaves out_dir as it was."""
     if c.init_from == "resume" and found is None:
         raise ConfigError(f"init_from=resume, but {c.out_dir} holds no complete checkpoint")
-    if c.init_from == "scratch" and found is not None:
+    if c.init_from == "scratch" and checkpoint.complete_steps(c.out_dir):
+        held = found[0] if found else checkpoint.step_dir(c.out_dir, checkpoint.complete_steps(c.out_dir)[0])
         raise ConfigError(
-            f"init_from=scratch, but {c.out_dir} already holds {found[0]}: resume it or choose another out_dir"
+            f"init_from=scratch, but {c.out_dir} already holds {held}: resume it or choose another out_dir"
         )
-    changes = resume.check(c, found[1], found[0], fingerprints, say=rt.print0) if found else None
+    computes_in = precision(rt.device, c.dtype)[0]
+    changes = resume.check(c, found[1], found[0], fingerprints, rt.print0, computes_in) if found else None
     torch.manual_seed(c.seed)
     model = GPT(gpt_config(c)).to(rt.device)
     if found is None:
@@ -75,7 +80,7 @@ def start(c: TrainConfig, rt, found: tuple[str, dict] | None, fingerprints: dict
     say_world_size_change(c, meta, rt, model.config.block_size)
     checkpoint.restore_weights(model, path)
     optimizer_state = checkpoint.load_optimizer_state(path, meta)
-    return Start(model, meta["step"], meta["multipliers"], optimizer_state, path, changes)
+    return Start(model, meta["step"], meta["multipliers"], optimizer_state, path, changes, meta.get("run_id"))
 
 
 def finished(c: TrainConfig, rt, found: tuple[str, dict] | None, fingerprints: dict) -> bool:
@@ -84,7 +89,8 @@ def finished(c: TrainConfig, rt, found: tuple[str, dict] | None, fingerprints: d
     if c.init_from == "scratch" or found is None or found[1]["step"] < c.max_steps:
         return False
     path, meta = found
-    resume.check(c, meta, path, fingerprints, say=lambda line: None)  # other settings are refused as a resume's
+    # other settings are refused as a resume's
+    resume.check(c, meta, path, fingerprints, lambda line: None, precision(rt.device, c.dtype)[0])
     if not os.path.isfile(os.path.join(c.out_dir, "model.safetensors")):
         return False  # stopped before its export: the run writes it
     decay = f" --lr_decay_steps={meta['step']}" if c.schedule == "cosine" and not c.lr_decay_steps else ""
@@ -119,7 +125,7 @@ def checked(c: TrainConfig, rt) -> Plan | None:
     token_batches(c, "train", "train", model_config)
     val_batches = token_batches(c, "val", "val", model_config)
     fingerprints = resume.data_fingerprints(c)
-    found = checkpoint.latest(c.out_dir, report=rt.print0)  # verified once: a 1.5B run's checksums take a while
+    found = verified_checkpoint(c, rt)  # verified once: a 1.5B run's checksums take a while
     if finished(c, rt, found, fingerprints):
         return None
     begin = start(c, rt, found, fingerprints)
@@ -135,13 +141,24 @@ def checked(c: TrainConfig, rt) -> Plan | None:
     return Plan(c, val_batches, fingerprints, backend, begin)
 
 
+def verified_checkpoint(c: TrainConfig, rt) -> tuple[str, dict] | None:
+    """out_dir's newest checkpoint that verifies, the ones that do not said; when it holds some and none
+    verifies, the run is refused (init_from=scratch refuses any), never started over on top of them."""
+    found, rejected = checkpoint.scan(c.out_dir)
+    for path, error in rejected:
+        rt.print0(checkpoint.skipped_line(path, error))
+    if found is None and rejected and c.init_from != "scratch":
+        raise checkpoint.none_verifies(c.out_dir, rejected)
+    return found
+
+
 def held(plan: Plan, rt) -> Plan:
     """The plan once out_dir is held: where another run saved since the checks, begin from its checkpoint
     instead, checked the same way."""
     begin, c = plan.begin, plan.c
     if checkpoint.complete_steps(c.out_dir)[:1] == ([begin.step] if begin.resumed_from else []):
         return plan
-    begin = start(c, rt, checkpoint.latest(c.out_dir, report=rt.print0), plan.fingerprints)
+    begin = start(c, rt, verified_checkpoint(c, rt), plan.fingerprints)
     return dataclasses.replace(plan, begin=begin)
 
 

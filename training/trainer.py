@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import GPT
 from optimizers import base, self_check
 from runtime import fsdp
-from runtime.device import autocast
+from runtime.device import autocast, precision
 from runtime.files import cache_dir
 from runtime.ranks import all_reduce_mean
 from training import checkpoint, resume
@@ -30,8 +30,10 @@ class Trainer:
         multipliers: dict[str, float] | None,
         optimizer_state: dict | None = None,
         backend: tuple[str, str] | None = None,
+        run_id: str | None = None,
     ):
         self.c, self.rt, self.raw_model = c, rt, model  # raw_model: uncompiled, unwrapped; what checkpoints hold
+        self.run_id = run_id  # in every checkpoint: retention removes the run's own alone
         self.multipliers = multipliers  # saved with every checkpoint: a resume never re-measures
         self.split = batch_split(c, model.config.block_size, rt.world_size)  # which rows a rank and micro-step take
         self.train_batches = token_batches(c, "train", "train", model.config, c.data_subset_batches)
@@ -63,12 +65,10 @@ class Trainer:
 
     def save(self, step: int, reason: str, last_step_bad: bool) -> None:
         """A checkpoint of the state after `step` steps (rank 0 writes, every rank waits), unless the last
-        step was non-finite: then the previous checkpoint stands."""
+        step was non-finite: then the previous checkpoint stands, if there is one."""
         c, rt = self.c, self.rt
         if last_step_bad:
-            rt.print0(
-                f"not saving at step {step} ({reason}): the last step was non-finite; the previous checkpoint stands"
-            )
+            rt.print0(f"not saving at step {step} ({reason}): the last step was non-finite; {self.standing()}")
             return
         if self.sharded:  # every rank gathers, shard by shard; rank 0 keeps the full tensors
             tensors = {
@@ -81,14 +81,24 @@ class Trainer:
             meta = {
                 "config": c.as_dict(),
                 "world_size": rt.world_size,
+                "run_id": self.run_id,
+                "precision": precision(rt.device, c.dtype)[0],  # what dtype came to here: a resume compares it
                 "multipliers": self.multipliers,
                 "data": {"seed": c.seed, "next_step": step},
                 "data_fingerprints": self.data_fingerprints,  # a resume on other token files is refused
             }
-            rt.print0(f"saved {checkpoint.save(c.out_dir, step, tensors, meta, c.keep_last)} ({reason})")
+            path = checkpoint.save(c.out_dir, step, tensors, meta, c.keep_last, say=rt.print0)
+            rt.print0(f"saved {path} ({reason})")
         if rt.distributed:
             with rt.waiting_for_ranks(f"the barrier after the save at step {step}"):
                 dist.barrier()
+
+    def standing(self) -> str:
+        """Which checkpoint of the run stands, said (a divergence or a skipped save names it)."""
+        own = checkpoint.own_steps(self.c.out_dir, self.run_id)
+        if not own:
+            return "no checkpoint of this run exists yet"
+        return f"the last checkpoint, {checkpoint.step_dir(self.c.out_dir, own[0])}, stands"
 
     def full_model(self) -> GPT | None:
         """The whole model on rank 0 (None elsewhere): under fsdp gathered from every rank's shards, which
