@@ -100,7 +100,9 @@ def run(plan: start.Plan, rt, stop: StopRequest) -> int:
         rt.print0(
             f"stop ({stop.reason}) at step {step}, during {stopped_during}{lost}: saving, then exit {EXIT_PREEMPTED}"
         )
-        log.record("stop", {"step": step, "reason": stop.reason, "during": stopped_during})
+        # came_after_step: the steps done when the signal came; a stop is answered within one (two under torchrun)
+        said = {"step": step, "reason": stop.reason, "during": stopped_during, "came_after_step": stop.came_after_step}
+        log.record("stop", said)
         trainer.save(step, "stop requested", stats.last_step_bad())
     bar.close()
     log.close()
@@ -115,13 +117,14 @@ def run(plan: start.Plan, rt, stop: StopRequest) -> int:
 def train_loop(c, rt, trainer: Trainer, val_batches, log: RunLog, stats: StepStats, vote, bar, step: int):
     """Steps from `step` to max_steps, each logged, evaluated and saved at its interval. Returns the step
     reached and, when a stop signal came first, where it came ("training" or "eval"), else None."""
-    first_step = step
+    first_step = vote.stop.steps_done = step
     while step < c.max_steps:
         with heartbeat("torch.compile: compiling", enabled=trainer.compiled and rt.is_main and step == first_step):
             with rt.waiting_for_ranks(f"step {step + 1}'s gradient and loss all-reduces"):
                 lr, step_loss, grad_norm, found_inf = trainer.step(step)
         stats.add(step_loss, found_inf)
         step += 1
+        vote.stop.steps_done = step
         bar.update(1)
         if step == first_step + 1:
             first_step_done(c, rt, trainer, stats, vote)

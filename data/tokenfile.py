@@ -114,13 +114,15 @@ def fingerprint(path: str) -> str | None:
 
 
 SCAN_CHUNK = 1 << 26  # tokens per read of the body scan: 128 MB
+_SCANNED: dict[str, tuple[dict, int]] = {}  # this process's scans: path -> (the file's identity, its largest id)
 
 
 def body_max_id(path: str, count: int, cache_path: str | None = None) -> int:
     """The largest token id the file's body holds. Reading every token takes a while on a large file
-    (OpenWebText's 9B tokens are 18 GB: docs/operations.md has the cost), so the answer is kept in
-    cache_path, keyed by the file's path, size, modification time and header: a restart, or another rank,
-    reads it back instead."""
+    (OpenWebText's 9B tokens are 18 GB: docs/operations.md has the cost), so the answer is kept, keyed by
+    the file's path, size, modification time and header: in this process (a run opens each split several
+    times), and in cache_path, where a restart reads it back. Each process of a run's first start scans
+    once."""
     cache_path = cache_path or os.path.join(cache_dir(), "token-files.json")
     status = os.stat(path)
     with open(path, "rb") as f:
@@ -131,6 +133,9 @@ def body_max_id(path: str, count: int, cache_path: str | None = None) -> int:
         "mtime_ns": status.st_mtime_ns,
         "header_sha256": hashlib.sha256(header).hexdigest(),
     }
+    remembered = _SCANNED.get(key)
+    if remembered is not None and remembered[0] == identity:
+        return remembered[1]
     try:
         with open(cache_path) as f:
             entries = json.load(f)
@@ -140,9 +145,11 @@ def body_max_id(path: str, count: int, cache_path: str | None = None) -> int:
     entry = entries.get(key)
     if isinstance(entry, dict) and isinstance(entry.get("max_id"), int):
         if all(entry.get(name) == value for name, value in identity.items()):
+            _SCANNED[key] = identity, entry["max_id"]
             return entry["max_id"]
     tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
     largest = max((int(tokens[i : i + SCAN_CHUNK].max()) for i in range(0, count, SCAN_CHUNK)), default=-1)
+    _SCANNED[key] = identity, largest
     try:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         kept = {name: entry for name, entry in entries.items() if os.path.exists(name)}  # files since deleted go

@@ -50,6 +50,16 @@ def refuse_planted(path: str) -> None:
     )
 
 
+def refuse_shared(fd: int, path: str) -> None:
+    """Refuse a file with another name elsewhere (a hard link, say a backup's): truncating or appending to
+    it would change that file too. A rename into place (write_atomically) only unlinks the name, safely."""
+    if os.fstat(fd).st_nlink > 1:
+        raise PlantedFileError(
+            f"{path} is a hard link, shared with another name: the run would write into that file too. Replace it "
+            "with a copy of its own (cp, then mv over it) and run the same command again"
+        )
+
+
 def open_new(path: str) -> int:
     """A descriptor of a new, empty regular file at path, the run's own (O_EXCL): a stale regular file of
     that name (a killed write's) is removed first, anything else refused."""
@@ -75,6 +85,11 @@ def open_for_append(path: str) -> int:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         refuse_planted(path)
+    try:
+        refuse_shared(fd, path)
+    except PlantedFileError:
+        os.close(fd)
+        raise
     return fd
 
 

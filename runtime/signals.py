@@ -34,6 +34,8 @@ class StopRequest:
         self.requested = False
         self.reason = ""  # the signal's name, or why the run stops without one
         self.immediate = True
+        self.steps_done = 0  # kept by the training loop: where the run was when the stop came
+        self.came_after_step = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -41,6 +43,8 @@ class StopRequest:
         self.request(signal.Signals(signum).name)
 
     def request(self, reason: str) -> None:
+        if not self.requested:
+            self.came_after_step = self.steps_done
         self.requested, self.reason = True, self.reason or reason
         if self.immediate:
             raise Preempted(reason)

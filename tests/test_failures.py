@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -54,7 +55,9 @@ def test_an_out_dir_whose_checkpoints_all_fail_verification_is_refused_and_left_
     assert_one_line_error(refused, "holds 2 checkpoints, and none verifies", "step-00000006:", "step-00000003:")
     assert "checksum mismatch" in refused.stderr and "Nothing was changed" in refused.stderr
     assert tree_digest(out) == before  # the checkpoints, and the old run's log, byte for byte
-    with pytest.raises(ConfigError, match="init_from=scratch, but .* already holds .*step-00000006"):
+    with pytest.raises(
+        ConfigError, match="init_from=scratch, but .* already holds step folders, none of which verifies"
+    ):
         train.main(tiny_run_args(out, token_dir, max_steps=6, init_from="scratch"))
     assert tree_digest(out) == before
 
@@ -95,6 +98,16 @@ def test_retention_removes_only_the_runs_own_checkpoints(tmp_path, token_dir):
     assert train.main(tiny_run_args(out, token_dir, **further)) == 0
     assert checkpoint.complete_steps(str(out)) == [8, 6, 1, 0]  # keep_last=2 of its own; 4 was its own too
     assert open(os.path.join(damaged, "meta.json"), "rb").read() == b"\x00garbage"
+
+
+def test_a_folder_where_a_file_belongs_is_damage_not_a_disk_error(tmp_path, token_dir):
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)) == 0
+    meta = os.path.join(checkpoint.step_dir(str(out), 3), "meta.json")
+    os.remove(meta)
+    os.mkdir(meta)
+    _, ((_, error),) = checkpoint.scan(str(out))
+    assert error.kind == "damaged" and "Is a directory" in str(error)
 
 
 @pytest.mark.parametrize(
@@ -149,6 +162,22 @@ def test_each_writer_refuses_a_planted_link_itself(tmp_path):
     assert victim.read_text() == "precious"
 
 
+def test_a_hard_linked_log_and_a_linked_logger_folder_are_refused(tmp_path, token_dir):
+    out, backup = tmp_path / "run", tmp_path / "backup"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=1, eval_interval=1, lr_decay_steps=2)) == 0
+    backup.mkdir()
+    os.link(out / "log.jsonl", backup / "log.jsonl")  # a backup made with hard links (cp -al, rsync --link-dest)
+    kept = (backup / "log.jsonl").read_bytes()
+    further = tiny_run_args(out, token_dir, max_steps=2, lr_decay_steps=2, allow_resume_changes="max_steps")
+    with pytest.raises(PlantedFileError, match="log.jsonl is a hard link"):
+        train.main(further)
+    assert (backup / "log.jsonl").read_bytes() == kept
+    os.remove(backup / "log.jsonl")
+    os.symlink(backup, out / "tensorboard")
+    with pytest.raises(PlantedFileError, match="tensorboard is a symbolic link"):
+        train.main(further)
+
+
 def test_a_symlinked_out_dir_still_works(tmp_path, token_dir):
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "out")
@@ -173,6 +202,14 @@ def test_a_run_whose_every_step_was_non_finite_fails_below_max_bad_steps(tmp_pat
     with pytest.raises(DivergedError, match="3 consecutive steps .* the starting weights give a non-finite loss"):
         train.main(tiny_run_args(out, token_dir, max_steps=3, eval_interval=10, max_bad_steps=10, lr_rule="single"))
     assert not (out / "model.safetensors").exists() and checkpoint.complete_steps(str(out)) == []
+
+
+def test_a_run_whose_steps_after_the_first_were_all_non_finite_fails(tmp_path, token_dir, monkeypatch):
+    nan_on_steps(monkeypatch, set(range(3, 100)))  # two forwards a step: every step after the first
+    out = tmp_path / "run"
+    with pytest.raises(DivergedError, match="5 consecutive steps .* the update at step 1 left weights whose loss"):
+        train.main(tiny_run_args(out, token_dir, max_steps=6, eval_interval=10, max_bad_steps=10, lr_rule="single"))
+    assert not (out / "model.safetensors").exists()
 
 
 def test_non_finite_weights_are_refused_on_the_way_in_and_on_the_way_out(tmp_path, token_dir, gpt2_dir):
@@ -302,6 +339,8 @@ def test_the_body_scan_is_read_back_from_its_cache_until_the_file_changes(tmp_pa
     entries = json.loads(open(cache).read())
     entries[os.path.realpath(path)]["max_id"] = 12345  # what the cache says is what a restart takes
     open(cache, "w").write(json.dumps(entries))
+    assert tokenfile.body_max_id(path, 1000, cache) == 96  # this process remembers its own scan
+    tokenfile._SCANNED.clear()  # a restart
     assert tokenfile.body_max_id(path, 1000, cache) == 12345
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file changed: read again
     assert tokenfile.body_max_id(path, 1000, cache) == 96
@@ -354,6 +393,16 @@ DAMAGES = {
         lambda d: damage_weights(d, lambda w: w.update({"transformer.h.0.mlp.c_fc.weight": torch.zeros(2, 3, 4)})),
         "h.0.mlp.c_fc.weight is [2, 3, 4], not a tensor of GPT-2's layout",
     ),
+    "float64 weights float32 cannot hold": (
+        lambda d: damage_weights(
+            d, lambda w: w.update({"transformer.wpe.weight": torch.full((64, 32), 1e300, dtype=torch.float64)})
+        ),
+        "wpe.weight holds NaN or infinite values (as torch.float32)",
+    ),
+    "integer weights": (
+        lambda d: damage_weights(d, lambda w: w.update({"transformer.ln_f.bias": torch.zeros(32, dtype=torch.int32)})),
+        "ln_f.bias holds torch.int32 values, not floating-point weights",
+    ),
     "weights file of garbage": (
         lambda d: (d / "model.safetensors").write_bytes(b"\x07garbage" * 100),
         "model.safetensors: not a readable weights file",
@@ -369,7 +418,7 @@ DAMAGES = {
 def test_a_malformed_pretrained_directory_is_one_error_naming_the_file(tmp_path, token_dir, gpt2_dir, damage):
     make, said = DAMAGES[damage]
     make(gpt2_dir)
-    with pytest.raises(UserError, match=said.replace("[", r"\[")):  # init_from: a ConfigError naming the file
+    with pytest.raises(UserError, match=re.escape(said)):  # init_from: a ConfigError naming the file
         train.main(tiny_run_args(tmp_path / "run", token_dir, init_from=str(gpt2_dir), max_steps=1))
     assert not (tmp_path / "run").exists()
 

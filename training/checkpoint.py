@@ -15,6 +15,7 @@ meta.json, `multiplier` in the optimizer's param groups. Format 1 (checkpoints w
 them lr_multipliers and lr_scale, and is read as format 2 (verify, load_optimizer_state).
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -54,7 +55,14 @@ class CheckpointUnreadable(CheckpointError):
     kind = "unreadable"
 
 
-def _unreadable(path: str, error: OSError) -> CheckpointUnreadable:
+# What a read meets in a folder whose shape is wrong (a name missing, a folder or a link loop where a file
+# belongs): damage. Any other error of the read (EIO, EACCES, ...) is the disk's or the permissions'.
+SHAPE_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP)
+
+
+def _read_failure(path: str, error: OSError) -> CheckpointError:
+    if error.errno in SHAPE_ERRNOS:
+        return CheckpointError(f"{path}: {error.strerror or error}, where the checkpoint has a file")
     return CheckpointUnreadable(
         f"{path}: cannot be read ({error.strerror or error}): a disk or permission error, not a damaged checkpoint"
     )
@@ -136,8 +144,9 @@ def move_aside(path: str, say=print) -> str:
     """A step folder that did not verify, where a save must write: renamed, never deleted (it may hold what
     a disk error hid); the new name is no checkpoint's, so nothing reads or removes it."""
     aside = f"{path}.unverified-{time.strftime('%Y%m%dT%H%M%S')}"
-    os.rename(path, aside)
-    say(f"moved {path}, which did not verify when the run began, aside to {aside}; delete it once of no use")
+    what = "a link, no checkpoint of the run" if os.path.islink(path) else "which did not verify when the run began"
+    os.rename(path, aside)  # a link is renamed itself, never followed
+    say(f"moved {path}, {what}, aside to {aside}; delete it once of no use")
     return aside
 
 
@@ -209,7 +218,7 @@ def verify(path: str) -> dict:
     except (FileNotFoundError, NotADirectoryError):  # a folder without one, or a plain file named step-*
         raise CheckpointError(f"{meta_path}: missing, so this is no complete checkpoint") from None
     except OSError as e:
-        raise _unreadable(meta_path, e) from None
+        raise _read_failure(meta_path, e) from None
     except ValueError as e:  # JSON syntax and undecodable bytes (UnicodeDecodeError) alike
         raise CheckpointError(f"{meta_path}: not JSON ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_VERSIONS:
@@ -235,7 +244,7 @@ def verify(path: str) -> dict:
         except FileNotFoundError:
             raise CheckpointError(f"{file_path}: missing") from None
         except OSError as e:
-            raise _unreadable(file_path, e) from None
+            raise _read_failure(file_path, e) from None
         if not stat.S_ISREG(status.st_mode):
             raise CheckpointError(f"{file_path}: not a plain file")
         if status.st_size != expected["bytes"]:

@@ -90,8 +90,13 @@ def load_weights(model: GPT, path: str) -> None:
                 raise PretrainedError(
                     f"{path}: {name} is {list(value.shape)} where config.json implies {list(param.shape)}"
                 )
+            if not value.is_floating_point():
+                raise PretrainedError(f"{path}: {name} holds {value.dtype} values, not floating-point weights")
+            value = value.to(param.dtype)  # what the model holds: a float64 1e300 is inf in float32
             if not torch.isfinite(value).all():
-                raise PretrainedError(f"{path}: {name} holds NaN or infinite values; a model cannot train from them")
+                raise PretrainedError(
+                    f"{path}: {name} holds NaN or infinite values (as {param.dtype}); a model cannot train from them"
+                )
             param.copy_(value)
 
 

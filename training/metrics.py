@@ -96,11 +96,10 @@ class StepStats:
 
     def check_bad_steps(self, step: int, standing, at_end: bool = False) -> None:
         """DivergedError once max_bad_steps steps in a row were non-finite, and at the run's end (at_end) when
-        every step it ran since the last finite one was: a run that never trained is no success. standing():
-        which checkpoint stands, said (Trainer.standing)."""
+        its last steps were: a run whose final steps were all skipped did not train to its end, however few
+        they were. standing(): which checkpoint stands, said (Trainer.standing)."""
         bad_run = int(self.bad_run.item())
-        every_step = at_end and 0 < bad_run == self.steps_run
-        if self.longest_bad_run.item() < self.c.max_bad_steps and not every_step:
+        if self.longest_bad_run.item() < self.c.max_bad_steps and not (at_end and bad_run > 0):
             return
         run = max(bad_run, int(self.longest_bad_run.item()))
         what = "loss" if self.loss_bad.item() else "gradient norm (the loss was finite)"

@@ -22,11 +22,13 @@ import time
 import torch.distributed as dist
 
 from runtime.errors import UserError
-from runtime.files import NO_FOLLOW, disk_full, free_bytes, megabytes, open_new, refuse_planted
+from runtime.files import NO_FOLLOW, disk_full, free_bytes, megabytes, open_new, refuse_planted, refuse_shared
 
 LOCK_FILE = ".lock"
-# The names a run writes directly in out_dir (its checkpoints go through a temporary folder of its own).
+# The names a run writes directly in out_dir (its checkpoints go through a temporary folder of its own),
+# and the folders its loggers write into, which must be folders of out_dir's own, not links.
 WRITTEN_NAMES = (LOCK_FILE, "config.json", "log.jsonl", "lwlr.json", "lwlr.png", "model.safetensors")
+LOGGER_FOLDERS = ("tensorboard", "wandb")
 
 
 class OutDirInUseError(UserError):
@@ -81,6 +83,7 @@ def lock(out_dir: str, log=print):
             refuse_planted(path)
         raise
     try:
+        refuse_shared(fd, path)  # the lock truncates its file
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -90,9 +93,8 @@ def lock(out_dir: str, log=print):
             ) from None
         except OSError as e:  # ENOLCK, EOPNOTSUPP: a file system without working locks
             log(
-                f"warning: cannot lock {path} ({e.strerror}): this file system has no working locks, so nothing stops "
-                f"a second "
-                "run from writing into the same out_dir"
+                f"warning: cannot lock {path} ({e.strerror}): this file system has no working locks, so nothing "
+                "stops a second run from writing into the same out_dir"
             )
         os.ftruncate(fd, 0)
         os.write(
@@ -125,6 +127,9 @@ def prepare(out_dir: str) -> None:
         os.remove(probe)
         for name in WRITTEN_NAMES:  # refused now, before any work, rather than at their first write
             refuse_planted(os.path.join(out_dir, name))
+        for name in LOGGER_FOLDERS:
+            if os.path.islink(os.path.join(out_dir, name)):
+                refuse_planted(os.path.join(out_dir, name))
     except OSError as e:
         raise OutDirNotWritableError(f"out_dir={out_dir!r} is not writable: {e}") from None
 

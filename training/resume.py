@@ -37,11 +37,12 @@ def changes(c: TrainConfig, meta: dict, fingerprints: dict, computes_in: str | N
     saved = {key: meta["config"].get(key, field.default) for key, field in FIELDS.items()}
     now = c.as_dict()
     differ = {key: (acting(saved, key), acting(now, key)) for key in FIELDS if acting(saved, key) != acting(now, key)}
-    if computes_in is not None:
-        # Checkpoints before the precision was recorded: an explicit dtype is its precision; auto's is unknown.
-        then = meta.get("precision") or (saved["dtype"] if saved["dtype"] != "auto" else None)
+    # Checkpoints before the precision was recorded: an explicit dtype is its precision; auto's is unknown,
+    # and the keys as typed are compared instead.
+    then = meta.get("precision") or (saved["dtype"] if saved["dtype"] != "auto" else None)
+    if computes_in is not None and then is not None:
         differ.pop("dtype", None)
-        if then is not None and then != computes_in:
+        if then != computes_in:
             differ["dtype"] = (then, computes_in)
     recorded = meta.get("data_fingerprints") or {}
     if any(recorded.get(split) and fingerprints[split] and recorded[split] != fingerprints[split] for split in SPLITS):

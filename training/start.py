@@ -54,10 +54,14 @@ def start(c: TrainConfig, rt, found: tuple[str, dict] | None, fingerprints: dict
     (`found`, verified), each checked against the config, so that a refused run leaves out_dir as it was."""
     if c.init_from == "resume" and found is None:
         raise ConfigError(f"init_from=resume, but {c.out_dir} holds no complete checkpoint")
-    if c.init_from == "scratch" and checkpoint.complete_steps(c.out_dir):
-        held = found[0] if found else checkpoint.step_dir(c.out_dir, checkpoint.complete_steps(c.out_dir)[0])
+    if c.init_from == "scratch" and found is not None:
         raise ConfigError(
-            f"init_from=scratch, but {c.out_dir} already holds {held}: resume it or choose another out_dir"
+            f"init_from=scratch, but {c.out_dir} already holds {found[0]}: resume it or choose another out_dir"
+        )
+    if c.init_from == "scratch" and checkpoint.complete_steps(c.out_dir):
+        raise ConfigError(
+            f"init_from=scratch, but {c.out_dir} already holds step folders, none of which verifies: move them out "
+            "of it (they may hold what a disk error hid), or choose another out_dir"
         )
     computes_in = precision(rt.device, c.dtype)[0]
     changes = resume.check(c, found[1], found[0], fingerprints, rt.print0, computes_in) if found else None
@@ -107,13 +111,14 @@ def finished(c: TrainConfig, rt, found: tuple[str, dict] | None, fingerprints: d
 @dataclasses.dataclass
 class Plan:
     """A run checked and ready to begin: its config (the micro-batch fitted to the ranks), its val batches,
-    its data's fingerprints, its optimizer's backend and where it begins."""
+    its data's fingerprints, its optimizer's backend, where it begins, and the step folders it saw."""
 
     c: TrainConfig
     val_batches: TokenBatches
     fingerprints: dict
     backend: tuple[str, str]
     begin: Start
+    steps_seen: list[int]
 
 
 def checked(c: TrainConfig, rt) -> Plan | None:
@@ -125,6 +130,7 @@ def checked(c: TrainConfig, rt) -> Plan | None:
     token_batches(c, "train", "train", model_config)
     val_batches = token_batches(c, "val", "val", model_config)
     fingerprints = resume.data_fingerprints(c)
+    steps_seen = checkpoint.complete_steps(c.out_dir)
     found = verified_checkpoint(c, rt)  # verified once: a 1.5B run's checksums take a while
     if finished(c, rt, found, fingerprints):
         return None
@@ -138,7 +144,7 @@ def checked(c: TrainConfig, rt) -> Plan | None:
         rt.print0(memory.memory_line(begin.model.num_params(), c.optimizer, rt.world_size, c.parallel))
     elif c.parallel == "fsdp":
         rt.print0("parallel=fsdp applies under torchrun; a single process holds the whole model")
-    return Plan(c, val_batches, fingerprints, backend, begin)
+    return Plan(c, val_batches, fingerprints, backend, begin, steps_seen)
 
 
 def verified_checkpoint(c: TrainConfig, rt) -> tuple[str, dict] | None:
@@ -154,9 +160,9 @@ def verified_checkpoint(c: TrainConfig, rt) -> tuple[str, dict] | None:
 
 def held(plan: Plan, rt) -> Plan:
     """The plan once out_dir is held: where another run saved since the checks, begin from its checkpoint
-    instead, checked the same way."""
+    instead, checked the same way (the same folders are not verified twice)."""
     begin, c = plan.begin, plan.c
-    if checkpoint.complete_steps(c.out_dir)[:1] == ([begin.step] if begin.resumed_from else []):
+    if checkpoint.complete_steps(c.out_dir) == plan.steps_seen:
         return plan
     begin = start(c, rt, verified_checkpoint(c, rt), plan.fingerprints)
     return dataclasses.replace(plan, begin=begin)
