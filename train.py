@@ -23,21 +23,29 @@ This file is the command line and the loop; what the loop runs is training/ (the
 where a run begins, checkpoints), optimizers/ and runtime/ (ranks, devices, signals).
 """
 
+import sys
+
+from runtime.exits import check_before_imports, run_main
+from training.config import parse_config
+
+if __name__ == "__main__":
+    # A bad flag or config file is refused before torch loads (its import takes seconds, many more on a
+    # busy machine); main() parses the same arguments again, in microseconds.
+    check_before_imports(lambda: parse_config(sys.argv[1:]))
+
 import math
 import os
-import sys
+import time
 
 from tqdm import tqdm
 
 import multipliers
 from eval import evaluate, loss_only
-from runtime.exits import run_main
 from runtime.progress import duration, heartbeat
 from runtime.ranks import init_runtime
 from runtime.signals import EXIT_PREEMPTED, Preempted, StopRequest, StopVote
-from training import checkpoint, outdir, start
+from training import checkpoint, outdir, start, summary
 from training.build import pretrained
-from training.config import parse_config
 from training.metrics import DivergedError, StepStats
 from training.runlog import RunLog
 from training.trainer import Trainer
@@ -78,14 +86,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(plan: start.Plan, rt, stop: StopRequest) -> int:
-    """The run in an out_dir this process holds: measure or resume, train, evaluate, save, export."""
+    """The run in an out_dir this process holds: measure or resume, train, evaluate, save, export, and say
+    what it did."""
     c, begin = plan.c, plan.begin
+    began = time.perf_counter()
     chosen_precision = start.say_precision(c, rt)
     if begin.resumed_from:  # multipliers come from the checkpoint: never re-measured on a resume
         rt.print0(f"resuming from {begin.resumed_from} at step {begin.step}")
-        layer_multipliers = begin.multipliers
+        layer_multipliers, measured = begin.multipliers, 0.0
     else:
         layer_multipliers = multipliers.for_run(c, rt, begin.model)
+        measured = time.perf_counter() - began
     trainer = Trainer(c, rt, begin.model, layer_multipliers, begin.optimizer_state, plan.backend, begin.run_id)
     start.record(c, rt, begin)
     # A progress bar on a terminal (rank 0); log lines are written above it.
@@ -111,6 +122,15 @@ def run(plan: start.Plan, rt, stop: StopRequest) -> int:
     exported = trainer.full_model()
     if rt.is_main:  # the weights alone, tied wte / lm_head stored once: for sharing and for other tools
         checkpoint.export_safetensors(exported, os.path.join(c.out_dir, "model.safetensors"))
+        first = getattr(stats, "first_step_seconds", 0.0)
+        seconds = {
+            "lwlr measurement": measured,
+            "first step": first,
+            "steps, evals, saves": time.perf_counter() - began - measured - first,
+        }
+        done = summary.summarize(c, begin.step, step, seconds, trainer.run_id)
+        summary.write(c.out_dir, done)
+        rt.print0(summary.block(done))
     return 0
 
 

@@ -2,14 +2,21 @@
 bug keeps its traceback (exit 1), and rank 0's code reaches launch.py, which torchrun's own exit code
 cannot carry. The other codes a scheduler reads: 3 (training.metrics, the run diverged: the same command
 would diverge again), 74 (runtime.files, a full disk), 75 (runtime.signals, stopped by a signal: run the
-same command again)."""
+same command again).
+
+This module imports no torch, so that a script can refuse a bad command line before it loads torch
+(check_before_imports), which takes seconds, and many on a busy machine."""
 
 import os
 import sys
 
-import torch.distributed as dist
-
 from runtime.errors import UserError
+
+
+def say(error: UserError) -> None:
+    """The error's one line, on stderr: from rank 0 alone when every rank meets it alike."""
+    if not (error.same_on_every_rank and int(os.environ.get("RANK", "0")) != 0):
+        print(f"error: {error}", file=sys.stderr)
 
 
 def run_main(main) -> None:
@@ -20,14 +27,25 @@ def run_main(main) -> None:
     try:
         code = main()
     except UserError as e:
-        if not (e.same_on_every_rank and int(os.environ.get("RANK", "0")) != 0):
-            print(f"error: {e}", file=sys.stderr)
+        say(e)
         code = e.exit_code
     finally:  # code stays 1 for a bug, whose traceback follows
-        if dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # loaded by whatever started a process group
+        if dist is not None and dist.is_initialized():
             dist.destroy_process_group()
         report_exit_code(code)
     sys.exit(code)
+
+
+def check_before_imports(check) -> None:
+    """Run a script's torch-free check of its command line (the config's parse) before the script imports
+    the rest: a UserError ends it at once, with its one line and exit code, as run_main would."""
+    try:
+        check()
+    except UserError as e:
+        say(e)
+        report_exit_code(e.exit_code)
+        sys.exit(e.exit_code)
 
 
 EXIT_CODE_FILE = "LWLR_EXIT_CODE_FILE"  # set by launch.py, which torchrun's own exit code cannot replace

@@ -3,6 +3,7 @@ compilation in it, torchrun on the first try, a finished run that says so, nanoG
 fine-tuning from a directory of any shape."""
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -321,3 +322,22 @@ def test_the_download_command_named_is_the_one_huggingface_hub_installs(tmp_path
         text = open(os.path.join(ROOT, path)).read()
         assert "hf download openai-community/gpt2" in text
         assert "huggingface-cli" not in re.sub(r"older versions call it\s+`huggingface-cli\s+download`", "", text)
+
+
+def test_a_run_ends_with_its_summary_and_summary_json(tmp_path, token_dir, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_run_args(out, token_dir, max_steps=4, eval_interval=2, lr_decay_steps=6)) == 0
+    further = tiny_run_args(
+        out, token_dir, max_steps=6, eval_interval=2, lr_decay_steps=6, allow_resume_changes="max_steps"
+    )
+    capsys.readouterr()
+    assert train.main(further) == 0  # a resume reports the whole run's val losses
+    last = capsys.readouterr().out.strip().splitlines()[-3:]
+    evals = [(r["step"], r["val_loss"]) for r in read_log(out, "eval")]
+    best = min(evals, key=lambda e: e[1])
+    assert last[0].startswith("done: steps 4 to 6 in ") and " tok/s" in last[0]
+    assert last[1] == f"val loss: {evals[-1][1]:.4f} at step 6 (final), best {best[1]:.4f} at step {best[0]}"
+    assert last[2] == f"checkpoint: {out}/step-00000006 | model: {out}/model.safetensors | summary: {out}/summary.json"
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["best_val_loss"] == {"step": best[0], "value": best[1]} and saved["steps"] == {"from": 4, "to": 6}
+    assert saved["seconds"]["lwlr measurement"] == 0 and "lwlr measurement" not in last[0]  # a resume measures nothing

@@ -107,10 +107,15 @@ def test_inconsistent_values_fail_clearly(tmp_path, token_dir):
         train.main(tiny_run_args(tmp_path / "c", tmp_path / "nowhere"))
 
 
-def test_command_line_errors_exit_2_with_a_message(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--no_such_key=1"], cwd=ROOT, capture_output=True, text=True)
+def test_command_line_errors_exit_2_with_a_message_before_torch_is_imported(tmp_path):
+    command = [sys.executable, "-X", "importtime", "train.py", "--no_such_key=1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert "unknown config key 'no_such_key'" in result.stderr
+    imported = [
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    ]
+    assert "training.config" in imported and "torch" not in imported
     help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "--tokens_per_step=2048" in help_text and "sets grad_accum" in help_text
 
