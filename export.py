@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from data.tokenizer import VOCAB_SIZE, hf_tokenizer_files
 from runtime.exits import run_main
+from runtime.files import file_mode
 from training import checkpoint
 from training.hf import PretrainedError, hf_config, to_hf_state_dict
 
@@ -42,6 +43,7 @@ def export(model, hf_dir: str) -> None:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         save_file(to_hf_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(os.path.join(tmp, "model.safetensors"), file_mode())  # safetensors creates it 0600
         for name, text in hf_tokenizer_files(model.config.block_size).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)

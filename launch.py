@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 from runtime.exits import EXIT_CODE_FILE
+from runtime.signals import EXIT_PREEMPTED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     from torch.distributed.run import main as torchrun
 
+    ended = None  # how torchrun itself ended, when it raised
     with tempfile.TemporaryDirectory(prefix="lwlr-launch-") as folder:
         os.environ[EXIT_CODE_FILE] = os.path.join(folder, "exit-code")  # each rank adds .RANK
         try:
@@ -32,12 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # torchrun's own argument errors
             code = e.code if isinstance(e.code, int) else 1
         except Exception as e:  # noqa: BLE001 ChildFailedError (a worker exited non-zero), SignalException (signalled)
-            print(
-                f"launch.py: torchrun ended with {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}",
-                file=sys.stderr,
-            )
-            code = 1
+            ended, code = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}", 1
         reported = rank_exit_code(folder)
+    if ended is not None and reported == EXIT_PREEMPTED:  # torchrun raises after any stop, a clean one too
+        print(
+            f"launch.py: the run stopped and saved (exit {EXIT_PREEMPTED}); the same command goes on", file=sys.stderr
+        )
+    elif ended is not None:
+        print(f"launch.py: torchrun ended with {ended}", file=sys.stderr)
     return reported if code != 0 and reported else code
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from data.loader import BatchSplit
+from data.tokenfile import fingerprint
 from lwlr import baseline_multipliers, measure_grad_mean_abs, multipliers_from_grads, numels_of
 from model import GPT, param_role
 from runtime.device import autocast
@@ -30,7 +31,7 @@ from runtime.exits import run_main
 from runtime.files import DiskFullError, cache_dir, write_atomically
 from runtime.progress import Progress, counted
 from runtime.ranks import init_runtime
-from training import hf
+from training import hf, outdir
 from training.build import gpt_config, token_batches
 from training.config import INIT_MODES, ConfigError, parse_config
 
@@ -231,17 +232,20 @@ CACHE_VERSION = 1  # bump when the measurement changes what it computes
 
 def measurement_cache_path(c, model, data_path: str, ctx) -> str | None:
     """Where multipliers measured with exactly these settings are kept: the model (its config, so its
-    shapes and init), the data file (path, size, modification time), seed, T, init, power, batch size and
-    precision. None when lwlr_cache_dir=none. The measurement is deterministic given these."""
+    shapes and init), the data (its tokens' fingerprint, so token files written again with the same
+    tokens keep their measurement; path, size and modification time for a file without one), seed, T,
+    init, power, batch size and precision. None when lwlr_cache_dir=none. The measurement is
+    deterministic given these."""
     if c.lwlr_cache_dir == "none":
         return None
     directory = cache_dir() if c.lwlr_cache_dir == "auto" else c.lwlr_cache_dir
     stat = os.stat(data_path)
+    tokens = fingerprint(data_path)
     precision = str(ctx.fast_dtype) if isinstance(ctx, torch.autocast) else "torch.float32"
     settings = {
         "version": CACHE_VERSION,
         "model": dataclasses.asdict(model.config),
-        "data": [os.path.realpath(data_path), stat.st_size, stat.st_mtime_ns],
+        "data": [tokens, stat.st_size] if tokens else [os.path.realpath(data_path), stat.st_size, stat.st_mtime_ns],
         "seed": c.seed,
         "T": c.lwlr_T,
         "init": c.lwlr_init,
@@ -304,14 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     rt = init_runtime(c.device, c.dist_timeout)
     torch.manual_seed(c.seed)
     model = GPT(gpt_config(c)).to(rt.device)
-    _, data = for_config(
-        c, model, token_batches(c, "train", "lwlr", model.config), autocast(rt.device, c.dtype), log=rt.print0
-    )
+    batches = token_batches(c, "train", "lwlr", model.config)
     if rt.is_main:
-        os.makedirs(c.out_dir, exist_ok=True)
-        save_report(data, c.out_dir)
-        print_table(data)
-        print(f"wrote {os.path.join(c.out_dir, 'lwlr.json')} and lwlr.png")
+        outdir.prepare(c.out_dir)
+    # Held as a run holds it: a run training there is not overwritten, nor does one start meanwhile.
+    with outdir.exclusive(c.out_dir, rt):
+        _, data = for_config(c, model, batches, autocast(rt.device, c.dtype), log=rt.print0)
+        if rt.is_main:
+            save_report(data, c.out_dir)
+            print_table(data)
+            print(f"wrote {os.path.join(c.out_dir, 'lwlr.json')} and lwlr.png")
     return 0
 
 

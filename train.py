@@ -25,6 +25,7 @@ where a run begins, checkpoints), optimizers/ and runtime/ (ranks, devices, sign
 
 import sys
 
+from runtime import threads
 from runtime.exits import check_before_imports, run_main
 from training.config import parse_config
 
@@ -32,6 +33,7 @@ if __name__ == "__main__":
     # A bad flag or config file is refused before torch loads (its import takes seconds, many more on a
     # busy machine); main() parses the same arguments again, in microseconds.
     check_before_imports(lambda: parse_config(sys.argv[1:]))
+threads.before_torch()  # OpenMP reads its wait policy once, as torch loads
 
 import math
 import os
@@ -53,7 +55,7 @@ from training.trainer import Trainer
 
 def main(argv: list[str] | None = None) -> int:
     c = pretrained(parse_config(argv))
-    rt = init_runtime(c.device, c.dist_timeout)
+    rt = init_runtime(c.device, c.dist_timeout, c.threads)
     if c.eval_only:
         return loss_only(c, rt)
     stop = StopRequest()
@@ -91,6 +93,7 @@ def run(plan: start.Plan, rt, stop: StopRequest) -> int:
     c, begin = plan.c, plan.begin
     began = time.perf_counter()
     chosen_precision = start.say_precision(c, rt)
+    start.say_threads(rt)
     if begin.resumed_from:  # multipliers come from the checkpoint: never re-measured on a resume
         rt.print0(f"resuming from {begin.resumed_from} at step {begin.step}")
         layer_multipliers, measured = begin.multipliers, 0.0

@@ -5,7 +5,7 @@
 #   python train.py config/eval_gpt2_medium.py                 # or torchrun --standalone --nproc_per_node=8 ...
 # nanoGPT reports val loss 3.12, 2.84, 2.67 and 2.54 for gpt2, -medium, -large and -xl on its split.
 
-out_dir = "out/eval-gpt2-medium"  # gets one eval_only record in log.jsonl, nothing else
+out_dir = "out-eval-gpt2-medium"  # gets one eval_only record in log.jsonl, nothing else
 init_from = "hf/gpt2-medium"
 dataset = "openwebtext"
 block_size = 1024

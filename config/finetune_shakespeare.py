@@ -5,14 +5,14 @@
 #                                                           # older versions call it `huggingface-cli download`)
 #   python -m data.shakespeare.prepare
 #   python train.py config/finetune_shakespeare.py --init_from=hf/gpt2
-#   python sample.py --out_dir=out/finetune-shakespeare --prompt="ROMEO:"
-#   python export.py --out_dir=out/finetune-shakespeare --hf_dir=hf/gpt2-shakespeare   # a GPT-2 directory again
+#   python sample.py --out_dir=out-finetune-shakespeare --prompt="ROMEO:"
+#   python export.py --out_dir=out-finetune-shakespeare --hf_dir=hf/gpt2-shakespeare   # a GPT-2 directory again
 # The model's shape and positions come from the directory. lr_rule=lwlr measures the multipliers at the
 # loaded weights (lwlr_init=model) over lwlr_T=10 batches; --lwlr_init=fan_out measures a re-initialized
 # network, as the paper does from scratch (README, "Fine-tuning"). A restart with the same out_dir
 # resumes from its checkpoints.
 
-out_dir = "out/finetune-shakespeare"
+out_dir = "out-finetune-shakespeare"
 init_from = "hf/gpt2"
 dataset = "shakespeare"
 block_size = 1024

@@ -3,7 +3,7 @@
 # one GPU:    python train.py config/train_gpt2.py
 # 8 GPUs:     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 
-out_dir = "out/gpt2"
+out_dir = "out-gpt2"
 dataset = "openwebtext"  # or "fineweb": FineWeb-Edu, python -m data.fineweb.prepare
 model = "gpt2"
 block_size = 1024

@@ -4,7 +4,7 @@
 # Nothing is published for GPT-2: these are untested starting points. On the tiny-cpu overfit sweep the
 # best eta put eta * alpha_max at AdamW's best rate, and most layers sat at the cap.
 optimizer = "adamw_lw"
-out_dir = "out/gpt2-adamw-lw"
+out_dir = "out-gpt2-adamw-lw"
 lr = 0.1  # eta, the multiplier on the curvature step sizes (the tiny-cpu sweep's best), cosine to min_lr
 min_lr = 0.01
 lw_alpha_max = 6e-3  # with eta = 0.1 no layer steps faster than nanoGPT's AdamW rate, 6e-4

@@ -1,9 +1,9 @@
 # Character-level Shakespeare: nanoGPT's fast path, on the embedded plays.
 # prepare first: python -m data.shakespeare_char.prepare  (about 80 characters; train.py reads vocab.json)
 # then:          python train.py config/train_shakespeare_char.py
-#                python sample.py --out_dir=out/shakespeare_char --prompt="ROMEO:"
+#                python sample.py --out_dir=out-shakespeare-char --prompt="ROMEO:"
 
-out_dir = "out/shakespeare_char"
+out_dir = "out-shakespeare-char"
 dataset = "shakespeare_char"
 model = "gpt2-mini"  # 4 layers x 128: 0.84M parameters with an 82-character vocabulary, 5% of them embeddings
 block_size = 128

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from data.tokenfile import TokenFileWriter
+from data.tokenfile import TokenFileWriter, prepared_line, split_files
 from data.tokenizer import VOCAB_SIZE, encode_document
 from runtime.errors import UserError
 
@@ -109,6 +109,7 @@ def main(description: str, defaults: dict, argv: list[str] | None = None) -> int
     args = parser.parse_args(argv)
     try:
         os.makedirs(args.out_dir, exist_ok=True)
+        before = split_files(args.out_dir)
         dataset = load(args.repo, args.revision, args.name, args.data_files, args.num_proc)
         counts = prepare(
             dataset, args.out_dir, args.num_proc, defaults["val_fraction"], defaults["split_seed"], args.max_tokens
@@ -116,5 +117,5 @@ def main(description: str, defaults: dict, argv: list[str] | None = None) -> int
     except (DatasetError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(", ".join(f"{split}: {count:,} tokens" for split, count in counts.items()) + f" in {args.out_dir}")
+    print(prepared_line(counts, "tokens", args.out_dir, before))
     return 0

@@ -14,6 +14,7 @@ Files are written to a temporary name and renamed, so a crash never leaves a hal
 the real name.
 """
 
+import filecmp
 import hashlib
 import json
 import os
@@ -36,7 +37,8 @@ class TokenFileError(UserError):
 
 
 class TokenFileWriter:
-    """Streams arrays of token ids into path; the header is completed and the file renamed on close."""
+    """Streams arrays of token ids into path; the header is completed and the file renamed on close, unless
+    path already holds exactly these bytes (`unchanged`)."""
 
     def __init__(self, path: str, vocab_size: int):
         if vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
@@ -69,7 +71,12 @@ class TokenFileWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        os.replace(self.tmp_path, self.path)
+        # The same tokens again (a rerun of a prepare): the file stays as it is, its modification time too.
+        self.unchanged = os.path.isfile(self.path) and filecmp.cmp(self.tmp_path, self.path, shallow=False)
+        if self.unchanged:
+            os.remove(self.tmp_path)
+        else:
+            os.replace(self.tmp_path, self.path)
 
     def __enter__(self):
         return self
@@ -80,6 +87,22 @@ class TokenFileWriter:
         else:  # never leave a partial file behind
             self.file.close()
             os.remove(self.tmp_path)
+
+
+def split_files(out_dir: str) -> dict[str, int | None]:
+    """Each split's token file in out_dir by its modification time (None where there is none): what a
+    prepare script compares after writing, to say which files it left as they were."""
+    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
+    return {split: os.stat(path).st_mtime_ns if os.path.exists(path) else None for split, path in paths.items()}
+
+
+def prepared_line(counts: dict[str, int], unit: str, out_dir: str, before: dict[str, int | None]) -> str:
+    """A prepare script's last line: each split's count, and the files it left untouched (the same tokens
+    again), which keep every cache keyed on them."""
+    after = split_files(out_dir)
+    kept = [split for split in counts if before.get(split) is not None and before[split] == after.get(split)]
+    line = ", ".join(f"{split}: {count:,} {unit}" for split, count in counts.items()) + f" in {out_dir}"
+    return line + (f" ({' and '.join(f'{s}.bin' for s in kept)} unchanged: already these tokens)" if kept else "")
 
 
 def write_tokens(path: str, tokens, vocab_size: int) -> None:

@@ -3,6 +3,7 @@ its vocab.json. train.py sizes the model from it and sample.py encodes prompts a
 with it, so a char-level run needs no flag beyond its dataset.
 """
 
+import contextlib
 import json
 import os
 
@@ -43,8 +44,14 @@ class GPT2Vocab:
 
 
 def save_chars(data_dir: str, chars: list[str]) -> None:
-    with open(os.path.join(data_dir, VOCAB_FILE), "w", encoding="utf-8") as f:
-        json.dump({"kind": "char", "chars": chars}, f, ensure_ascii=False, indent=0)
+    """vocab.json of these characters; left as it is when it already holds them (a prepare run again)."""
+    path, data = os.path.join(data_dir, VOCAB_FILE), {"kind": "char", "chars": chars}
+    with contextlib.suppress(OSError, ValueError):
+        with open(path, encoding="utf-8") as f:
+            if json.load(f) == data:
+                return
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=0)
 
 
 def load(data_dir: str):

@@ -98,6 +98,9 @@ def environment(device: torch.device) -> dict:
         "device": device_name(device),
         # a CPU's vector width decides its speed and bf16, and so whether two machines' fp32 sums match
         **({"cpu_capability": torch.backends.cpu.get_cpu_capability()} if device.type == "cpu" else {}),
+        # a CPU step's speed, on a quiet machine and a busy one (runtime/threads.py)
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": sys.version.split()[0],

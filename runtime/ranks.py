@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from runtime import threads
 from runtime.errors import UserError
 
 
@@ -40,6 +41,7 @@ class Runtime:
     # exercises the multi-GPU code path (bench/gpu_check.sh) at the cost of a no-op all-reduce per step.
     distributed: bool = False
     timeout_s: int = 600  # how long a collective waits for every rank (dist_timeout)
+    threads: tuple[int, str] = (0, "")  # torch's CPU threads and why (runtime.threads)
 
     @property
     def is_main(self) -> bool:
@@ -101,9 +103,10 @@ class Runtime:
             ) from None
 
 
-def init_runtime(device: str = "auto", timeout_s: int = 600) -> Runtime:
+def init_runtime(device: str = "auto", timeout_s: int = 600, cpu_threads: int = 0) -> Runtime:
     """Single process, or one rank of a torchrun launch (RANK/WORLD_SIZE/LOCAL_RANK in the environment):
-    NCCL across GPUs, gloo across CPU processes. A collective waits timeout_s for every rank."""
+    NCCL across GPUs, gloo across CPU processes. A collective waits timeout_s for every rank. On a CPU,
+    torch computes with cpu_threads threads (0: runtime.threads chooses)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -112,21 +115,30 @@ def init_runtime(device: str = "auto", timeout_s: int = 600) -> Runtime:
             "or device=auto"
         )
     if "RANK" not in os.environ:
-        return Runtime(0, 0, 1, torch.device(device))
+        return Runtime(0, 0, 1, torch.device(device), threads=set_threads(device, cpu_threads, 1))
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    # Ranks on one host share its cores; oversubscribed threads slow every rank down.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    threads = set_threads(device, cpu_threads, local_world)
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
         run_device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         run_device, backend = torch.device("cpu"), "gloo"
-        # Ranks on one host share its cores; oversubscribed threads slow every rank down.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         dist.init_process_group(
             backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=run_device if backend == "nccl" else None
         )
-    return Runtime(rank, local_rank, world_size, run_device, distributed=True, timeout_s=timeout_s)
+    return Runtime(rank, local_rank, world_size, run_device, distributed=True, timeout_s=timeout_s, threads=threads)
+
+
+def set_threads(device: str, cpu_threads: int, ranks_on_host: int) -> tuple[int, str]:
+    """torch's CPU threads, as runtime.threads chooses them for a CPU run (a GPU run keeps torch's own)."""
+    if device.startswith("cuda"):
+        return torch.get_num_threads(), "torch's default beside a GPU"
+    count, why = threads.choose(cpu_threads, ranks_on_host)
+    torch.set_num_threads(count)
+    return count, why
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 and hf.from_pretrained reads it back exactly."""
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -32,6 +33,12 @@ TOKENIZER_TEXTS = [
 ]
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def test_a_trained_run_exports_to_a_directory_transformers_loads(tmp_path, token_dir):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
@@ -43,6 +50,8 @@ def test_a_trained_run_exports_to_a_directory_transformers_loads(tmp_path, token
     assert result.returncode == 0, result.stderr[-3000:]
     names = ["config.json", "merges.txt", "model.safetensors", "tokenizer_config.json", "vocab.json"]
     assert sorted(os.listdir(hf_dir)) == names
+    modes = {name: stat.S_IMODE(os.stat(hf_dir / name).st_mode) for name in names}
+    assert set(modes.values()) == {0o666 & ~current_umask()}, modes  # model.safetensors too, not 0600
     ours = checkpoint.load_model(*checkpoint.latest(str(out))).eval()
     theirs = GPT2LMHeadModel.from_pretrained(str(hf_dir)).eval()
     assert theirs.lm_head.weight.data_ptr() == theirs.transformer.wte.weight.data_ptr()  # tied, as GPT-2's

@@ -341,3 +341,38 @@ def test_a_run_ends_with_its_summary_and_summary_json(tmp_path, token_dir, capsy
     saved = json.loads((out / "summary.json").read_text())
     assert saved["best_val_loss"] == {"step": best[0], "value": best[1]} and saved["steps"] == {"from": 4, "to": 6}
     assert saved["seconds"]["lwlr measurement"] == 0 and "lwlr measurement" not in last[0]  # a resume measures nothing
+
+
+def test_the_run_says_its_threads_and_warns_when_the_machine_is_busy(tmp_path, token_dir, monkeypatch, capsys):
+    from runtime import threads
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 8.0, 7.0))
+    before = torch.get_num_threads()
+    try:
+        assert train.main(tiny_run_args(tmp_path / "run", token_dir, threads=1, max_steps=1, eval_interval=1)) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    printed = capsys.readouterr().out
+    assert "threads: 1 (threads=1; --threads or OMP_NUM_THREADS sets it), OMP_WAIT_POLICY=" in printed
+    assert f"warning: this machine is busy (load 9.0 on {os.cpu_count()} cores)" in printed
+    assert read_log(tmp_path / "run", "start")[0]["env"]["threads"] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.choose(0) == (3, "OMP_NUM_THREADS=3") and threads.choose(2) == (2, "threads=2")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads.choose(0, ranks_on_host=2)[0] == max(1, (os.cpu_count() or 1) // 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert threads.busy_warning(1) is None
+
+
+def test_train_py_sets_the_wait_policy_before_torch_loads_unless_the_user_did():
+    probe = "import sys, train; print(train.threads.os.environ.get('OMP_WAIT_POLICY'))"
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        env.update({"OMP_WAIT_POLICY": given} if given else {})
+        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, env=env)
+        assert out.stdout.strip() == expected, out.stderr[-2000:]
+    lines = open(os.path.join(ROOT, "train.py")).read().splitlines()
+    set_at = next(i for i, line in enumerate(lines) if line.startswith("threads.before_torch()"))
+    first_heavy = next(i for i, line in enumerate(lines) if line.startswith("import multipliers"))
+    assert set_at < first_heavy  # before the first import that loads torch

@@ -141,6 +141,8 @@ def test_launch_py_turns_a_clean_stop_under_torchrun_into_exit_75(tmp_path, toke
     wait_for_line(launcher, "step      3/")
     code, stdout, stderr = stop_and_wait(launcher, signal.SIGUSR1)
     assert code == EXIT_PREEMPTED, stderr[-3000:]
+    assert "launch.py: the run stopped and saved (exit 75); run the same command" in stderr
+    assert "SignalException" not in stderr  # torchrun's own exception after a clean stop, said as a crash
     stop_record = read_log(out, "stop")[-1]
     assert checkpoint.complete_steps(str(out))[0] == stop_record["step"]
     assert stop_record["step"] - stop_record["came_after_step"] <= 2  # the ranks' vote answers one poll late

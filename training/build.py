@@ -5,6 +5,7 @@ points and bench/ import it; of them it imports only training.config and trainin
 """
 
 import dataclasses
+import difflib
 import math
 import os
 import shutil
@@ -23,7 +24,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 
 
 def data_dir(c: TrainConfig) -> str:
-    return c.data_dir or os.path.join(ROOT, "data", c.dataset)
+    """data_dir, or data/<dataset>, which must be a dataset of the repository's (one with a prepare script)."""
+    if c.data_dir:
+        return c.data_dir
+    path = os.path.join(ROOT, "data", c.dataset)
+    if not os.path.isdir(path):
+        datasets = sorted(
+            name
+            for name in os.listdir(os.path.join(ROOT, "data"))
+            if os.path.isfile(os.path.join(ROOT, "data", name, "prepare.py"))
+        )
+        close = difflib.get_close_matches(c.dataset, datasets, n=1)
+        raise ConfigError(
+            f"dataset={c.dataset!r}: no data/{c.dataset}/ folder; {f'did you mean {close[0]}? ' if close else ''}"
+            f"the datasets are {', '.join(datasets)} (or give --data_dir=FOLDER)"
+        )
+    return path
 
 
 def gpt_config(c: TrainConfig, vocab_size: int | None = None) -> GPTConfig:
@@ -145,17 +161,17 @@ def compiles(c: TrainConfig, device: torch.device, vocab_size: int) -> tuple[boo
         return True, "compile=auto on CUDA"
     if precision(device, c.dtype)[0] != "bfloat16":
         return False, (
-            "compile=auto on a CPU: off in fp32, where the default run's compiled step was no faster than its "
-            "~80 s compile"
+            "compile=auto on a CPU: off in fp32, where the default run's compiled step was no faster "
+            "(docs/benchmarks.md)"
         )
     if vocab_size < CPU_COMPILE_MIN_VOCAB or c.max_steps < CPU_COMPILE_MIN_STEPS:
         return False, (
             f"compile=auto on a CPU: off below a {CPU_COMPILE_MIN_VOCAB:,}-token vocabulary or {CPU_COMPILE_MIN_STEPS} "
-            "steps, where its ~45 s would not be repaid"
+            "steps, where its compile would not be repaid (docs/benchmarks.md)"
         )
     if not (shutil.which("c++") or shutil.which("g++")):
         return False, "compile=auto on a CPU: off, no C++ compiler on PATH for inductor"
-    return True, "compile=auto on a CPU with bf16: a GPT-2-sized output layer over 200+ steps repays its ~45 s"
+    return True, "compile=auto on a CPU with bf16: a GPT-2-sized output layer over 200+ steps repays its compile"
 
 
 def build_optimizer(

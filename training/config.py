@@ -160,13 +160,15 @@ class TrainConfig:
     dtype: str = choice("auto", "bfloat16", "float32",
                         help="auto (bf16 autocast on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; else "
                              "fp32) | bfloat16 | float32")
+    threads: int = at_least(0, 0, help="torch's CPU threads; 0 = OMP_NUM_THREADS if set, else every core (each "
+                            "torchrun rank its share). Waiting threads sleep (OMP_WAIT_POLICY=PASSIVE, unless set)")
     dist_timeout: int = at_least(1, 600, help="seconds a collective waits for every rank before the run ends with the "
                                  "collective's name: a hung or dead rank (NCCL's own default, 600)")
     parallel: str = choice("ddp", "fsdp", help="under torchrun: ddp (a replica of the model per rank) | fsdp "
                            "(FSDP2: each rank holds 1/N of every parameter, gradient and optimizer state; "
                            "docs/distributed.md)")
     compile: str = choice("auto", "true", "false",
-                          help="auto (on for CUDA; on a CPU where it repays its ~45 s: a GPT-2-sized vocabulary and "
+                          help="auto (on for CUDA; on a CPU where it repays its compile: a GPT-2-sized vocabulary and "
                                "200+ steps, training.build.compiles) | true | false: torch.compile the model")
     seed: int = at_least(0, 1337, help="model init and batch order")
     allow_resume_changes: str = key("", "keys a resume may change although they define the run, comma-separated "
@@ -231,6 +233,7 @@ MAY_CHANGE_ON_RESUME = {
     "micro_batch_size": "tokens_per_step fixes the batch; accumulation follows",
     "loss_chunk_rows": "the same loss, computed in other chunks",
     "optimizer_backend": "the same update, computed by other code",
+    "threads": "the same step, on more or fewer CPU threads",
     "kernel_check": "a check before the first step",
     "max_bad_steps": "when to give up, not what a step does",
     "lwlr_file": "a resume takes the multipliers from the checkpoint",

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from data.loader import TokenBatches
 from model import GPT
+from runtime import threads
 from runtime.device import environment, precision
 from training import checkpoint, hf, memory, resume
 from training.build import check_optimizer, fit_micro_batch, gpt_config, grad_accumulation, token_batches
@@ -174,6 +175,20 @@ def say_precision(c: TrainConfig, rt) -> str:
     said = "bf16 autocast, with fp32 weights, gradients, optimizer states and loss" if chosen == "bfloat16" else "fp32"
     rt.print0(f"precision: {said} ({why})")
     return chosen
+
+
+def say_threads(rt) -> None:
+    """On a CPU: the threads torch computes with and why, how they wait, and a warning if the machine is
+    already busy."""
+    if rt.device.type != "cpu":
+        return
+    count, why = rt.threads
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    rt.print0(f"threads: {count} ({why}; --threads or OMP_NUM_THREADS sets it), OMP_WAIT_POLICY={policy}")
+    ranks_on_host = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
+    warning = threads.busy_warning(count, ranks_on_host)
+    if warning:
+        rt.print0(warning)
 
 
 def record(c: TrainConfig, rt, begin: Start) -> None:

@@ -19,7 +19,7 @@ import importlib.util
 import os
 import re
 
-from data.tokenfile import TokenFileWriter
+from data.tokenfile import TokenFileWriter, prepared_line, split_files
 from data.tokenizer import VOCAB_SIZE, encode_document
 from runtime.progress import Progress
 
@@ -66,5 +66,6 @@ def prepare(out_dir: str = HERE) -> dict[str, int]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=HERE)
-    counts = prepare(parser.parse_args().out_dir)
-    print(", ".join(f"{split}: {count:,} tokens" for split, count in counts.items()))
+    out_dir = parser.parse_args().out_dir
+    before = split_files(out_dir)
+    print(prepared_line(prepare(out_dir), "tokens", out_dir, before))

@@ -25,7 +25,7 @@ import numpy as np
 
 from data import vocab
 from data.shakespeare.prepare import VAL_EVERY, markdown_to_text, play_paths
-from data.tokenfile import write_tokens
+from data.tokenfile import prepared_line, split_files, write_tokens
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,5 +52,6 @@ def prepare(out_dir: str = HERE) -> dict[str, int]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=HERE)
-    counts = prepare(parser.parse_args().out_dir)
-    print(", ".join(f"{split}: {count:,} characters" for split, count in counts.items()))
+    out_dir = parser.parse_args().out_dir
+    before = split_files(out_dir)
+    print(prepared_line(prepare(out_dir), "characters", out_dir, before))
