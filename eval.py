@@ -33,7 +33,7 @@ from runtime.device import autocast, environment
 from runtime.errors import UserError
 from runtime.exits import run_main
 from runtime.files import write_json
-from runtime.progress import Progress
+from runtime.progress import Progress, heartbeat
 from runtime.ranks import init_runtime
 from runtime.signals import StopVote
 from training import checkpoint, hf, outdir
@@ -64,9 +64,12 @@ def model_for(c: TrainConfig) -> tuple[GPT, str, int | None]:
 
 
 @torch.no_grad()
-def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx, vote: StopVote | None = None) -> float | None:
+def evaluate(
+    model, batches: TokenBatches, c: TrainConfig, rt, ctx, vote: StopVote | None = None, compiles: bool = False
+) -> float | None:
     """Mean loss over the same eval_steps val batches every time, split across ranks; None when a stop
-    (vote) came first: an eval of hundreds of batches must not outlast a scheduler's grace period."""
+    (vote) came first: an eval of hundreds of batches must not outlast a scheduler's grace period.
+    compiles: the first batch compiles the model's eval graph (minutes on a CPU), said by a heartbeat."""
     model.eval()
     total = torch.zeros((), device=rt.device)
     split = eval_split(c, rt.world_size)
@@ -77,8 +80,9 @@ def evaluate(model, batches: TokenBatches, c: TrainConfig, rt, ctx, vote: StopVo
                 model.train()
                 return None
             x, y = batches.get(i, split, rt.device, rank=rt.rank)
-            with ctx:
-                _, loss = model(x, y)
+            with heartbeat("torch.compile: compiling the eval graph", enabled=compiles and i == 0 and rt.is_main):
+                with ctx:
+                    _, loss = model(x, y)
             total += loss.float()
             progress.update()
     if rt.distributed:

@@ -141,6 +141,7 @@ def train_loop(c, rt, trainer: Trainer, val_batches, log: RunLog, stats: StepSta
     """Steps from `step` to max_steps, each logged, evaluated and saved at its interval. Returns the step
     reached and, when a stop signal came first, where it came ("training" or "eval"), else None."""
     first_step = vote.stop.steps_done = step
+    evaluated = False
     while step < c.max_steps:
         with heartbeat("torch.compile: compiling", enabled=trainer.compiled and rt.is_main and step == first_step):
             with rt.waiting_for_ranks(f"step {step + 1}'s gradient and loss all-reduces"):
@@ -166,7 +167,8 @@ def train_loop(c, rt, trainer: Trainer, val_batches, log: RunLog, stats: StepSta
         if vote.poll(f"step {step}"):
             return step, "training"
         if step % c.eval_interval == 0 or last:
-            val_loss = evaluate(trainer.model, val_batches, c, rt, trainer.ctx, vote)
+            compiles = trainer.compiled and not evaluated  # the first eval compiles its own graph
+            val_loss, evaluated = evaluate(trainer.model, val_batches, c, rt, trainer.ctx, vote, compiles), True
             if val_loss is None:
                 return step, "eval"
             log.record("eval", {"step": step, "val_loss": val_loss}, f"step {step:>6} | val loss {val_loss:.4f}")

@@ -17,7 +17,7 @@ import time
 import torch
 
 import lwlr
-from bench.common import RESULTS, results_base, sync
+from bench.common import LOCAL, results_base, sync
 from model import GPT, GPTConfig
 from runtime.device import autocast, environment
 
@@ -32,7 +32,9 @@ def main():
     parser.add_argument("--grad_accum", type=int, default=40, help="micro-batches per step of the run compared against")
     parser.add_argument("--max_steps", type=int, default=600_000, help="steps of the run compared against")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument(
+        "--out", default=LOCAL, help="results folder (default out-bench/; bench/results: the committed ones)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)

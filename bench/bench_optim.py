@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench.common import RESULTS, results_base, sync
+from bench.common import LOCAL, results_base, sync
 from model import GPT, GPTConfig
 from optimizers import adam_mini, adamw, lion, lwas, sophiag
 from optimizers.registry import spec
@@ -157,7 +157,9 @@ def main():
     )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument(
+        "--out", default=LOCAL, help="results folder (default out-bench/; bench/results: the committed ones)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     models = args.models or (["gpt2", "gpt2-large"] if device.type == "cuda" else ["gpt2"])

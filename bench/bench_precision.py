@@ -22,7 +22,7 @@ import tempfile
 
 import torch
 
-from bench.common import RESULTS, results_base
+from bench.common import LOCAL, results_base
 from runtime.device import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +70,9 @@ def main(argv=None) -> dict:
         metavar="KEY=VALUE",
         help="more train.py settings, e.g. model=gpt2-tiny lwlr_T=2",
     )
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument(
+        "--out", default=LOCAL, help="results folder (default out-bench/; bench/results: the committed ones)"
+    )
     args = parser.parse_args(argv)
     extra = ([f"--max_steps={args.max_steps}"] if args.max_steps else []) + [f"--{setting}" for setting in args.set]
     work = tempfile.mkdtemp(prefix="bench-precision-")

@@ -8,7 +8,7 @@ job would be).
 Each setting runs in its own process (OpenMP reads its wait policy once, when torch loads), the default
 run's model and batch (config defaults, compile off, dtype=auto), and reports the median step time of
 `--steps` steps after `--warmup`. Settings alternate within each round; the figure is the median over
-rounds. Writes bench/results/threads-<cpu>.json unless --out says otherwise (--out "" writes nothing).
+rounds. Writes out-bench/threads-<cpu>.json unless --out says otherwise (--out "" writes nothing).
 """
 
 import argparse
@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 
-from bench.common import RESULTS, random_token_dir
+from bench.common import LOCAL, random_token_dir
 
 STEP = r"""
 import json, sys, time, torch
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--machines", nargs="+", choices=["quiet", "busy"], default=["quiet", "busy"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--out", default=None, help="the JSON to write (default bench/results/threads-<cpu>.json)")
+    parser.add_argument("--out", default=None, help="the JSON to write (default out-bench/threads-<cpu>.json)")
     args = parser.parse_args(argv)
     import torch  # after the arguments: --help needs no torch
 
@@ -83,8 +83,9 @@ def main(argv=None) -> int:
             ms = statistics.median(values)
             figures[f"{said}, {threads} threads, OMP_WAIT_POLICY={policy}"] = ms
             print(f"{said:14} | {threads} threads | OMP_WAIT_POLICY={policy:8} | {ms:8.0f} ms/step", flush=True)
-    out = args.out if args.out is not None else os.path.join(RESULTS, f"threads-{cpu}.json")
+    out = args.out if args.out is not None else os.path.join(LOCAL, f"threads-{cpu}.json")
     if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
             json.dump({"cpu": cpu, "cores": os.cpu_count(), "ms_per_step": figures, "steps": args.steps}, f, indent=1)
         print(f"wrote {out}")

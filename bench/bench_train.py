@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench.common import RESULTS, fresh_trainer, random_token_dir, results_base, sync
+from bench.common import LOCAL, fresh_trainer, random_token_dir, results_base, sync
 from optimizers.registry import spec
 from runtime.device import environment, peak_flops, peak_memory_gib
 
@@ -169,7 +169,9 @@ def main(argv=None):
     parser.add_argument(
         "--rounds", type=int, default=1, help="rounds of --steps steps per variant, in turns; the median round counts"
     )
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument(
+        "--out", default=LOCAL, help="results folder (default out-bench/; bench/results: the committed ones)"
+    )
     args = parser.parse_args(argv)
     if args.compare:
         key, _, values = args.compare.partition("=")

@@ -16,7 +16,10 @@ from training import build
 from training.config import parse_config
 from training.trainer import Trainer
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # the committed results
+# Where a benchmark writes unless told otherwise: untracked (.gitignore's /out*/), so running one never
+# changes a committed file; `--out bench/results` (or --out_dir bench/results/...) updates those on purpose.
+LOCAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "out-bench")
 
 
 def sync(device: torch.device) -> None:

@@ -40,7 +40,7 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from bench.common import RESULTS
+from bench.common import LOCAL
 from model import GPT, GPTConfig
 from optimizers import base
 from optimizers.registry import OPTIMIZERS, spec
@@ -378,7 +378,11 @@ def markdown(rows, builds, sweep, predictions) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 unless every kernel meets the targets")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "kernels"), help="results path without extension")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(LOCAL, "kernels"),
+        help="results path without extension (committed: bench/results/kernels)",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels were built for the interpreter, not a GPU
         parser.error("unset TRITON_INTERPRET: this compiles the kernels for GPU targets")

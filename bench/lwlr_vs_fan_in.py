@@ -19,6 +19,7 @@ import os
 import torch
 
 import multipliers
+from bench.common import LOCAL
 from lwlr import baseline_multipliers
 from model import BLOCK_LINEARS, GPT
 from runtime.device import autocast, environment
@@ -142,7 +143,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--T", type=int, default=4)
     parser.add_argument("--data_dir", default="", help="token files to measure on (default data/shakespeare)")
     parser.add_argument("--block_size", type=int, default=256, help="tokens per sequence of a measured batch")
-    parser.add_argument("--out_dir", default=os.path.join("bench", "results", "lwlr-vs-fan_in"))
+    parser.add_argument(
+        "--out_dir", default=os.path.join(LOCAL, "lwlr-vs-fan_in"), help="committed: bench/results/lwlr-vs-fan_in"
+    )
     args = parser.parse_args(argv)
     device = torch.device("cpu")
     results = {"T": args.T, "env": environment(device), "models": {}}

@@ -55,7 +55,7 @@ import time
 import torch
 
 import multipliers
-from bench.common import fresh_trainer
+from bench.common import LOCAL, fresh_trainer
 from bench.overfit_report import write_all, write_depth_table
 from eval import evaluate
 from model import GPT
@@ -413,7 +413,7 @@ def measurement_seconds(sweep: Sweep, rule: str, device: torch.device) -> float:
     torch.manual_seed(c.seed)
     model = GPT(build.gpt_config(c)).to(device)
     start = time.perf_counter()
-    multipliers.for_config(c, model, build.token_batches(c, "train", "lwlr", model.config), log=lambda *_: None)
+    multipliers.for_config(c, model, build.token_batches(c, "train", "lwlr", model.config))  # its progress said
     return time.perf_counter() - start
 
 
@@ -497,7 +497,11 @@ def save_results(path: str, results: dict) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="tiny-cpu")
-    parser.add_argument("--out_dir", default=None, help="default bench/results/overfit-<preset>")
+    parser.add_argument(
+        "--out_dir",
+        default=None,
+        help="default out-bench/overfit-<preset>; bench/results/overfit-<preset>: the committed one",
+    )
     parser.add_argument("--optimizers", nargs="+")
     parser.add_argument("--rules", nargs="+", help=f"from single, lwlr, {', '.join(BASELINES)}")
     parser.add_argument("--lrs", nargs="+", type=float, help="one grid for every optimizer")
@@ -554,9 +558,7 @@ def main(argv=None) -> dict:
     if missing:
         raise ValueError(f"no lr grid for {missing}: pass --lrs")
     device = torch.device(sweep.device if sweep.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    out_dir = args.out_dir or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"overfit-{args.preset}"
-    )
+    out_dir = args.out_dir or os.path.join(LOCAL, f"overfit-{args.preset}")
     jobs = args.jobs or default_jobs(sweep, device)
     if not sweep.depths:
         return run_sweep(sweep, out_dir, device, jobs)
@@ -628,9 +630,8 @@ def run_sweep(sweep: Sweep, out_dir: str, device: torch.device, jobs: int = 1) -
         for s in sweep.seeds
     ]
     pending = [point for point in points if run_key(*point) not in results["runs"]]
-    for i, point in enumerate(points):
-        if point not in pending:
-            print(f"[{i + 1}/{len(points)}] {run_key(*point)}: done before, skipped")
+    if len(pending) < len(points):
+        print(f"{len(points) - len(pending)} of {len(points)} points are in {path} already: skipped, kept as they are")
     started, ran = time.perf_counter(), 0
     for point, run in run_points(sweep, pending, device, jobs):  # as each finishes; this process writes alone
         results["runs"][run_key(*point)] = run
@@ -645,8 +646,10 @@ def run_sweep(sweep: Sweep, out_dir: str, device: torch.device, jobs: int = 1) -
         )
     costs = results.setdefault("measurement_seconds", {})
     for rule in sweep.rules:
-        if parse_rule(rule)[0] == "lwlr" and rule not in costs:
+        if parse_rule(rule)[0] == "lwlr" and rule not in costs:  # the cost column: one timed, uncached measurement
+            print(f"{rule}: timing one measurement of its multipliers, uncached (the table's cost column) ...")
             costs[rule] = measurement_seconds(sweep, rule, device)
+            print(f"{rule}: measured in {duration(costs[rule])}", flush=True)
             save_results(path, results)
     print(write_all(results, out_dir))
     print(f"wrote {out_dir}/results.json, table.md, final_loss_vs_lr.png, best_curves.png")

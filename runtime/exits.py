@@ -12,6 +12,8 @@ import sys
 
 from runtime.errors import UserError
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped by a signal (runtime/signals.py), run the same command again
+
 
 def say(error: UserError) -> None:
     """The error's one line, on stderr: from rank 0 alone when every rank meets it alike."""
@@ -34,6 +36,12 @@ def run_main(main) -> None:
         if dist is not None and dist.is_initialized():
             dist.destroy_process_group()
         report_exit_code(code)
+    if code == EXIT_PREEMPTED:
+        # A stop has written what it keeps and closed its files; the interpreter's teardown (torch.compile's
+        # worker pool, among others) would take seconds more of a scheduler's grace period.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -37,6 +37,9 @@ class Progress:
         self.enabled = enabled
         self.done = 0
         self.start = self.last_line = time.perf_counter()
+        # The rate is measured from the end of the first unit on: a first unit that compiled, or warmed up
+        # the allocator, would make every estimate after it too long.
+        self.first_done, self.first_at = None, None
         on_terminal = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.bar = (
             tqdm(
@@ -58,13 +61,15 @@ class Progress:
             self.bar.update(n)
             return
         now = time.perf_counter()
+        if self.first_at is None:
+            self.first_done, self.first_at = self.done, now
         if self.enabled and now - self.last_line >= self.every and self.done < self.total:
             self.last_line = now
             print(self.line(now), file=self.stream, flush=True)
 
     def line(self, now: float) -> str:
-        elapsed = now - self.start
-        rate = self.done / elapsed
+        measured = self.done - self.first_done
+        rate = measured / (now - self.first_at) if measured > 0 and now > self.first_at else 0.0
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         return (
             f"{self.what}: {self.done}/{self.total} {self.unit} | {rate:.3g} {self.unit}/s"

@@ -7,9 +7,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from runtime.exits import EXIT_PREEMPTED  # noqa: F401 (75, the code a stop exits with; defined without torch)
 from runtime.ranks import Runtime
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped by a signal, run the same command again
 
 
 class Preempted(BaseException):

@@ -193,3 +193,26 @@ def test_lwlr_against_fan_in_writes_both_multipliers_per_tensor_and_their_correl
     assert lwlr_vs_fan_in.pearson([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
     kinds = results["models"]["gpt2-tiny"]["summary"]["kinds"]
     assert sum(k["share_of_parameters"] for k in kinds.values()) == pytest.approx(1.0)
+
+
+def test_no_benchmark_writes_into_the_committed_results_unless_told_to():
+    """Every `--out` / `--out_dir` default of a bench/ script lies outside bench/results (out-bench/ is
+    untracked), so running a benchmark as documented changes no committed file."""
+    import ast
+
+    defaults = {}
+    for name in sorted(os.listdir(os.path.join(ROOT, "bench"))):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(ROOT, "bench", name)).read())
+        for node in ast.walk(tree):
+            is_out = isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+            if is_out and node.args and getattr(node.args[0], "value", None) in ("--out", "--out_dir"):
+                default = next((k.value for k in node.keywords if k.arg == "default"), None)
+                defaults[name] = ast.unparse(default) if default is not None else "None"
+    assert {"bench_train.py", "bench_optim.py", "kernel_report.py", "overfit.py", "lwlr_vs_fan_in.py"} <= set(defaults)
+    assert not [name for name, default in defaults.items() if "RESULTS" in default or "results" in default], defaults
+    from bench.common import LOCAL
+
+    ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(LOCAL, "results.json")], cwd=ROOT)
+    assert ignored.returncode == 0  # untracked, by .gitignore

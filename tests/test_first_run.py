@@ -36,12 +36,13 @@ def test_durations_read_as_people_say_them():
 
 
 def test_progress_writes_plain_lines_with_the_count_rate_and_time_left_off_a_terminal(monkeypatch):
-    clock = iter([0.0, 4.0, 8.0, 12.0])  # the start, then one reading per update
+    clock = iter([0.0, 20.0, 24.0, 28.0])  # the start, then one reading per update
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     stream = io.StringIO()  # not a terminal
-    with Progress("lwlr", 4, "batches", every=5.0, stream=stream) as p:
+    with Progress("lwlr", 4, "batches", every=22.0, stream=stream) as p:
         assert list(counted(["a", "b", "c"], p)) == ["a", "b", "c"]
-    # 4 s: under `every`, silent; 8 s: 2 of 4 done at 0.25/s, 8 s left; 12 s: another 4 s, under `every`
+    # 20 s: the first batch (it compiled), under `every`, silent; 24 s: 2 of 4 done, the rate from the second
+    # batch alone (1 in 4 s), so 8 s left, not the 24 s a rate over the first would say; 28 s: under `every`
     assert stream.getvalue() == "lwlr: 2/4 batches | 0.25 batches/s | 8 s left\n"
     monkeypatch.undo()
     quiet = io.StringIO()
@@ -114,7 +115,7 @@ def test_the_step_time_leaves_out_the_first_step_and_the_log_says_the_time_left(
     assert "torch.compile: compiled in 1 min 40 s (the first step, which ms/step leaves out)" in printed
     compiled_at = printed.index("torch.compile: compiled in")
     assert re.search(r"torch.compile: compiling: \d+ s so far", printed[:compiled_at])
-    assert "so far" not in printed[compiled_at:]  # the heartbeat ends with the compile
+    assert "torch.compile: compiling: " not in printed[compiled_at:]  # the step's heartbeat ends with its compile
     first, last = read_log(out, "train")
     assert first["ms_per_step"] == pytest.approx(250)  # step 2 alone; step 1's 100 s left out
     assert first["seconds_left"] == pytest.approx(0.25 * 2)  # 2 of 4 steps to go
@@ -376,3 +377,41 @@ def test_train_py_sets_the_wait_policy_before_torch_loads_unless_the_user_did():
     set_at = next(i for i, line in enumerate(lines) if line.startswith("threads.before_torch()"))
     first_heavy = next(i for i, line in enumerate(lines) if line.startswith("import multipliers"))
     assert set_at < first_heavy  # before the first import that loads torch
+
+
+def test_the_first_eval_of_a_compiled_model_beats_while_it_compiles(monkeypatch):
+    import contextlib
+
+    from eval import evaluate
+    from runtime.ranks import Runtime
+
+    beats, real_print = [], print
+    monkeypatch.setattr(
+        progress, "print", lambda *a, **k: (beats.append(str(a[0])), real_print(*a, **k)), raising=False
+    )
+    monkeypatch.setattr(progress, "EVERY_SECONDS", 0.01)
+
+    class Batches:
+        def get(self, i, split, device, rank=0):
+            return torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)
+
+    class Compiling(torch.nn.Module):  # its first forward lasts until the heartbeat has said so
+        calls = 0
+
+        def forward(self, x, y):
+            self.calls += 1
+            for _ in range(3000 if self.calls == 1 else 0):  # the loop only ends a hung test
+                if any("compiling the eval graph" in line for line in beats):
+                    break
+                time.sleep(0.01)
+            return None, torch.tensor(2.0)
+
+    c = TrainConfig(eval_steps=3)
+    rt = Runtime(0, 0, 1, torch.device("cpu"))
+    assert evaluate(Compiling(), Batches(), c, rt, contextlib.nullcontext(), compiles=True) == 2.0
+    assert any(line.startswith("torch.compile: compiling the eval graph: ") for line in beats)
+    beats.clear()
+    compiled = Compiling()
+    compiled.calls = 1  # compiled already: no forward waits
+    assert evaluate(compiled, Batches(), c, rt, contextlib.nullcontext(), compiles=False) == 2.0
+    assert not any("compiling" in line for line in beats)
