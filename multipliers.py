@@ -2,6 +2,7 @@
 
     python multipliers.py [config/FILE.py] [--key=value ...]   # measure with a training config: lwlr.json, lwlr.png
     python multipliers.py --compare a.json b.json              # max and mean deviation in percent (the paper's Table 3)
+    python multipliers.py --plot out/lwlr.json                 # redraw out/lwlr.png from its lwlr.json
 
 for_config(c, model) gives what a TrainConfig asks for: none for lr_rule=single; a baseline rule
 (lwlr.baseline_multipliers); an lwlr.json named by lwlr_file, checked against the model; or lwlr's
@@ -123,33 +124,57 @@ KIND_COLORS = {
 
 
 def plot(data: dict, path: str) -> dict:
-    """Multipliers in model order on a log axis: all layers, and the Linear weights alone (the paper's
-    Figures 4 and 5). Returns what each panel draws: {panel: {kind: [(position, multiplier)]}}."""
+    """Multipliers in model order on a log axis: all layers, and the blocks' weight matrices alone (the
+    paper's Figures 4 and 5), each block's span shaded in turn and numbered, the legend beside the data.
+    Returns what each panel draws: {panel: {kind: [(position, multiplier)]}}."""
     import matplotlib  # here, not at the top: pyplot takes 1.3 s to import, and only a plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     layers = data["layers"]
-    linear = [layer for layer in layers if param_role(layer["name"]).is_block_matrix]
+    matrices = [layer for layer in layers if param_role(layer["name"]).is_block_matrix]
     drawn = {}
-    fig, axes = plt.subplots(2, 1, figsize=(12, 8))
-    for ax, subset, title in ((axes[0], layers, "all layers"), (axes[1], linear, "Linear weights")):
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7.5))
+    for ax, subset, title in ((axes[0], layers, "every tensor"), (axes[1], matrices, "the blocks' weight matrices")):
+        blocks = [param_role(layer["name"]).block for layer in subset]
+        for block in sorted({b for b in blocks if b is not None}):  # each block's span, shaded every other one
+            span = [i for i, b in enumerate(blocks) if b == block]
+            if block % 2 == 0:
+                ax.axvspan(span[0] - 0.5, span[-1] + 0.5, color="0.93", zorder=0)
+            every = max(1, len(set(blocks)) // 12)  # at most about a dozen numbers along the top
+            if block % every == 0:
+                ax.text(
+                    (span[0] + span[-1]) / 2,
+                    0.985,
+                    str(block),
+                    transform=ax.get_xaxis_transform(),
+                    ha="center",
+                    va="top",
+                    fontsize=8,
+                    color="0.35",
+                )
         drawn[title] = {}
         for kind, color in KIND_COLORS.items():
             points = [(i, layer["multiplier"]) for i, layer in enumerate(subset) if layer_kind(layer["name"]) == kind]
             if points:
-                ax.scatter(*zip(*points), s=14, color=color, label=kind)
+                ax.scatter(*zip(*points), s=16, color=color, label=kind, zorder=2)
                 drawn[title][kind] = points
         ax.set_yscale("log")
-        ax.axhline(1.0, color="gray", lw=0.5)
-        ax.set_xlabel("layer, in model order")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.axhline(1.0, color="gray", lw=0.6, zorder=1)
+        ax.set_xlim(-1, len(subset))
+        ax.set_xlabel("tensor, in model order (shaded and numbered: the transformer blocks)")
         ax.set_ylabel("lr multiplier")
-        ax.set_title(
-            f"{data.get('model', '')} {data.get('rule', 'lwlr')} multipliers ({title}; init {data.get('init')}, "
-            f"T={data.get('T')}, power {data.get('power')})"
-        )
-        ax.legend(fontsize=7, ncol=5)
+        ax.set_title(f"{title}", loc="left", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(
+        f"{data.get('model', '')} {data.get('rule', 'lwlr')} multipliers (init {data.get('init')}, T={data.get('T')}, "
+        f"power {data.get('power')})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")  # path may be an open file
     plt.close(fig)
@@ -296,6 +321,15 @@ def print_table(data: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--plot"]:
+        if len(argv) != 2:
+            raise ConfigError("usage: python multipliers.py --plot OUT/lwlr.json   # redraws OUT/lwlr.png from it")
+        with open(argv[1]) as f:
+            data = json.load(f)
+        figure = os.path.join(os.path.dirname(argv[1]), "lwlr.png")
+        write_atomically(figure, lambda f: plot(data, f), mode="wb")
+        print(f"wrote {figure}")
+        return 0
     if argv[:1] == ["--compare"]:
         if len(argv) != 3:
             raise ConfigError("usage: python multipliers.py --compare a.json b.json")

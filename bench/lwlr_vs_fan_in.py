@@ -107,31 +107,44 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+MARKERS = "o^sDvP*XhdH"  # one shape per kind beside its colour: q and k sit at the same fan_in
+
+
 def figure(results: dict, path: str) -> None:
+    """lwlr's multiplier against fan_in's, tensor by tensor, a panel per model. The kinds of one fan_in
+    column (q, k, v, ... share it) are spread sideways, each its own colour and shape, so none hides
+    another."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     models = list(results["models"])
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 5.5), squeeze=False)
+    kinds = list(multipliers.KIND_COLORS)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models) + 1.5, 5), squeeze=False)
     for ax, model_name in zip(axes[0], models):
         tensors = results["models"][model_name]["tensors"]
-        for kind, color in multipliers.KIND_COLORS.items():
-            points = [(t["fan_in"], t["lwlr"]) for t in tensors if t["kind"] == kind]
+        for index, (kind, color) in enumerate(multipliers.KIND_COLORS.items()):
+            spread = 2 ** (0.07 * (index - len(kinds) / 2))  # a few percent either side, on the log axis
+            points = [(t["fan_in"] * spread, t["lwlr"]) for t in tensors if t["kind"] == kind]
             if points:
-                ax.scatter(*zip(*points), s=16, color=color, label=kind)
+                ax.scatter(*zip(*points), s=18, color=color, marker=MARKERS[index % len(MARKERS)], label=kind)
         values = [v for t in tensors for v in (t["fan_in"], t["lwlr"])]
         low, high = min(values) / 1.5, max(values) * 1.5
         ax.plot([low, high], [low, high], color="gray", lw=0.7, label="lwlr = fan_in")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("fan_in multiplier")
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers at 1, 2 and 5 of each decade
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("fan_in multiplier (each column's kinds spread sideways)")
         ax.set_ylabel("lwlr multiplier")
         r = results["models"][model_name]["summary"]["pearson_log"]
         r_matrices = results["models"][model_name]["summary"]["pearson_log_matrices"]
-        ax.set_title(f"{model_name}: log correlation {r:.2f} (matrices alone {r_matrices:.2f})")
-        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"{model_name}: log correlation {r:.2f} (matrices alone {r_matrices:.2f})", fontsize=10)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

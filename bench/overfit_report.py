@@ -288,9 +288,37 @@ def _write(path: str, text: str) -> str:
     return text
 
 
+LINE_STYLES = ["-", "--", ":", "-."]
+
+
+def line_style(rows: dict, optimizer: str, rule: str, residual_scale: bool) -> dict:
+    """One look per row across both figures: a colour per optimizer, a line style per rule, a hollow
+    marker for 1/sqrt(depth) residual scaling."""
+    optimizers = list(dict.fromkeys(key[0] for key in rows))
+    rules = list(dict.fromkeys(key[1] for key in rows))
+    return {
+        "color": f"C{optimizers.index(optimizer) % 10}",
+        "linestyle": LINE_STYLES[rules.index(rule) % len(LINE_STYLES)],
+        "marker": "s" if residual_scale else "o",
+        "markerfacecolor": "none" if residual_scale else None,
+    }
+
+
+def plain_log_ticks(ax) -> None:
+    """A log y axis labelled in plain numbers at 1, 2 and 5 of each decade (and 1.5, 3 within a decade)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    subs = (1.0, 2.0, 5.0) if high / low > 3 else (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def plot(results: dict, out_dir: str) -> dict:
-    """final_loss_vs_lr.png and best_curves.png in out_dir; what each draws, by line label: (lr, mean
-    final loss) points, and the best run's (step, loss) curve."""
+    """final_loss_vs_lr.png (a panel per optimizer, in rows of three) and best_curves.png in out_dir; what
+    each draws, by line label: (lr, mean final loss) points, and the best run's (step, loss) curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,58 +326,61 @@ def plot(results: dict, out_dir: str) -> dict:
 
     rows = rows_of(results)
     drawn = {"final_loss_vs_lr": {}, "best_curves": {}}
-    optimizers = list(dict.fromkeys(key[0] for key in rows))
-    fig, axes = plt.subplots(1, len(optimizers), figsize=(5 * len(optimizers), 4), squeeze=False)
-    for ax, optimizer in zip(axes[0], optimizers):
+    optimizers, rules = list(dict.fromkeys(key[0] for key in rows)), list(dict.fromkeys(key[1] for key in rows))
+    columns = min(3, len(optimizers))
+    grid = (len(optimizers) + columns - 1) // columns
+    fig, axes = plt.subplots(grid, columns, figsize=(5.2 * columns, 4 * grid), squeeze=False)
+    for ax in axes.flat[len(optimizers) :]:
+        ax.set_visible(False)
+    for ax, optimizer in zip(axes.flat, optimizers):
         for (opt, rule, rs), runs in rows.items():
             if opt != optimizer:
                 continue
             by_lr = {lr: seed_statistics([r for r in runs if r["lr"] == lr]) for lr in sorted({r["lr"] for r in runs})}
             points = [(lr, stats[0], stats[1]) for lr, stats in by_lr.items() if stats]
             drawn["final_loss_vs_lr"][row_label(opt, rule, rs)] = [(lr, mean) for lr, mean, _ in points]
-            line = (
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=row_label(opt, rule, rs))[0]
-                if points
-                else None
-            )
+            # one optimizer a panel: its rules told apart by colour too
+            style = {**line_style(rows, opt, rule, rs), "color": f"C{rules.index(rule) % 10}"}
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], label=row_label(opt, rule, rs), **style)
             if points and max(p[2] for p in points) > 0:  # several seeds: a band of +- one std
                 ax.fill_between(
                     [p[0] for p in points],
                     [p[1] - p[2] for p in points],
                     [p[1] + p[2] for p in points],
-                    color=line.get_color(),
-                    alpha=0.2,
+                    color=style["color"],
+                    alpha=0.15,
                 )
             for r in runs:
                 if r["diverged"]:
-                    ax.scatter(
-                        [r["lr"]],
-                        [ax.get_ylim()[1] if points else 1.0],
-                        marker="x",
-                        color=line.get_color() if line else "red",
-                    )
+                    ax.scatter([r["lr"]], [ax.get_ylim()[1] if points else 1.0], marker="x", color=style["color"])
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("final val loss (mean over seeds)" if results["sweep"].get("heldout") else "final train loss")
-        ax.set_title(f"{optimizer} ({results['sweep']['model']}); x = diverged")
+        ax.set_title(f"{optimizer} ({results['sweep']['model']}); x = diverged", fontsize=10)
+        ax.grid(True, which="major", color="0.9")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "final_loss_vs_lr.png"), dpi=110)
     plt.close(fig)
     heldout, best_by_row = results["sweep"].get("heldout"), best_rates(results)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     for key, runs in rows.items():  # the curve of each row's best rate, its first seed
         best_lr = best_by_row.get(key, (None,))[0]
         best = next((r for r in runs if r["lr"] == best_lr), None)
         if best:
             curve = best["val_curve"] if heldout else best["curve"]
             drawn["best_curves"][row_label(*key)] = [tuple(point) for point in curve]
-            ax.plot(*zip(*curve), label=f"{row_label(*key)}, lr {best['lr']:.3g}")
-    ax.set_yscale("log")
+            style = line_style(rows, *key)
+            if len(curve) > 12:  # markers only where they are the points themselves
+                style["marker"] = None
+            ax.plot(*zip(*curve), label=f"{row_label(*key)}, lr {best['lr']:.3g}", **style)
+    plain_log_ticks(ax)
+    ax.grid(True, which="major", color="0.9")
     ax.set_xlabel("step")
     ax.set_ylabel("val loss" if heldout else "train loss")
-    ax.set_title("best run of each row")
-    ax.legend(fontsize=7)
+    ax.set_title("best run of each row: colour the optimizer, line the rule", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "best_curves.png"), dpi=110)
     plt.close(fig)

@@ -214,13 +214,13 @@ def test_cli_writes_json_and_plot_and_is_reproducible(tmp_path, token_dir):
     # The plot: every layer once, at its place in model order, with its multiplier; the Linear panel holds
     # the q, k, v, attention-output and MLP weights alone (2 blocks x 6 of gpt2-tiny), in their order.
     drawn = multipliers.plot(data, str(tmp_path / "again.png"))
-    everything = sorted(point for points in drawn["all layers"].values() for point in points)
+    everything = sorted(point for points in drawn["every tensor"].values() for point in points)
     assert everything == [(i, layer["multiplier"]) for i, layer in enumerate(data["layers"])]
-    assert [point[1] for point in drawn["all layers"]["q"]] == [
+    assert [point[1] for point in drawn["every tensor"]["q"]] == [
         layer["multiplier"] for layer in data["layers"] if layer["name"].endswith("attn.q_proj.weight")
     ]
-    linear = sorted(point for points in drawn["Linear weights"].values() for point in points)
-    assert len(linear) == 12 and set(drawn["Linear weights"]) == {"q", "k", "v", "attn_out", "mlp_in", "mlp_out"}
+    linear = sorted(point for points in drawn["the blocks' weight matrices"].values() for point in points)
+    assert len(linear) == 12 and set(drawn["the blocks' weight matrices"]) == {"q", "k", "v", "attn_out", "mlp_in", "mlp_out"}
     # a colour for every kind of layer the model has (model.LAYER_ROLES), biases apart: none is left undrawn
     assert set(multipliers.KIND_COLORS) == set(LAYER_ROLES.values()) | {"bias", "other"}
 
