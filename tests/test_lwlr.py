@@ -220,14 +220,8 @@ def test_cli_writes_json_and_plot_and_is_reproducible(tmp_path, token_dir):
         layer["multiplier"] for layer in data["layers"] if layer["name"].endswith("attn.q_proj.weight")
     ]
     linear = sorted(point for points in drawn["the blocks' weight matrices"].values() for point in points)
-    assert len(linear) == 12 and set(drawn["the blocks' weight matrices"]) == {
-        "q",
-        "k",
-        "v",
-        "attn_out",
-        "mlp_in",
-        "mlp_out",
-    }
+    assert len(linear) == 12
+    assert set(drawn["the blocks' weight matrices"]) == {"q", "k", "v", "attn_out", "mlp_in", "mlp_out"}
     # a colour for every kind of layer the model has (model.LAYER_ROLES), biases apart: none is left undrawn
     assert set(multipliers.KIND_COLORS) == set(LAYER_ROLES.values()) | {"bias", "other"}
 
