@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         reported = rank_exit_code(folder)
     if ended is not None and reported == EXIT_PREEMPTED:  # torchrun raises after any stop, a clean one too
         print(
-            f"launch.py: the run stopped and saved (exit {EXIT_PREEMPTED}); the same command goes on", file=sys.stderr
+            f"launch.py: the run stopped and saved (exit {EXIT_PREEMPTED}); run the same command to resume",
+            file=sys.stderr,
         )
     elif ended is not None:
         print(f"launch.py: torchrun ended with {ended}", file=sys.stderr)

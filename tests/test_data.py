@@ -240,3 +240,61 @@ def test_a_malformed_vocabulary_file_is_named(tmp_path):
     (tmp_path / "vocab.json").write_text('{"kind": "char", "chars": ["a", "a"]}')
     with pytest.raises(vocab.VocabularyError, match="vocab.json: not a vocabulary file"):
         vocab.load(str(tmp_path))
+
+
+def test_own_text_prepares_in_one_command_and_trains(tmp_path):
+    """python -m data.text.prepare, as the README runs it: each file one document in sorted order, a folder's
+    .txt and .md files at any depth and nothing else, the last tenth of the tokens for validation; then a run
+    trains on it, and preparing the same text again leaves the token files as they were."""
+    import train
+
+    notes = tmp_path / "notes"
+    (notes / "deeper").mkdir(parents=True)
+    (notes / "b.md").write_text("# Second\nThe second document, in markdown.\n", encoding="utf-8")
+    (notes / "deeper" / "a.txt").write_text("Déjà vu: a nested file, after b.md in path order.\n", encoding="utf-8")
+    (notes / "skipped.py").write_text("print('not text')\n", encoding="utf-8")
+    book = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    (tmp_path / "book.txt").write_text(book, encoding="utf-8")
+    out = tmp_path / "mine"
+
+    done = run_prepare("data.text.prepare", notes, tmp_path / "book.txt", f"--out_dir={out}")
+    assert done.returncode == 0, done.stderr
+    train_ids = read_tokens(str(out / "train.bin"), 50257)
+    val_ids = read_tokens(str(out / "val.bin"), 50257)
+    total = len(train_ids) + len(val_ids)
+    assert len(val_ids) == int(total * 0.1) and f"val: {len(val_ids):,} tokens" in done.stdout
+    documents = gpt2_encoding().decode(np.concatenate([train_ids, val_ids]).tolist()).split("<|endoftext|>")
+    expected = [
+        "# Second\nThe second document, in markdown.\n",
+        "Déjà vu: a nested file, after b.md in path order.\n",
+        book,
+        "",
+    ]
+    assert documents == expected
+
+    assert train.main(tiny_run_args(tmp_path / "run", out, max_steps=2, eval_interval=2)) == 0
+    stamps = {split: os.stat(out / f"{split}.bin").st_mtime_ns for split in ("train", "val")}
+    again = run_prepare("data.text.prepare", notes, tmp_path / "book.txt", f"--out_dir={out}")
+    assert "(train.bin and val.bin unchanged: already these tokens)" in again.stdout, again.stdout
+    assert {split: os.stat(out / f"{split}.bin").st_mtime_ns for split in ("train", "val")} == stamps
+
+
+def test_own_text_mistakes_are_one_line_naming_the_file(tmp_path):
+    from data.text import prepare as text
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    refused = run_prepare("data.text.prepare", tmp_path / "latin1.txt", f"--out_dir={tmp_path / 'out'}")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"error: {tmp_path / 'latin1.txt'}: not UTF-8 text (byte 3" in refused.stderr
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "tiny.txt").write_text("a", encoding="utf-8")
+    for paths, message in [
+        ([tmp_path / "empty"], "a folder without .txt or .md files"),
+        ([tmp_path / "nowhere.txt"], "no such file or folder"),
+        ([tmp_path / "tiny.txt"], "too little text to split into train and val"),
+    ]:
+        with pytest.raises(text.TextError, match=message):
+            text.prepare([str(p) for p in paths], str(tmp_path / "out"))
+    with pytest.raises(text.TextError, match="--val_fraction=1.0 must lie between 0 and 1"):
+        text.prepare([str(tmp_path / "tiny.txt")], str(tmp_path / "out"), val_fraction=1.0)
+    assert not (tmp_path / "out").exists()  # nothing written for text that was refused
