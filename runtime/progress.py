@@ -69,11 +69,13 @@ class Progress:
 
     def line(self, now: float) -> str:
         measured = self.done - self.first_done
-        rate = measured / (now - self.first_at) if measured > 0 and now > self.first_at else 0.0
-        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        if measured <= 0 or now <= self.first_at:  # only the first unit so far: no rate to estimate from yet
+            first = duration(self.first_at - self.start)
+            return f"{self.what}: {self.done}/{self.total} {self.unit} | the first in {first}"
+        rate = measured / (now - self.first_at)
         return (
             f"{self.what}: {self.done}/{self.total} {self.unit} | {rate:.3g} {self.unit}/s"
-            f" | {duration(left) if left != float('inf') else '?'} left"
+            f" | {duration((self.total - self.done) / rate)} left"
         )
 
     def close(self) -> None:

@@ -44,6 +44,13 @@ def test_progress_writes_plain_lines_with_the_count_rate_and_time_left_off_a_ter
     # 20 s: the first batch (it compiled), under `every`, silent; 24 s: 2 of 4 done, the rate from the second
     # batch alone (1 in 4 s), so 8 s left, not the 24 s a rate over the first would say; 28 s: under `every`
     assert stream.getvalue() == "lwlr: 2/4 batches | 0.25 batches/s | 8 s left\n"
+    clock = iter([0.0, 95.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    first = io.StringIO()
+    with Progress("eval", 20, "batches", every=10.0, stream=first) as p:
+        p.update()
+    # a first batch that compiled for 95 s: no rate yet, so no "0 batches/s" and no "? left"
+    assert first.getvalue() == "eval: 1/20 batches | the first in 1 min 35 s\n"
     monkeypatch.undo()
     quiet = io.StringIO()
     with Progress("eval", 2, every=0.0, stream=quiet, enabled=False) as p:
