@@ -27,6 +27,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from data.tokenfile import write_tokens  # noqa: E402
 
+# The slowest tests (20 to 55 s each on 2 cores: --durations), handed out first. xdist deals tests out in
+# collection order, so one of these dealt last keeps a worker busy while the other has nothing left to do.
+SLOWEST_FIRST = (
+    "test_train.py::test_bfloat16_autocast_and_torch_compile_compose",
+    "test_fsdp.py::",
+    "test_reliability.py::test_stop_and_resume_equals_a_straight_run_under_ddp",
+    "test_bench.py::test_bench_precision",
+    "test_operations.py::test_a_run_resumes_on_another_number_of_processes",
+    "test_muon.py::test_muon_under_ddp",
+    "test_failures.py::test_a_rank_killed",
+    "test_failures.py::test_a_killed_rank",
+    "test_reliability.py::test_a_diverging_run",
+    "test_eval.py::test_hellaswag_agrees_with_lm_evaluation_harness",
+    "test_stopping.py::",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        where = item.nodeid.split("/")[-1]
+        return next((i for i, prefix in enumerate(SLOWEST_FIRST) if where.startswith(prefix)), len(SLOWEST_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
 
 @pytest.fixture
 def token_dir(tmp_path):
