@@ -23,8 +23,10 @@ and the global schedule: step_i = gamma(t) * multiplier_i * O'(g_i).
 The tied wte / lm_head is one tensor, so it gets one multiplier; its gradient sums the embedding and
 output-layer contributions. Baselines under the same normalization: depth_increasing / depth_decreasing
 (the paper's Figure 1: relative rate linear in block depth from 0.1 to 1, or from 2 to 1; the
-embeddings take the first block's rate, ln_f the last's) and fan_in (multiplier ∝ 1/sqrt(fan_in); embeddings,
-biases and LayerNorm scales have fan_in 1).
+embeddings take the first block's rate, ln_f the last's), fan_in (multiplier ∝ 1/sqrt(fan_in); embeddings,
+biases and LayerNorm scales have fan_in 1) and blockwise (Blockwise LR's fixed table per block type,
+BLOCKWISE_LR). lwlr_matrices_multipliers combines lwlr's measured rates among the blocks' weight matrices
+with fan_in's for everything else.
 
 This file is the method alone. Where a training run's multipliers come from (measured, cached, a
 baseline or a file), the lwlr.json report, its plot and the command line are in multipliers.py; the
@@ -39,7 +41,31 @@ import torch
 import torch.distributed as dist
 
 from model import init_weights, param_role
+from runtime.errors import UserError
 from training.config import MEASUREMENT_INITS
+
+# Blockwise LR (Wang, Wang, Zhou, Yan, E and Wu, "The Sharpness Disparity Principle in Transformers for
+# Accelerating Language Model Pre-Training", ICML 2025, arXiv 2502.19002; Wongboo/BlockwiseLearningRate,
+# train_gpt_bw.py): a constant multiplier per block type, against the sharpness order it measured (embedding
+# << q, k < MLP < v, attn_out << LayerNorm), weights and biases alike. The paper's numbers multiply a base rate
+# that is the LayerNorms' rate; here they are normalized like every rule (parameter-weighted mean 1), so lr is
+# the mean rate and a LayerNorm trains at lr / (the table's parameter-weighted mean). For gpt2 (124M) that mean
+# is 7.26 (the tied 38.6M-parameter embedding at 10 weighs most): the paper's base rate b is lr = 7.26 b here.
+BLOCKWISE_LR = {
+    "embedding": 10.0,  # the tied wte / lm_head
+    "position": 10.0,
+    "q": 8.0,
+    "k": 8.0,
+    "mlp_in": 6.0,
+    "mlp_out": 6.0,
+    "v": 4.0,
+    "attn_out": 4.0,
+    "layernorm": 1.0,
+}
+
+
+class UnmappedLayersError(UserError):
+    """A model whose parameter names a name-based rule cannot place (a new architecture's modules)."""
 
 
 def measure_grad_mean_abs(
@@ -124,7 +150,7 @@ def compute_multipliers(
 
 
 def baseline_multipliers(model: torch.nn.Module, rule: str) -> dict[str, float]:
-    """The comparison rules, normalized like lwlr: depth_increasing, depth_decreasing, fan_in."""
+    """The comparison rules, normalized like lwlr: depth_increasing, depth_decreasing, fan_in, blockwise."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if rule == "fan_in":
         # nn.Linear weights are (out, in); embeddings, biases and LayerNorm scales see one input each.
@@ -134,6 +160,15 @@ def baseline_multipliers(model: torch.nn.Module, rule: str) -> dict[str, float]:
             for name, p in params.items()
         }
         return normalize(raw, numels_of(model))
+    if rule == "blockwise":
+        unmapped = [name for name in params if param_role(name).layer not in BLOCKWISE_LR]
+        if unmapped:
+            raise UnmappedLayersError(
+                f"lr_rule=blockwise: no block type for {', '.join(unmapped[:8])}"
+                + (f" and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
+                + " (model.LAYER_ROLES names the modules it knows; add yours there)"
+            )
+        return normalize({name: BLOCKWISE_LR[param_role(name).layer] for name in params}, numels_of(model))
     if rule not in ("depth_increasing", "depth_decreasing"):
         raise ValueError(f"unknown baseline rule {rule!r}")
     n_layer = model.config.n_layer
@@ -145,3 +180,19 @@ def baseline_multipliers(model: torch.nn.Module, rule: str) -> dict[str, float]:
         depth = block if block is not None else (n_layer - 1 if param_role(name).layer == "layernorm" else 0)
         raw[name] = first + (last - first) * depth / max(1, n_layer - 1)
     return normalize(raw, numels_of(model))
+
+
+def lwlr_matrices_multipliers(model: torch.nn.Module, lwlr: dict[str, float]) -> dict[str, float]:
+    """fan_in, with the blocks' weight matrices' share redistributed among them as lwlr measured: every
+    embedding, bias and LayerNorm keeps its fan_in multiplier, and each matrix gets its lwlr multiplier times
+    the one factor that gives the matrices fan_in's parameter-weighted mean. So the parameter-weighted mean is
+    1, as in both rules, and vectors against matrices stand as fan_in has them. (The held-out comparison's
+    suspect: lwlr's rates for the vectors and embeddings, not its matrices', cost it against fan_in.) Taking
+    lwlr_matrices' own output as `lwlr` gives it back unchanged."""
+    fan_in = baseline_multipliers(model, "fan_in")
+    numels = numels_of(model)
+    matrices = {name for name in fan_in if param_role(name).is_block_matrix}
+    if not matrices:
+        raise UnmappedLayersError("lr_rule=lwlr_matrices: the model has no transformer-block weight matrices")
+    scale = sum(numels[n] * fan_in[n] for n in matrices) / sum(numels[n] * lwlr[n] for n in matrices)
+    return {name: lwlr[name] * scale if name in matrices else rate for name, rate in fan_in.items()}

@@ -7,6 +7,8 @@
 for_config(c, model) gives what a TrainConfig asks for: none for lr_rule=single; a baseline rule
 (lwlr.baseline_multipliers); an lwlr.json named by lwlr_file, checked against the model; or lwlr's
 Algorithm 1 (lwlr.compute_multipliers), measured once per set of settings and then reused from a cache.
+lr_rule=lwlr_matrices takes lwlr's multipliers the same way (file, cache or measurement) and keeps them
+for the blocks' weight matrices only (lwlr.lwlr_matrices_multipliers).
 The lwlr.json report holds, per layer, its name, shape, size, mean |gradient| and multiplier; the plot
 shows the multipliers in model order (the paper's Figures 4 and 5).
 """
@@ -24,7 +26,13 @@ import torch.distributed as dist
 
 from data.loader import BatchSplit
 from data.tokenfile import fingerprint
-from lwlr import baseline_multipliers, measure_grad_mean_abs, multipliers_from_grads, numels_of
+from lwlr import (
+    baseline_multipliers,
+    lwlr_matrices_multipliers,
+    measure_grad_mean_abs,
+    multipliers_from_grads,
+    numels_of,
+)
 from model import GPT, param_role
 from runtime.device import autocast
 from runtime.errors import UserError
@@ -34,7 +42,7 @@ from runtime.progress import Progress, counted
 from runtime.ranks import init_runtime
 from training import hf, outdir
 from training.build import gpt_config, token_batches
-from training.config import INIT_MODES, ConfigError, parse_config
+from training.config import INIT_MODES, MEASURED_RULES, ConfigError, parse_config
 
 FLOAT32 = torch.finfo(torch.float32)
 
@@ -191,14 +199,27 @@ def compare(path_a: str, path_b: str) -> tuple[float, float]:
 
 
 def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float] | None, dict | None]:
-    """The multipliers a TrainConfig asks for (None for lr_rule=single) and the report to save; lwlr
-    measures on `batches` (training.build.token_batches of the "lwlr" stream)."""
+    """The multipliers a TrainConfig asks for (None for lr_rule=single) and the report to save; lwlr and
+    lwlr_matrices measure on `batches` (training.build.token_batches of the "lwlr" stream)."""
     if c.lr_rule == "single":
         return None, None
     meta = {"rule": c.lr_rule, "model": c.model, "dataset": c.data_dir or c.dataset, "seed": c.seed}
-    if c.lr_rule != "lwlr":
+    if c.lr_rule not in MEASURED_RULES:
         multipliers = baseline_multipliers(model, c.lr_rule)
         return multipliers, report(model, multipliers, None, **meta)
+    measured, data = lwlr_for_config(c, model, batches, ctx, log)
+    if c.lr_rule == "lwlr":
+        return measured, data
+    multipliers = lwlr_matrices_multipliers(model, measured)
+    grads = {layer["name"]: layer["grad_mean_abs"] for layer in data["layers"]}
+    how_measured = {key: value for key, value in data.items() if key != "layers"}  # T, init, power, source ...
+    return multipliers, report(model, multipliers, None if None in grads.values() else grads, **how_measured | meta)
+
+
+def lwlr_for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float], dict]:
+    """lwlr's multipliers for a TrainConfig and their report: read from lwlr_file, reused from the cache, or
+    measured (and cached)."""
+    meta = {"rule": "lwlr", "model": c.model, "dataset": c.data_dir or c.dataset, "seed": c.seed}
     if c.lwlr_file:
         multipliers, _ = load_multipliers(c.lwlr_file, model)
         return multipliers, report(model, multipliers, None, **meta, source=c.lwlr_file)
@@ -248,7 +269,7 @@ def for_run(c, rt, model) -> dict[str, float] | None:
 def check_source(c, model) -> None:
     """Refuse, before a run touches out_dir, an lwlr_file that cannot serve its model (read again, once
     out_dir is held, by for_run)."""
-    if c.lr_rule == "lwlr" and c.lwlr_file:
+    if c.lr_rule in MEASURED_RULES and c.lwlr_file:
         load_multipliers(c.lwlr_file, model)
 
 

@@ -411,7 +411,7 @@ def sweep_figures(kind: str):
 SCIENCE_TIMES = {
     "environment": (20, 45, 2, 120),
     "overfit": (290, 330, 17, 300),
-    "heldout": (90, 150, 8, 300),
+    "heldout": (120, 190, 10, 300),
 }
 SCIENCE_DATA = os.path.join("data", "shakespeare")  # GPT-2 BPE token files: carry this folder to the GPU machine
 
@@ -455,7 +455,8 @@ def science_parts(python: str, work: str, rehearse: bool) -> list[Part]:
         ),
         Part(
             "heldout",
-            "held-out at 124M: AdamW single, lwlr, fan_in x 2 rates x 2 seeds, the whole train split, val loss",
+            "held-out at 124M: AdamW single, lwlr, fan_in, blockwise x 2 rates x 2 seeds, the whole train split, val "
+            "loss",
             [
                 [
                     python,

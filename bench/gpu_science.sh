@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPT-2 124M on one GPU, in at most 8 minutes of wall time on one H100/H200: the paper's overfit table
 # (AdamW, Lion, SophiaG, Adam-mini; one global rate against layer-wise rates, 3 rates each) and a
-# held-out check (AdamW single, lwlr, fan_in; 2 rates, 2 seeds), on the embedded Shakespeare in GPT-2 BPE.
+# held-out check (AdamW single, lwlr, fan_in, blockwise; 2 rates, 2 seeds), on the embedded Shakespeare in GPT-2 BPE.
 # Run it once bench/gpu_check.sh has passed on the machine.
 #
 #     python -m data.shakespeare.prepare && bash bench/wheels.sh     # once, with network: the token files, the wheels

@@ -64,7 +64,7 @@ from runtime.files import write_atomically
 from runtime.progress import duration
 from runtime.signals import EXIT_PREEMPTED, Preempted, StopRequest
 from training import build
-from training.config import BASELINES, parse_config
+from training.config import BASELINES, MEASURED_RULES, parse_config
 
 DIVERGED_MARGIN = 1.0  # nats above the starting loss
 
@@ -114,6 +114,23 @@ class Sweep:
     optimizer_settings: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
+# The overfit sweep on CPU: (4 optimizers x 6 lrs + 9 LW-AS etas) x 2 rules = 66 runs of 100 steps on gpt2-tiny,
+# 4 fixed batches of 4 x 64 tokens.
+TINY_CPU = Sweep(
+    model="gpt2-tiny",
+    optimizers=["adamw", "adam_mini", "lion", "sophiag", "sgdm_lw", "adamw_lw"],
+    rules=["single", "lwlr"],
+    lrs=LR_GRIDS,
+    residual_scales=[False],
+    seeds=[0],
+    steps=100,
+    subset_batches=4,
+    micro_batch_size=4,
+    block_size=64,
+    warmup_steps=10,
+    lwlr_T=20,
+)
+
 # The committed held-out comparison's model, data, budget and seeds; the Muon rows and the ablations keep
 # them (the same points, so they share its results folder).
 HELDOUT_CPU = Sweep(
@@ -135,21 +152,16 @@ HELDOUT_CPU = Sweep(
 )
 
 PRESETS = {
-    # (4 optimizers x 6 lrs + 9 LW-AS etas) x 2 rules = 66 runs of 100 steps on gpt2-tiny: 4 fixed batches of 4 x 64
-    # tokens.
-    "tiny-cpu": Sweep(
-        model="gpt2-tiny",
-        optimizers=["adamw", "adam_mini", "lion", "sophiag", "sgdm_lw", "adamw_lw"],
-        rules=["single", "lwlr"],
-        lrs=LR_GRIDS,
-        residual_scales=[False],
-        seeds=[0],
-        steps=100,
-        subset_batches=4,
-        micro_batch_size=4,
-        block_size=64,
-        warmup_steps=10,
-        lwlr_T=20,
+    "tiny-cpu": TINY_CPU,
+    # Blockwise LR (ICML 2025) and lwlr_matrices beside tiny-cpu's AdamW and Lion rows, on its grids, written into
+    # its folder (`--out_dir bench/results/overfit-tiny-cpu`, which keeps their single and lwlr points): 2 rules x
+    # (6 + 7) rates = 26 new runs. The grids are the committed rows', Lion's with the 3.16e-2 point added there
+    # after lwlr peaked on its edge; fixed before any of these runs.
+    "tiny-rules-cpu": dataclasses.replace(
+        TINY_CPU,
+        optimizers=["adamw", "lion"],
+        rules=["single", "lwlr", "blockwise", "lwlr_matrices"],
+        lrs=LR_GRIDS | {"lion": LR_GRIDS["lion"] + [3.16e-2]},
     ),
     # GPT-2 124M. The published subset size, batch and steps are unknown; ours: 16 distinct batches of
     # 8 x 1024 tokens (131k tokens) for 2000 steps (125 passes), 100 warmup steps, lwlr T=100.
@@ -213,6 +225,17 @@ PRESETS = {
         rules=["single", "lwlr", "fan_in"],
         lrs={"muon": [3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1]},
         optimizer_settings={"muon": {"adamw_lr": 3.16e-3, "muon_ns_dtype": "float32"}},
+    ),
+    # Blockwise LR (ICML 2025) and lwlr_matrices beside heldout-cpu's AdamW and Lion rows, and Adam-mini (the
+    # optimizer both papers pair with) under single, lwlr, fan_in and both: heldout-cpu's model, data, budget
+    # and seeds, written into its folder (`--out_dir bench/results/overfit-heldout-cpu`, which keeps its
+    # single, lwlr and fan_in points). The grids were fixed before any run: heldout-cpu's, and Adam-mini on
+    # AdamW's. (2 + 2 + 5) rules x 5 rates x 3 seeds = 135 new runs.
+    "heldout-rules-cpu": dataclasses.replace(
+        HELDOUT_CPU,
+        optimizers=["adamw", "lion", "adam_mini"],
+        rules=["single", "lwlr", "fan_in", "blockwise", "lwlr_matrices"],
+        lrs=HELDOUT_CPU.lrs | {"adam_mini": HELDOUT_CPU.lrs["adamw"]},
     ),
     # The depth study at CPU scale: 64-wide models of 2 to 32 blocks, with and without 1/sqrt(depth) residual
     # scaling, single against lwlr at each cell's best of 3 rates, AdamW and Lion, one seed; held-out mode, so
@@ -282,12 +305,12 @@ PRESETS = {
         dtype="auto",
         threads=0,  # a GPU preset: torch's default
     ),
-    # Held-out at 124M: AdamW, 3 rules x 2 rates x 2 seeds = 12 runs of 100 steps of 8 x 1024 tokens (819k
-    # tokens, 0.6 epochs of the 1.4M-token train split), cosine to lr / 10; about 80 s predicted.
+    # Held-out at 124M: AdamW, 4 rules x 2 rates x 2 seeds = 16 runs of 100 steps of 8 x 1024 tokens (819k
+    # tokens, 0.6 epochs of the 1.4M-token train split), cosine to lr / 10; about 110 s predicted.
     "heldout-gpt2-gpu": Sweep(
         model="gpt2",
         optimizers=["adamw"],
-        rules=["single", "lwlr", "fan_in"],
+        rules=["single", "lwlr", "fan_in", "blockwise"],
         lrs={"adamw": [6e-4, 1.2e-3]},
         residual_scales=[False],
         seeds=[0, 1],
@@ -307,7 +330,7 @@ PRESETS = {
     "heldout-gpt2": Sweep(
         model="gpt2",
         optimizers=["adamw", "lion"],
-        rules=["single", "lwlr", "fan_in", "depth_increasing"],
+        rules=["single", "lwlr", "fan_in", "depth_increasing", "blockwise", "lwlr_matrices"],
         lrs={"adamw": [3e-4, 6e-4, 1.2e-3, 2.4e-3], "lion": [3e-5, 6e-5, 1.2e-4, 2.4e-4]},
         residual_scales=[False],
         seeds=[0, 1, 2],
@@ -503,7 +526,7 @@ def main(argv=None) -> dict:
         help="default out-bench/overfit-<preset>; bench/results/overfit-<preset>: the committed one",
     )
     parser.add_argument("--optimizers", nargs="+")
-    parser.add_argument("--rules", nargs="+", help=f"from single, lwlr, {', '.join(BASELINES)}")
+    parser.add_argument("--rules", nargs="+", help=f"from single, {', '.join(MEASURED_RULES + BASELINES)}")
     parser.add_argument("--lrs", nargs="+", type=float, help="one grid for every optimizer")
     parser.add_argument("--residual_scales", nargs="+", choices=["false", "true"])
     parser.add_argument("--seeds", nargs="+", type=int)
@@ -646,7 +669,8 @@ def run_sweep(sweep: Sweep, out_dir: str, device: torch.device, jobs: int = 1) -
         )
     costs = results.setdefault("measurement_seconds", {})
     for rule in sweep.rules:
-        if parse_rule(rule)[0] == "lwlr" and rule not in costs:  # the cost column: one timed, uncached measurement
+        # the cost column: one timed, uncached measurement
+        if parse_rule(rule)[0] in MEASURED_RULES and rule not in costs:
             print(f"{rule}: timing one measurement of its multipliers, uncached (the table's cost column) ...")
             costs[rule] = measurement_seconds(sweep, rule, device)
             print(f"{rule}: measured in {duration(costs[rule])}", flush=True)

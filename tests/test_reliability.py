@@ -58,6 +58,8 @@ def assert_identical_optimizer_states(opt_a, opt_b):
         ("adamw_lw", "lwlr"),
         ("adamw_torch", "depth_decreasing"),
         ("muon", "lwlr"),
+        ("adam_mini", "blockwise"),
+        ("lion", "lwlr_matrices"),
     ],
 )
 def test_stop_and_resume_equals_a_straight_run(tmp_path, token_dir, optimizer, lr_rule):

@@ -28,7 +28,11 @@ class ConfigError(UserError):
 INIT_MODES = ("auto", "resume", "scratch")  # init_from's values other than a pretrained directory
 # lwlr.py's measurement inits and baseline rules, named here so that parsing a config needs no torch.
 MEASUREMENT_INITS = ("fan_out", "fan_in", "model")
-BASELINES = ("depth_increasing", "depth_decreasing", "fan_in")
+BASELINES = ("depth_increasing", "depth_decreasing", "fan_in", "blockwise")
+# The rules whose multipliers come from lwlr's measurement at init (its T, init, power, cache and lwlr_file):
+# lwlr itself, and lwlr_matrices (lwlr.lwlr_matrices_multipliers: lwlr among the blocks' weight matrices, fan_in
+# for the embeddings, biases and LayerNorms).
+MEASURED_RULES = ("lwlr", "lwlr_matrices")
 
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -137,9 +141,12 @@ class TrainConfig:
     max_steps: int = at_least(0, 200, help="optimizer steps in the run")
     lr_decay_steps: int = at_least(0, 0, help="the cosine reaches min_lr here; 0 = max_steps")
     # layer-wise learning rates (lwlr.py, multipliers.py)
-    lr_rule: str = choice("lwlr", "single", *BASELINES,
-                          help="lwlr (measured at init, the paper's) | single (one rate for every layer) | a "
-                               f"baseline of lwlr.baseline_multipliers: {' | '.join(BASELINES)}")
+    lr_rule: str = choice(*MEASURED_RULES, "single", *BASELINES,
+                          help="lwlr (measured at init, the paper's) | lwlr_matrices (lwlr's measured rates among "
+                               "the blocks' weight matrices, fan_in's for embeddings, biases and LayerNorms) | single "
+                               "(one rate for every layer) | a baseline of lwlr.baseline_multipliers: "
+                               f"{' | '.join(BASELINES)} (Blockwise LR, ICML 2025: embeddings 10, q k 8, MLP 6, v "
+                               "attn_out 4, LayerNorms 1)")
     lwlr_T: int = at_least(1, 100, help="batches the gradient magnitude is averaged over (the paper's T)")
     lwlr_init: str = choice("fan_out", *MEASUREMENT_INITS,
                             help="measurement init: fan_out (the paper's) | fan_in | model (the training init)")

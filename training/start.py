@@ -18,7 +18,7 @@ from runtime import threads
 from runtime.device import environment, precision
 from training import checkpoint, hf, memory, resume
 from training.build import check_optimizer, fit_micro_batch, gpt_config, grad_accumulation, token_batches
-from training.config import INIT_MODES, ConfigError, TrainConfig
+from training.config import INIT_MODES, MEASURED_RULES, ConfigError, TrainConfig
 from training.runlog import RunLog
 from training.trainer import Trainer, choose_backend
 
@@ -78,7 +78,7 @@ def start(c: TrainConfig, rt, found: tuple[str, dict] | None, fingerprints: dict
             shape = model.config
             rt.print0(
                 f"init_from: the weights of {c.init_from} ({shape.n_layer} layers, {shape.n_head} heads, width "
-                f"{shape.n_embd}, block_size {shape.block_size})" + (measured if c.lr_rule == "lwlr" else "")
+                f"{shape.n_embd}, block_size {shape.block_size})" + (measured if c.lr_rule in MEASURED_RULES else "")
             )
         return Start(model)
     path, meta = found  # multipliers come from the checkpoint: never re-measured on a resume
