@@ -51,17 +51,18 @@ from training.config import MEASUREMENT_INITS
 # that is the LayerNorms' rate; here they are normalized like every rule (parameter-weighted mean 1), so lr is
 # the mean rate and a LayerNorm trains at lr / (the table's parameter-weighted mean). For gpt2 (124M) that mean
 # is 7.26 (the tied 38.6M-parameter embedding at 10 weighs most): the paper's base rate b is lr = 7.26 b here.
-BLOCKWISE_LR = {
-    "embedding": 10.0,  # the tied wte / lm_head
-    "position": 10.0,
-    "q": 8.0,
-    "k": 8.0,
-    "mlp_in": 6.0,
-    "mlp_out": 6.0,
-    "v": 4.0,
-    "attn_out": 4.0,
-    "layernorm": 1.0,
+BLOCK_TYPES = {  # model.param_role's layer -> the paper's block type
+    "embedding": "Embed",  # the tied wte / lm_head
+    "position": "Embed",
+    "q": "QK",
+    "k": "QK",
+    "mlp_in": "FFN",
+    "mlp_out": "FFN",
+    "v": "VO",
+    "attn_out": "VO",
+    "layernorm": "Norm",
 }
+BLOCKWISE_LR = {"Embed": 10.0, "QK": 8.0, "FFN": 6.0, "VO": 4.0, "Norm": 1.0}
 
 
 class UnmappedLayersError(UserError):
@@ -161,14 +162,15 @@ def baseline_multipliers(model: torch.nn.Module, rule: str) -> dict[str, float]:
         }
         return normalize(raw, numels_of(model))
     if rule == "blockwise":
-        unmapped = [name for name in params if param_role(name).layer not in BLOCKWISE_LR]
+        unmapped = [name for name in params if param_role(name).layer not in BLOCK_TYPES]
         if unmapped:
             raise UnmappedLayersError(
                 f"lr_rule=blockwise: no block type for {', '.join(unmapped[:8])}"
                 + (f" and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
                 + " (model.LAYER_ROLES names the modules it knows; add yours there)"
             )
-        return normalize({name: BLOCKWISE_LR[param_role(name).layer] for name in params}, numels_of(model))
+        raw = {name: BLOCKWISE_LR[BLOCK_TYPES[param_role(name).layer]] for name in params}
+        return normalize(raw, numels_of(model))
     if rule not in ("depth_increasing", "depth_decreasing"):
         raise ValueError(f"unknown baseline rule {rule!r}")
     n_layer = model.config.n_layer
