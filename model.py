@@ -153,6 +153,12 @@ class ParamRole:
         return self.layer in BLOCK_LINEARS and not self.is_bias
 
     @property
+    def kind(self) -> str:
+        """The class a parameter is drawn and summarized in (the multipliers' plot, the layer statistics):
+        its layer's role, biases apart."""
+        return "bias" if self.is_bias else self.layer
+
+    @property
     def gradient_is_zero(self) -> bool:
         """Whether the loss's gradient is zero by construction: softmax(q.(k + b)) does not depend on the
         key bias b, so its gradient is rounding noise (mean |g| ~1e-10 against ~1e-4 elsewhere, gpt2-tiny)."""

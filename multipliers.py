@@ -110,13 +110,7 @@ def save_report(data: dict, out_dir: str) -> None:
     write_atomically(os.path.join(out_dir, "lwlr.png"), lambda f: plot(data, f), mode="wb")
 
 
-def layer_kind(name: str) -> str:
-    """The plot's colour class of a layer: its role (model.param_role), biases apart."""
-    role = param_role(name)
-    return "bias" if role.is_bias else role.layer
-
-
-KIND_COLORS = {
+KIND_COLORS = {  # one per model.ParamRole.kind, in every plot of layers
     "q": "tab:blue",
     "k": "tab:cyan",
     "v": "tab:green",
@@ -164,8 +158,9 @@ def plot(data: dict, path: str) -> dict:
                     color="0.35",
                 )
         drawn[title] = {}
+        kinds = [param_role(layer["name"]).kind for layer in subset]
         for kind, color in KIND_COLORS.items():
-            points = [(i, layer["multiplier"]) for i, layer in enumerate(subset) if layer_kind(layer["name"]) == kind]
+            points = [(i, layer["multiplier"]) for i, layer in enumerate(subset) if kinds[i] == kind]
             if points:
                 ax.scatter(*zip(*points), s=16, color=color, label=kind, zorder=2)
                 drawn[title][kind] = points

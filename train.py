@@ -48,6 +48,7 @@ from runtime.ranks import init_runtime
 from runtime.signals import EXIT_PREEMPTED, Preempted, StopRequest, StopVote
 from training import checkpoint, outdir, start, summary
 from training.build import pretrained
+from training.layer_stats import LayerStats
 from training.metrics import DivergedError, StepStats
 from training.runlog import RunLog
 from training.trainer import Trainer
@@ -142,10 +143,14 @@ def train_loop(c, rt, trainer: Trainer, val_batches, log: RunLog, stats: StepSta
     reached and, when a stop signal came first, where it came ("training" or "eval"), else None."""
     first_step = vote.stop.steps_done = step
     evaluated = False
+    layer_stats = LayerStats(trainer.raw_model) if c.layer_stats_interval else None
     while step < c.max_steps:
         with heartbeat("torch.compile: compiling", enabled=trainer.compiled and rt.is_main and step == first_step):
             with rt.waiting_for_ranks(f"step {step + 1}'s gradient and loss all-reduces"):
-                lr, step_loss, grad_norm, found_inf = trainer.step(step)
+                stats_step = layer_stats is not None and (step + 1) % c.layer_stats_interval == 0
+                lr, step_loss, grad_norm, found_inf, layers = trainer.step(step, layer_stats if stats_step else None)
+        if layers is not None:
+            log.layers(layers)
         stats.add(step_loss, found_inf)
         step += 1
         vote.stop.steps_done = step

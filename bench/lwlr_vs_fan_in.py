@@ -21,7 +21,7 @@ import torch
 import multipliers
 from bench.common import LOCAL
 from lwlr import baseline_multipliers
-from model import BLOCK_LINEARS, GPT
+from model import BLOCK_LINEARS, GPT, param_role
 from runtime.device import autocast, environment
 from training.build import gpt_config, token_batches
 from training.config import TrainConfig
@@ -47,7 +47,7 @@ def measure(model_name: str, T: int, device: torch.device, data_dir: str = "", b
     return [
         {
             "name": name,
-            "kind": multipliers.layer_kind(name),
+            "kind": param_role(name).kind,
             "numel": p.numel(),
             "lwlr": lwlr[name],
             "fan_in": fan_in[name],

@@ -448,7 +448,7 @@ def run_one(
     curve, val_curve, start_loss, diverged = [], [], None, False
     val_batches = build.token_batches(trainer.c, "val", "val", trainer.raw_model.config) if sweep.heldout else None
     for step in range(sweep.steps):
-        _, loss, _, found_inf = trainer.step(step)
+        _, loss, _, found_inf, _ = trainer.step(step)
         if sweep.heldout and ((step + 1) % sweep.eval_every == 0 or step == sweep.steps - 1):
             val_curve.append([step + 1, evaluate(trainer.model, val_batches, trainer.c, trainer.rt, trainer.ctx)])
         if step % sweep.log_every == 0 or step == sweep.steps - 1:

@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_fsdp.py: for each optimizer, the same steps of gpt2-tiny under
 parallel=fsdp, under DDP on the same ranks, and (where nothing is drawn at random per rank) in one
-process, all in this one launch; rank 0 writes each one's worst relative weight difference and the
-optimizer state each rank holds to the JSON file given.
+process, all in this one launch; rank 0 writes each one's worst relative weight difference, its last
+step's layer statistics' against DDP's, and the optimizer state each rank holds to the JSON file given.
 
     torchrun --nproc_per_node=2 tests/fsdp_worker.py DATA_DIR OUT.json OPTIMIZER:BACKEND ...
 """
@@ -19,6 +19,7 @@ from runtime.fsdp import local
 from runtime.ranks import Runtime, all_reduce_mean, init_runtime
 from training import build
 from training.config import parse_config
+from training.layer_stats import FIGURES, LayerStats
 from training.trainer import Trainer
 
 STEPS = {"torch": 20, "triton": 4}  # Triton's interpreter takes about half a second a launch on CPU
@@ -137,9 +138,11 @@ def main(data_dir: str, out_path: str, cases: list[str]) -> None:
         }
         if optimizer not in SAMPLES_LABELS and backend == "torch":  # one process would draw other labels
             runs["one process"] = trainer(c, Runtime(0, 0, 1, torch.device("cpu")), scales)
+        layer_records = {}  # the last step's layer statistics: sums over shards and ranks under fsdp
         for name, run in runs.items():
-            for step in range(STEPS[backend]):
+            for step in range(STEPS[backend] - 1):
                 run.step(step)
+            layer_records[name] = run.step(STEPS[backend] - 1, LayerStats(run.raw_model))[4]
         weights = {name: run.full_model() for name, run in runs.items()}
         states = {name: state_tensors(fsdp.full(run.optimizer.state_dict())) for name, run in runs.items()}
         memory = {name: state_bytes(run.optimizer) for name, run in runs.items() if name != "one process"}
@@ -159,12 +162,25 @@ def main(data_dir: str, out_path: str, cases: list[str]) -> None:
                 )
 
             others = {name: state for name, state in states.items() if name != "ddp"}
+
+            def layer_stats_against_ddp(record: dict) -> float:
+                reference = layer_records["ddp"]
+                return max(
+                    abs(got - want) / max(abs(want), 1e-30)
+                    for figure in FIGURES
+                    for tensor, got, want in zip(record["names"], record[figure], reference[figure])
+                    if not tensor.endswith("k_proj.bias")
+                )
+
             report[case] = {
                 "worst_relative": {name: worst_relative(pairs) for name, pairs in compared.items()},
                 "worst_state_relative": {name: against_ddp(state, False) for name, state in others.items()},
                 # LW-AS's step sizes and curvature averages: float32 scalars, whatever the weights' dtype
                 "worst_scalar_state_relative": {name: against_ddp(state, True) for name, state in others.items()},
                 "state_bytes": memory,
+                "worst_layer_stats_relative": {
+                    name: layer_stats_against_ddp(record) for name, record in layer_records.items() if name != "ddp"
+                },
             }
         assert build.shards(runs["fsdp"].c, rt)
     if rt.is_main:

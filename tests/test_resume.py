@@ -120,16 +120,20 @@ def test_the_log_holds_each_step_once_after_a_kill_and_resume(tmp_path, token_di
     from the kill is dropped too."""
     out = tmp_path / "run"
     straight = tmp_path / "straight"
-    assert train.main(tiny_run_args(straight, token_dir, max_steps=6)) == 0
-    assert train.main(tiny_run_args(out, token_dir, max_steps=6)) == 0
-    shutil.rmtree(checkpoint.step_dir(str(out), 6))  # back to a kill after step 5: checkpoint 3, log up to 5
-    lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["step"] <= 5]
-    (out / "log.jsonl").write_text("".join(kept) + '{"kind": "train", "step": 6, "lo')
+    assert train.main(tiny_run_args(straight, token_dir, max_steps=6, layer_stats_interval=1)) == 0
+    assert train.main(tiny_run_args(out, token_dir, max_steps=6, layer_stats_interval=1)) == 0
+    shutil.rmtree(checkpoint.step_dir(str(out), 6))  # back to a kill after step 5: checkpoint 3, logs up to 5
+    for log, cut in (("log.jsonl", '{"kind": "train", "step": 6, "lo'), ("layers.jsonl", '{"step":6,"names":["tr')):
+        lines = (out / log).read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= 5]
+        (out / log).write_text("".join(kept) + cut)
     (out / "model.safetensors").unlink()
-    assert train.main(tiny_run_args(out, token_dir, max_steps=6)) == 0
+    assert train.main(tiny_run_args(out, token_dir, max_steps=6, layer_stats_interval=1)) == 0
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     keys = [(r["kind"], r["step"]) for r in records]
     assert len(keys) == len(set(keys)), keys
     assert [r["loss"] for r in read_log(out, "train")] == [r["loss"] for r in read_log(straight, "train")]
     assert [r["step"] for r in read_log(out, "start")] == [0, 3]
+    layers, uninterrupted = ((run / "layers.jsonl").read_text().splitlines() for run in (out, straight))
+    assert [json.loads(line)["step"] for line in layers] == [1, 2, 3, 4, 5, 6]  # each step once, in order
+    assert layers == uninterrupted  # the repeated steps 4 and 5 recorded as the uninterrupted run did

@@ -27,7 +27,15 @@ from runtime.files import NO_FOLLOW, disk_full, free_bytes, megabytes, open_new,
 LOCK_FILE = ".lock"
 # The names a run writes directly in out_dir (its checkpoints go through a temporary folder of its own),
 # and the folders its loggers write into, which must be folders of out_dir's own, not links.
-WRITTEN_NAMES = (LOCK_FILE, "config.json", "log.jsonl", "lwlr.json", "lwlr.png", "model.safetensors")
+WRITTEN_NAMES = (
+    LOCK_FILE,
+    "config.json",
+    "log.jsonl",
+    "layers.jsonl",
+    "lwlr.json",
+    "lwlr.png",
+    "model.safetensors",
+)
 LOGGER_FOLDERS = ("tensorboard", "wandb")
 
 

@@ -121,10 +121,18 @@ def record_config(out_dir: str, c: TrainConfig, step: int, found: dict[str, tupl
     write_json(path, {"config": c.as_dict(), "history": history})
 
 
-def trim_log(out_dir: str, step: int) -> None:
-    """log.jsonl as of the checkpoint at `step`: records past it (the steps a resume runs again), an
-    earlier start at it, and a line cut off by a kill are dropped, so each (kind, step) appears once."""
-    path = os.path.join(out_dir, "log.jsonl")
+LOGS = ("log.jsonl", "layers.jsonl")  # the run's records by step, each trimmed on a resume
+
+
+def trim_logs(out_dir: str, step: int) -> None:
+    for name in LOGS:
+        trim_log(os.path.join(out_dir, name), step)
+
+
+def trim_log(path: str, step: int) -> None:
+    """A log (log.jsonl, layers.jsonl) as of the checkpoint at `step`: records past it (the steps a resume
+    runs again), an earlier start at it, and a line cut off by a kill are dropped, so each (kind, step)
+    appears once."""
     if not os.path.exists(path):
         return
     with open(path) as f:

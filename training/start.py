@@ -197,7 +197,7 @@ def record(c: TrainConfig, rt, begin: Start) -> None:
     if rt.is_main:
         checkpoint.remove_stale_temporaries(c.out_dir)
         resume.record_config(c.out_dir, c, begin.step, begin.changes)
-        resume.trim_log(c.out_dir, begin.step)
+        resume.trim_logs(c.out_dir, begin.step)
 
 
 def announce(c: TrainConfig, rt, trainer: Trainer, log: RunLog, step: int, chosen_precision: str) -> None:

@@ -17,6 +17,7 @@ from runtime.ranks import all_reduce_mean
 from training import checkpoint, resume
 from training.build import batch_split, build_optimizer, compiles, lr_at, shards, token_batches
 from training.config import TrainConfig
+from training.layer_stats import LayerStats
 
 
 class Trainer:
@@ -123,9 +124,10 @@ class Trainer:
             return contextlib.nullcontext()
         return fsdp.gradient_sync(self.model, False) if self.sharded else self.model.no_sync()
 
-    def step(self, step: int):
+    def step(self, step: int, layer_stats: LayerStats | None = None):
         """Optimizer step number `step` (0-based): (lr, mean loss, grad norm, found_inf), all on the device
-        but lr; a non-finite loss or gradient norm skips the update on every rank."""
+        but lr; a non-finite loss or gradient norm skips the update on every rank. With layer_stats, also
+        what the step did to each tensor: its record (training.layer_stats), else None."""
         c, rt = self.c, self.rt
         lr = lr_at(step, c)
         # the schedule's rate; each optimizer's step applies each group's multiplier (base.layer_lr)
@@ -162,10 +164,13 @@ class Trainer:
             self.sharded,
         )
         self.optimizer.before_step(step, context)
+        if layer_stats is not None:
+            layer_stats.before()
         self.optimizer.step()
+        record = layer_stats.after(step + 1) if layer_stats is not None else None
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer.after_step(step, context)
-        return lr, step_loss, grad_norm, self.found_inf
+        return lr, step_loss, grad_norm, self.found_inf, record
 
 
 def choose_backend(c: TrainConfig, rt) -> tuple[str, str]:
