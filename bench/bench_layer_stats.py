@@ -46,43 +46,44 @@ def measure(model: str, device: torch.device, args, data_dir: str) -> dict:
         ),
         device,
     )
-    stats = LayerStats(trainer.raw_model)
-    step = 0
-    for _ in range(args.warmup):  # compilation and the optimizer's state
+    for step in range(args.warmup):  # compilation and the optimizer's state
         trainer.step(step)
-        step += 1
-    trainer.step(step, stats)  # the first stats step allocates its copies
-    step += 1
-    plain, with_stats = [], []
-    for _ in range(args.rounds):
-        for _ in range(args.plain):
-            sync(device)
-            start = time.perf_counter()
-            trainer.step(step)
-            sync(device)
-            plain.append(time.perf_counter() - start)
-            step += 1
-        sync(device)
-        start = time.perf_counter()
-        trainer.step(step, stats)
-        sync(device)
-        with_stats.append(time.perf_counter() - start)
-        step += 1
-    plain_s, stats_s = statistics.median(plain), statistics.median(with_stats)
-    extra = stats_s - plain_s
+    timed = time_stats(trainer, device, args.warmup, args.rounds, args.plain)
     return {
         "model": model,
         "block_size": block_size,
         "micro_batch_size": micro_batch_size,
         "precision": trainer.c.dtype,
         "compiled": trainer.compiled,
-        "tensors": len(stats.names),
         "parameters": trainer.raw_model.num_params(),
+        **timed,
+    }
+
+
+def time_stats(trainer, device: torch.device, step: int, rounds: int, plain: int) -> dict:
+    """From optimizer step `step` of a warmed-up trainer on: rounds of `plain` steps, then one with layer
+    statistics; the median of each, the extra time, and its share of a run at some intervals."""
+    stats = LayerStats(trainer.raw_model)
+    trainer.step(step, stats)  # the first stats step allocates its copies
+    step += 1
+    plain_times, stats_times = [], []
+    for _ in range(rounds):
+        for with_stats in [False] * plain + [True]:
+            sync(device)
+            start = time.perf_counter()
+            trainer.step(step, stats if with_stats else None)
+            sync(device)
+            (stats_times if with_stats else plain_times).append(time.perf_counter() - start)
+            step += 1
+    plain_s, stats_s = statistics.median(plain_times), statistics.median(stats_times)
+    extra = stats_s - plain_s
+    return {
+        "tensors": len(stats.names),
         "plain_ms": 1000 * plain_s,
         "stats_step_ms": 1000 * stats_s,
         "extra_ms": 1000 * extra,
         "cost_at_interval": {k: extra / (k * plain_s) for k in (1, DEFAULT_INTERVAL, 100)},
-        "rounds": args.rounds,
+        "rounds": rounds,
     }
 
 

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from bench.bench_layer_stats import DEFAULT_INTERVAL, time_stats
 from bench.common import LOCAL, fresh_trainer, random_token_dir, results_base, sync
 from optimizers.registry import spec
 from runtime.device import environment, peak_flops, peak_memory_gib
@@ -91,6 +92,8 @@ def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> lis
             sync(device)
             times.append((time.perf_counter() - start) / steps)
     rows = []
+    # the layer statistics' cost on the same compiled step (bench/bench_layer_stats.py), after its rounds
+    stats_step = args.warmup + args.rounds * steps
     for value, trainer, times, warmup_s in zip(values, trainers, rounds, warmup_seconds):
         seconds = statistics.median(times)
         optimizer_seconds = time_optimizer_alone(trainer, device, args.warmup + args.rounds * steps)
@@ -114,6 +117,7 @@ def bench_row(preset, optimizer, rule, curvature, args, device, data_dir) -> lis
                 "optimizer_fraction": optimizer_seconds / seconds,
                 "steps_timed": steps * args.rounds,
                 "warmup_s": warmup_s,
+                "layer_stats": time_stats(trainer, device, stats_step, 3, 1) if args.layer_stats else None,
             }
         )
     return rows
@@ -168,6 +172,9 @@ def main(argv=None):
     )
     parser.add_argument(
         "--rounds", type=int, default=1, help="rounds of --steps steps per variant, in turns; the median round counts"
+    )
+    parser.add_argument(
+        "--layer_stats", action="store_true", help="also each row's step with layer statistics (3 rounds)"
     )
     parser.add_argument(
         "--out", default=LOCAL, help="results folder (default out-bench/; bench/results: the committed ones)"
@@ -266,6 +273,14 @@ def write_results(out_dir, env, args, rows, ratios):
             f"{r['optimizer_ms']:.2f} ({100 * r['optimizer_fraction']:.1f}%) | {r['peak_mem_gib']:.2f} |"
         )
     lines += [""] + [f"- {line}" for line in ratios]
+    for r in rows:
+        if r.get("layer_stats"):
+            stats, share = r["layer_stats"], r["layer_stats"]["cost_at_interval"]
+            lines.append(
+                f"- {r['model']} {label(r)} {r['lr_rule']}: a step with layer statistics takes "
+                f"{stats['extra_ms']:+.1f} ms ({100 * share[1]:+.1f}% of a step; at every {DEFAULT_INTERVAL}th "
+                f"step, the default, {100 * share[DEFAULT_INTERVAL]:+.2f}% of the run)"
+            )
     if args["device"] == "cpu":
         lines += ["", "Peak GiB on a CPU is the process's largest resident set so far (getrusage), not the row's own."]
     with open(base + ".md", "w") as f:

@@ -200,6 +200,11 @@ def throughput_figures(work: str) -> list[dict]:
             ]
             if r["mfu"] is not None:
                 rows.append(figure(label, r["mfu"], "MFU"))
+            if r.get("layer_stats"):  # training/layer_stats.py's cost on this step
+                stats = r["layer_stats"]
+                rows.append(figure(f"{label}, a step with layer statistics", stats["extra_ms"], "ms extra"))
+                for interval, share in stats["cost_at_interval"].items():
+                    rows.append(figure(f"{label}, layer statistics every {interval} steps", share, "of the run"))
     lwlr = read_json(os.path.join(work, "lwlr", "lwlr-*.json"))
     if lwlr:
         rows.append(
@@ -228,7 +233,8 @@ CHECK_TIMES = {  # part: (predicted on an H200, cap there, rehearsal measured on
     # eval_only's process: about 8 s (CUDA init, the checkpoint, 2 batches); the resume under fsdp compiles
     # each block on its own, about the compile of the whole model it replaced (predicted; the rehearsal: 89 s)
     "torchrun": (53, 90, 90, 300),
-    "throughput": (170, 210, 10, 240),
+    # + 2 s for 3 rounds of a plain step and one with layer statistics, on the compiled step (predicted)
+    "throughput": (172, 212, 10, 240),
 }
 
 
@@ -344,8 +350,8 @@ def check_parts(python: str, work: str, rehearse: bool) -> list[Part]:
         ),
         Part(
             "throughput",
-            "bench_train (adamw single / lwlr, torch fused AdamW; loss_chunk_rows 0 against chunked), the lwlr "
-            "measurement",
+            "bench_train (adamw single / lwlr, torch fused AdamW; loss_chunk_rows 0 against chunked; the layer "
+            "statistics' cost), the lwlr measurement",
             [
                 [
                     *bench_train,
@@ -353,6 +359,7 @@ def check_parts(python: str, work: str, rehearse: bool) -> list[Part]:
                     "adamw:single",
                     "adamw:lwlr",
                     "adamw_torch:single",
+                    "--layer_stats",
                     f"--out={w('throughput', 'rows')}",
                 ],
                 [*bench_train, "--rows", "adamw:lwlr", "--compare", chunks, f"--out={w('throughput', 'chunks')}"],

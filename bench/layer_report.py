@@ -131,6 +131,12 @@ def figure(runs: list[dict], sharpness: list[tuple[str, dict]], lwlr_report: dic
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def plain_numbers(axis) -> None:  # 0.2, 0.5, 1, 2 on a log axis, as lwlr.png labels it
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set_minor_formatter(NullFormatter())
 
     bottom = (len(sharpness) + 1) if lwlr_report is not None else 0
     columns = max(len(runs), bottom, 1)
@@ -168,6 +174,7 @@ def figure(runs: list[dict], sharpness: list[tuple[str, dict]], lwlr_report: dic
                     ax.scatter(*zip(*chosen), s=16, color=color, label=kind)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            plain_numbers(ax.yaxis)
             ax.set_xlabel("sharpness (mean Gauss-Newton diagonal); colours as in (a)")
             ax.set_ylabel("lwlr multiplier")
             ax.set_title(f"(b) lwlr against sharpness, {label}: log r = {r:+.2f}", loc="left", fontsize=10)
@@ -179,6 +186,7 @@ def figure(runs: list[dict], sharpness: list[tuple[str, dict]], lwlr_report: dic
         ax.bar([x + 0.2 for x in xs], [paper[k] for k in kinds], width=0.4, label="blockwise")
         ax.set_xticks(list(xs), kinds)
         ax.set_yscale("log")
+        plain_numbers(ax.yaxis)
         ax.set_ylabel("lr multiplier")
         ax.set_title("(c) per block type: lwlr beside Blockwise LR", loc="left", fontsize=10)
         ax.legend(fontsize=8, frameon=False)

@@ -8,9 +8,10 @@ figure and tables of bench/layer_report.py.
     python -m bench.layer_study                                   # about 10 min on 2 CPU cores
     python -m bench.layer_study --out_dir bench/results/layer-stats-heldout   # the committed figure
 
-Each run's val loss equals its heldout-cpu point's (the same config, in train.py instead of the sweep).
-Writes into --out_dir: layers.png and layers.md (bench/layer_report.py), sharpness-*.json and .md, and the
-runs' out_dirs under runs/ (untracked when --out_dir is under out-bench/).
+Each run is its heldout-cpu point's config, in train.py instead of the sweep: its val loss agrees with the
+point's to the digits two machines share (docs/findings.md).
+Writes into --out_dir: layers.png and layers.md (bench/layer_report.py), and sharpness-*.json and .md; the
+runs' out_dirs (checkpoints, layers.jsonl) go to out-bench/layer-study-runs/, untracked.
 """
 
 import argparse
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out_dir", default=os.path.join(LOCAL, "layer-stats-heldout"))
     parser.add_argument("--batches", type=int, default=20, help="sharpness: batches per estimate")
     args = parser.parse_args(argv)
-    runs = {rule: run(rule, lr, os.path.join(args.out_dir, "runs", rule)) for rule, lr in BEST_RATES.items()}
+    runs = {rule: run(rule, lr, os.path.join(LOCAL, "layer-study-runs", rule)) for rule, lr in BEST_RATES.items()}
     lwlr_run = runs["lwlr"]
     files = []
     for name, where in (
