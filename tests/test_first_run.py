@@ -97,14 +97,14 @@ def test_the_step_time_leaves_out_the_first_step_and_the_log_says_the_time_left(
 ):
     step, clock, beats = Trainer.step, StepClock(), []
 
-    def compiling_first_step(self, n):  # the first step compiles: 100 s, and a heartbeat while it runs
+    def compiling_first_step(self, n, layer_stats=None):  # the first step compiles: 100 s, and a heartbeat meanwhile
         if n == 0:
             for _ in range(3000):  # until the heartbeat has beaten twice (the loop only ends a hung test)
                 if len([line for line in beats if "compiling" in line]) >= 2:
                     break
                 time.sleep(0.01)
         clock.now += 100.0 if n == 0 else 0.25
-        return step(self, n)
+        return step(self, n, layer_stats)
 
     real_print = print
     monkeypatch.setattr(

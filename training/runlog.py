@@ -23,10 +23,10 @@ class RunLog:
         echo=print,
     ):
         self.runtime, self.file, self.backend, self.echo, self.out_dir = runtime, None, None, echo, out_dir
+        self.layers_file = None  # layers.jsonl, opened with the first layer record
         if not runtime.is_main:
             return
         self.file = open_for_append(os.path.join(out_dir, "log.jsonl"))
-        self.layers_file = None  # layers.jsonl, opened with the first layer record
         if logger == "wandb":
             import wandb
 
