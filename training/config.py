@@ -159,7 +159,7 @@ class TrainConfig:
     eval_interval: int = at_least(1, 50, help="evaluate on val (and checkpoint) every this many steps, and at the end")
     eval_steps: int = at_least(1, 20, help="batches per evaluation, the same fixed batches every time")
     log_interval: int = at_least(1, 10, help="one log line every this many steps")
-    layer_stats_interval: int = at_least(0, 10, help="every this many steps, each tensor's gradient, weight and "
+    layer_stats_interval: int = at_least(0, 20, help="every this many steps, each tensor's gradient, weight and "
                                          "update RMS into out_dir/layers.jsonl (training/layer_stats.py); 0 = off")
     keep_last: int = at_least(2, 2, help="complete checkpoints kept (>= 2, so one survives a crash during a save)")
     logger: str = choice("none", "wandb", "tensorboard", help="none | wandb | tensorboard (if installed)")
