@@ -10,7 +10,7 @@ import torch
 import train
 from bench.common import fresh_trainer
 from conftest import tiny_run_args
-from training.layer_stats import FIGURES, LayerStats, by_kind
+from training.layer_stats import CPU_CHUNK, FIGURES, LayerStats, by_kind, sum_of_squares
 
 
 def rms(t: torch.Tensor) -> float:
@@ -71,6 +71,17 @@ def test_one_steps_figures_are_those_of_its_gradients_and_two_copies_of_the_weig
     undecayed = rms(params[name].detach() - seen["before"][name] + decay)
     recorded = record["update_rms"][record["names"].index(name)]
     assert abs(undecayed - recorded) > 1e-3 * recorded
+
+
+def test_a_sum_of_squares_over_chunks_is_float64s_to_float32s_precision():
+    # Two and a half chunks: the short last one counts; a bf16 tensor sums in fp32.
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(5 * CPU_CHUNK // 2, generator=g) * torch.linspace(0.01, 10, 5 * CPU_CHUNK // 2)
+    for t in (values, values.view(-1, 5), values.bfloat16()):
+        exact = t.double().square().sum().item()
+        assert sum_of_squares(t).dtype == torch.float32
+        assert sum_of_squares(t).item() == pytest.approx(exact, rel=1e-6)
+    assert sum_of_squares(torch.empty(0)).item() == 0.0  # an empty fsdp shard
 
 
 def test_the_loggers_summary_is_each_kinds_median():
