@@ -119,6 +119,7 @@ def run(plan: start.Plan, rt, stop: StopRequest) -> int:
         said = {"step": step, "reason": stop.reason, "during": stopped_during, "came_after_step": stop.came_after_step}
         log.record("stop", said)
         trainer.save(step, "stop requested", stats.last_step_bad())
+    trainer.wait_for_save()  # fsdp's saves land in the background: the last one, and the stop's, before the exit
     bar.close()
     log.close()
     if stopped_during:

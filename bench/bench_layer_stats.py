@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench.common import LOCAL, fresh_trainer, random_token_dir, results_base, sync
+from bench.common import LOCAL, fresh_trainer, random_token_dir, sync, write_results
 from runtime.device import environment
 from training.config import TrainConfig
 from training.layer_stats import LayerStats
@@ -123,14 +123,7 @@ def main(argv=None) -> list[dict]:
         rows.append(measure(model, device, args, data_dir))
         print(json.dumps(rows[-1]), flush=True)
     env = environment(device)
-    base = results_base(args.out, "layer-stats", env["device"])
-    with open(base + ".json", "w") as f:
-        json.dump({"environment": env, "rows": rows}, f, indent=1)
-    text = markdown(rows, env)
-    with open(base + ".md", "w") as f:
-        f.write(text)
-    print(text)
-    print(f"wrote {base}.json and .md")
+    write_results(args.out, "layer-stats", env, rows, markdown(rows, env))
     return rows
 
 

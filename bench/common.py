@@ -1,6 +1,7 @@
 """What the benchmark scripts share: device synchronization, where results are written, and a Trainer
 built straight from config overrides."""
 
+import json
 import os
 import tempfile
 
@@ -33,6 +34,17 @@ def results_base(out_dir: str, kind: str, device_name: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in device_name.lower()).strip("-")
     return os.path.join(out_dir, f"{kind}-{slug}")
+
+
+def write_results(out_dir: str, kind: str, env: dict, rows: list[dict], text: str) -> None:
+    """A benchmark's rows and environment as out_dir/<kind>-<device>.json, its table as .md, both said."""
+    base = results_base(out_dir, kind, env["device"])
+    with open(base + ".json", "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {base}.json and .md")
 
 
 def random_token_dir(vocab_size: int, path: str | None = None, train_tokens: int = 1 << 21) -> str:

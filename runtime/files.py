@@ -122,10 +122,15 @@ def disk_full(error: BaseException, folder: str, needed: int | None = None) -> D
     free = free_bytes(folder)
     if not (isinstance(error, OSError) and error.errno in NO_SPACE) and not (needed is not None and free < needed):
         return None
+    return no_space(folder, needed, f"{type(error).__name__}: {error}")
+
+
+def no_space(folder: str, needed: int | None, cause: str) -> DiskFullError:
+    """The DiskFullError of a write into folder that failed with `cause` (an error's type and message)."""
     wanted = f"needed {megabytes(needed)}, " if needed is not None else ""
     return DiskFullError(
-        f"no space left on the file system of {folder}: {wanted}{megabytes(free)} free "
-        f"({type(error).__name__}: {error}). Free space and run the same command to resume."
+        f"no space left on the file system of {folder}: {wanted}{megabytes(free_bytes(folder))} free "
+        f"({cause}). Free space and run the same command to resume."
     )
 
 

@@ -9,9 +9,10 @@
           fp32 master weights; on CPU everything stays fp32.
 
 The optimizers step on each rank's shards (local()): elementwise updates need nothing more; a statistic
-over a whole tensor sums its shards' parts over the ranks (sum_over_shards). What a
-checkpoint holds does not depend on the sharding: full tensors, gathered here, so a run saved under one
-mode and world size resumes under any other (shard_optimizer_state cuts a rank's shard back out of them).
+over a whole tensor sums its shards' parts over the ranks (sum_over_shards). A
+checkpoint under fsdp holds each rank's shards (training/sharded.py) and reads back as full tensors, so a run
+saved under one mode and world size resumes under any other (shard_optimizer_state cuts a rank's shard back out
+of them); full() gathers the whole model for the export.
 """
 
 import contextlib

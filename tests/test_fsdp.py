@@ -93,7 +93,7 @@ def test_fsdp_checkpoints_resume_in_one_process_and_the_reverse_with_lwlr_as_one
         assert measured[from_fsdp][name] == pytest.approx(value, rel=1e-6), name
     # Each is the same 6 steps as a run that never changed mode; so the two end equal.
     a, b = (checkpoint.load_tensors(checkpoint.step_dir(str(out), 6), "model") for out in (from_fsdp, to_fsdp))
-    # to_fsdp's was written under fsdp: the tied embedding gathered once and stored once, as one process stores it
+    # to_fsdp's was written under fsdp, sharded: the tied embedding stored once and read back as one tensor
     assert b["lm_head.weight"].data_ptr() == b["transformer.wte.weight"].data_ptr()
     for name, tensor in a.items():
         if not name.endswith("k_proj.bias"):  # zero gradient by construction: rounding noise

@@ -10,6 +10,11 @@ down, verifies sizes and checksums, and skips (and reports) any that fail, sayin
 damaged or could not be read at all (a disk or permission error). Tensors are read with
 torch.load(weights_only=True), never pickle.
 
+Two layouts. A full checkpoint (one process and DDP; format 2) holds model.pt and optimizer.pt, written by
+rank 0. A sharded one (parallel=fsdp; format 3, meta.json's "layout": "sharded", training/sharded.py) holds
+each rank's shards, written by every rank at once under the same protocol. Either resumes under any mode and
+number of ranks, and load_tensors reads either as full tensors.
+
 Format 2 calls the layer-wise learning-rate multiplier what the code calls it: `multipliers` in
 meta.json, `multiplier` in the optimizer's param groups. Format 1 (checkpoints written before) called
 them lr_multipliers and lr_scale, and is read as format 2 (verify, load_optimizer_state).
@@ -25,9 +30,12 @@ import shutil
 import stat
 import sys
 import time
+import warnings
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_model
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta
 
 from model import GPT, non_finite, vocab_size_of
 from runtime.errors import UserError
@@ -36,10 +44,14 @@ from training.build import gpt_config
 from training.config import TrainConfig
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SHARDED_VERSION = 3  # the sharded layout's
+READABLE_VERSIONS = (1, 2, SHARDED_VERSION)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-step-"
-REQUIRED_FILES = ("model.pt", "optimizer.pt")  # what every checkpoint holds: meta.json's list must name them
+# What every checkpoint of a layout holds: meta.json's list must name them.
+REQUIRED_FILES = ("model.pt", "optimizer.pt")
+SHARDED_REQUIRED_FILES = (".metadata", "rest.pt")  # DCP's index; what no rank shards
+TENSOR = "tensor:"  # in a sharded checkpoint's rest.pt, where a tensor of its shards goes back
 
 
 class CheckpointError(UserError):
@@ -84,11 +96,16 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_file(path: str, write) -> dict:
+def write_file(path: str, write) -> dict:
+    """path written by write(file) and fsynced; its entry in meta.json's file list."""
     with open(path, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
+    return file_entry(path)
+
+
+def file_entry(path: str) -> dict:
     return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
 
 
@@ -154,9 +171,7 @@ def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_las
     """tensors: {"model": state_dict, "optimizer": state_dict, ...}, each saved as <name>.pt; meta: JSON,
     with the run's id (`run_id`), which retention keeps to. A save that fails for lack of space raises
     runtime.files.DiskFullError, its partial folder removed."""
-    if keep_last < 2:
-        raise ValueError(f"keep_last={keep_last}: keep at least 2 so one survives a failed save")
-    final = step_dir(out_dir, step)
+    check_keep_last(keep_last)
     tmp = os.path.join(out_dir, f"{TMP_PREFIX}{step:08d}-{os.getpid()}")
     if os.path.islink(tmp):  # a killed save's folder is removed; a link is nothing the run wrote
         refuse_planted(tmp)
@@ -164,34 +179,54 @@ def save(out_dir: str, step: int, tensors: dict[str, dict], meta: dict, keep_las
     os.makedirs(tmp)
     try:
         files = {
-            f"{name}.pt": _write_file(os.path.join(tmp, f"{name}.pt"), lambda f, obj=obj: torch.save(obj, f))
+            f"{name}.pt": write_file(os.path.join(tmp, f"{name}.pt"), lambda f, obj=obj: torch.save(obj, f))
             for name, obj in tensors.items()
         }
         meta = {"format_version": FORMAT_VERSION, "step": step, **meta, "files": files}
-        _write_file(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
-        _fsync_dir(tmp)
-        if os.path.lexists(final):  # skipped when the run began: a run saves each step once
-            move_aside(final, say)
-        os.rename(tmp, final)
-        _fsync_dir(out_dir)
+        final = commit(tmp, out_dir, step, meta, say)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         full = disk_full(e, out_dir, needed=tensor_bytes(tensors)) if isinstance(e, Exception) else None
         if full is None:
             raise
-        kept = own_steps(out_dir, meta.get("run_id"))
-        last = (
-            f"the last complete checkpoint, {step_dir(out_dir, kept[0])}, is intact"
-            if kept
-            else "no earlier checkpoint exists"
-        )
-        raise DiskFullError(f"saving step {step}: {full} Nothing of this save is left; {last}.") from None
-    for old in own_steps(out_dir, meta.get("run_id"))[keep_last:]:
+        raise disk_full_error(out_dir, step, full, meta.get("run_id")) from None
+    remove_old(out_dir, meta.get("run_id"), keep_last)
+    return final
+
+
+def check_keep_last(keep_last: int) -> None:
+    if keep_last < 2:
+        raise ValueError(f"keep_last={keep_last}: keep at least 2 so one survives a failed save")
+
+
+def commit(tmp: str, out_dir: str, step: int, meta: dict, say=print) -> str:
+    """The folder tmp, its files written and fsynced, made the checkpoint of `step`: meta.json written last,
+    then one rename. Returns the step folder's path."""
+    final = step_dir(out_dir, step)
+    write_file(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    _fsync_dir(tmp)
+    if os.path.lexists(final):  # skipped when the run began: a run saves each step once
+        move_aside(final, say)
+    os.rename(tmp, final)
+    _fsync_dir(out_dir)
+    return final
+
+
+def remove_old(out_dir: str, run_id: str | None, keep_last: int) -> None:
+    """The run's own checkpoints past the newest keep_last, once a new one is in place."""
+    for old in own_steps(out_dir, run_id)[keep_last:]:
         try:
             _remove(step_dir(out_dir, old))
         except OSError:  # retention is housekeeping: the new checkpoint is already in place
             pass
-    return final
+
+
+def disk_full_error(out_dir: str, step: int, full: DiskFullError, run_id: str | None) -> DiskFullError:
+    """The one line a save that ran out of space ends the run with: what failed, and what stands."""
+    kept = own_steps(out_dir, run_id)
+    last = f"the last complete checkpoint, {step_dir(out_dir, kept[0])}, is intact" if kept else None
+    stands = last or "no earlier checkpoint exists"
+    return DiskFullError(f"saving step {step}: {full} Nothing of this save is left; {stands}.")
 
 
 STALE_FILE = re.compile(r"\.tmp-\d+$|^\.write-test-\d+$")  # write_atomically's, the export's and outdir.prepare's
@@ -223,13 +258,16 @@ def verify(path: str) -> dict:
         raise CheckpointError(f"{meta_path}: not JSON ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_VERSIONS:
         version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{meta_path}: format version {version}, expected {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{meta_path}: format version {version}, expected one of {', '.join(map(str, READABLE_VERSIONS))}"
+        )
     files = meta.get("files")
     if not isinstance(files, dict) or not all(
         isinstance(e, dict) and {"bytes", "sha256"} <= e.keys() for e in files.values()
     ):
         raise CheckpointError(f"{meta_path}: no valid file list")
-    missing = [name for name in REQUIRED_FILES if name not in files]
+    required = SHARDED_REQUIRED_FILES if is_sharded(meta) else REQUIRED_FILES
+    missing = [name for name in required if name not in files]
     if missing:
         raise CheckpointError(f"{meta_path}: its file list does not name {', '.join(missing)}")
     for name in files:
@@ -292,17 +330,110 @@ def latest(out_dir: str, report=print) -> tuple[str, dict] | None:
     return found
 
 
+def is_sharded(meta: dict) -> bool:
+    return meta.get("format_version") == SHARDED_VERSION and meta.get("layout") == "sharded"
+
+
 def load_tensors(path: str, name: str) -> dict:
-    """<name>.pt's tensors. weights_only refuses anything but plain tensors and containers: a file whose
-    checksums match but which carries other objects (written by other code, or poisoned) is a
-    CheckpointError in one line, its payload never run."""
-    file_path = os.path.join(path, f"{name}.pt")
+    """<name>.pt's tensors (a sharded checkpoint's `name`, gathered from its shards: read_sharded).
+    weights_only refuses anything but plain tensors and containers: a file whose checksums match but which
+    carries other objects (written by other code, or poisoned) is a CheckpointError in one line, its payload
+    never run."""
+    with open(os.path.join(path, "meta.json"), "rb") as f:
+        if is_sharded(json.loads(f.read().decode("utf-8"))):
+            return read_sharded(path, name)
+    return load_weights_only(os.path.join(path, f"{name}.pt"))
+
+
+def load_weights_only(file_path: str):
     try:
         return torch.load(file_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [line for line in str(e).splitlines() if line.strip()]  # torch's reason is its second paragraph
-        reason = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
-        raise CheckpointError(f"{file_path}: holds more than tensors, so it is not loaded ({reason})") from None
+        raise refused_pickle(file_path, e) from None
+
+
+def refused_pickle(file_path: str, error: pickle.UnpicklingError) -> CheckpointError:
+    lines = [line for line in str(error).splitlines() if line.strip()]  # torch's reason is its second paragraph
+    reason = lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__
+    return CheckpointError(f"{file_path}: holds more than tensors, so it is not loaded ({reason})")
+
+
+# What DCP's index pickles: its metadata classes, torch's sizes, dtypes and layouts, and the path it was
+# written to. Anything else in a .metadata file is refused before it is built.
+INDEX_MODULE = "torch.distributed.checkpoint.metadata"
+INDEX_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in INDEX_GLOBALS or dtype:
+            return super().find_class(module, name)
+        if module == INDEX_MODULE and "." not in name:  # a class defined there, nothing it imports
+            value = super().find_class(module, name)
+            if isinstance(value, type) and value.__module__ == INDEX_MODULE:
+                return value
+        raise pickle.UnpicklingError(f"{module}.{name} is no part of a checkpoint's index")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's reader, its index read through _IndexUnpickler instead of pickle.load."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = os.path.join(self.path, ".metadata")
+        with open(path, "rb") as f:
+            try:
+                metadata = _IndexUnpickler(f).load()
+            except pickle.UnpicklingError as e:
+                raise refused_pickle(path, e) from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def read_sharded(path: str, name: str) -> dict:
+    """The full tensors of a sharded checkpoint's (training/sharded.py) `name` ("model": its state dict, tied
+    names included; "optimizer": its state dict), on the CPU, read by this process alone. Nothing is unpickled:
+    DCP loads each tensor with weights_only, rest.pt loads so too, and its index goes through _IndexUnpickler."""
+    reader = SafeReader(path)
+    index = reader.read_metadata().state_dict_metadata
+    pickled = [key for key, entry in index.items() if isinstance(entry, BytesStorageMetadata)]
+    if pickled:  # this project's saves write tensors alone; DCP would unpickle these
+        raise CheckpointError(
+            f"{path}: holds more than tensors ({', '.join(pickled[:3])}), so it is not loaded"
+        )
+    prefix = f"{name}/"
+    targets = {
+        key: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in index.items()
+        if key.startswith(prefix)
+    }
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(targets, storage_reader=reader, no_dist=True)
+    rest = load_weights_only(os.path.join(path, "rest.pt"))
+    if name == "model":
+        state = {key[len(prefix) :]: t for key, t in targets.items()}
+        state.update({alias: state[original] for alias, original in rest["tied"].items()})
+        return state
+
+    def restore(item):
+        if isinstance(item, str) and item.startswith(TENSOR):
+            return targets[item[len(TENSOR) :]]
+        if isinstance(item, dict):
+            return {k: restore(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return type(item)(restore(v) for v in item)
+        return item
+
+    return restore(rest["optimizer"])
 
 
 def load_optimizer_state(path: str, meta: dict) -> dict:

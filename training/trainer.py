@@ -18,6 +18,7 @@ from training import checkpoint, resume
 from training.build import batch_split, build_optimizer, compiles, lr_at, shards, token_batches
 from training.config import TrainConfig
 from training.layer_stats import LayerStats
+from training.sharded import ShardedSaver
 
 
 class Trainer:
@@ -43,6 +44,7 @@ class Trainer:
         self.compiled, self.compile_reason = compiles(c, rt.device, model.config.vocab_size)
         if self.sharded:  # before the optimizer: fully_shard replaces every parameter by its DTensor
             fsdp.fully_shard_model(model, model.transformer.h, rt.device, compile_units=self.compiled)
+        self.saver = ShardedSaver(rt, c.out_dir) if self.sharded else None  # a collective: its process group
         groups = base.param_groups(model, multipliers, c.weight_decay, c.lwlr_scale_decay)
         self.backend, self.backend_reason = backend or choose_backend(c, rt)
         self.optimizer = build_optimizer(c, groups, model.config.n_head, self.backend)
@@ -65,34 +67,45 @@ class Trainer:
             self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
     def save(self, step: int, reason: str, last_step_bad: bool) -> None:
-        """A checkpoint of the state after `step` steps (rank 0 writes, every rank waits), unless the last
-        step was non-finite: then the previous checkpoint stands, if there is one."""
+        """A checkpoint of the state after `step` steps, unless the last step was non-finite: then the previous
+        checkpoint stands, if there is one. Under fsdp every rank writes its shards in the background
+        (training/sharded.py: wait_for_save); otherwise rank 0 writes a full one and every rank waits."""
         c, rt = self.c, self.rt
         if last_step_bad:
             rt.print0(f"not saving at step {step} ({reason}): the last step was non-finite; {self.standing()}")
             return
-        if self.sharded:  # every rank gathers, shard by shard; rank 0 keeps the full tensors
-            tensors = {
-                "model": fsdp.full_model_state(self.raw_model, keep=rt.is_main),
-                "optimizer": fsdp.full(self.optimizer.state_dict(), keep=rt.is_main),
-            }
-        else:
-            tensors = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        meta = self.meta(step) if rt.is_main else None
+        if self.sharded:
+            model_state = self.raw_model.state_dict(keep_vars=True)  # the tied embedding one tensor, stored once
+            with rt.waiting_for_ranks(f"the save in flight, before the save at step {step}"):
+                self.saver.save(step, model_state, self.optimizer.state_dict(), meta, c.keep_last, reason)
+            return
         if rt.is_main:
-            meta = {
-                "config": c.as_dict(),
-                "world_size": rt.world_size,
-                "run_id": self.run_id,
-                "precision": precision(rt.device, c.dtype)[0],  # what dtype came to here: a resume compares it
-                "multipliers": self.multipliers,
-                "data": {"seed": c.seed, "next_step": step},
-                "data_fingerprints": self.data_fingerprints,  # a resume on other token files is refused
-            }
+            tensors = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()}
             path = checkpoint.save(c.out_dir, step, tensors, meta, c.keep_last, say=rt.print0)
             rt.print0(f"saved {path} ({reason})")
         if rt.distributed:
             with rt.waiting_for_ranks(f"the barrier after the save at step {step}"):
                 dist.barrier()
+
+    def wait_for_save(self) -> None:
+        """Returns once no save is in flight (fsdp's are written in the background), raising what it met."""
+        if self.saver is not None:
+            with self.rt.waiting_for_ranks("the sharded save in flight"):
+                self.saver.wait()
+
+    def meta(self, step: int) -> dict:
+        """meta.json's account of the run at `step`, beside the checkpoint's files."""
+        c, rt = self.c, self.rt
+        return {
+            "config": c.as_dict(),
+            "world_size": rt.world_size,
+            "run_id": self.run_id,
+            "precision": precision(rt.device, c.dtype)[0],  # what dtype came to here: a resume compares it
+            "multipliers": self.multipliers,
+            "data": {"seed": c.seed, "next_step": step},
+            "data_fingerprints": self.data_fingerprints,  # a resume on other token files is refused
+        }
 
     def standing(self) -> str:
         """Which checkpoint of the run stands, said (a divergence or a skipped save names it)."""
