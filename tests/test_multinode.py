@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, root_on_path, tiny_run_args
 from runtime.signals import EXIT_PREEMPTED
 from test_operations import wait_for_line
-from test_stopping import free_port
+from test_stopping import free_port, start
 from training import checkpoint
 
 SETTINGS = dict(parallel="fsdp", lr_rule="single", eval_interval=3, eval_steps=1, micro_batch_size=2, dist_timeout=60)
@@ -29,15 +29,7 @@ def node(node_rank: int, port: int, args: list[str]) -> subprocess.Popen:
         *("--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=rehearsal-{port}"),
         *("train.py", *args),
     ]
-    return subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=root_on_path(OMP_NUM_THREADS="1"),
-        start_new_session=True,  # a node lost is its launcher and its ranks at once: one process group
-    )
+    return start(command, start_new_session=True)  # a node lost is its launcher and its ranks: one process group
 
 
 def children(pid: int) -> list[int]:

@@ -6,7 +6,6 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -14,10 +13,11 @@ import safetensors.torch
 import torch
 
 import export
-from conftest import ROOT, read_log, root_on_path, tiny_run_args, torchrun
+from conftest import read_log, tiny_run_args, torchrun
 from runtime import files
 from test_operations import small_file_system, wait_for_line
 from test_reliability import assert_identical_states, final_state
+from test_stopping import start
 from training import checkpoint
 
 # Adam-mini: its per-block second moments are whole on every rank (written once), the rest sharded.
@@ -26,15 +26,8 @@ SETTINGS = dict(optimizer="adam_mini", lr_rule="single", max_steps=6, lr_decay_s
 
 def launch_fsdp(out, token_dir, nproc=2, **more):
     args = tiny_run_args(out, token_dir, parallel="fsdp", **{**SETTINGS, **more})
-    return subprocess.Popen(
-        [sys.executable, "launch.py", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=root_on_path(OMP_NUM_THREADS="1"),
-        start_new_session=True,  # its own process group: a kill -9 takes the launcher and both ranks at once
-    )
+    command = [sys.executable, "launch.py", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+    return start(command, start_new_session=True)  # one process group: a kill -9 takes the launcher and both ranks
 
 
 def finished(child, timeout=300) -> str:

@@ -21,7 +21,7 @@ from test_reliability import assert_identical_states, final_state
 from training import checkpoint, outdir
 
 
-def start(command, env=None):
+def start(command, env=None, **popen):
     return subprocess.Popen(
         command,
         cwd=ROOT,
@@ -29,6 +29,7 @@ def start(command, env=None):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        **popen,
     )
 
 

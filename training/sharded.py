@@ -23,6 +23,7 @@ Reading one needs no process group and no sharding (checkpoint.read_sharded): fu
 ranks, under DDP or fsdp or in one process.
 """
 
+import dataclasses
 import glob
 import os
 import shutil
@@ -101,7 +102,6 @@ class ShardedSaver:
         self.owner = owner[0]
         self._thread: threading.Thread | None = None
         self._outcome: BaseException | None = None
-        self._error: BaseException | None = None  # rank 0's own failure in meta.json's write or the rename
 
     def tmp_dir(self, step: int) -> str:
         return os.path.join(self.out_dir, f"{checkpoint.TMP_PREFIX}{step:08d}-{self.owner}")
@@ -112,19 +112,15 @@ class ShardedSaver:
         self.wait()
         began = time.perf_counter()
         tensors, rest = flatten(model_state, optimizer_state)
-        self._refuse_what_cannot_fit(step, local_bytes(tensors), meta)
-        staged = stage(tensors)
-        stall = time.perf_counter() - began
-        tmp = self.tmp_dir(step)
-        shutil.rmtree(tmp, ignore_errors=True)  # a killed save's, of this step (remove_stale_temporaries missed)
-        os.makedirs(tmp, exist_ok=True)
+        size = local_bytes(tensors)
+        self._refuse_what_cannot_fit(step, size, meta)
+        job = _Save(step, self.tmp_dir(step), stage(tensors), rest, size, meta, keep_last, reason, began)
+        job.stall = time.perf_counter() - began
+        shutil.rmtree(job.tmp, ignore_errors=True)  # a killed save's, of this step (remove_stale_temporaries missed)
+        os.makedirs(job.tmp, exist_ok=True)
         self._outcome = None
-        self._thread = threading.Thread(
-            target=self._write,
-            args=(step, tmp, staged, rest, meta, keep_last, reason, began, stall),
-            name=f"checkpoint-{step}",
-            daemon=True,  # a run that fails elsewhere does not wait for it: its temporary folder is removed later
-        )
+        # daemon: a run that fails elsewhere does not wait for it; its temporary folder is removed later
+        self._thread = threading.Thread(target=self._write, args=(job,), name=f"checkpoint-{step}", daemon=True)
         self._thread.start()
 
     def _refuse_what_cannot_fit(self, step: int, this_rank_bytes: int, meta: dict | None) -> None:
@@ -152,66 +148,84 @@ class ShardedSaver:
         if outcome is not None:
             raise outcome
 
-    def _write(self, step, tmp, staged, rest, meta, keep_last, reason, began, stall) -> None:
+    def _write(self, job: "_Save") -> None:
         try:
-            self._outcome = self._written(step, tmp, staged, rest, meta, keep_last, reason, began, stall)
+            self._outcome = self._written(job)
         except BaseException as e:  # noqa: BLE001 a bug's traceback, raised again in the main thread by wait()
             self._outcome = e
 
-    def _written(self, step, tmp, staged, rest, meta, keep_last, reason, began, stall) -> BaseException | None:
+    def _written(self, job: "_Save") -> BaseException | None:
         """What the save came to, the same on every rank: None once the folder is in place, else the error to
         raise (this rank's own exception where it had one, so a bug keeps its traceback)."""
         rank, error, report = self.rt.rank, None, None
         try:
-            writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True, thread_count=1)
-            dcp.save(staged, storage_writer=writer, process_group=self.group)
-            names = [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(tmp), f"__{rank}_*.distcp"))]
+            writer = dcp.FileSystemWriter(job.tmp, single_file_per_rank=True, sync_files=True, thread_count=1)
+            dcp.save(job.staged, storage_writer=writer, process_group=self.group)
+            pattern = os.path.join(glob.escape(job.tmp), f"__{rank}_*.distcp")
+            names = [os.path.basename(path) for path in glob.glob(pattern)]
             if rank == 0:
-                checkpoint.write_file(os.path.join(tmp, "rest.pt"), lambda f: torch.save(rest, f))
+                checkpoint.write_file(os.path.join(job.tmp, "rest.pt"), lambda f: torch.save(job.rest, f))
                 names += [".metadata", "rest.pt"]
-            files = {name: checkpoint.file_entry(os.path.join(tmp, name)) for name in names}
+            files = {name: checkpoint.file_entry(os.path.join(job.tmp, name)) for name in names}
         except Exception as e:  # noqa: BLE001 every rank learns of any rank's failure below
             error, files = e, None
             cause = underlying(e)
-            full = disk_full(cause, self.out_dir, needed=local_bytes(staged)) is not None
-            report = (full, f"{type(cause).__name__}: {cause}")
+            report = (disk_full(cause, self.out_dir, needed=job.size) is not None, f"{type(cause).__name__}: {cause}")
         reports = [None] * self.rt.world_size
-        dist.all_gather_object(reports, (files, report, local_bytes(staged)), group=self.group)
-        verdict = [self._finish(step, tmp, reports, meta, keep_last) if rank == 0 else None]
+        dist.all_gather_object(reports, (files, report, job.size), group=self.group)
+        kind, message, own_error = self._finish(job, reports) if rank == 0 else (None, None, None)
+        verdict = [(kind, message)]
         dist.broadcast_object_list(verdict, src=0, group=self.group)
         kind, message = verdict[0]
         if kind == "saved":
             self.rt.print0(
-                f"saved {message} ({reason}; sharded over {self.rt.world_size} ranks: the step waited {stall:.2f} s, "
-                f"written in {time.perf_counter() - began:.2f} s)"
+                f"saved {message} ({job.reason}; sharded over {self.rt.world_size} ranks: the step waited "
+                f"{job.stall:.2f} s, written in {time.perf_counter() - job.began:.2f} s)"
             )
             return None
         if kind == "disk full":
             return said_once(DiskFullError(message))
-        return error or self._error or RuntimeError(f"rank {rank}: saving step {step} failed: {message}")
+        return error or own_error or RuntimeError(f"rank {rank}: saving step {job.step} failed: {message}")
 
-    def _finish(self, step, tmp, reports, meta, keep_last) -> tuple[str, str]:
+    def _finish(self, job: "_Save", reports) -> tuple[str, str, BaseException | None]:
         """Rank 0, once every rank reported: meta.json and the rename, or the folder removed after a failure.
-        ("saved", the folder) or ("disk full" | "failed", what to say)."""
-        self._error = None
+        ("saved", the folder, None) or ("disk full" | "failed", what to say, rank 0's own exception if any)."""
         failed = [(rank, report) for rank, (_, report, _) in enumerate(reports) if report is not None]
         needed = sum(size for _, _, size in reports)
+        own_error = None
         try:
             if not failed:
                 files = {name: entry for rank_files, _, _ in reports for name, entry in rank_files.items()}
-                meta = {"format_version": SHARDED_VERSION, "layout": "sharded", "step": step, **meta, "files": files}
-                final = checkpoint.commit(tmp, self.out_dir, step, meta, say=self.rt.print0)
-                checkpoint.remove_old(self.out_dir, meta.get("run_id"), keep_last)
-                return "saved", final
+                meta = {"format_version": SHARDED_VERSION, "layout": "sharded", "step": job.step, **job.meta}
+                final = checkpoint.commit(job.tmp, self.out_dir, job.step, {**meta, "files": files}, self.rt.print0)
+                checkpoint.remove_old(self.out_dir, job.meta.get("run_id"), job.keep_last)
+                return "saved", final, None
         except Exception as e:  # noqa: BLE001 meta.json's write or the rename: as a rank's own failure
-            self._error = e
+            own_error = e
             failed = [(0, (disk_full(e, self.out_dir, needed=needed) is not None, f"{type(e).__name__}: {e}"))]
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(job.tmp, ignore_errors=True)
         cause = next((text for _, (full, text) in failed if full), None)
         if cause is not None:
             full = no_space(self.out_dir, needed, cause)
-            return "disk full", str(checkpoint.disk_full_error(self.out_dir, step, full, meta.get("run_id")))
-        return "failed", "; ".join(f"rank {rank}: {text}" for rank, (_, text) in failed)
+            message = str(checkpoint.disk_full_error(self.out_dir, job.step, full, job.meta.get("run_id")))
+            return "disk full", message, own_error
+        return "failed", "; ".join(f"rank {rank}: {text}" for rank, (_, text) in failed), own_error
+
+
+@dataclasses.dataclass
+class _Save:
+    """One save in flight: what the background thread writes, and what it says when done."""
+
+    step: int
+    tmp: str  # the temporary folder, the same on every rank
+    staged: dict  # this rank's copies of its shards
+    rest: dict  # rank 0's rest.pt
+    size: int  # the bytes of this rank's shards
+    meta: dict | None  # rank 0's meta.json content, None elsewhere
+    keep_last: int
+    reason: str
+    began: float
+    stall: float = 0.0
 
 
 def said_once(error: DiskFullError) -> DiskFullError:
