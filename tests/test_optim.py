@@ -246,8 +246,8 @@ def adam_mini_models():
     return model, copy.deepcopy(model)
 
 
-# 20 steps where the kernels compile (the GPU check); 10 under the CPU interpreter, at 4 s a step
-ADAM_MINI_STEPS = 10 if TEST_DEVICE == "cpu" else 20
+# 20 steps where the kernels compile (the GPU check); 6 under the CPU interpreter, at 4 s a step, a reload after 3
+ADAM_MINI_STEPS = 6 if TEST_DEVICE == "cpu" else 20
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
