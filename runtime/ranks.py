@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from runtime import threads
+from runtime import host_memory, threads
 from runtime.errors import UserError
 
 
@@ -114,6 +114,8 @@ def init_runtime(device: str = "auto", timeout_s: int = 600, cpu_threads: int = 
             f"device={device}, but torch sees no CUDA device here (torch {torch.__version__}); use device=cpu "
             "or device=auto"
         )
+    if not device.startswith("cuda"):  # the step's tensors live in host memory: keep its pages mapped
+        host_memory.retain_freed_memory()
     if "RANK" not in os.environ:
         return Runtime(0, 0, 1, torch.device(device), threads=set_threads(device, cpu_threads, 1))
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
