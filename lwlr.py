@@ -5,7 +5,9 @@ Every layer i (each weight, bias, LayerNorm scale and embedding tensor; q, k and
 gets a constant learning-rate multiplier (the paper's eta_i) for the whole run, on top of any optimizer
 and the global schedule: step_i = gamma(t) * multiplier_i * O'(g_i).
 
-    1. Copy the model and re-initialize the copy for measurement (`init`):
+    1. Copy the model and re-initialize the copy for measurement (`init`); or, given the model's compiled
+       forward, re-initialize the model itself and restore its weights afterwards, so the measurement runs
+       through the training steps' graph:
          fan_out  every Linear weight N(0, 1/fan_out), the backward-variance-preserving init; the tied
                   wte / lm_head counts as a Linear with fan_out = vocab size; LayerNorm scales 1,
                   biases 0, the position embedding treated as a bias (0). Our reading of the paper's
@@ -34,6 +36,7 @@ param groups that carry them to an optimizer are optimizers.base.param_groups.
 """
 
 import copy
+import itertools
 import math
 from contextlib import nullcontext
 
@@ -70,18 +73,42 @@ class UnmappedLayersError(UserError):
 
 
 def measure_grad_mean_abs(
-    model: torch.nn.Module, batches, T: int = 100, init: str = "fan_out", ctx=None
+    model: torch.nn.Module, batches, T: int = 100, init: str = "fan_out", ctx=None, forward=None
 ) -> dict[str, float]:
-    """G_i: each parameter's mean |gradient|, averaged over T batches, on a copy of the model
-    re-initialized by `init`. In a torch.distributed run each rank passes its own batches and measures
-    batches rank, rank + world, ... of the T; the sums are all-reduced, so every rank returns the
-    same G as one process measuring all T batches."""
+    """G_i: each parameter's mean |gradient|, averaged over T batches, on the model re-initialized by
+    `init`: a copy of it, or, given `forward` (the model compiled, torch.compile(model)), the model itself,
+    whose weights and gradients are restored afterwards to the bit, so the measurement runs through the
+    graph the training steps run (compiled once for both). Either draws the same numbers from torch's RNG.
+    In a torch.distributed run each rank passes its own batches and measures batches rank, rank + world,
+    ... of the T; the sums are all-reduced, so every rank returns the same G as one process measuring
+    all T batches."""
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"lwlr T must be an integer >= 1, got {T!r}")
     if init not in MEASUREMENT_INITS:
         raise ValueError(f"lwlr init {init!r}: choose one of {', '.join(MEASUREMENT_INITS)}")
+    if forward is None:
+        probe = copy.deepcopy(model)
+        return _measure(probe, probe, batches, T, init, ctx)
+
+    def tensors():  # everything a forward and backward in training mode may change
+        return itertools.chain(model.named_parameters(), model.named_buffers())
+
+    saved = {name: t.detach().clone() for name, t in tensors()}
+    was_training = model.training
+    try:
+        return _measure(model, forward, batches, T, init, ctx)
+    finally:
+        with torch.no_grad():
+            for name, t in tensors():
+                t.copy_(saved[name])
+                t.grad = None
+        model.train(was_training)
+
+
+def _measure(probe: torch.nn.Module, forward, batches, T: int, init: str, ctx) -> dict[str, float]:
+    """measure_grad_mean_abs on `probe`, its forward and backward through `forward`."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    probe = copy.deepcopy(model).train()
+    probe.train()
     if init != "model":
         init_weights(probe, init)
     named = [(name, p) for name, p in probe.named_parameters() if p.requires_grad]
@@ -93,7 +120,7 @@ def measure_grad_mean_abs(
             break
         probe.zero_grad(set_to_none=True)
         with ctx or nullcontext():
-            _, loss = probe(x, y)
+            _, loss = forward(x, y)
         loss.backward()
         for i, (_, p) in enumerate(named):
             if p.grad is not None:

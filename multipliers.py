@@ -193,16 +193,17 @@ def compare(path_a: str, path_b: str) -> tuple[float, float]:
     return max(deviations), sum(deviations) / len(deviations)
 
 
-def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float] | None, dict | None]:
+def for_config(c, model, batches, ctx=None, log=print, forward=None) -> tuple[dict[str, float] | None, dict | None]:
     """The multipliers a TrainConfig asks for (None for lr_rule=single) and the report to save; lwlr and
-    lwlr_matrices measure on `batches` (training.build.token_batches of the "lwlr" stream)."""
+    lwlr_matrices measure on `batches` (training.build.token_batches of the "lwlr" stream), through
+    `forward` where given (the run's compiled model: lwlr.measure_grad_mean_abs)."""
     if c.lr_rule == "single":
         return None, None
     meta = {"rule": c.lr_rule, "model": c.model, "dataset": c.data_dir or c.dataset, "seed": c.seed}
     if c.lr_rule not in MEASURED_RULES:
         multipliers = baseline_multipliers(model, c.lr_rule)
         return multipliers, report(model, multipliers, None, **meta)
-    measured, data = lwlr_for_config(c, model, batches, ctx, log)
+    measured, data = lwlr_for_config(c, model, batches, ctx, log, forward)
     if c.lr_rule == "lwlr":
         return measured, data
     multipliers = lwlr_matrices_multipliers(model, measured)
@@ -211,7 +212,7 @@ def for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float]
     return multipliers, report(model, multipliers, None if None in grads.values() else grads, **how_measured | meta)
 
 
-def lwlr_for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, float], dict]:
+def lwlr_for_config(c, model, batches, ctx=None, log=print, forward=None) -> tuple[dict[str, float], dict]:
     """lwlr's multipliers for a TrainConfig and their report: read from lwlr_file, reused from the cache, or
     measured (and cached)."""
     meta = {"rule": "lwlr", "model": c.model, "dataset": c.data_dir or c.dataset, "seed": c.seed}
@@ -219,7 +220,7 @@ def lwlr_for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, f
         multipliers, _ = load_multipliers(c.lwlr_file, model)
         return multipliers, report(model, multipliers, None, **meta, source=c.lwlr_file)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    cache_path = measurement_cache_path(c, model, batches.path, ctx)
+    cache_path = measurement_cache_path(c, model, batches.path, ctx, compiled=forward is not None)
     cached = _cached_report(cache_path, model, rank)
     if cached is not None:
         log(
@@ -230,10 +231,11 @@ def lwlr_for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, f
     device = next(model.parameters()).device
     whole = BatchSplit(c.micro_batch_size)  # each of the T batches whole, on the rank it falls to
     mine = (batches.get(t, whole, device) for t in range(rank, c.lwlr_T, world))
-    log(f"lwlr: measuring each layer's mean |gradient| at init ({c.lwlr_init}) over T={c.lwlr_T} batches ...")
+    graph = " through the run's compiled model (compiling at the first batch)" if forward is not None else ""
+    log(f"lwlr: measuring each layer's mean |gradient| at init ({c.lwlr_init}) over T={c.lwlr_T} batches{graph} ...")
     start = time.perf_counter()
     with Progress("lwlr", len(range(rank, c.lwlr_T, world)), "batches", enabled=rank == 0) as progress:
-        grads = measure_grad_mean_abs(model, counted(mine, progress), c.lwlr_T, c.lwlr_init, ctx)
+        grads = measure_grad_mean_abs(model, counted(mine, progress), c.lwlr_T, c.lwlr_init, ctx, forward)
     seconds = time.perf_counter() - start
     multipliers = multipliers_from_grads(grads, numels_of(model), c.lwlr_power)
     log(f"lwlr: measured {len(grads)} layers over T={c.lwlr_T} batches of {c.micro_batch_size} in {seconds:.1f} s")
@@ -245,20 +247,24 @@ def lwlr_for_config(c, model, batches, ctx=None, log=print) -> tuple[dict[str, f
         block_size=model.config.block_size,
         world_size=world,
     )
+    if forward is not None:
+        meta["compiled"] = True  # through the run's compiled graph
     data = report(model, multipliers, grads, **meta)
     if cache_path and rank == 0:
         _write_atomically(cache_path, data)
     return multipliers, data
 
 
-def for_run(c, rt, model) -> dict[str, float] | None:
+def for_run(c, rt, model, forward=None) -> tuple[dict[str, float] | None, bool]:
     """A fresh run's multipliers, in an out_dir it holds: measured (or computed, or read) as for_config
-    says, with lwlr.json and lwlr.png written beside the run."""
+    says, through `forward` where given (the run's compiled model), with lwlr.json and lwlr.png written
+    beside the run. Also whether the measurement ran `forward`, so compiled it."""
     batches = token_batches(c, "train", "lwlr", model.config)
-    multipliers, report = for_config(c, model, batches, autocast(rt.device, c.dtype), log=rt.print0)
+    multipliers, report = for_config(c, model, batches, autocast(rt.device, c.dtype), rt.print0, forward)
     if rt.is_main and report is not None:
         save_report(report, c.out_dir)
-    return multipliers
+    ran_forward = forward is not None and report is not None and report.get("compiled") and "source" not in report
+    return multipliers, bool(ran_forward)
 
 
 def check_source(c, model) -> None:
@@ -271,11 +277,11 @@ def check_source(c, model) -> None:
 CACHE_VERSION = 1  # bump when the measurement changes what it computes
 
 
-def measurement_cache_path(c, model, data_path: str, ctx) -> str | None:
+def measurement_cache_path(c, model, data_path: str, ctx, compiled: bool = False) -> str | None:
     """Where multipliers measured with exactly these settings are kept: the model (its config, so its
     shapes and init), the data (its tokens' fingerprint, so token files written again with the same
     tokens keep their measurement; path, size and modification time for a file without one), seed, T,
-    init, power, batch size and precision. None when lwlr_cache_dir=none. The measurement is
+    init, power, batch size, precision and whether it ran compiled. None when lwlr_cache_dir=none. The measurement is
     deterministic given these."""
     if c.lwlr_cache_dir == "none":
         return None
@@ -294,6 +300,8 @@ def measurement_cache_path(c, model, data_path: str, ctx) -> str | None:
         "micro_batch_size": c.micro_batch_size,
         "precision": precision,
     }
+    if compiled:  # a compiled graph rounds otherwise; the eager measurements keep their keys
+        settings["compiled"] = True
     if c.init_from not in INIT_MODES:  # fine-tuning: the measured network depends on the loaded weights
         weights = hf.weights_file(c.init_from)
         settings["init_from"] = [os.path.realpath(weights), os.path.getsize(weights), os.stat(weights).st_mtime_ns]

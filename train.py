@@ -47,7 +47,7 @@ from runtime.progress import duration, heartbeat
 from runtime.ranks import init_runtime
 from runtime.signals import EXIT_PREEMPTED, Preempted, StopRequest, StopVote
 from training import checkpoint, outdir, start, summary
-from training.build import pretrained
+from training.build import pretrained, shared_compiled_model
 from training.layer_stats import LayerStats
 from training.metrics import DivergedError, StepStats
 from training.runlog import RunLog
@@ -95,13 +95,17 @@ def run(plan: start.Plan, rt, stop: StopRequest) -> int:
     began = time.perf_counter()
     chosen_precision = start.say_precision(c, rt)
     start.say_threads(rt)
+    compiled_model = shared_compiled_model(c, rt, begin.model)  # compiled once: lwlr's probe and the steps
     if begin.resumed_from:  # multipliers come from the checkpoint: never re-measured on a resume
         rt.print0(f"resuming from {begin.resumed_from} at step {begin.step}")
-        layer_multipliers, measured = begin.multipliers, 0.0
+        layer_multipliers, measured, compiled_by_lwlr = begin.multipliers, 0.0, False
     else:
-        layer_multipliers = multipliers.for_run(c, rt, begin.model)
+        layer_multipliers, compiled_by_lwlr = multipliers.for_run(c, rt, begin.model, compiled_model)
         measured = time.perf_counter() - began
-    trainer = Trainer(c, rt, begin.model, layer_multipliers, begin.optimizer_state, plan.backend, begin.run_id)
+    trainer = Trainer(
+        c, rt, begin.model, layer_multipliers, begin.optimizer_state, plan.backend, begin.run_id, compiled_model
+    )
+    trainer.compiles_at_first_step = trainer.compiled and not compiled_by_lwlr
     start.record(c, rt, begin)
     # A progress bar on a terminal (rank 0); log lines are written above it.
     on_terminal = rt.is_main and sys.stdout.isatty()
@@ -146,7 +150,8 @@ def train_loop(c, rt, trainer: Trainer, val_batches, log: RunLog, stats: StepSta
     evaluated = False
     layer_stats = LayerStats(trainer.raw_model) if c.layer_stats_interval else None
     while step < c.max_steps:
-        with heartbeat("torch.compile: compiling", enabled=trainer.compiled and rt.is_main and step == first_step):
+        compiling = trainer.compiles_at_first_step and step == first_step
+        with heartbeat("torch.compile: compiling", enabled=compiling and rt.is_main):
             with rt.waiting_for_ranks(f"step {step + 1}'s gradient and loss all-reduces"):
                 stats_step = layer_stats is not None and (step + 1) % c.layer_stats_interval == 0
                 lr, step_loss, grad_norm, found_inf, layers = trainer.step(step, layer_stats if stats_step else None)
@@ -195,7 +200,7 @@ def first_step_done(c, rt, trainer: Trainer, stats: StepStats, vote: StopVote) -
     said and left out of ms/step; the optimizer's state now exists, so the checkpoint's size is known."""
     vote.stop.immediate = False
     seconds = stats.first_step_done()
-    if trainer.compiled:
+    if trainer.compiles_at_first_step:
         rt.print0(f"torch.compile: compiled in {duration(seconds)} (the first step, which ms/step leaves out)")
     if rt.is_main:
         warning = outdir.space_warning(c.out_dir, trainer.checkpoint_bytes(), c.keep_last)

@@ -12,6 +12,8 @@ import multipliers
 from data import vocab
 from data.tokenfile import write_tokens
 from model import GPT
+from runtime import host_memory
+from runtime.device import autocast
 from runtime.ranks import Runtime
 from training import build
 from training.config import parse_config
@@ -64,9 +66,13 @@ def fresh_trainer(overrides: dict, device: torch.device) -> Trainer:
     """A single-process Trainer from config overrides: the seed's init, multipliers measured (not logged
     or saved). What the benchmarks and the overfit sweep run; a training run uses start() instead."""
     c = parse_config([f"--{key}={value}" for key, value in overrides.items()])
+    if device.type == "cpu":  # as runtime.ranks.init_runtime does for a training run
+        host_memory.retain_freed_memory()
     torch.manual_seed(c.seed)
     model = GPT(build.gpt_config(c)).to(device)
-    layer_multipliers, _ = multipliers.for_config(
-        c, model, build.token_batches(c, "train", "lwlr", model.config), log=lambda *_: None
-    )
-    return Trainer(c, Runtime(0, 0, 1, device), model, layer_multipliers)
+    rt = Runtime(0, 0, 1, device)
+    compiled_model = build.shared_compiled_model(c, rt, model)  # as a training run: lwlr's probe compiled
+    batches = build.token_batches(c, "train", "lwlr", model.config)
+    ctx = autocast(device, c.dtype)
+    layer_multipliers, _ = multipliers.for_config(c, model, batches, ctx, lambda *_: None, compiled_model)
+    return Trainer(c, rt, model, layer_multipliers, compiled_model=compiled_model)

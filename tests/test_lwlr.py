@@ -316,3 +316,35 @@ def test_the_fan_out_measurement_is_a_fan_out_initialized_copy_measured_as_it_is
     assert measured != lwlr.measure_grad_mean_abs(model, gpt_batches(3), T=3, init="model")  # the re-init mattered
     assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_measured_through_the_models_own_forward_it_equals_the_copys_measurement_and_restores_the_model():
+    """Given forward (a training run's compiled model; here the model's own call, so the two paths compute
+    alike), the measurement re-initializes the model itself: the same G to the bit, the same RNG draws,
+    and afterwards the model's weights, gradients (none) and mode as they were."""
+    model = tiny_gpt().eval()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    calls = []
+
+    def forward(x, y):
+        calls.append(model.training)  # measured in training mode
+        return model(x, y)
+
+    torch.manual_seed(7)
+    on_a_copy = lwlr.measure_grad_mean_abs(model, gpt_batches(3), T=3, init="fan_out")
+    rng_after_copy = torch.get_rng_state()
+    torch.manual_seed(7)
+    in_place = lwlr.measure_grad_mean_abs(model, gpt_batches(3), T=3, init="fan_out", forward=forward)
+    assert calls == [True] * 3
+    assert in_place == on_a_copy
+    assert torch.equal(torch.get_rng_state(), rng_after_copy)
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+
+
+def test_a_failed_measurement_through_the_model_still_restores_its_weights():
+    model = tiny_gpt()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match="needs 3 batches"):
+        lwlr.measure_grad_mean_abs(model, gpt_batches(2), T=3, init="fan_out", forward=model)
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())

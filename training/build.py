@@ -14,7 +14,7 @@ import torch
 
 from data import vocab
 from data.loader import BatchSplit, TokenBatches
-from model import PRESETS, GPTConfig
+from model import GPT, PRESETS, GPTConfig
 from optimizers.registry import spec
 from runtime.device import precision
 from training import hf
@@ -172,6 +172,14 @@ def compiles(c: TrainConfig, device: torch.device, vocab_size: int) -> tuple[boo
     if not (shutil.which("c++") or shutil.which("g++")):
         return False, "compile=auto on a CPU: off, no C++ compiler on PATH for inductor"
     return True, "compile=auto on a CPU with bf16: a GPT-2-sized output layer over 200+ steps repays its compile"
+
+
+def shared_compiled_model(c: TrainConfig, rt, model: GPT) -> torch.nn.Module | None:
+    """torch.compile(model), for lwlr's measurement and then the Trainer's steps, where the run compiles
+    the whole model (not under fsdp, which compiles each block between its all-gathers): one compile, and
+    the measurement at a compiled step's speed. None where the run does not compile it so."""
+    compiled, _ = compiles(c, rt.device, model.config.vocab_size)
+    return torch.compile(model) if compiled and not shards(c, rt) else None
 
 
 def build_optimizer(

@@ -406,9 +406,7 @@ def read_sharded(path: str, name: str) -> dict:
     index = reader.read_metadata().state_dict_metadata
     pickled = [key for key, entry in index.items() if isinstance(entry, BytesStorageMetadata)]
     if pickled:  # this project's saves write tensors alone; DCP would unpickle these
-        raise CheckpointError(
-            f"{path}: holds more than tensors ({', '.join(pickled[:3])}), so it is not loaded"
-        )
+        raise CheckpointError(f"{path}: holds more than tensors ({', '.join(pickled[:3])}), so it is not loaded")
     prefix = f"{name}/"
     targets = {
         key: torch.empty(entry.size, dtype=entry.properties.dtype)

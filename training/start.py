@@ -210,7 +210,9 @@ def announce(c: TrainConfig, rt, trainer: Trainer, log: RunLog, step: int, chose
         f" * {model.config.block_size} block * {trainer.split.micro_steps} accum * {rt.world_size} ranks"
         f" | {len(trainer.optimizer.param_groups)} param groups | {rt.device}"
     )
-    compiling = "; compiling at the first step, which takes a while" if trainer.compiled else ""
+    compiling = "; compiling at the first step, which takes a while" if trainer.compiles_at_first_step else ""
+    if trainer.compiled and not trainer.compiles_at_first_step:
+        compiling = "; compiled by lwlr's measurement, which ran through the same graph"
     rt.print0(f"torch.compile: {'on' if trainer.compiled else 'off'} ({trainer.compile_reason}){compiling}")
     rt.print0(f"optimizer: {c.optimizer} on the {trainer.backend} path ({trainer.backend_reason})")
     log.record(

@@ -33,7 +33,10 @@ class Trainer:
         optimizer_state: dict | None = None,
         backend: tuple[str, str] | None = None,
         run_id: str | None = None,
+        compiled_model: torch.nn.Module | None = None,
     ):
+        """compiled_model: torch.compile(model) already made (training.build.shared_compiled_model, which
+        lwlr's measurement ran through), used where the run compiles the whole model."""
         self.c, self.rt, self.raw_model = c, rt, model  # raw_model: uncompiled, unwrapped; what checkpoints hold
         self.run_id = run_id  # in every checkpoint: retention removes the run's own alone
         self.multipliers = multipliers  # saved with every checkpoint: a resume never re-measures
@@ -62,7 +65,9 @@ class Trainer:
         if self.compiled and self.sharded:
             self.compile_reason += "; under fsdp each block is compiled on its own, between the all-gathers"
         elif self.compiled:
-            self.model = torch.compile(self.model)
+            self.model = compiled_model if compiled_model is not None else torch.compile(self.model)
+        # Whether the first step compiles; False where lwlr's measurement already ran compiled_model (train.py).
+        self.compiles_at_first_step = self.compiled
         if rt.distributed and not self.sharded:
             self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
