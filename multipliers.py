@@ -38,7 +38,7 @@ from runtime.device import autocast
 from runtime.errors import UserError
 from runtime.exits import run_main
 from runtime.files import DiskFullError, cache_dir, write_atomically
-from runtime.progress import Progress, counted
+from runtime.progress import Progress, counted, first_beating
 from runtime.ranks import init_runtime
 from training import hf, outdir
 from training.build import gpt_config, token_batches
@@ -235,7 +235,10 @@ def lwlr_for_config(c, model, batches, ctx=None, log=print, forward=None) -> tup
     log(f"lwlr: measuring each layer's mean |gradient| at init ({c.lwlr_init}) over T={c.lwlr_T} batches{graph} ...")
     start = time.perf_counter()
     with Progress("lwlr", len(range(rank, c.lwlr_T, world)), "batches", enabled=rank == 0) as progress:
-        grads = measure_grad_mean_abs(model, counted(mine, progress), c.lwlr_T, c.lwlr_init, ctx, forward)
+        batches_in = counted(mine, progress)
+        if forward is not None:  # the first batch compiles the run's model: minutes a count cannot show
+            batches_in = first_beating(batches_in, "lwlr: compiling at the first batch", enabled=rank == 0)
+        grads = measure_grad_mean_abs(model, batches_in, c.lwlr_T, c.lwlr_init, ctx, forward)
     seconds = time.perf_counter() - start
     multipliers = multipliers_from_grads(grads, numels_of(model), c.lwlr_power)
     log(f"lwlr: measured {len(grads)} layers over T={c.lwlr_T} batches of {c.micro_batch_size} in {seconds:.1f} s")

@@ -96,6 +96,17 @@ def counted(items, progress: Progress):
         progress.update()
 
 
+def first_beating(items, what: str, enabled: bool = True, every: float | None = None, stream=None):
+    """items, with a heartbeat named `what` while its consumer works on the first one (where a compiled
+    model compiles, which a Progress cannot count), silent from the second on."""
+    items = iter(items)
+    for first in items:
+        with heartbeat(what, enabled, every, stream):
+            yield first
+        break
+    yield from items
+
+
 @contextlib.contextmanager
 def heartbeat(what: str, enabled: bool = True, every: float | None = None, stream=None):
     """For a phase that cannot count its work (a compilation): a line every `every` seconds saying how

@@ -16,7 +16,7 @@ import torch
 import train
 from conftest import ROOT, read_log, tiny_run_args, torchrun, tree_digest
 from runtime import exits, progress
-from runtime.progress import Progress, counted, duration
+from runtime.progress import Progress, counted, duration, first_beating
 from training import build, metrics
 from training import trainer as trainer_module
 from training.config import ConfigError, TrainConfig, parse_config
@@ -56,6 +56,22 @@ def test_progress_writes_plain_lines_with_the_count_rate_and_time_left_off_a_ter
     with Progress("eval", 2, every=0.0, stream=quiet, enabled=False) as p:
         p.update(), p.update()
     assert quiet.getvalue() == ""  # ranks other than 0
+
+
+def test_a_heartbeat_beats_while_the_first_item_is_worked_on_and_stops_after_it():
+    stream = io.StringIO()
+    items = first_beating(iter("abc"), "lwlr: compiling at the first batch", every=0.01, stream=stream)
+    assert next(items) == "a"
+    for _ in range(3000):  # the first item "compiles" until two beats are out (the bound ends a hung test)
+        if stream.getvalue().count("\n") >= 2:
+            break
+        time.sleep(0.01)
+    assert next(items) == "b"
+    beats = stream.getvalue().count("\n")
+    time.sleep(0.05)  # five periods on the second item: a heartbeat still beating would add lines
+    assert stream.getvalue().count("\n") == beats >= 2 and list(items) == ["c"]
+    lines = stream.getvalue().splitlines()
+    assert all(line.startswith("lwlr: compiling at the first batch: ") and line.endswith(" so far") for line in lines)
 
 
 def test_progress_draws_a_bar_on_a_terminal():
