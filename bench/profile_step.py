@@ -42,9 +42,12 @@ def measure(step_phases):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step_phases(WARMUP + STEPS, [])
     ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
-    per_phase = [sorted(t[i] for t in times[WARMUP:])[STEPS // 2] * 1000 for i in range(4)]
-    total = sorted(sum(t) for t in times[WARMUP:])[STEPS // 2] * 1000
-    print("RESULT " + json.dumps({"phases": per_phase, "total": total, "ops": ops}))
+    timed = times[WARMUP:]
+    per_phase = [sorted(t[i] for t in timed)[STEPS // 2] * 1000 for i in range(4)]
+    # each phase's share of its own step: steady where a shared machine makes whole steps drift
+    shares = [sorted(t[i] / sum(t) for t in timed)[STEPS // 2] for i in range(4)]
+    total = sorted(sum(t) for t in timed)[STEPS // 2] * 1000
+    print("RESULT " + json.dumps({"phases": per_phase, "shares": shares, "total": total, "ops": ops}))
 """
 
 OURS = r"""
@@ -120,6 +123,7 @@ def one_side(code: str, consts: dict) -> dict:
 def median_of(runs: list[dict]) -> dict:
     return {
         "phases": [statistics.median(run["phases"][i] for run in runs) for i in range(len(PHASES))],
+        "shares": [statistics.median(run["shares"][i] for run in runs) for i in range(len(PHASES))],
         "total": statistics.median(run["total"] for run in runs),
         "ops": statistics.median(run["ops"] for run in runs),
     }
@@ -129,7 +133,8 @@ def table(figures: dict, title: str) -> str:
     sides = list(figures)
     lines = [f"### {title}", "", "| | " + " | ".join(sides) + " |", "|---|" + "---:|" * len(sides)]
     for i, phase in enumerate(PHASES):
-        lines.append(f"| {phase}, ms | " + " | ".join(f"{figures[s]['phases'][i]:,.1f}" for s in sides) + " |")
+        cells = [f"{figures[s]['phases'][i]:,.1f} ({figures[s]['shares'][i]:.0%})" for s in sides]
+        lines.append(f"| {phase}, ms (share of the step) | " + " | ".join(cells) + " |")
     lines.append("| the step, ms | " + " | ".join(f"{figures[s]['total']:,.1f}" for s in sides) + " |")
     lines.append("| operators a step | " + " | ".join(f"{figures[s]['ops']:,.0f}" for s in sides) + " |")
     return "\n".join(lines) + "\n"
@@ -147,9 +152,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch  # after the arguments: --help needs no torch
 
-    from runtime.device import precision
+    from runtime.device import cpu_kind, precision
 
-    capability = torch.backends.cpu.get_cpu_capability()
+    capability = cpu_kind()
     native_bf16 = precision(torch.device("cpu"), "auto")[0] == "bfloat16"
     dtype = "bfloat16" if args.mode == "compiled" and native_bf16 else "float32"
     consts = {
@@ -177,7 +182,12 @@ def main(argv=None) -> int:
     figures = {name: median_of(side_runs) for name, side_runs in runs.items()}
     machine = "busy (a second heavy job)" if args.busy else "quiet"
     title = f"{args.mode}, {dtype}, {machine}: {os.cpu_count()} cores, {capability}"
-    env = {"device": f"cpu-{capability}-{os.cpu_count()}-cores", "mode": args.mode, "dtype": dtype, "busy": args.busy}
+    env = {
+        "device": f"cpu-{capability.lower().replace('+', '-')}-{os.cpu_count()}-cores",
+        "mode": args.mode,
+        "dtype": dtype,
+        "busy": args.busy,
+    }
     kind = f"profile-{args.mode}{'-busy' if args.busy else ''}"
     write_results(args.out, kind, env, [{"side": name, **fig} for name, fig in figures.items()], table(figures, title))
     return 0

@@ -35,6 +35,15 @@ def cpu_computes_bf16() -> bool:
     return bool(capability.get("avx512_bf16") or capability.get("amx_bf16"))
 
 
+def cpu_kind() -> str:
+    """This CPU's vector kind, as figures measured on it name it: AVX2, AVX512, AVX512-BF16, AVX512-BF16+AMX."""
+    capability = getattr(torch._C._cpu, "_get_cpu_capability", dict)()
+    kind = "AVX512" if capability.get("avx512_f") else "AVX2" if capability.get("avx2") else "x86-64 or other"
+    if capability.get("avx512_bf16"):
+        kind += "-BF16"
+    return kind + ("+AMX" if capability.get("amx_bf16") else "")
+
+
 def precision(device: torch.device, dtype: str) -> tuple[str, str]:
     """The precision dtype=auto|bfloat16|float32 comes to on this device, and why, in words."""
     if dtype not in ("auto", "bfloat16", "float32"):

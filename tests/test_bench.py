@@ -216,3 +216,21 @@ def test_no_benchmark_writes_into_the_committed_results_unless_told_to():
 
     ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(LOCAL, "results.json")], cwd=ROOT)
     assert ignored.returncode == 0  # untracked, by .gitignore
+
+
+def test_profile_step_times_each_phase_and_counts_the_operators(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.profile_step", "--rounds=1", "--warmup=1", "--steps=1", f"--out={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(only_file(tmp_path, "profile-eager-", ".json").read_text())
+    (ours,) = report["rows"]
+    assert ours["side"] == "ours" and len(ours["phases"]) == 4 and all(ms > 0 for ms in ours["phases"])
+    assert ours["total"] >= max(ours["phases"]) and all(0 < share < 1 for share in ours["shares"])
+    assert ours["ops"] > 100  # a GPT's step launches hundreds of aten operators; 0 if the profiler saw none
+    text = only_file(tmp_path, "profile-eager-", ".md").read_text()
+    assert "| forward + loss, ms (share of the step) |" in text and "| operators a step |" in text

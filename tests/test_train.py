@@ -255,6 +255,18 @@ def test_dtype_auto_takes_bf16_where_the_processor_computes_it(monkeypatch):
         device.precision(cpu, "fp16")
 
 
+def test_a_cpu_kind_names_its_vector_width_bf16_and_amx(monkeypatch):
+    kinds = {
+        "AVX2": {"avx2": True},
+        "AVX512": {"avx2": True, "avx512_f": True},
+        "AVX512-BF16": {"avx2": True, "avx512_f": True, "avx512_bf16": True},
+        "AVX512-BF16+AMX": {"avx2": True, "avx512_f": True, "avx512_bf16": True, "amx_bf16": True},
+    }
+    for kind, capability in kinds.items():
+        monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda capability=capability: capability)
+        assert device.cpu_kind() == kind
+
+
 def test_the_run_says_first_which_precision_it_chose_and_why(tmp_path, token_dir, capfd):
     assert train.main(tiny_run_args(tmp_path / "run", token_dir, max_steps=1, eval_interval=1, dtype="auto")) == 0
     chosen = "bfloat16" if device.cpu_computes_bf16() else "float32"
