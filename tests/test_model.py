@@ -171,3 +171,30 @@ def test_every_parameter_has_the_role_its_name_says():
     assert {name: param_role(name) for name in expected} == expected
     assert all(param_role(name) for name in names)  # every parameter has one
     assert param_role("transformer.h.0.mlp.gate.weight") == ParamRole("other", False, 0)  # a module GPT does not have
+
+
+def causal_attention_by_hand(q, k, v):  # float64: softmax(q k^T / sqrt(hs) + causal mask) v
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    T = q.size(-2)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_attention_equals_the_formula_and_bf16_on_a_cpu_takes_sdpa_math(dtype):
+    from torch.profiler import ProfilerActivity, profile
+
+    from model import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 32, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = causal_attention(q, k, v, 0.0)
+        y.float().square().sum().backward()
+    ops = {e.key for e in prof.key_averages()}
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 keeps 8 bits of mantissa
+    assert torch.allclose(y.double(), causal_attention_by_hand(q, k, v), atol=tolerance, rtol=tolerance)
+    if dtype == torch.bfloat16:  # the math backend: the CPU flash kernel took 3x its time at this head size
+        assert "aten::_scaled_dot_product_attention_math" in ops
+        assert not any("flash" in op for op in ops), sorted(op for op in ops if "flash" in op)

@@ -81,8 +81,8 @@ class TrainConfig:
     block_size: int = at_least(0, 128, help="sequence length; at most the preset's block_size (0 = the preset's)")
     dropout: float = at_least(0.0, 0.0, help="0 for pretraining")
     residual_scale: bool = key(False, "scale both residual branches of every block by 1/sqrt(n_layer)")
-    loss_chunk_rows: int = at_least(0, 128, help="output layer + loss this many rows at a time, never the full logits "
-                                    "(2.1x faster on CPU, model.LinearCrossEntropy); 0 = full logits")
+    loss_chunk_rows: int = at_least(0, 512, help="output layer + loss this many rows at a time, never the full logits "
+                                    "(faster on CPU, model.LinearCrossEntropy); 0 = full logits")
     # batch: tokens_per_step = micro_batch_size * block_size * grad_accum * world_size
     micro_batch_size: int = at_least(1, 16, help="sequences per forward/backward on one device")
     tokens_per_step: int = at_least(1, 2048, help="tokens per optimizer step over all ranks; sets grad_accum")
