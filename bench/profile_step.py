@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch  # after the arguments: --help needs no torch
 
-    from runtime.device import cpu_kind, precision
+    from runtime.device import cpu_kind, environment, precision
 
     capability = cpu_kind()
     native_bf16 = precision(torch.device("cpu"), "auto")[0] == "bfloat16"
@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     machine = "busy (a second heavy job)" if args.busy else "quiet"
     title = f"{args.mode}, {dtype}, {machine}: {os.cpu_count()} cores, {capability}"
     env = {
+        **environment(torch.device("cpu")),  # versions and commit
         "device": f"cpu-{capability.lower().replace('+', '-')}-{os.cpu_count()}-cores",
         "mode": args.mode,
         "dtype": dtype,

@@ -229,6 +229,7 @@ def test_profile_step_times_each_phase_and_counts_the_operators(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(only_file(tmp_path, "profile-eager-", ".json").read_text())
     (ours,) = report["rows"]
+    assert report["environment"]["commit"] and report["environment"]["cpu_capability"]
     assert ours["side"] == "ours" and len(ours["phases"]) == 4 and all(ms > 0 for ms in ours["phases"])
     assert ours["total"] >= max(ours["phases"]) and all(0 < share < 1 for share in ours["shares"])
     assert ours["ops"] > 100  # a GPT's step launches hundreds of aten operators; 0 if the profiler saw none
