@@ -16,6 +16,7 @@ The output layer and its cross-entropy run a chunk of rows at a time (LinearCros
 the full logits of GPT-2's 50,257-token vocabulary are never built during training.
 """
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -71,10 +72,9 @@ def causal_attention(q, k, v, dropout_p: float):
     """Causal scaled-dot-product attention over (B, nh, T, hs). On a CPU in bf16 through SDPA's math
     backend, which compiles to bf16 matmuls and one fused softmax: the default run's compiled step took
     0.87x the time it takes through the CPU flash kernel (docs/benchmarks.md). Elsewhere SDPA picks."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+    with sdpa_kernel(SDPBackend.MATH) if cpu_bf16 else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
 
 class CausalSelfAttention(nn.Module):

@@ -28,16 +28,21 @@ PEAK_BF16_FLOPS = (
 )
 
 
+def _cpu_capability() -> dict:
+    """torch's cpuinfo flags for this CPU (avx2, avx512_f, avx512_bf16, amx_bf16, ...); empty where torch has none."""
+    return getattr(torch._C._cpu, "_get_cpu_capability", dict)()
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX-BF16), as torch's cpuinfo sees it.
     Elsewhere bf16 on a CPU is emulated through fp32 conversions and runs slower than fp32 itself."""
-    capability = getattr(torch._C._cpu, "_get_cpu_capability", dict)()
+    capability = _cpu_capability()
     return bool(capability.get("avx512_bf16") or capability.get("amx_bf16"))
 
 
 def cpu_kind() -> str:
     """This CPU's vector kind, as figures measured on it name it: AVX2, AVX512, AVX512-BF16, AVX512-BF16+AMX."""
-    capability = getattr(torch._C._cpu, "_get_cpu_capability", dict)()
+    capability = _cpu_capability()
     kind = "AVX512" if capability.get("avx512_f") else "AVX2" if capability.get("avx2") else "x86-64 or other"
     if capability.get("avx512_bf16"):
         kind += "-BF16"

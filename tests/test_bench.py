@@ -17,6 +17,14 @@ def only_file(directory, prefix, suffix):
     return files[0]
 
 
+def run_bench(module, *args):
+    """python -m bench.<module> args from the project root, which must succeed (a failure shows stderr's end)."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_bench_train_reports_every_row(tmp_path):
     from bench import bench_train
 
@@ -47,24 +55,7 @@ def test_bench_train_reports_every_row(tmp_path):
 
 
 def test_bench_optim_reports_ours_against_the_peers(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.bench_optim",
-            "--device=cpu",
-            "--models",
-            "gpt2-tiny",
-            "--repeats=2",
-            "--warmup=1",
-            f"--out={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_bench("bench_optim", "--device=cpu", "--models", "gpt2-tiny", "--repeats=2", "--warmup=1", f"--out={tmp_path}")
     report = json.loads(only_file(tmp_path, "optim-", ".json").read_text())
     names = {row["optimizer"] for row in report["rows"]}
     assert {
@@ -84,24 +75,15 @@ def test_bench_optim_reports_ours_against_the_peers(tmp_path):
 
 def test_bench_lwlr_extrapolates_the_measurement_cost(tmp_path):
     timed = 2
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.bench_lwlr",
-            "--device=cpu",
-            "--model=gpt2-tiny",
-            f"--T={timed}",
-            "--micro_batch_size=2",
-            "--block_size=32",
-            f"--out={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_bench(
+        "bench_lwlr",
+        "--device=cpu",
+        "--model=gpt2-tiny",
+        f"--T={timed}",
+        "--micro_batch_size=2",
+        "--block_size=32",
+        f"--out={tmp_path}",
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(only_file(tmp_path, "lwlr-gpt2-tiny", ".json").read_text())
     assert report["T_timed"] == timed and report["T_reported"] == 100 and report["env"]["commit"]
 
@@ -219,14 +201,7 @@ def test_no_benchmark_writes_into_the_committed_results_unless_told_to():
 
 
 def test_profile_step_times_each_phase_and_counts_the_operators(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.profile_step", "--rounds=1", "--warmup=1", "--steps=1", f"--out={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_bench("profile_step", "--rounds=1", "--warmup=1", "--steps=1", f"--out={tmp_path}")
     report = json.loads(only_file(tmp_path, "profile-eager-", ".json").read_text())
     (ours,) = report["rows"]
     assert report["environment"]["commit"] and report["environment"]["cpu_capability"]
