@@ -350,11 +350,11 @@ def test_a_damaged_newest_checkpoint_is_named_skipped_and_moved_aside_never_dele
     assert train.main(tiny_run_args(straight, token_dir, max_steps=6)) == 0
     newest = checkpoint.step_dir(str(damaged), 6)
     if damage == "binary meta.json":  # a finished run whose newest meta.json became garbage
-        assert run_train(tiny_run_args(damaged, token_dir, max_steps=6)).returncode == 0
+        assert train.main(tiny_run_args(damaged, token_dir, max_steps=6)) == 0
         with open(os.path.join(newest, "meta.json"), "wb") as f:
             f.write(bytes([0xFF, 0xFE, 0x00, 0x81]) * 64)
     else:  # a run stopped at step 3, and a plain file where the step-6 folder will be saved
-        assert run_train(tiny_run_args(damaged, token_dir, max_steps=3, lr_decay_steps=6)).returncode == 0
+        assert train.main(tiny_run_args(damaged, token_dir, max_steps=3, lr_decay_steps=6)) == 0
         with open(newest, "wb") as f:
             f.write(b"not a checkpoint")
     kept = tree_digest(newest) if os.path.isdir(newest) else open(newest, "rb").read()
@@ -381,7 +381,7 @@ def test_a_diverging_run_with_curvature_refreshes_stops_on_the_guard_and_restart
     )
     straight, diverged = tmp_path / "straight", tmp_path / "diverged"
     assert train.main(tiny_run_args(straight, token_dir, max_steps=8, **common)) == 0
-    assert run_train(tiny_run_args(diverged, token_dir, max_steps=4, lr_decay_steps=8, **common)).returncode == 0
+    assert train.main(tiny_run_args(diverged, token_dir, max_steps=4, lr_decay_steps=8, **common)) == 0
     allowed = dict(allow_resume_changes="max_steps,lr" + (",lw_alpha_max" if optimizer == "adamw_lw" else ""))
     blowup = run_train(
         tiny_run_args(diverged, token_dir, max_steps=8, max_bad_steps=2, **common, **DIVERGING[optimizer], **allowed)
