@@ -105,7 +105,9 @@ def report(module, multipliers: dict[str, float], grad_mean_abs: dict[str, float
 
 
 def save_report(data: dict, out_dir: str) -> None:
-    """lwlr.json and lwlr.png, each whole or not at all (runtime.files.write_atomically)."""
+    """lwlr.json and lwlr.png, each whole or not at all (runtime.files.write_atomically). They hold what was
+    measured, not how long it took (a report's "seconds"): the same settings write the same bytes."""
+    data = {key: value for key, value in data.items() if key != "seconds"}
     write_atomically(os.path.join(out_dir, "lwlr.json"), lambda f: json.dump(data, f, indent=1))
     write_atomically(os.path.join(out_dir, "lwlr.png"), lambda f: plot(data, f), mode="wb")
 
@@ -239,9 +241,15 @@ def lwlr_for_config(c, model, batches, ctx=None, log=print, forward=None) -> tup
         if forward is not None:  # the first batch compiles the run's model: minutes a count cannot show
             batches_in = first_beating(batches_in, "lwlr: compiling at the first batch", enabled=rank == 0)
         grads = measure_grad_mean_abs(model, batches_in, c.lwlr_T, c.lwlr_init, ctx, forward)
-    seconds = time.perf_counter() - start
+    seconds = {"measurement": time.perf_counter() - start}
+    if forward is not None:  # the first batch compiled the model the steps run: the run's compile, not lwlr's
+        seconds["compile"] = progress.first_seconds
     multipliers = multipliers_from_grads(grads, numels_of(model), c.lwlr_power)
-    log(f"lwlr: measured {len(grads)} layers over T={c.lwlr_T} batches of {c.micro_batch_size} in {seconds:.1f} s")
+    compiled = f", {seconds['compile']:.1f} s of it the first, which compiled the model" if forward is not None else ""
+    log(
+        f"lwlr: measured {len(grads)} layers over T={c.lwlr_T} batches of {c.micro_batch_size} in "
+        f"{seconds['measurement']:.1f} s{compiled}"
+    )
     meta.update(
         T=c.lwlr_T,
         init=c.lwlr_init,
@@ -255,19 +263,19 @@ def lwlr_for_config(c, model, batches, ctx=None, log=print, forward=None) -> tup
     data = report(model, multipliers, grads, **meta)
     if cache_path and rank == 0:
         _write_atomically(cache_path, data)
-    return multipliers, data
+    return multipliers, {**data, "seconds": seconds}  # how long it took, for the run's summary (never saved)
 
 
-def for_run(c, rt, model, forward=None) -> tuple[dict[str, float] | None, bool]:
+def for_run(c, rt, model, forward=None) -> tuple[dict[str, float] | None, float | None]:
     """A fresh run's multipliers, in an out_dir it holds: measured (or computed, or read) as for_config
     says, through `forward` where given (the run's compiled model), with lwlr.json and lwlr.png written
-    beside the run. Also whether the measurement ran `forward`, so compiled it."""
+    beside the run. Also, where the measurement ran `forward` and so compiled it, the seconds that took
+    (its first batch), else None."""
     batches = token_batches(c, "train", "lwlr", model.config)
     multipliers, report = for_config(c, model, batches, autocast(rt.device, c.dtype), rt.print0, forward)
     if rt.is_main and report is not None:
         save_report(report, c.out_dir)
-    ran_forward = forward is not None and report is not None and report.get("compiled") and "source" not in report
-    return multipliers, bool(ran_forward)
+    return multipliers, (report or {}).get("seconds", {}).get("compile")
 
 
 def check_source(c, model) -> None:

@@ -98,14 +98,14 @@ def run(plan: start.Plan, rt, stop: StopRequest) -> int:
     compiled_model = shared_compiled_model(c, rt, begin.model)  # compiled once: lwlr's probe and the steps
     if begin.resumed_from:  # multipliers come from the checkpoint: never re-measured on a resume
         rt.print0(f"resuming from {begin.resumed_from} at step {begin.step}")
-        layer_multipliers, measured, compiled_by_lwlr = begin.multipliers, 0.0, False
+        layer_multipliers, measured, compiled_in = begin.multipliers, 0.0, None
     else:
-        layer_multipliers, compiled_by_lwlr = multipliers.for_run(c, rt, begin.model, compiled_model)
+        layer_multipliers, compiled_in = multipliers.for_run(c, rt, begin.model, compiled_model)
         measured = time.perf_counter() - began
     trainer = Trainer(
         c, rt, begin.model, layer_multipliers, begin.optimizer_state, plan.backend, begin.run_id, compiled_model
     )
-    trainer.compiles_at_first_step = trainer.compiled and not compiled_by_lwlr
+    trainer.compiles_at_first_step = trainer.compiled and compiled_in is None
     start.record(c, rt, begin)
     # A progress bar on a terminal (rank 0); log lines are written above it.
     on_terminal = rt.is_main and sys.stdout.isatty()
@@ -132,9 +132,13 @@ def run(plan: start.Plan, rt, stop: StopRequest) -> int:
     if rt.is_main:  # the weights alone, tied wte / lm_head stored once: for sharing and for other tools
         checkpoint.export_safetensors(exported, os.path.join(c.out_dir, "model.safetensors"))
         first = getattr(stats, "first_step_seconds", 0.0)
+        # The run's compile, once, wherever it came: lwlr's first batch, or the first step.
+        in_lwlr = compiled_in or 0.0
+        at_first_step = first if trainer.compiles_at_first_step else 0.0
         seconds = {
-            "lwlr measurement": measured,
-            "first step": first,
+            "compile": in_lwlr + at_first_step,
+            "lwlr measurement": measured - in_lwlr,
+            "first step": first - at_first_step,
             "steps, evals, saves": time.perf_counter() - began - measured - first,
         }
         done = summary.summarize(c, begin.step, step, seconds, trainer.run_id)

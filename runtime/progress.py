@@ -57,20 +57,25 @@ class Progress:
 
     def update(self, n: int = 1) -> None:
         self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
         now = time.perf_counter()
         if self.first_at is None:
             self.first_done, self.first_at = self.done, now
+        if self.bar is not None:
+            self.bar.update(n)
+            return
         if self.enabled and now - self.last_line >= self.every and self.done < self.total:
             self.last_line = now
             print(self.line(now), file=self.stream, flush=True)
 
+    @property
+    def first_seconds(self) -> float | None:
+        """How long the first update took from the start (a compile, where the first unit compiled)."""
+        return None if self.first_at is None else self.first_at - self.start
+
     def line(self, now: float) -> str:
         measured = self.done - self.first_done
         if measured <= 0 or now <= self.first_at:  # only the first unit so far: no rate to estimate from yet
-            first = duration(self.first_at - self.start)
+            first = duration(self.first_seconds)
             return f"{self.what}: {self.done}/{self.total} {self.unit} | the first in {first}"
         rate = measured / (now - self.first_at)
         return (

@@ -44,6 +44,7 @@ def test_progress_writes_plain_lines_with_the_count_rate_and_time_left_off_a_ter
     # 20 s: the first batch (it compiled), under `every`, silent; 24 s: 2 of 4 done, the rate from the second
     # batch alone (1 in 4 s), so 8 s left, not the 24 s a rate over the first would say; 28 s: under `every`
     assert stream.getvalue() == "lwlr: 2/4 batches | 0.25 batches/s | 8 s left\n"
+    assert p.first_seconds == 20.0  # the first batch's, which a run counts as its compile
     clock = iter([0.0, 95.0])
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     first = io.StringIO()
@@ -74,16 +75,19 @@ def test_a_heartbeat_beats_while_the_first_item_is_worked_on_and_stops_after_it(
     assert all(line.startswith("lwlr: compiling at the first batch: ") and line.endswith(" so far") for line in lines)
 
 
-def test_progress_draws_a_bar_on_a_terminal():
+def test_progress_draws_a_bar_on_a_terminal(monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
+    clock = iter([0.0, 30.0, 31.0, 32.0])  # the start, then one reading per update
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     terminal = Terminal()
     with Progress("lwlr", 3, "batches", every=0.0, stream=terminal) as p:
         p.update(), p.update(), p.update()
         assert (p.bar.n, p.bar.total, p.bar.desc) == (3, 3, "lwlr")
     assert "batches/s |" not in terminal.getvalue()  # the bar, not plain lines
+    assert p.first_seconds == 30.0  # on a terminal as in a log
 
 
 def test_a_run_reports_progress_through_the_measurement_and_the_evals(tmp_path, token_dir, capsys, monkeypatch):

@@ -179,7 +179,7 @@ def test_sample_reads_the_newest_checkpoint(tmp_path, token_dir):
     )
 
 
-def test_bfloat16_autocast_and_torch_compile_compose_with_the_fused_kernels_and_lwlr(tmp_path):
+def test_bfloat16_autocast_and_torch_compile_compose_with_the_fused_kernels_and_lwlr(tmp_path, capsys):
     """The GPU configuration (bf16 autocast, torch.compile, the Triton optimizer) on a CPU: the kernels run
     interpreted, autocast and Inductor run for real. Losses and multipliers stay near the fp32 eager run's.
     A 64-token vocabulary: the interpreter takes seconds per launch over GPT-2's 50,257-row embedding."""
@@ -189,7 +189,9 @@ def test_bfloat16_autocast_and_torch_compile_compose_with_the_fused_kernels_and_
     common = dict(optimizer_backend="triton", max_steps=4, eval_interval=4, lwlr_T=4)
     eager, gpu_like = tmp_path / "eager", tmp_path / "gpu_like"
     assert train.main(tiny_run_args(eager, token_dir, **common)) == 0
+    eager_said = capsys.readouterr().out
     assert train.main(tiny_run_args(gpu_like, token_dir, **common, dtype="bfloat16", compile="true")) == 0
+    compiled_said = capsys.readouterr().out
     assert read_log(gpu_like, "start")[0]["config"]["dtype"] == "bfloat16"
     eager_losses, bf16_losses = ([r["loss"] for r in read_log(out, "train")] for out in (eager, gpu_like))
     assert (
@@ -200,6 +202,17 @@ def test_bfloat16_autocast_and_torch_compile_compose_with_the_fused_kernels_and_
         assert b["multiplier"] == pytest.approx(a["multiplier"], rel=5e-2), a["name"]
     weights = checkpoint.load_tensors(checkpoint.step_dir(str(gpu_like), 4), "model")
     assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in weights.values())  # fp32 master weights
+    # The compile came at lwlr's first batch: the summary counts it once, as the run's compile, apart from
+    # the measurement's other batches; the eager run compiled nothing.
+    compiled = summary_seconds(gpu_like)["compile"]
+    assert compiled > 0 and f"{compiled:.1f} s of it the first, which compiled the model" in compiled_said
+    assert "torch.compile: compiled in" not in compiled_said  # not again at the first step
+    eager_seconds = summary_seconds(eager)
+    assert eager_seconds["compile"] == 0 < eager_seconds["lwlr measurement"] and "compiled the model" not in eager_said
+
+
+def summary_seconds(out) -> dict[str, float]:
+    return json.loads((out / "summary.json").read_text())["seconds"]
 
 
 # Each shipped config as its comment says to run it, and the model it trains, by hand: the preset, the
