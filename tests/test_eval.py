@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import export
 import train
 from conftest import ROOT, read_log, tiny_run_args, tree_digest
 from data.loader import BatchSplit, TokenBatches
@@ -131,8 +132,7 @@ def test_hellaswag_agrees_with_lm_evaluation_harness_on_the_exported_model(tmp_p
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out, hf_dir, path = tmp_path / "run", tmp_path / "hf", tmp_path / "hellaswag.jsonl"
     assert train.main(tiny_run_args(out, token_dir, max_steps=1, eval_interval=1, lr_rule="single")) == 0
-    export = subprocess.run([sys.executable, "export.py", f"--out_dir={out}", f"--hf_dir={hf_dir}"], cwd=ROOT)
-    assert export.returncode == 0
+    assert export.main([f"--out_dir={out}", f"--hf_dir={hf_dir}"]) == 0  # the CLI's own run: tests/test_export.py
     write_hellaswag(path, [*EXAMPLES, LONG_EXAMPLE])
     model = checkpoint.load_model(*checkpoint.latest(str(out))).eval()
     assert len(encode(LONG_EXAMPLE[0])) > model.config.block_size

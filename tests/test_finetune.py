@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import export
 import train
 from conftest import ROOT, read_log, tiny_run_args
 from data.loader import BatchSplit
@@ -84,14 +85,7 @@ def test_a_restart_resumes_from_its_own_checkpoint_not_from_the_directory(tmp_pa
 def test_the_finetuned_model_exports_and_round_trips(tmp_path, token_dir, gpt2_dir):
     out, exported = tmp_path / "run", tmp_path / "exported"
     assert train.main(finetune_args(out, token_dir, gpt2_dir, max_steps=2)) == 0
-    result = subprocess.run(
-        [sys.executable, "export.py", f"--out_dir={out}", f"--hf_dir={exported}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert export.main([f"--out_dir={out}", f"--hf_dir={exported}"]) == 0  # the CLI's own run: tests/test_export.py
     ours = checkpoint.load_model(*checkpoint.latest(str(out)))
     back = hf.from_pretrained(str(exported))
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values()))
