@@ -3,15 +3,14 @@ process for every optimizer, half the optimizer state per rank on two, checkpoin
 fsdp and one process, lwlr's multipliers as one process measures them, and what fsdp refuses."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import safetensors.torch
 import torch
 
+import train
 from bench.common import random_token_dir
-from conftest import ROOT, read_log, tiny_run_args, torchrun
+from conftest import read_log, tiny_run_args, torchrun
 from optimizers.registry import OPTIMIZERS
 from runtime.ranks import Runtime
 from training import build, checkpoint
@@ -55,7 +54,9 @@ def test_fsdp_on_two_ranks_steps_as_ddp_and_one_process_with_half_the_optimizer_
             assert state["fsdp"] * 2 == state["ddp"], (case, state)
 
 
-def test_fsdp_checkpoints_resume_in_one_process_and_the_reverse_with_lwlr_as_one_process_measures(tmp_path, token_dir):
+def test_fsdp_checkpoints_resume_in_one_process_and_the_reverse_with_lwlr_as_one_process_measures(
+    tmp_path, token_dir, capsys
+):
     # Muon: its optimizer state is two parts, each cut to the shards on a resume (its AdamW part takes the rest)
     settings = dict(
         lr_rule="lwlr",
@@ -68,14 +69,13 @@ def test_fsdp_checkpoints_resume_in_one_process_and_the_reverse_with_lwlr_as_one
         allow_resume_changes="max_steps",
     )
 
-    def launch(nproc, out, steps, mode, **more):
+    def launch(nproc, out, steps, mode, **more) -> str:  # what the run printed; one process runs here, in process
         args = tiny_run_args(out, token_dir, max_steps=steps, parallel=mode, **settings, **more)
-        if nproc > 1:
-            result = torchrun(nproc, args)
-        else:
-            result = subprocess.run(
-                [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-            )
+        if nproc == 1:
+            capsys.readouterr()
+            assert train.main(args) == 0
+            return capsys.readouterr().out
+        result = torchrun(nproc, args)
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 

@@ -124,11 +124,12 @@ def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_holds_it(tm
 # (1, 2) is tests/test_fsdp.py's one-process checkpoint resumed on 2 ranks, and DDP's resume on 2 ranks is
 # tests/test_reliability.py's stop and resume under ddp.
 @pytest.mark.parametrize("before, after", [(2, 1)])
-def test_a_run_resumes_on_another_number_of_processes(tmp_path, token_dir, before, after):
-    """The same global batch per step on either side, so the weights end equal to the uninterrupted run's,
-    up to the order of float additions: DDP averages the ranks' gradients where one process accumulates
-    micro-steps, about 1e-7 relative per step. The key biases are left out: their gradient is zero by
-    construction, rounding noise that Adam normalizes into full-size steps (docs/lwlr.md, "The key bias")."""
+def test_a_run_resumes_on_another_number_of_processes(tmp_path, token_dir, capsys, before, after):
+    """The same global batch per step on either side, so the weights end equal to the uninterrupted run's
+    (on `after` processes), up to the order of float additions: DDP averages the ranks' gradients where
+    one process accumulates micro-steps, about 1e-7 relative per step. The key biases are left out: their
+    gradient is zero by construction, rounding noise that Adam normalizes into full-size steps (docs/lwlr.md,
+    "The key bias")."""
     args = dict(
         tokens_per_step=256,
         micro_batch_size=4,
@@ -138,26 +139,22 @@ def test_a_run_resumes_on_another_number_of_processes(tmp_path, token_dir, befor
         allow_resume_changes="max_steps",
     )  # 8 rows a step
 
-    def launch(nproc, out, steps):
+    def launch(nproc, out, steps) -> str:  # what the run printed; one process runs here, in process
         run_args = tiny_run_args(out, token_dir, max_steps=steps, **args)
-        result = (
-            torchrun(nproc, run_args)
-            if nproc > 1
-            else subprocess.run(
-                [sys.executable, "train.py", *run_args], cwd=ROOT, capture_output=True, text=True, timeout=300
-            )
-        )
+        if nproc == 1:
+            capsys.readouterr()
+            assert train.main(run_args) == 0
+            return capsys.readouterr().out
+        result = torchrun(nproc, run_args)
         assert result.returncode == 0, result.stderr[-3000:]
-        return result
+        return result.stdout
 
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
-    launch(before, straight, 6)
+    launch(after, straight, 6)
     launch(before, elastic, 3)
     resumed = launch(after, elastic, 6)
-    assert (
-        f"resuming a run of {before} processes on {after}: the same 256 tokens per step, grad_accum {2 // after}"
-        in resumed.stdout
-    )
+    said = f"resuming a run of {before} processes on {after}: the same 256 tokens per step, grad_accum {2 // after}"
+    assert said in resumed
     a, b = (checkpoint.load_tensors(checkpoint.step_dir(str(out), 6), "model") for out in (straight, elastic))
     for name in a:
         if not name.endswith("k_proj.bias"):
