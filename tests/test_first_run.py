@@ -254,22 +254,17 @@ def test_the_default_and_char_level_configs_run_unchanged_under_torchrun_on_2_pr
     assert start["grad_accum"] == 1 and start["config"]["micro_batch_size"] == 8
 
 
-def test_a_finished_run_run_again_says_so_and_changes_no_file(tmp_path, token_dir):
+def test_a_finished_run_run_again_says_so_and_changes_no_file(tmp_path, token_dir, capsys):
     out = tmp_path / "run"
     args = tiny_run_args(out, token_dir, max_steps=3, eval_interval=3)
     assert train.main(args) == 0
     before = tree_digest(out)
-    result = subprocess.run(
-        [sys.executable, "train.py", *args, "--micro_batch_size=2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"{out} holds a finished run: step 3 of max_steps=3" in result.stdout
+    capsys.readouterr()
+    assert train.main([*args, "--micro_batch_size=2"]) == 0
+    said = capsys.readouterr().out
+    assert f"{out} holds a finished run: step 3 of max_steps=3" in said
     extend = "--max_steps=MORE --lr_decay_steps=3 --allow_resume_changes=max_steps"
-    assert extend in result.stdout and "another --out_dir" in result.stdout
+    assert extend in said and "another --out_dir" in said
     assert tree_digest(out) == before
     extended = ["--max_steps=4", "--lr_decay_steps=3", "--allow_resume_changes=max_steps"]  # as the message says
     assert train.main([*args, *extended]) == 0
