@@ -23,6 +23,11 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lwlr-test-cache-")
 import numpy as np  # noqa: E402 (after the environment above, as everything the tests import)
 import pytest  # noqa: E402
 
+import interpreter_speedup  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    interpreter_speedup.install()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from data.tokenfile import write_tokens  # noqa: E402
