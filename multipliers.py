@@ -242,10 +242,12 @@ def lwlr_for_config(c, model, batches, ctx=None, log=print, forward=None) -> tup
             batches_in = first_beating(batches_in, "lwlr: compiling at the first batch", enabled=rank == 0)
         grads = measure_grad_mean_abs(model, batches_in, c.lwlr_T, c.lwlr_init, ctx, forward)
     seconds = {"measurement": time.perf_counter() - start}
-    if forward is not None:  # the first batch compiled the model the steps run: the run's compile, not lwlr's
+    # The first batch compiled the model the steps run: the run's compile, not lwlr's. A rank that got no
+    # batch (T below the world size) compiled nothing here: its first step does.
+    if forward is not None and progress.first_seconds is not None:
         seconds["compile"] = progress.first_seconds
     multipliers = multipliers_from_grads(grads, numels_of(model), c.lwlr_power)
-    compiled = f", {seconds['compile']:.1f} s of it the first, which compiled the model" if forward is not None else ""
+    compiled = f", {seconds['compile']:.1f} s of it the first, which compiled the model" if "compile" in seconds else ""
     log(
         f"lwlr: measured {len(grads)} layers over T={c.lwlr_T} batches of {c.micro_batch_size} in "
         f"{seconds['measurement']:.1f} s{compiled}"

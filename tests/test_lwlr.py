@@ -348,3 +348,24 @@ def test_a_failed_measurement_through_the_model_still_restores_its_weights():
     with pytest.raises(ValueError, match="needs 3 batches"):
         lwlr.measure_grad_mean_abs(model, gpt_batches(2), T=3, init="fan_out", forward=model)
     assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("rank, compiled_here", [(0, True), (1, False)])
+def test_the_compile_is_counted_on_the_ranks_whose_first_batch_ran_it(
+    tmp_path, token_dir, monkeypatch, rank, compiled_here
+):
+    """T=1 on two ranks: rank 0 measures the one batch through the run's model (compiling it), rank 1 none,
+    so only rank 0 counts a compile; rank 1's first step compiles. The collectives stand in: the other
+    rank's sums, and no cached report from rank 0."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda sums: sums.fill_(1.0))
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects, src: None)  # no cached report
+    c = parse_config(tiny_run_args(tmp_path / "run", token_dir, lwlr_T=1))
+    model = GPT(build.gpt_config(c))
+    batches = build.token_batches(c, "train", "lwlr", model.config)
+    lines = []
+    _, report = multipliers.lwlr_for_config(c, model, batches, log=lines.append, forward=model)
+    assert ("compile" in report["seconds"]) == compiled_here
+    assert ("which compiled the model" in lines[-1]) == compiled_here and lines[-1].startswith("lwlr: measured")
